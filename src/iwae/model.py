@@ -1,0 +1,264 @@
+"""Hierarchical Gaussian VAEs with a Bernoulli decoder (Burda et al. 2016, section 5).
+
+A model with L stochastic layers h_1..h_L has
+
+    q(h_1..h_L | x) = q(h_1 | x) q(h_2 | h_1) ... q(h_L | h_{L-1})
+    p(x, h_1..h_L)  = p(h_L) p(h_{L-1} | h_L) ... p(h_1 | h_2) p(x | h_1)
+
+with p(h_L) = N(0, I), every other conditional a diagonal Gaussian whose mean is
+linear and whose standard deviation is exp(linear) (or softplus(linear)) of a tanh
+MLP of its input, and p(x | h_1) Bernoulli with logits from a tanh MLP.
+
+Samples are stacked on a leading dimension: a tensor of k samples for a batch of B
+examples has shape [k, B, dim], and log-densities have shape [k, B]. The first
+encoder layer sees x once per example, not once per sample.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from iwae.errors import IwaeError
+
+LOG_2PI = math.log(2 * math.pi)
+
+#: Burda et al.'s architectures: stochastic layer sizes and the deterministic
+#: (tanh) hidden layers of the encoder network for each stochastic layer. The
+#: decoder mirrors them: p(h_{l-1} | h_l) uses the hidden sizes of layer l reversed.
+PRESETS = {
+    1: {"latent": (50,), "hidden": ((200, 200),)},
+    2: {"latent": (100, 50), "hidden": ((200, 200), (100, 100))},
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a model: ``latent[l]`` units in stochastic layer l+1, reached by
+    tanh layers ``hidden[l]``; ``scale`` is how a Gaussian layer's standard
+    deviation is parameterized ("exp" as in the original code, or "softplus")."""
+
+    x_dim: int = 784
+    latent: tuple[int, ...] = (50,)
+    hidden: tuple[tuple[int, ...], ...] = ((200, 200),)
+    scale: str = "exp"
+
+    def __post_init__(self):
+        object.__setattr__(self, "latent", tuple(int(d) for d in self.latent))
+        object.__setattr__(self, "hidden", tuple(tuple(int(h) for h in hs) for hs in self.hidden))
+        if len(self.latent) < 1 or len(self.latent) != len(self.hidden):
+            raise IwaeError(
+                f"model needs one hidden-layer list per stochastic layer, got latent={self.latent} hidden={self.hidden}"
+            )
+        if self.scale not in ("exp", "softplus"):
+            raise IwaeError(f"unknown scale {self.scale!r}: choose exp or softplus")
+        if self.x_dim < 1 or min(self.latent) < 1 or any(h < 1 for hs in self.hidden for h in hs):
+            raise IwaeError(f"layer sizes must be positive: {self}")
+
+    @classmethod
+    def preset(cls, layers: int, x_dim: int = 784, scale: str = "exp") -> "ModelConfig":
+        if layers not in PRESETS:
+            raise IwaeError(f"no preset with {layers} stochastic layers: choose one of {sorted(PRESETS)}")
+        return cls(x_dim=x_dim, scale=scale, **PRESETS[layers])
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["latent"] = list(self.latent)
+        d["hidden"] = [list(h) for h in self.hidden]
+        return d
+
+
+def _mlp(d_in: int, hidden: tuple[int, ...]) -> tuple[nn.Sequential, int]:
+    layers: list[nn.Module] = []
+    for h in hidden:
+        layers += [nn.Linear(d_in, h), nn.Tanh()]
+        d_in = h
+    return nn.Sequential(*layers), d_in
+
+
+class GaussianLayer(nn.Module):
+    """A conditional diagonal Gaussian N(mu(u), diag sigma(u)^2): mu = linear,
+    sigma = exp(linear) or softplus(linear) of a tanh MLP of u."""
+
+    def __init__(self, d_in: int, hidden: tuple[int, ...], d_out: int, scale: str = "exp"):
+        super().__init__()
+        self.net, d = _mlp(d_in, hidden)
+        self.mean = nn.Linear(d, d_out)
+        self.scale = nn.Linear(d, d_out)
+        self.scale_kind = scale
+
+    def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and log standard deviation, each of shape u.shape[:-1] + [d_out]."""
+        a = self.net(u)
+        s = self.scale(a)
+        if self.scale_kind == "exp":
+            log_std = s
+        else:  # log(softplus(s)), exact for very negative s where softplus(s) = exp(s)
+            log_std = torch.where(s < -20.0, s, F.softplus(s).log())
+        return self.mean(a), log_std
+
+    def rsample(self, mean: Tensor, log_std: Tensor, k: int | None = None, generator=None) -> tuple[Tensor, Tensor]:
+        """Reparameterized sample h = mean + sigma * eps and its log-density.
+
+        With ``k`` the parameters (shape [B, d]) are shared by k samples of shape
+        [k, B, d]. The log-density is computed from eps, which is the same value
+        and the same gradient as log N(h; mean, sigma) since (h - mean)/sigma = eps.
+        """
+        shape = mean.shape if k is None else (k, *mean.shape)
+        eps = torch.randn(shape, dtype=mean.dtype, device=mean.device, generator=generator)
+        h = mean + log_std.exp() * eps
+        log_prob = -0.5 * eps.square().sum(-1) - log_std.sum(-1) - 0.5 * LOG_2PI * mean.shape[-1]
+        return h, log_prob
+
+
+def gaussian_log_prob(h: Tensor, mean: Tensor, log_std: Tensor) -> Tensor:
+    """log N(h; mean, diag exp(log_std)^2) summed over the last dimension."""
+    z = (h - mean) * torch.exp(-log_std)
+    return -0.5 * z.square().sum(-1) - log_std.sum(-1) - 0.5 * LOG_2PI * h.shape[-1]
+
+
+def standard_normal_log_prob(h: Tensor) -> Tensor:
+    return -0.5 * h.square().sum(-1) - 0.5 * LOG_2PI * h.shape[-1]
+
+
+def bernoulli_log_prob(logits: Tensor, x: Tensor) -> Tensor:
+    """log Bernoulli(x; sigmoid(logits)) summed over pixels, from logits:
+    x*l - softplus(l) = -softplus(-l) for x = 1 and -softplus(l) for x = 0."""
+    return x.mul(logits).sub_(F.softplus(logits)).sum(-1)
+
+
+class VAE(nn.Module):
+    """A VAE with ``len(config.latent)`` stochastic layers (see the module docstring).
+
+    ``encoder[l]`` is q(h_{l+1} | h_l) with h_0 = x; ``decoder[l]`` is p(h_l | h_{l+1})
+    for l >= 1 and ``decoder[0]`` the Bernoulli network p(x | h_1) giving logits.
+    """
+
+    def __init__(self, config: ModelConfig = ModelConfig(), pixel_mean: Tensor | None = None):
+        super().__init__()
+        self.config = config
+        sizes = (config.x_dim, *config.latent)
+        self.encoder = nn.ModuleList(
+            GaussianLayer(sizes[l], config.hidden[l], sizes[l + 1], config.scale) for l in range(len(config.latent))
+        )
+        decoder: list[nn.Module] = []
+        for l in range(len(config.latent)):
+            hidden = tuple(reversed(config.hidden[l]))
+            if l == 0:
+                net, d = _mlp(sizes[1], hidden)
+                decoder.append(nn.Sequential(*net, nn.Linear(d, config.x_dim)))
+            else:
+                decoder.append(GaussianLayer(sizes[l + 1], hidden, sizes[l], config.scale))
+        self.decoder = nn.ModuleList(decoder)
+        self.reset_parameters(pixel_mean)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.config.latent)
+
+    def reset_parameters(self, pixel_mean: Tensor | None = None) -> None:
+        """Glorot-uniform weights, zero biases; the output bias is the logit of the
+        clipped (0.001..0.999) training-set pixel mean when one is given."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        if pixel_mean is not None:
+            p = torch.as_tensor(pixel_mean, dtype=torch.float32).reshape(-1).clamp(0.001, 0.999)
+            with torch.no_grad():
+                self.output_layer.bias.copy_(torch.logit(p))
+
+    @property
+    def output_layer(self) -> nn.Linear:
+        return self.decoder[0][-1]
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        return list(self.encoder.parameters())
+
+    def decoder_parameters(self) -> list[nn.Parameter]:
+        return list(self.decoder.parameters())
+
+    # -- the distributions, one method per term of the maths -------------------------
+
+    def sample_q(self, x: Tensor, k: int, generator=None) -> list[Tensor]:
+        """k reparameterized samples h_1..h_L ~ q(. | x): a list of [k, B, d_l] tensors."""
+        return self._sample_q(x, k, generator)[0]
+
+    def log_q(self, hs: list[Tensor], x: Tensor) -> Tensor:
+        """log q(h_1..h_L | x), shape [k, B]."""
+        total = 0.0
+        inputs = [x, *hs[:-1]]
+        for layer, u, h in zip(self.encoder, inputs, hs):
+            mean, log_std = layer(u)
+            total = total + gaussian_log_prob(h, mean, log_std)
+        return total
+
+    def log_prior(self, hs: list[Tensor]) -> Tensor:
+        """log p(h_1..h_L) = log p(h_L) + sum_l log p(h_l | h_{l+1}), shape [k, B]."""
+        total = standard_normal_log_prob(hs[-1])
+        for l in range(1, self.n_layers):
+            mean, log_std = self.decoder[l](hs[l])
+            total = total + gaussian_log_prob(hs[l - 1], mean, log_std)
+        return total
+
+    def logits(self, h1: Tensor) -> Tensor:
+        """Bernoulli logits of p(x | h_1), shape h1.shape[:-1] + [x_dim]."""
+        return self.decoder[0](h1)
+
+    def log_likelihood(self, x: Tensor, h1: Tensor) -> Tensor:
+        """log p(x | h_1), shape [k, B]."""
+        return bernoulli_log_prob(self.logits(h1), x)
+
+    def log_joint(self, x: Tensor, hs: list[Tensor]) -> Tensor:
+        """log p(x, h_1..h_L), shape [k, B]."""
+        return self.log_prior(hs) + self.log_likelihood(x, hs[0])
+
+    def log_weights(self, x: Tensor, k: int, generator=None) -> Tensor:
+        """log w_i = log p(x, h_i) - log q(h_i | x) for k samples h_i ~ q(. | x): shape [k, B].
+
+        Every bound in :mod:`iwae.bounds` is a reduction of this tensor.
+        """
+        hs, log_q = self._sample_q(x, k, generator)
+        return self.log_joint(x, hs) - log_q
+
+    def _sample_q(self, x: Tensor, k: int, generator=None) -> tuple[list[Tensor], Tensor]:
+        hs: list[Tensor] = []
+        log_q = 0.0
+        u = x
+        for l, layer in enumerate(self.encoder):
+            mean, log_std = layer(u)
+            h, lp = layer.rsample(mean, log_std, k if l == 0 else None, generator)
+            hs.append(h)
+            log_q = log_q + lp
+            u = h
+        return hs, log_q
+
+    # -- generation ------------------------------------------------------------------
+
+    def sample_prior(self, n: int, generator=None) -> list[Tensor]:
+        """Ancestral samples h_1..h_L ~ p(h) for n draws: a list of [n, d_l] tensors."""
+        p = next(self.parameters())
+        h = torch.randn((n, self.config.latent[-1]), dtype=p.dtype, device=p.device, generator=generator)
+        hs = [h]
+        for l in range(self.n_layers - 1, 0, -1):
+            mean, log_std = self.decoder[l](h)
+            h, _ = self.decoder[l].rsample(mean, log_std, generator=generator)
+            hs.insert(0, h)
+        return hs
+
+    def decode(self, h1: Tensor) -> Tensor:
+        """Pixel probabilities sigmoid(logits) of p(x | h_1)."""
+        return torch.sigmoid(self.logits(h1))
+
+    @torch.no_grad()
+    def sample_images(self, n: int, generator=None) -> Tensor:
+        """Pixel probabilities of n images generated from the prior, shape [n, x_dim]."""
+        return self.decode(self.sample_prior(n, generator)[0])

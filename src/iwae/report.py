@@ -1,0 +1,43 @@
+"""Figures and reports: image grids now; tables against the papers build on this."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def tile_images(images: np.ndarray, side: int = 28, cols: int | None = None, pad: int = 1) -> np.ndarray:
+    """Arrange ``images`` [n, side*side] in a grid with ``pad`` pixels of border."""
+    images = np.asarray(images, dtype=np.float32).reshape(-1, side, side)
+    n = images.shape[0]
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.ones((rows * (side + pad) + pad, cols * (side + pad) + pad), dtype=np.float32)
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        y, x = pad + r * (side + pad), pad + c * (side + pad)
+        grid[y : y + side, x : x + side] = img
+    return grid
+
+
+def save_image_grid(images: np.ndarray, path: str | Path, side: int = 28, cols: int | None = None) -> None:
+    """Save images (pixel values in [0, 1], ink = 1) as a PNG grid, black ink on white, atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    grid = tile_images(images, side, cols)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        plt.imsave(tmp, 1.0 - grid, cmap="gray", vmin=0.0, vmax=1.0)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
