@@ -214,8 +214,14 @@ class VAE(nn.Module):
         return self.decoder[0](h1)
 
     def log_likelihood(self, x: Tensor, h1: Tensor) -> Tensor:
-        """log p(x | h_1), shape [k, B]."""
-        return bernoulli_log_prob(self.logits(h1), x)
+        """log p(x | h_1) = sum_d x_d l_d - softplus(l_d) with logits l = W a + b, shape [k, B].
+
+        The same value as :func:`bernoulli_log_prob`, computed without a pixel-wide
+        product: sum_d x_d l_d = a . (W^T x) + b . x, where a is the last hidden layer.
+        """
+        out = self.output_layer
+        a = self.decoder[0][:-1](h1)
+        return (a * (x @ out.weight)).sum(-1) + x @ out.bias - F.softplus(out(a)).sum(-1)
 
     def log_joint(self, x: Tensor, hs: list[Tensor]) -> Tensor:
         """log p(x, h_1..h_L), shape [k, B]."""

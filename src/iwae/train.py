@@ -24,7 +24,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -232,7 +231,7 @@ def train(
         dataset = iwae_data.load_dataset(config.dataset, config.data_dir, validation=config.validation)
     dev = pick_device(device)
 
-    train_x = torch.from_numpy(np.ascontiguousarray(dataset.train, dtype=np.float32))
+    train_x = torch.tensor(dataset.train, dtype=torch.float32)  # a copy: the loaded arrays are read-only
     if config.n_train is not None:
         train_x = train_x[: config.n_train]
     test_x = torch.from_numpy(iwae_data.binarize_fixed(dataset.test[: config.eval_n], seed=0))
