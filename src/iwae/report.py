@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from iwae.data import atomic_write
 
 
 def tile_images(images: np.ndarray, side: int = 28, cols: int | None = None, pad: int = 1) -> np.ndarray:
@@ -31,13 +31,5 @@ def save_image_grid(images: np.ndarray, path: str | Path, side: int = 28, cols: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = Path(path)
     grid = tile_images(images, side, cols)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        plt.imsave(tmp, 1.0 - grid, cmap="gray", vmin=0.0, vmax=1.0)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(Path(path), lambda f: plt.imsave(f, 1.0 - grid, cmap="gray", vmin=0.0, vmax=1.0, format="png"))

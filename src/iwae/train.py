@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+import safetensors.torch
 
 from iwae import data as iwae_data
+from iwae.data import atomic_write
 from iwae.bounds import Objective
 from iwae.errors import IwaeError, RunDirError
 from iwae.model import VAE, ModelConfig
@@ -122,34 +121,13 @@ class TrainConfig:
 # -- files, written atomically ----------------------------------------------------------
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write via ``write(tmp_path)`` to a temporary file beside ``path``, fsync, rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_json(path: Path, obj) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-
-    _atomic_write(path, write)
+    atomic_write(Path(path), lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
 def save_weights(model: VAE, path: Path) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(path, lambda tmp: save_file(state, tmp))
+    atomic_write(Path(path), lambda f: f.write(safetensors.torch.save(state)))
 
 
 def _read_json(path: Path) -> dict:
@@ -174,7 +152,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[T
     if not path.exists():
         raise RunDirError(f"{path} is missing: the run has not saved weights yet")
     try:
-        state = load_file(path)
+        state = safetensors.torch.load_file(path)
     except Exception as e:  # safetensors raises its own error types for bad headers
         raise RunDirError(f"{path} is not a readable safetensors file ({e})") from None
     try:

@@ -1,0 +1,564 @@
+"""Datasets: MNIST and OMNIGLOT 28x28, as float32 arrays of shape [N, 784] in [0, 1].
+
+Layout of the data directory (``--data-dir``, else ``$IWAE_DATA``, else
+``platformdirs.user_cache_dir("iwae")/data``)::
+
+    DATA_DIR/
+      mnist/      train-images-idx3-ubyte[.gz]  train-labels-idx1-ubyte[.gz]
+                  t10k-images-idx3-ubyte[.gz]   t10k-labels-idx1-ubyte[.gz]
+      omniglot/   chardata.mat                  (the IWAE 28x28 file), or
+                  images_background.npz, images_evaluation.npz, characters.csv
+                  (raw Lake et al. 105x105 images, see below)
+
+MNIST files may be gzipped or not; each is checked against the MD5 of its
+*uncompressed* bytes (``.gz`` bytes differ between copies).  Missing files are
+downloaded from :data:`MNIST_MIRRORS` unless ``download=False``.
+
+OMNIGLOT: if ``chardata.mat`` (Burda et al.'s file) is present it is used as is:
+24,345 training and 8,070 test images.  Otherwise an approximation is rebuilt
+from the raw images (``images`` is bool [C, 20, 105, 105], True = background):
+
+* characters in ``char_id`` order (background 1..964, then evaluation 965..1623);
+* ink = 1 - image, resized 105x105 -> 28x28 with
+  ``torch.nn.functional.interpolate(mode="area")`` (box average: anti-aliased
+  grey values in [0, 1]);
+* one ``numpy.random.default_rng(OMNIGLOT_SPLIT_SEED)`` draws, for each
+  character in turn, a permutation ``p`` of its 20 drawers: drawers ``p[:15]``
+  go to train and ``p[15:]`` to test, in that order; for the 45 Glagolitic
+  characters the last test drawer ``p[19]`` is dropped.  This gives
+  1623 * 15 = 24,345 train and 1623 * 5 - 45 = 8,070 test images, the sizes of
+  chardata.mat, but not its pixels (its resize method and drawer split are
+  unknown).
+
+The rebuilt arrays are cached as ``omniglot28_split<seed>.npz`` in
+``DATA_DIR/omniglot/`` (or in the user cache directory if that is read-only),
+together with a fingerprint (sha256 of the source files, seed, and method); a
+cache that is stale or unreadable is rebuilt.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import gzip
+import hashlib
+import http.client
+import logging
+import os
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import platformdirs
+import scipy.io
+import torch
+import torch.nn.functional as F
+
+from iwae.errors import DataError, IwaeError
+
+__all__ = [
+    "DATASETS",
+    "MNIST_MIRRORS",
+    "OMNIGLOT_SPLIT_SEED",
+    "VALIDATION_SIZE",
+    "Dataset",
+    "binarize_fixed",
+    "load_dataset",
+    "load_mnist",
+    "load_omniglot",
+    "read_idx",
+    "resolve_data_dir",
+]
+
+log = logging.getLogger(__name__)
+
+DATASETS = ("mnist", "omniglot")
+VALIDATION_SIZE = 400  # Burda et al.: the last 400 MNIST training images
+IMAGE_SIDE = 28
+N_PIXELS = IMAGE_SIDE * IMAGE_SIDE
+
+# --------------------------------------------------------------------------- paths
+
+
+def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The data directory: ``data_dir``, else ``$IWAE_DATA``, else the user cache."""
+    if data_dir is None:
+        data_dir = os.environ.get("IWAE_DATA") or Path(platformdirs.user_cache_dir("iwae")) / "data"
+    return Path(data_dir).expanduser().resolve()
+
+
+def _is_writable_dir(path: Path) -> bool:
+    """True if ``path`` is a directory we may write to (honours r-x modes even for root)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return False
+    return path.is_dir() and bool(mode & 0o222) and os.access(path, os.W_OK)
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` via ``write(file)`` to a temp file in the same directory, fsync,
+    then ``os.replace``: a crash at any moment leaves the old file or the new one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable; not possible on every platform
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+# --------------------------------------------------------------------------- MNIST
+
+MNIST_MIRRORS = [
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+]
+DOWNLOAD_TIMEOUT_S = 10.0
+
+# file name (uncompressed) -> MD5 of the uncompressed bytes
+MNIST_MD5 = {
+    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+}
+_MNIST_SPLITS = {  # split -> (images file, labels file, number of images)
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 60000),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10000),
+}
+_IDX_UBYTE = 0x08
+
+
+def _read_file_bytes(path: Path) -> bytes:
+    """The bytes of ``path``, gunzipped if its name ends in ``.gz``."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read file: {e.strerror or e}") from e
+    if path.suffix != ".gz":
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: broken gzip file ({e}); delete it and fetch it again") from e
+
+
+def _parse_idx(data: bytes, path: Path, ndim: int | None = None) -> np.ndarray:
+    """Parse IDX bytes of unsigned bytes (magic 0x000008NN, NN = ndim) into an array."""
+    if len(data) < 4:
+        raise DataError(f"{path}: not an IDX file: only {len(data)} bytes")
+    magic = int.from_bytes(data[:4], "big")
+    expected_magic = f"0x{(_IDX_UBYTE << 8) + ndim:08x}" if ndim else "0x000008NN (unsigned bytes, NN dimensions)"
+    if magic >> 8 != _IDX_UBYTE or magic & 0xFF == 0 or (ndim is not None and magic & 0xFF != ndim):
+        raise DataError(
+            f"{path}: wrong IDX magic number 0x{magic:08x}, expected {expected_magic}; "
+            "the file is corrupted or not MNIST"
+        )
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"{path}: truncated IDX header: {len(data)} bytes, expected at least {header}")
+    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = header + int(np.prod(dims))
+    if len(data) != expected:
+        what = "truncated" if len(data) < expected else "has trailing bytes"
+        raise DataError(
+            f"{path}: IDX file {what}: {len(data)} bytes (uncompressed), expected {expected} "
+            f"for dimensions {dims}"
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims).copy()
+
+
+def read_idx(path: str | os.PathLike[str], ndim: int | None = None) -> np.ndarray:
+    """Read an IDX file of unsigned bytes (gzipped if named ``*.gz``) into a uint8 array.
+
+    Raises :class:`DataError` naming the file on a bad gzip stream, a wrong magic
+    number (0x000008NN, with NN = ``ndim`` if given: 3 for images, 1 for labels), or
+    a payload that is not exactly the size the header announces.
+    """
+    path = Path(path)
+    return _parse_idx(_read_file_bytes(path), path, ndim)
+
+
+def _find_mnist_file(mnist_dir: Path, name: str) -> Path | None:
+    for candidate in (mnist_dir / name, mnist_dir / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _md5_problem(data: bytes, name: str) -> str | None:
+    """None if ``data`` has the expected MD5 for MNIST file ``name``, else what is wrong."""
+    digest = hashlib.md5(data).hexdigest()
+    if digest == MNIST_MD5[name]:
+        return None
+    return f"MD5 of the uncompressed bytes is {digest}, expected {MNIST_MD5[name]}"
+
+
+def _download_mnist_file(name: str, mnist_dir: Path, mirrors: Sequence[str], dead: set[str]) -> list[str] | None:
+    """Fetch ``name.gz`` from the first mirror that serves it with the right MD5.
+
+    The verified ``.gz`` is placed atomically in ``mnist_dir``.  Returns None on
+    success, else what went wrong with each mirror tried.  Mirrors that cannot be
+    reached at all are added to ``dead`` and skipped for later files.
+    """
+    problems = []
+    for mirror in mirrors:
+        if mirror in dead:
+            continue
+        url = mirror if mirror.endswith("/") else mirror + "/"
+        url += f"{name}.gz"
+        try:
+            with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+                payload = response.read()
+        except urllib.error.HTTPError as e:
+            problems.append(f"{url}: HTTP {e.code}")
+            continue
+        except (OSError, ValueError, http.client.HTTPException) as e:
+            dead.add(mirror)
+            problems.append(f"{url}: {getattr(e, 'reason', None) or e}")
+            continue
+        try:
+            data = gzip.decompress(payload)
+        except (OSError, EOFError, zlib.error) as e:
+            problems.append(f"{url}: broken gzip ({e})")
+            continue
+        problem = _md5_problem(data, name)
+        if problem:
+            problems.append(f"{url}: {problem}")
+            continue
+        try:
+            mnist_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(mnist_dir / f"{name}.gz", lambda f: f.write(payload))
+        except OSError as e:
+            raise DataError(f"{mnist_dir / name}.gz: cannot save the downloaded file: {e.strerror or e}") from e
+        log.info("downloaded %s to %s", url, mnist_dir)
+        return None
+    return problems
+
+
+def _read_mnist_file(path: Path, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Read and verify one MNIST file: IDX structure, then shape, then MD5."""
+    data = _read_file_bytes(path)
+    array = _parse_idx(data, path, ndim=len(shape))
+    if array.shape != shape:
+        raise DataError(f"{path}: IDX dimensions are {array.shape}, expected {shape}")
+    problem = _md5_problem(data, name)
+    if problem:
+        raise DataError(
+            f"{path}: {problem}; the file is corrupted or not the standard MNIST file, delete it and fetch it again"
+        )
+    return array
+
+
+def load_mnist(
+    data_dir: str | os.PathLike[str] | None = None,
+    download: bool = True,
+    validation: bool = False,
+    mirrors: Sequence[str] | None = None,
+) -> dict[str, np.ndarray]:
+    """MNIST images as float32 [N, 784] in [0, 1]: ``"train"`` (60,000) and ``"test"`` (10,000).
+
+    With ``validation=True`` the last :data:`VALIDATION_SIZE` training images become
+    ``"validation"`` (train 59,600).  Missing files are downloaded from ``mirrors``
+    (default :data:`MNIST_MIRRORS`) unless ``download=False``; every file, local or
+    downloaded, must match the MD5 of the standard uncompressed file.
+    """
+    mnist_dir = resolve_data_dir(data_dir) / "mnist"
+    paths = {name: _find_mnist_file(mnist_dir, name) for name in MNIST_MD5}
+    missing = [name for name, path in paths.items() if path is None]
+    failure = ""
+    if missing and download:
+        dead: set[str] = set()
+        mirrors = MNIST_MIRRORS if mirrors is None else mirrors
+        problems = {name: _download_mnist_file(name, mnist_dir, mirrors, dead) for name in missing}
+        paths.update({name: mnist_dir / f"{name}.gz" for name, problem in problems.items() if problem is None})
+        missing = [name for name, problem in problems.items() if problem is not None]
+        if missing:
+            reasons = dict.fromkeys(reason for name in missing for reason in problems[name])  # unique, in order
+            failure = f" (download failed: {'; '.join(reasons) or 'no mirrors given'})"
+    if missing:
+        files = ", ".join(f"{name}.gz" for name in missing)
+        raise DataError(
+            f"MNIST not found in {mnist_dir}: place {files} there (gzipped or not), "
+            f"or pass --data-dir / set IWAE_DATA{failure}"
+        )
+
+    out = {}
+    for split, (images_name, labels_name, n) in _MNIST_SPLITS.items():
+        images = _read_mnist_file(paths[images_name], images_name, (n, IMAGE_SIDE, IMAGE_SIDE))
+        _read_mnist_file(paths[labels_name], labels_name, (n,))  # verified, not returned
+        out[split] = images.reshape(n, N_PIXELS).astype(np.float32) / np.float32(255.0)
+    if validation:
+        out["train"], out["validation"] = out["train"][:-VALIDATION_SIZE], out["train"][-VALIDATION_SIZE:]
+    return out
+
+
+# --------------------------------------------------------------------------- OMNIGLOT
+
+OMNIGLOT_SPLIT_SEED = 0
+OMNIGLOT_TRAIN_SIZE = 24345
+OMNIGLOT_TEST_SIZE = 8070
+_OMNIGLOT_RAW = {  # file -> number of characters (char_id 1..964, then 965..1623)
+    "images_background.npz": 964,
+    "images_evaluation.npz": 659,
+}
+_OMNIGLOT_CSV = "characters.csv"
+_OMNIGLOT_DRAWERS = 20
+_OMNIGLOT_TRAIN_DRAWERS = 15
+_OMNIGLOT_RAW_SIDE = 105
+_OMNIGLOT_SHORT_ALPHABET = "Glagolitic"  # its characters have only 19 drawings in chardata.mat
+_OMNIGLOT_SHORT_COUNT = 45
+# Bump when the construction changes, so that old caches are rebuilt.
+_OMNIGLOT_METHOD = "v1 ink=1-image resize=interpolate(area) perm20 15/5 glagolitic-drop-last"
+
+
+def _check_split(path: Path, name: str, array: np.ndarray, n: int) -> np.ndarray:
+    """Validate one [n, 784] split of images with values in [0, 1]."""
+    if array.shape != (n, N_PIXELS):
+        raise DataError(f"{path}: {name} has shape {array.shape}, expected {(n, N_PIXELS)}")
+    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
+        raise DataError(f"{path}: {name} has dtype {array.dtype}, expected real numbers")
+    array = array.astype(np.float32, copy=False)
+    if not (np.isfinite(array).all() and array.min() >= 0.0 and array.max() <= 1.0):
+        raise DataError(f"{path}: {name} has values outside [0, 1]")
+    return array
+
+
+def _load_chardata(path: Path) -> dict[str, np.ndarray]:
+    """Burda et al.'s ``chardata.mat``: ``data`` [784 x 24345], ``testdata`` [784 x 8070]."""
+    try:
+        mat = scipy.io.loadmat(path, variable_names=["data", "testdata"])
+    except Exception as e:  # scipy raises a variety of types on corrupted files
+        raise DataError(f"{path}: cannot read MATLAB file: {e}") from e
+    out = {}
+    for key, split, n in (("data", "train", OMNIGLOT_TRAIN_SIZE), ("testdata", "test", OMNIGLOT_TEST_SIZE)):
+        if key not in mat:
+            raise DataError(f"{path}: variable '{key}' missing, expected '{key}' of shape {(N_PIXELS, n)}")
+        data = mat[key]
+        if data.shape != (N_PIXELS, n):
+            raise DataError(f"{path}: '{key}' has shape {data.shape}, expected {(N_PIXELS, n)}")
+        # As in yburda/iwae: MATLAB stores each image column-major.
+        images = data.T.reshape((-1, IMAGE_SIDE, IMAGE_SIDE)).reshape((-1, N_PIXELS), order="F")
+        out[split] = np.ascontiguousarray(_check_split(path, f"'{key}'", images, n))
+    return out
+
+
+def _read_characters_csv(path: Path) -> np.ndarray:
+    """Bool array over char_id 1..1623: is the character in the short (Glagolitic) alphabet."""
+    n_chars = sum(_OMNIGLOT_RAW.values())
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path}: cannot read CSV file: {e}") from e
+    try:
+        ids = sorted((int(row["char_id"]), row["alphabet"]) for row in rows)
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{path}: expected columns char_id (integer) and alphabet: {e!r}") from e
+    if [char_id for char_id, _ in ids] != list(range(1, n_chars + 1)):
+        raise DataError(f"{path}: expected one row for each char_id 1..{n_chars}")
+    short = np.array([alphabet == _OMNIGLOT_SHORT_ALPHABET for _, alphabet in ids])
+    if short.sum() != _OMNIGLOT_SHORT_COUNT:
+        raise DataError(
+            f"{path}: {short.sum()} characters of alphabet {_OMNIGLOT_SHORT_ALPHABET}, "
+            f"expected {_OMNIGLOT_SHORT_COUNT}"
+        )
+    return short
+
+
+def _read_raw_images(path: Path, n_chars: int) -> np.ndarray:
+    """The bool [n_chars, 20, 105, 105] ``images`` array of a raw OMNIGLOT npz."""
+    shape = (n_chars, _OMNIGLOT_DRAWERS, _OMNIGLOT_RAW_SIDE, _OMNIGLOT_RAW_SIDE)
+    try:
+        with path.open("rb") as f, np.load(f, allow_pickle=False) as npz:  # own file: closed on errors too
+            if "images" not in npz.files:
+                raise DataError(f"{path}: no 'images' array (found {sorted(npz.files)}), expected bool {shape}")
+            images = npz["images"]
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise DataError(f"{path}: cannot read npz file (truncated or corrupted?): {e}") from e
+    if images.dtype != np.bool_ or images.shape != shape:
+        raise DataError(f"{path}: 'images' is {images.dtype} {images.shape}, expected bool {shape}")
+    return images
+
+
+def _resize_ink(images: np.ndarray, batch: int = 2048) -> np.ndarray:
+    """Bool [..., 105, 105] (True = background) -> float32 ink [..., 784] by area averaging."""
+    flat = images.reshape(-1, 1, _OMNIGLOT_RAW_SIDE, _OMNIGLOT_RAW_SIDE)
+    out = np.empty((flat.shape[0], N_PIXELS), dtype=np.float32)
+    for start in range(0, flat.shape[0], batch):
+        ink = torch.from_numpy(~flat[start : start + batch]).float()
+        small = F.interpolate(ink, size=(IMAGE_SIDE, IMAGE_SIDE), mode="area")
+        out[start : start + batch] = small.reshape(-1, N_PIXELS).numpy()
+    return out.reshape(*images.shape[:-2], N_PIXELS)
+
+
+def _build_omniglot_from_raw(omniglot_dir: Path, seed: int) -> dict[str, np.ndarray]:
+    """Rebuild the 28x28 train/test split from the raw images (see the module docstring)."""
+    short = _read_characters_csv(omniglot_dir / _OMNIGLOT_CSV)
+    raw = [_read_raw_images(omniglot_dir / name, n) for name, n in _OMNIGLOT_RAW.items()]
+    ink = _resize_ink(np.concatenate(raw))  # [1623, 20, 784], char_id order
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for char, drawers in enumerate(ink):
+        perm = rng.permutation(_OMNIGLOT_DRAWERS)
+        n_test = _OMNIGLOT_DRAWERS - _OMNIGLOT_TRAIN_DRAWERS - int(short[char])
+        train.append(drawers[perm[:_OMNIGLOT_TRAIN_DRAWERS]])
+        test.append(drawers[perm[_OMNIGLOT_TRAIN_DRAWERS : _OMNIGLOT_TRAIN_DRAWERS + n_test]])
+    out = {"train": np.concatenate(train), "test": np.concatenate(test)}
+    for split, n in (("train", OMNIGLOT_TRAIN_SIZE), ("test", OMNIGLOT_TEST_SIZE)):
+        _check_split(omniglot_dir, split, out[split], n)  # a bug here is ours, but fail loudly
+    return out
+
+
+def _omniglot_fingerprint(omniglot_dir: Path, seed: int) -> str:
+    """sha256 over the raw source files, the seed and the construction method."""
+    h = hashlib.sha256(f"{_OMNIGLOT_METHOD} seed={seed}\n".encode())
+    for name in [*_OMNIGLOT_RAW, _OMNIGLOT_CSV]:
+        path = omniglot_dir / name
+        try:
+            h.update(f"{name} {hashlib.sha256(path.read_bytes()).hexdigest()}\n".encode())
+        except OSError as e:
+            raise DataError(f"{path}: cannot read file: {e.strerror or e}") from e
+    return h.hexdigest()
+
+
+def _fallback_cache_dir() -> Path:
+    return Path(platformdirs.user_cache_dir("iwae"))
+
+
+def _read_cache(path: Path, fingerprint: str) -> dict[str, np.ndarray] | None:
+    """The cached split if ``path`` holds a valid one for ``fingerprint``, else None."""
+    try:
+        with path.open("rb") as f, np.load(f, allow_pickle=False) as npz:
+            if str(npz["fingerprint"]) != fingerprint:
+                log.info("OMNIGLOT cache %s is stale; rebuilding", path)
+                return None
+            out = {"train": npz["train"], "test": npz["test"]}
+        for split, n in (("train", OMNIGLOT_TRAIN_SIZE), ("test", OMNIGLOT_TEST_SIZE)):
+            if out[split].dtype != np.float32:
+                raise DataError(f"{path}: {split} has dtype {out[split].dtype}, expected float32")
+            _check_split(path, split, out[split], n)
+    except Exception as e:  # anything wrong with a cache means: rebuild it
+        log.warning("ignoring unreadable OMNIGLOT cache %s (%s); rebuilding", path, e)
+        return None
+    return out
+
+
+def _write_cache(paths: Sequence[Path], fingerprint: str, split: dict[str, np.ndarray]) -> None:
+    for path in paths:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if not _is_writable_dir(path.parent):
+            continue
+        try:
+            atomic_write(path, lambda f: np.savez_compressed(f, fingerprint=np.array(fingerprint), **split))
+        except OSError as e:
+            log.warning("cannot write OMNIGLOT cache %s: %s", path, e)
+            continue
+        log.info("cached OMNIGLOT 28x28 split in %s", path)
+        return
+    log.warning("OMNIGLOT 28x28 split not cached: no writable cache directory")
+
+
+def load_omniglot(data_dir: str | os.PathLike[str] | None = None) -> dict[str, np.ndarray]:
+    """OMNIGLOT 28x28 as float32 [N, 784] in [0, 1]: ``"train"`` (24,345) and ``"test"`` (8,070).
+
+    Uses ``DATA_DIR/omniglot/chardata.mat`` if present, else rebuilds the split from
+    the raw images with seed :data:`OMNIGLOT_SPLIT_SEED` (cached on disk).
+    """
+    omniglot_dir = resolve_data_dir(data_dir) / "omniglot"
+    chardata = omniglot_dir / "chardata.mat"
+    if chardata.is_file():
+        return _load_chardata(chardata)
+
+    sources = [*_OMNIGLOT_RAW, _OMNIGLOT_CSV]
+    missing = [name for name in sources if not (omniglot_dir / name).is_file()]
+    if missing:
+        raise DataError(
+            f"OMNIGLOT not found in {omniglot_dir}: place chardata.mat, or {', '.join(sources)} there "
+            f"(missing: {', '.join(missing)}), or pass --data-dir / set IWAE_DATA"
+        )
+    seed = OMNIGLOT_SPLIT_SEED
+    fingerprint = _omniglot_fingerprint(omniglot_dir, seed)
+    name = f"omniglot28_split{seed}.npz"
+    cache_paths = [omniglot_dir / name, _fallback_cache_dir() / name]
+    for path in cache_paths:
+        if path.is_file() and (cached := _read_cache(path, fingerprint)) is not None:
+            return cached
+    log.info("building OMNIGLOT 28x28 split from the raw images in %s", omniglot_dir)
+    split = _build_omniglot_from_raw(omniglot_dir, seed)
+    _write_cache(cache_paths, fingerprint, split)
+    return split
+
+
+# --------------------------------------------------------------------------- common API
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Images as float32 [N, 784] in [0, 1] (read-only arrays, shared between loads)."""
+
+    name: str
+    train: np.ndarray
+    test: np.ndarray
+    validation: np.ndarray | None = None
+
+
+@functools.lru_cache(maxsize=4)
+def _load_dataset_cached(name: str, data_dir: Path, validation: bool) -> Dataset:
+    if name == "mnist":
+        arrays = load_mnist(data_dir, validation=validation)
+    else:
+        if validation:
+            raise IwaeError("a validation split is only defined for mnist (the last 400 training images)")
+        arrays = load_omniglot(data_dir)
+    for array in arrays.values():
+        array.flags.writeable = False
+    return Dataset(name=name, **arrays)
+
+
+def load_dataset(name: str, data_dir: str | os.PathLike[str] | None = None, validation: bool = False) -> Dataset:
+    """Load ``"mnist"`` or ``"omniglot"``; the result is cached in-process per resolved data dir."""
+    key = name.lower()
+    if key not in DATASETS:
+        raise IwaeError(f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)}")
+    return _load_dataset_cached(key, resolve_data_dir(data_dir), bool(validation))
+
+
+def binarize_fixed(x: np.ndarray, seed: int = 0) -> np.ndarray:
+    """One fixed Bernoulli sample of ``x`` (values in [0, 1]) as float32 0/1.
+
+    Used to binarize test sets once, as in Burda et al.; the same ``seed`` gives the
+    same sample on every call (numpy ``default_rng``/PCG64).
+    """
+    x = np.asarray(x)
+    if x.size and not (x.min() >= 0.0 and x.max() <= 1.0):
+        raise ValueError("binarize_fixed expects probabilities in [0, 1]")
+    u = np.random.default_rng(seed).random(x.shape, dtype=np.float32)
+    return (u < x).astype(np.float32)
