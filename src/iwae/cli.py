@@ -80,33 +80,40 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser(
         "train",
         help="train a model and write a run directory",
-        description="Train a VAE/IWAE model and write RUN_DIR (config.json, model.safetensors, metrics.jsonl, summary.json).",
+        description="Train a VAE/IWAE model and write RUN_DIR (config.json, model.safetensors, checkpoint.safetensors, "
+        "metrics.jsonl, tb/, summary.json).",
         epilog=EPILOG_TRAIN,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,  # only options given override --config and the defaults
     )
-    t.add_argument("--dataset", choices=DATASETS, default="mnist", help="training data (default: mnist)")
-    t.add_argument("--layers", type=int, choices=(1, 2), default=1, help="stochastic layers, Burda et al.'s architectures (default: 1)")
-    t.add_argument("--objective", choices=OBJECTIVES, default="iwae", help="bound to maximize (default: iwae)")
-    t.add_argument("-k", type=_positive_int, default=1, help="importance samples per group (default: 1)")
-    t.add_argument("-m", type=_positive_int, default=1, help="groups of k samples, for miwae and piwae (default: 1)")
-    t.add_argument("--beta", type=_unit_float, default=0.5, help="CIWAE mixing weight in [0, 1] (default: 0.5)")
+    t.add_argument("--config", metavar="FILE", help="TOML, YAML or JSON file with the same keys as these options "
+                   "(a run's config.json works); options given here override it")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
+    t.add_argument("--dataset", choices=DATASETS, help="training data (default: mnist)")
+    t.add_argument("--layers", type=int, choices=(1, 2), help="stochastic layers, Burda et al.'s architectures (default: 1)")
+    t.add_argument("--objective", choices=OBJECTIVES, help="bound to maximize (default: iwae)")
+    t.add_argument("-k", type=_positive_int, help="importance samples per group (default: 1)")
+    t.add_argument("-m", type=_positive_int, help="groups of k samples, for miwae and piwae (default: 1)")
+    t.add_argument("--beta", type=_unit_float, help="CIWAE mixing weight in [0, 1] (default: 0.5)")
     budget = t.add_mutually_exclusive_group()
     budget.add_argument("--stages", type=_stages, help="run the first N stages of the 3^i schedule (default: 8, the paper's 3,280 passes)")
     budget.add_argument("--epochs", type=_positive_int, help="instead, N passes at a constant learning rate --lr")
-    t.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    t.add_argument("--batch-size", type=_positive_int, default=20, help="examples per step (default: 20)")
-    t.add_argument("--lr", type=float, default=1e-3, help="initial learning rate (default: 1e-3)")
-    t.add_argument("--beta1", type=float, default=0.9, help="Adam beta1 (default: 0.9; the original code used 0.99)")
-    t.add_argument("--scale", choices=("exp", "softplus"), default="exp", help="Gaussian std parameterization (default: exp)")
+    t.add_argument("--seed", type=int, help="random seed (default: 0)")
+    t.add_argument("--batch-size", type=_positive_int, help="examples per step (default: 20)")
+    t.add_argument("--lr", type=float, help="initial learning rate (default: 1e-3)")
+    t.add_argument("--beta1", type=float, help="Adam beta1 (default: 0.9; the original code used 0.99)")
+    t.add_argument("--scale", choices=("exp", "softplus"), help="Gaussian std parameterization (default: exp)")
     t.add_argument("--validation", action="store_true", help="hold out Burda's 400 validation images (MNIST: train on 59,600)")
     t.add_argument("--n-train", type=_positive_int, help="train on the first N training images only (quick checks)")
-    t.add_argument("--eval-every", type=_positive_int, default=10, help="log the test IWAE-64 bound every N passes (default: 10)")
-    t.add_argument("--eval-n", type=_positive_int, default=1000, help="test images used for that bound (default: 1000)")
+    t.add_argument("--eval-every", type=_positive_int, help="log the test IWAE-64 bound every N passes (default: 10)")
+    t.add_argument("--eval-n", type=_positive_int, help="test images used for that bound (default: 1000)")
+    t.add_argument("--checkpoint-minutes", type=float, help="minutes between checkpoints, besides each stage end (default: 5)")
+    t.add_argument("--max-bad-steps", type=_positive_int, help="stop after N consecutive steps with a non-finite bound or gradient (default: 20)")
     t.add_argument("--data-dir", help=data_help)
-    t.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    t.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: auto)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
-    t.add_argument("--out", required=True, help="run directory to create")
+    t.add_argument("--out", help="run directory to create")
     t.set_defaults(func=_train)
 
     e = sub.add_parser(
@@ -146,35 +153,41 @@ def _version() -> str:
     return __version__
 
 
-def _train(args) -> int:
-    from iwae.train import TrainConfig, prepare_run_dir, train
+_RUNTIME_OPTIONS = {"func", "command", "config", "resume", "device", "overwrite", "quiet", "out"}
 
-    config = TrainConfig(
-        dataset=args.dataset,
-        layers=args.layers,
-        objective=args.objective,
-        k=args.k,
-        m=args.m,
-        beta=args.beta,
-        stages=args.stages if args.stages is not None or args.epochs is not None else 8,
-        epochs=args.epochs,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        beta1=args.beta1,
-        scale=args.scale,
-        validation=args.validation,
-        n_train=args.n_train,
-        eval_every=args.eval_every,
-        eval_n=args.eval_n,
-        data_dir=args.data_dir,
-    )
-    prepare_run_dir(args.out, args.overwrite)
-    summary = train(config, args.out, progress=not args.quiet, overwrite=args.overwrite, device=args.device)
+
+def _train(args) -> int:
+    from iwae.train import TrainConfig, load_config, prepare_run_dir, read_config_file, resume, train
+
+    given = {key: value for key, value in vars(args).items() if key not in _RUNTIME_OPTIONS}
+    progress, device = not getattr(args, "quiet", False), getattr(args, "device", "auto")
+    if getattr(args, "resume", None):
+        if given or hasattr(args, "config") or hasattr(args, "out"):
+            raise IwaeError("--resume takes the run's own configuration: give only --resume RUN_DIR [--device] [--quiet]")
+        config = load_config(args.resume)
+        summary = resume(args.resume, progress=progress, device=device)
+        out = args.resume
+    else:
+        keys = read_config_file(args.config) if hasattr(args, "config") else {}
+        keys = {str(k).replace("-", "_"): v for k, v in keys.items()}
+        out = getattr(args, "out", None) or keys.pop("out", None)
+        keys.pop("out", None)
+        if "epochs" in given:
+            keys.pop("stages", None)
+        if "stages" in given:
+            keys.pop("epochs", None)
+        if {"layers", "scale"} & given.keys():
+            keys.pop("model", None)  # a run's config.json: rebuild the architecture from the new options
+        if out is None:
+            raise IwaeError("give --out RUN_DIR (or --resume RUN_DIR)")
+        config = TrainConfig.from_dict({**keys, **given})
+        prepare_run_dir(out, getattr(args, "overwrite", False))
+        summary = train(config, out, progress=progress, overwrite=getattr(args, "overwrite", False), device=device)
+    test = summary["final_test_iwae64"]
     print(
         f"trained {config.objective_spec} on {config.dataset} for {summary['passes']} passes "
         f"in {summary['train_seconds']:.0f} s: train bound {summary['final_train_bound']:.2f}, "
-        f"test IWAE-64 {summary['final_test_iwae64']:.2f} (first {summary['test_iwae64_n']} test images) -> {args.out}"
+        f"test IWAE-64 {test:.2f} (first {summary['test_iwae64_n']} test images) -> {out}"
     )
     return 0
 

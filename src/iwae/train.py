@@ -1,4 +1,4 @@
-"""Training: Burda et al.'s optimizer and schedule, and the run directory.
+"""Training: Burda et al.'s optimizer and schedule, the run directory, checkpoints.
 
 Adam (beta1 = 0.9, beta2 = 0.999, eps = 1e-4), batches of 20, and the schedule of
 Burda et al. (2016, section 5): stage i = 0, 1, ..., 7 runs 3^i passes over the
@@ -7,41 +7,58 @@ images are binarized afresh, pixel ~ Bernoulli(grey value), every time they are 
 
 A run directory holds
 
-- ``config.json``    the resolved configuration (everything needed to rebuild the run),
-- ``model.safetensors`` the weights,
-- ``metrics.jsonl``  one JSON object per pass (train bound, learning rate, seconds, and
-  every few passes the IWAE-64 bound on part of the test set),
-- ``summary.json``   written last: a run with it is finished.
+- ``config.json``       the resolved configuration (``iwae train --config`` takes it back),
+- ``model.safetensors`` the weights, saved at the end of every stage,
+- ``checkpoint.safetensors`` weights, Adam state, every random-number state and the
+  position in the schedule, saved every few minutes and at the end of every stage,
+- ``metrics.jsonl``     one JSON object per pass (train bound, learning rate, seconds,
+  skipped steps, and every few passes the IWAE-64 bound on part of the test set),
+- ``tb/``               TensorBoard event files with the same numbers, active units and samples,
+- ``summary.json``      written last: a run with it is finished.
+
+Every file is written atomically (temporary file, fsync, rename), so a run killed at
+any moment keeps its previous checkpoint; ``iwae train --resume RUN_DIR`` continues it
+and ends with the same weights, bit for bit, as a run that was never interrupted.
+Nothing in a run directory is executed when it is loaded: tensors are safetensors, the
+rest is JSON.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import random
+import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import torch
+import numpy as np
 import safetensors.torch
+import torch
 
 from iwae import data as iwae_data
-from iwae.data import atomic_write
 from iwae.bounds import Objective
+from iwae.data import atomic_write
 from iwae.errors import IwaeError, RunDirError
 from iwae.model import VAE, ModelConfig
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+CHECKPOINT_FILE = "checkpoint.safetensors"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+TENSORBOARD_DIR = "tb"
 
 DATASETS = ("mnist", "omniglot")
 
 
 @dataclass
 class TrainConfig:
-    """Everything that determines a training run; stored as ``config.json``."""
+    """Everything that determines a training run; stored as ``config.json``.
+
+    The keys are the long options of ``iwae train`` with ``-`` written ``_``.
+    """
 
     dataset: str = "mnist"
     layers: int = 1
@@ -62,31 +79,56 @@ class TrainConfig:
     n_train: int | None = None
     eval_every: int = 10
     eval_n: int = 1000
+    checkpoint_minutes: float = 5.0
+    max_bad_steps: int = 20
     data_dir: str | None = None
     model: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        self._check_types()
         if self.dataset not in DATASETS:
             raise IwaeError(f"unknown dataset {self.dataset!r}: choose one of {', '.join(DATASETS)}")
         if self.epochs is not None:
             self.stages = None
         if self.stages is not None and not 1 <= self.stages <= 8:
-            raise IwaeError(f"--stages must be between 1 and 8, got {self.stages}")
+            raise IwaeError(f"stages must be between 1 and 8, got {self.stages}")
         if self.epochs is not None and self.epochs < 1:
-            raise IwaeError(f"--epochs must be >= 1, got {self.epochs}")
+            raise IwaeError(f"epochs must be >= 1, got {self.epochs}")
         if self.stages is None and self.epochs is None:
-            raise IwaeError("give --stages or --epochs")
-        for name in ("batch_size", "eval_every", "eval_n"):
+            raise IwaeError("give stages or epochs")
+        for name in ("batch_size", "eval_every", "eval_n", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise IwaeError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.n_train is not None and self.n_train < 1:
-            raise IwaeError(f"--n-train must be >= 1, got {self.n_train}")
+            raise IwaeError(f"n_train must be >= 1, got {self.n_train}")
+        if not self.checkpoint_minutes > 0:
+            raise IwaeError(f"checkpoint_minutes must be > 0, got {self.checkpoint_minutes}")
         if not (self.lr > 0 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.adam_eps > 0):
             raise IwaeError("Adam needs lr > 0, 0 <= beta1, beta2 < 1 and eps > 0")
         self.objective_spec  # validates objective, k, m, beta
         if not self.model:
             self.model = ModelConfig.preset(self.layers, scale=self.scale).to_dict()
         self.model_config  # validates the architecture
+
+    def _check_types(self) -> None:
+        for f in fields(self):
+            value, kind = getattr(self, f.name), str(f.type)
+            if value is None and "None" in kind:
+                continue
+            if kind.startswith("int"):
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif kind.startswith("float"):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                if ok:
+                    setattr(self, f.name, float(value))
+            elif kind.startswith("str"):
+                ok = isinstance(value, str)
+            elif kind == "bool":
+                ok = isinstance(value, bool)
+            else:
+                ok = isinstance(value, dict)
+            if not ok:
+                raise IwaeError(f"{f.name} must be of type {kind}, got {value!r}")
 
     @property
     def objective_spec(self) -> Objective:
@@ -111,14 +153,48 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(d) - known
+        if not isinstance(d, dict):
+            raise IwaeError(f"a configuration must be a table of keys and values, got {type(d).__name__}")
+        d = {str(key).replace("-", "_"): value for key, value in d.items()}
+        unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise IwaeError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
         return cls(**d)
 
 
-# -- files, written atomically ----------------------------------------------------------
+def read_config_file(path: str | Path) -> dict:
+    """The keys of a TOML, YAML or JSON configuration file (``iwae train --config``)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise IwaeError(f"cannot read configuration file {path}: {e}") from None
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            d = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            d = yaml.safe_load(text)
+        elif suffix == ".json":
+            d = json.loads(text)
+        else:
+            raise IwaeError(f"configuration file {path}: expected .toml, .yaml, .yml or .json")
+    except IwaeError:
+        raise
+    except Exception as e:  # each parser has its own error types
+        raise IwaeError(f"configuration file {path} is not valid {suffix[1:].upper()}: {e}".replace("\n", " ")) from None
+    if not isinstance(d, dict):
+        raise IwaeError(f"configuration file {path} must hold a table of keys and values")
+    return d
+
+
+# -- files ---------------------------------------------------------------------------------
 
 
 def write_json(path: Path, obj) -> None:
@@ -140,26 +216,48 @@ def _read_json(path: Path) -> dict:
         raise RunDirError(f"{path} is not valid JSON ({e})") from None
 
 
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if not path.exists():
+        raise RunDirError(f"{path} is missing")
+    try:
+        with safetensors.safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for bad files
+        raise RunDirError(f"{path} is not a readable safetensors file (truncated or tampered?): {e}") from None
+    return tensors, metadata
+
+
+def _load_state(model: VAE, state: dict[str, torch.Tensor], path: Path) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        lines = str(e).strip().splitlines()
+        raise RunDirError(f"{path} does not match the model in config.json: {' '.join(lines[:3])}") from None
+
+
+def load_config(run_dir: str | Path) -> TrainConfig:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"run directory {run_dir} does not exist")
+    try:
+        return TrainConfig.from_dict(_read_json(run_dir / CONFIG_FILE))
+    except RunDirError:
+        raise
+    except IwaeError as e:
+        raise RunDirError(f"{run_dir / CONFIG_FILE}: {e}") from None
+
+
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[TrainConfig, VAE]:
     """The configuration and trained model of a run directory. Reads JSON and
     safetensors only: nothing in a run directory is executed."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise RunDirError(f"run directory {run_dir} does not exist")
-    config = TrainConfig.from_dict(_read_json(run_dir / CONFIG_FILE))
+    config = load_config(run_dir)
     model = VAE(config.model_config)
     path = run_dir / WEIGHTS_FILE
     if not path.exists():
-        raise RunDirError(f"{path} is missing: the run has not saved weights yet")
-    try:
-        state = safetensors.torch.load_file(path)
-    except Exception as e:  # safetensors raises its own error types for bad headers
-        raise RunDirError(f"{path} is not a readable safetensors file ({e})") from None
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        raise RunDirError(f"{path} does not match the model in {run_dir / CONFIG_FILE}: {' '.join(first[:3])}") from None
+        raise RunDirError(f"{path} is missing: the run has not finished its first stage yet")
+    _load_state(model, _read_safetensors(path)[0], path)
     return config, model.to(device)
 
 
@@ -177,17 +275,107 @@ def prepare_run_dir(out: str | Path, overwrite: bool = False) -> Path:
     if out.exists() and not out.is_dir():
         raise RunDirError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise RunDirError(f"{out} is not empty: choose another --out, or pass --overwrite to replace the run in it")
+        raise RunDirError(
+            f"{out} is not empty: choose another --out, continue it with --resume, or pass --overwrite to replace it"
+        )
     return out
 
 
-# -- the loop ---------------------------------------------------------------------------
+# -- checkpoints ------------------------------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    """Where a run is: ``passes`` finished passes, ``step`` steps into the next one."""
+
+    passes: int = 0
+    step: int = 0
+    bound_sum: float = 0.0
+    good_examples: int = 0
+    skipped: int = 0
+    consecutive_bad: int = 0
+    seconds: float = 0.0  # training time of the unfinished pass so far
+    total_seconds: float = 0.0
+
+
+def save_checkpoint(path: Path, model: VAE, optimizer, generator, pass_start_rng, progress: Progress) -> None:
+    """Weights, Adam state, RNG states and progress in one safetensors file, atomically."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    for i, state in optimizer.state_dict()["state"].items():
+        for name, value in state.items():
+            tensors[f"optim.{i}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    tensors["rng.generator"] = generator.get_state()
+    tensors["rng.pass_start"] = pass_start_rng
+    tensors["rng.torch"] = torch.get_rng_state()
+    np_state = np.random.get_state()
+    tensors["rng.numpy"] = torch.from_numpy(np_state[1].astype(np.int64))
+    meta = {
+        "progress": asdict(progress),
+        "numpy_rng": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python_rng": random.getstate(),
+        "format": 1,
+    }
+    atomic_write(path, lambda f: f.write(safetensors.torch.save(tensors, metadata={"state": json.dumps(meta)})))
+
+
+def load_checkpoint(path: Path, model: VAE, optimizer, generator) -> tuple[Progress, torch.Tensor]:
+    """Restore what :func:`save_checkpoint` saved; returns the progress and the RNG
+    state at the start of the unfinished pass."""
+    tensors, metadata = _read_safetensors(path)
+    try:
+        meta = json.loads(metadata["state"])
+        progress = Progress(**meta["progress"])
+        _load_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path)
+        optim_state = optimizer.state_dict()
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, i, name = key.split(".", 2)
+                optim_state["state"].setdefault(int(i), {})[name] = value.to(model.output_layer.weight.device)
+        optimizer.load_state_dict(optim_state)
+        generator.set_state(tensors["rng.generator"])
+        torch.set_rng_state(tensors["rng.torch"])
+        kind, pos, has_gauss, cached = meta["numpy_rng"]
+        np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+        version, internal, gauss = meta["python_rng"]
+        random.setstate((version, tuple(internal), gauss))
+        return progress, tensors["rng.pass_start"]
+    except RunDirError:
+        raise
+    except Exception as e:  # a tampered file can break it anywhere
+        raise RunDirError(f"{path} is not a valid iwae checkpoint ({type(e).__name__}: {e})") from None
+
+
+# -- the loop ---------------------------------------------------------------------------------
 
 
 def pick_device(device: str | None = None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise IwaeError(f"unknown device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise IwaeError(f"device {device!r} requested, but torch sees no CUDA device")
+    return dev
+
+
+def train_step(model: VAE, objective: Objective, optimizer, x: torch.Tensor, generator=None, params=None):
+    """One optimizer step on the batch ``x``; skipped if the bound or a gradient is not finite.
+
+    Returns (batch-mean bound, whether the step was taken). ``params`` is the pair
+    (encoder parameters, decoder parameters); pass it to avoid rebuilding the lists.
+    """
+    enc, dec = params or (model.encoder_parameters(), model.decoder_parameters())
+    optimizer.zero_grad(set_to_none=True)
+    log_w = model.log_weights(x, objective.samples, generator=generator)
+    value = objective.backward(log_w, enc, dec)
+    check = torch.stack([value, *(p.grad.sum() for p in enc + dec if p.grad is not None)]).sum()
+    if not torch.isfinite(check):
+        optimizer.zero_grad(set_to_none=True)
+        return value, False
+    optimizer.step()
+    return value, True
 
 
 def train(
@@ -197,14 +385,22 @@ def train(
     progress: bool = True,
     overwrite: bool = False,
     device: str | None = None,
+    resume: bool = False,
 ) -> dict:
-    """Train a model as ``config`` says and write the run directory ``out``.
+    """Train a model as ``config`` says in the run directory ``out``, or with
+    ``resume=True`` continue the run there from its checkpoint.
 
     ``dataset`` may be given directly (tests use small synthetic sets); otherwise it
     is loaded from ``config.data_dir``. Returns the summary that is also written to
     ``summary.json``.
     """
-    out = prepare_run_dir(out, overwrite)
+    out = Path(out)
+    if not resume:
+        prepare_run_dir(out, overwrite)
+    elif (out / SUMMARY_FILE).exists():
+        return _read_json(out / SUMMARY_FILE)
+    elif not (out / CHECKPOINT_FILE).exists():
+        raise RunDirError(f"{out / CHECKPOINT_FILE} is missing: nothing to resume (start the run again without --resume)")
     if dataset is None:
         dataset = iwae_data.load_dataset(config.dataset, config.data_dir, validation=config.validation)
     dev = pick_device(device)
@@ -216,67 +412,113 @@ def train(
     train_x, test_x = train_x.to(dev), test_x.to(dev)
 
     torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
     model = VAE(config.model_config, pixel_mean=train_x.mean(0)).to(dev)
     objective = config.objective_spec
-    enc_params, dec_params = model.encoder_parameters(), model.decoder_parameters()
+    params = (model.encoder_parameters(), model.decoder_parameters())
     optimizer = torch.optim.Adam(
         model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2), eps=config.adam_eps
     )
+    generator = torch.Generator(device=dev).manual_seed(config.seed)
 
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in (SUMMARY_FILE, METRICS_FILE):
-        (out / stale).unlink(missing_ok=True)
-    write_json(out / CONFIG_FILE, config.to_dict())
+    state = Progress()
+    pass_start_rng = None
+    if resume:
+        state, pass_start_rng = load_checkpoint(out / CHECKPOINT_FILE, model, optimizer, generator)
+        kept = read_metrics(out)[: state.passes]  # drop lines of passes after the checkpoint
+        atomic_write(out / METRICS_FILE, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in (SUMMARY_FILE, METRICS_FILE, CHECKPOINT_FILE, WEIGHTS_FILE, "evaluation.json"):
+            (out / stale).unlink(missing_ok=True)
+        shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)
+        write_json(out / CONFIG_FILE, config.to_dict())
 
-    from iwae.evaluate import iwae_bound  # evaluation imports this module for load_run
+    from iwae.evaluate import active_units, iwae_bound  # evaluation imports this module for load_run
 
+    board = _tensorboard(out, purge_step=state.passes if resume else None)
+    plan = [(stage, lr) for stage, passes, lr in config.schedule() for _ in range(passes)]
+    stage_ends = {i for i in range(len(plan)) if i + 1 == len(plan) or plan[i + 1][0] != plan[i][0]}
     n, bs = train_x.shape[0], config.batch_size
-    total = config.total_passes
-    bar = _progress(total, progress, f"{config.dataset} {objective}")
-    started = time.perf_counter()
-    done = 0
-    test_bound = None
+    steps_per_pass = math.ceil(n / bs)
+    interval = config.checkpoint_minutes * 60.0
+    last_checkpoint = time.monotonic()
+    bar = None
+    record = {}
+
     with open(out / METRICS_FILE, "a") as metrics:
-        for stage, passes, lr in config.schedule():
+        for p in range(state.passes, len(plan)):
+            stage, lr = plan[p]
+            if bar is None or state.step == 0 and plan[p - 1][0] != stage:
+                if bar is not None:
+                    bar.close()
+                remaining = sum(1 for q in range(p, len(plan)) if plan[q][0] == stage)
+                bar = _progress(remaining * steps_per_pass - state.step, progress, _stage_name(config, stage, lr))
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            for _ in range(passes):
-                t0 = time.perf_counter()
-                model.train()
-                xb_all = torch.bernoulli(train_x[torch.randperm(n, device=dev)])
-                bound_sum = torch.zeros((), device=dev)
-                for i in range(0, n, bs):
-                    xb = xb_all[i : i + bs]
-                    optimizer.zero_grad(set_to_none=True)
-                    log_w = model.log_weights(xb, objective.samples)
-                    value = objective.backward(log_w, enc_params, dec_params)
-                    optimizer.step()
-                    bound_sum += value * xb.shape[0]
-                done += 1
-                record = {
-                    "pass": done,
-                    "stage": stage,
-                    "lr": lr,
-                    "train_bound": bound_sum.item() / n,
-                    "seconds": time.perf_counter() - t0,
-                }
-                if done % config.eval_every == 0 or done == total:
-                    model.eval()
-                    test_bound = iwae_bound(model, test_x, k=64, seed=done)
-                    record["test_iwae64"] = test_bound
-                if not math.isfinite(record["train_bound"]):
-                    raise IwaeError(f"training diverged at pass {done}: the bound is {record['train_bound']}")
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
+            model.train()
+            if state.step == 0:
+                pass_start_rng = generator.get_state()
+            current_rng = generator.get_state()
+            generator.set_state(pass_start_rng)  # the pass's data comes from its starting state
+            batches = torch.bernoulli(train_x[torch.randperm(n, device=dev, generator=generator)], generator=generator)
+            if state.step > 0:
+                generator.set_state(current_rng)  # resumed mid-pass: continue the sample stream
+            t0 = time.perf_counter() - state.seconds
+            bound_sum = torch.tensor(state.bound_sum, dtype=torch.float64, device=dev)
+            for step in range(state.step, steps_per_pass):
+                xb = batches[step * bs : (step + 1) * bs]
+                value, ok = train_step(model, objective, optimizer, xb, generator, params)
+                if ok:
+                    bound_sum += value.detach() * xb.shape[0]
+                    state.good_examples += xb.shape[0]
+                    state.consecutive_bad = 0
+                else:
+                    state.skipped += 1
+                    state.consecutive_bad += 1
+                    if state.consecutive_bad >= config.max_bad_steps:
+                        bar.close()
+                        raise IwaeError(
+                            f"training stopped: {state.consecutive_bad} consecutive steps with a non-finite bound or "
+                            f"gradient (pass {p + 1}, step {step + 1}); the last good checkpoint is {out / CHECKPOINT_FILE}"
+                        )
                 bar.update(1)
-                bar.set_postfix(bound=f"{record['train_bound']:.2f}", stage=stage)
-            save_weights(model, out / WEIGHTS_FILE)
-    bar.close()
+                if time.monotonic() - last_checkpoint > interval and step + 1 < steps_per_pass:
+                    state.step, state.bound_sum = step + 1, bound_sum.item()
+                    state.seconds = time.perf_counter() - t0
+                    save_checkpoint(out / CHECKPOINT_FILE, model, optimizer, generator, pass_start_rng, state)
+                    last_checkpoint = time.monotonic()
+            seconds = time.perf_counter() - t0
+            record = {
+                "pass": p + 1,
+                "stage": stage,
+                "lr": lr,
+                "train_bound": bound_sum.item() / max(state.good_examples, 1),
+                "seconds": seconds,
+                "skipped_steps": state.skipped,
+            }
+            if (p + 1) % config.eval_every == 0 or p in stage_ends:
+                record["test_iwae64"] = iwae_bound(model, test_x, k=64, seed=p + 1)
+            bar.set_postfix(bound=f"{record['train_bound']:.2f}")
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            _log_pass(board, record)
+            state = Progress(p + 1, consecutive_bad=state.consecutive_bad, total_seconds=state.total_seconds + seconds)
+            if p in stage_ends:
+                save_weights(model, out / WEIGHTS_FILE)
+                _log_stage(board, model, test_x, p + 1, active_units)
+            if p in stage_ends or time.monotonic() - last_checkpoint > interval:
+                save_checkpoint(out / CHECKPOINT_FILE, model, optimizer, generator, generator.get_state(), state)
+                last_checkpoint = time.monotonic()
+    if bar is not None:
+        bar.close()
+    board.close()
     summary = {
-        "passes": done,
-        "train_seconds": time.perf_counter() - started,
-        "final_train_bound": record["train_bound"],
-        "final_test_iwae64": test_bound,
+        "passes": len(plan),
+        "train_seconds": state.total_seconds,
+        "final_train_bound": record.get("train_bound"),
+        "final_test_iwae64": record.get("test_iwae64"),
         "test_iwae64_n": int(test_x.shape[0]),
         "n_train": n,
         "device": str(dev),
@@ -286,7 +528,49 @@ def train(
     return summary
 
 
+def resume(run_dir: str | Path, dataset=None, progress: bool = True, device: str | None = None) -> dict:
+    """Continue an interrupted run from its checkpoint (``iwae train --resume``)."""
+    return train(load_config(run_dir), run_dir, dataset=dataset, progress=progress, device=device, resume=True)
+
+
+def _stage_name(config: TrainConfig, stage: int, lr: float) -> str:
+    where = f"stage {stage + 1}/{config.stages}" if config.stages else "constant rate"
+    return f"{config.objective_spec} {where} lr={lr:.2e}"
+
+
 def _progress(total: int, enabled: bool, desc: str):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, disable=not enabled, desc=desc, unit="pass", dynamic_ncols=True)
+    return tqdm(total=total, disable=not enabled, desc=desc, unit="step", dynamic_ncols=True, mininterval=0.5)
+
+
+class _NoBoard:
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def _tensorboard(out: Path, purge_step: int | None):
+    try:
+        from tensorboardX import SummaryWriter
+    except ModuleNotFoundError:
+        return _NoBoard()
+    return SummaryWriter(str(out / TENSORBOARD_DIR), purge_step=purge_step)
+
+
+def _log_pass(board, record: dict) -> None:
+    for key in ("train_bound", "test_iwae64", "lr", "seconds", "skipped_steps"):
+        if key in record:
+            board.add_scalar(key, record[key], record["pass"])
+
+
+def _log_stage(board, model: VAE, test_x: torch.Tensor, passes: int, active_units) -> None:
+    if isinstance(board, _NoBoard):
+        return
+    from iwae.report import tile_images
+
+    model.eval()
+    for layer, count in enumerate(active_units(model, test_x)):
+        board.add_scalar(f"active_units/layer{layer + 1}", count, passes)
+    images = model.sample_images(64, torch.Generator(device=test_x.device).manual_seed(0)).cpu().numpy()
+    board.add_image("samples", tile_images(images), passes, dataformats="HW")
+    board.flush()

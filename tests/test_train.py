@@ -1,0 +1,289 @@
+"""Training runs: schedule, exact resume after SIGKILL, checkpoints, the non-finite guard, configs."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+
+from iwae.cli import main
+from iwae.data import Dataset
+from iwae.errors import IwaeError, RunDirError
+from iwae.model import VAE
+from iwae.train import CHECKPOINT_FILE, TrainConfig, load_run, read_metrics, resume, train
+
+SMALL_MODEL = {"x_dim": 784, "latent": [8], "hidden": [[32]], "scale": "exp"}
+
+
+def synthetic(n=400, seed=0) -> Dataset:
+    """Grey images with structure: two prototypes plus noise."""
+    rng = np.random.default_rng(seed)
+    protos = rng.uniform(0, 1, (2, 784)) ** 3
+    which = rng.integers(0, 2, n + 100)
+    x = np.clip(protos[which] + rng.normal(0, 0.05, (n + 100, 784)), 0, 1).astype(np.float32)
+    return Dataset("mnist", x[:n], x[n:])
+
+
+def small_config(**kw) -> TrainConfig:
+    base = dict(objective="iwae", k=3, stages=3, model=SMALL_MODEL, eval_n=50, eval_every=2)
+    return TrainConfig(**{**base, **kw})
+
+
+def weights(run: Path) -> dict:
+    return safetensors.torch.load_file(run / "model.safetensors")
+
+
+def assert_bitwise_equal(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_schedule_is_burdas():
+    config = TrainConfig(stages=8)
+    sched = config.schedule()
+    assert [p for _, p, _ in sched] == [3**i for i in range(8)] and config.total_passes == 3280
+    assert sched[7][2] == pytest.approx(1e-3 * 10 ** (-1))
+    assert TrainConfig(stages=3).total_passes == 13
+    assert TrainConfig(epochs=5).schedule() == [(0, 5, 1e-3)]
+
+
+def test_run_directory_and_metrics(tmp_path):
+    summary = train(small_config(), tmp_path / "run", dataset=synthetic(), progress=False)
+    run = tmp_path / "run"
+    assert summary["passes"] == 13
+    metrics = read_metrics(run)
+    assert [m["pass"] for m in metrics] == list(range(1, 14))
+    assert {m["stage"] for m in metrics} == {0, 1, 2}
+    assert all(m["skipped_steps"] == 0 for m in metrics)
+    # the test bound every 2 passes and at every stage end (passes 1, 4, 13)
+    assert [m["pass"] for m in metrics if "test_iwae64" in m] == [1, 2, 4, 6, 8, 10, 12, 13]
+    assert metrics[-1]["train_bound"] > metrics[0]["train_bound"]
+    assert any(p.name.startswith("events.out.tfevents") for p in (run / "tb").iterdir())
+    config, model = load_run(run)
+    assert config == small_config()
+    with pytest.raises(RunDirError, match="not empty"):
+        train(small_config(), run, dataset=synthetic(), progress=False)
+
+
+def test_training_from_a_runs_config_reproduces_it(tmp_path):
+    train(small_config(objective="piwae", m=2, k=2, stages=2), tmp_path / "a", dataset=synthetic(), progress=False)
+    config = TrainConfig.from_dict(json.loads((tmp_path / "a" / "config.json").read_text()))
+    train(config, tmp_path / "b", dataset=synthetic(), progress=False)
+    assert_bitwise_equal(weights(tmp_path / "a"), weights(tmp_path / "b"))
+
+
+# -- exact resume ------------------------------------------------------------------------
+
+_CHILD = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_train import small_config, synthetic
+from iwae.train import train, resume
+torch.set_num_threads(1)
+if sys.argv[1] == "new":
+    train(small_config(stages=4, checkpoint_minutes=0.002), sys.argv[2], dataset=synthetic(2000), progress=False)
+else:
+    resume(sys.argv[2], dataset=synthetic(2000), progress=False)
+"""
+
+
+def _run_and_kill(mode: str, run: Path, rng: random.Random) -> bool:
+    """Start a child training process, SIGKILL it at a random moment after its first
+    checkpoint; True if it was killed before finishing."""
+    code = _CHILD.format(tests=str(Path(__file__).parent))
+    proc = subprocess.Popen([sys.executable, "-c", code, mode, str(run)])
+    deadline = time.monotonic() + 120
+    while not (run / CHECKPOINT_FILE).exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(rng.uniform(0.0, 1.5))
+    finished = proc.poll() is not None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return not finished
+
+
+def test_resume_after_sigkill_is_bitwise_equal(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        seed = int.from_bytes(os.urandom(4), "little")
+        rng = random.Random(seed)
+        data = synthetic(2000)
+        reference = tmp_path / "reference"
+        train(small_config(stages=4, checkpoint_minutes=0.002), reference, dataset=data, progress=False)
+
+        run = tmp_path / "killed"
+        killed = _run_and_kill("new", run, rng)
+        killed_again = _run_and_kill("resume", run, rng) if killed else False
+        resume(run, dataset=data, progress=False)
+        assert_bitwise_equal(weights(reference), weights(run))
+        ref_metrics, run_metrics = read_metrics(reference), read_metrics(run)
+        assert [m["pass"] for m in run_metrics] == list(range(1, 41))
+        for a, b in zip(ref_metrics, run_metrics):
+            assert a["train_bound"] == b["train_bound"] and a.get("test_iwae64") == b.get("test_iwae64"), (seed, a, b)
+        print(f"seed {seed}: killed {killed}, killed again {killed_again}")
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_resume_of_a_finished_run_does_nothing(tmp_path):
+    run = tmp_path / "run"
+    first = train(small_config(stages=1), run, dataset=synthetic(), progress=False)
+    before = weights(run)
+    assert resume(run, dataset=synthetic(), progress=False) == first
+    assert_bitwise_equal(before, weights(run))
+
+
+# -- bad checkpoints ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def finished_run(tmp_path):
+    run = tmp_path / "run"
+    train(small_config(stages=2), run, dataset=synthetic(), progress=False)
+    (run / "summary.json").unlink()  # pretend it was interrupted after its last checkpoint
+    return run
+
+
+@pytest.mark.parametrize("damage", ["truncate", "header", "payload-size", "empty"])
+def test_damaged_checkpoint_is_a_clear_error(finished_run, damage):
+    path = finished_run / CHECKPOINT_FILE
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "header":
+        data[10:30] = b"\xff" * 20
+    elif damage == "payload-size":
+        data += b"\0" * 8
+    else:
+        data = b""
+    path.write_bytes(bytes(data))
+    with pytest.raises(RunDirError, match=str(path)):
+        resume(finished_run, dataset=synthetic(), progress=False)
+
+
+def test_mismatched_checkpoint_is_a_clear_error(finished_run):
+    config = json.loads((finished_run / "config.json").read_text())
+    config["model"]["latent"] = [9]
+    (finished_run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RunDirError, match="does not match"):
+        resume(finished_run, dataset=synthetic(), progress=False)
+    with pytest.raises(RunDirError, match="does not match"):
+        load_run(finished_run)
+
+
+def test_checkpoint_state_metadata_is_validated(finished_run):
+    path = finished_run / CHECKPOINT_FILE
+    tensors = safetensors.torch.load_file(path)
+    safetensors.torch.save_file(tensors, path, metadata={"state": "{not json"})
+    with pytest.raises(RunDirError, match="not a valid iwae checkpoint"):
+        resume(finished_run, dataset=synthetic(), progress=False)
+
+
+def test_loading_never_unpickles(finished_run):
+    """A run directory is JSON and safetensors: a pickle planted as weights is refused, not run."""
+    import pickle
+
+    class Boom:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(finished_run / "pwned"),))
+
+    (finished_run / "model.safetensors").write_bytes(pickle.dumps(Boom()))
+    with pytest.raises(RunDirError, match="model.safetensors"):
+        load_run(finished_run)
+    assert not (finished_run / "pwned").exists()
+
+
+# -- the non-finite guard ------------------------------------------------------------------
+
+
+def _poison_log_weights(monkeypatch, bad_calls):
+    calls = {"n": 0}
+    original = VAE.log_weights
+
+    def log_weights(self, x, k, generator=None):
+        calls["n"] += 1
+        lw = original(self, x, k, generator=generator)
+        if self.training and bad_calls(calls["n"]):
+            lw = lw + torch.tensor(float("nan"))
+        return lw
+
+    monkeypatch.setattr(VAE, "log_weights", log_weights)
+
+
+def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
+    _poison_log_weights(monkeypatch, lambda n: n in (3, 7, 8))
+    train(small_config(stages=1), tmp_path / "run", dataset=synthetic(), progress=False)
+    (m,) = read_metrics(tmp_path / "run")
+    assert m["skipped_steps"] == 3 and np.isfinite(m["train_bound"])
+    assert all(torch.isfinite(w).all() for w in weights(tmp_path / "run").values())
+
+
+def test_persistent_non_finite_steps_stop_training(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    _poison_log_weights(monkeypatch, lambda n: n > 50)  # pass 1 (20 steps) and 2 are fine, then all bad
+    with pytest.raises(IwaeError, match="5 consecutive steps"):
+        train(small_config(stages=3, max_bad_steps=5), run, dataset=synthetic(), progress=False)
+    monkeypatch.undo()
+    assert [m["pass"] for m in read_metrics(run)] == [1, 2]  # checkpointed after pass 1 (stage 1's end)
+    resume(run, dataset=synthetic(), progress=False)  # the last good checkpoint is intact
+    assert [m["pass"] for m in read_metrics(run)] == list(range(1, 14))
+
+
+# -- configuration files and CLI options ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("c.toml", 'dataset = "omniglot"\nobjective = "miwae"\nk = 4\nm = 2\nstages = 2\nseed = 7\n'),
+        ("c.yaml", "dataset: omniglot\nobjective: miwae\nk: 4\nm: 2\nstages: 2\nseed: 7\n"),
+        ("c.json", '{"dataset": "omniglot", "objective": "miwae", "k": 4, "m": 2, "stages": 2, "seed": 7}'),
+    ],
+)
+def test_config_files(tmp_path, monkeypatch, name, text):
+    seen = {}
+    monkeypatch.setattr("iwae.train.train", lambda config, out, **kw: seen.update(config=config, out=out) or {
+        "passes": 4, "train_seconds": 1.0, "final_train_bound": -1.0, "final_test_iwae64": -1.0, "test_iwae64_n": 1,
+    })  # fmt: skip
+    (tmp_path / name).write_text(text)
+    assert main(["train", "--config", str(tmp_path / name), "-k", "8", "--out", str(tmp_path / "run")]) == 0
+    config = seen["config"]
+    assert (config.dataset, config.objective, config.k, config.m, config.stages, config.seed) == (
+        "omniglot", "miwae", 8, 2, 2, 7,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('dataset = "mnist"\nkay = 3\n', "unknown configuration keys: kay"),
+        ('k = "five"\n', "k must be of type int"),
+        ("k = 0\n", "k must be an integer >= 1"),
+        ('objective = "iwae"\nm = 2\n', "-m (groups) applies"),
+        ("k = [\n", "not valid TOML"),
+        ("stages = 12\n", "stages must be between 1 and 8"),
+    ],
+)
+def test_bad_config_files(tmp_path, capsys, text, message):
+    (tmp_path / "c.toml").write_text(text)
+    code = main(["train", "--config", str(tmp_path / "c.toml"), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_cli_errors(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path), "-k", "5"]) == 2
+    assert "--resume takes the run's own configuration" in capsys.readouterr().err
