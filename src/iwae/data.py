@@ -44,11 +44,12 @@ import gzip
 import hashlib
 import http.client
 import logging
+import multiprocessing
 import os
+import sys
 import tempfile
 import urllib.error
 import urllib.request
-import zipfile
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -340,20 +341,52 @@ def _check_split(path: Path, name: str, array: np.ndarray, n: int) -> np.ndarray
         raise DataError(f"{path}: {name} has shape {array.shape}, expected {(n, N_PIXELS)}")
     if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
         raise DataError(f"{path}: {name} has dtype {array.dtype}, expected real numbers")
-    array = array.astype(np.float32, copy=False)
     if not (np.isfinite(array).all() and array.min() >= 0.0 and array.max() <= 1.0):
         raise DataError(f"{path}: {name} has values outside [0, 1]")
-    return array
+    return array.astype(np.float32, copy=False)
 
 
-def _load_chardata(path: Path) -> dict[str, np.ndarray]:
-    """Burda et al.'s ``chardata.mat``: ``data`` [784 x 24345], ``testdata`` [784 x 8070]."""
+def _load_chardata(
+    path: Path, sizes: tuple[int, int] = (OMNIGLOT_TRAIN_SIZE, OMNIGLOT_TEST_SIZE)
+) -> dict[str, np.ndarray]:
+    """Burda et al.'s ``chardata.mat``: ``data`` [784 x 24345], ``testdata`` [784 x 8070]
+    (other ``sizes`` for tests).
+
+    scipy's MAT parser can crash the interpreter on a corrupted file (a segmentation
+    fault, found by fuzzing), so the file is parsed in a child process: a crash there
+    becomes a DataError here.
+    """
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    with tempfile.TemporaryDirectory(prefix="iwae-mat-") as tmp:
+        result, error = Path(tmp) / "arrays.npz", Path(tmp) / "error.txt"
+        child = context.Process(target=_parse_chardata_child, args=(path, sizes, result, error))
+        child.start()
+        child.join()
+        if child.exitcode != 0:
+            message = error.read_text() if error.exists() else (
+                f"{path}: the MATLAB file parser crashed (exit code {child.exitcode}); the file is corrupted"
+            )
+            raise DataError(message)
+        with np.load(result, allow_pickle=False) as npz:
+            return {"train": npz["train"], "test": npz["test"]}
+
+
+def _parse_chardata_child(path: Path, sizes: tuple[int, int], result: Path, error: Path) -> None:
+    try:
+        np.savez(result, **_parse_chardata(path, sizes))
+    except BaseException as e:
+        error.write_text(str(e) if isinstance(e, DataError) else f"{path}: cannot read MATLAB file: {e}")
+        sys.exit(3)
+
+
+def _parse_chardata(path: Path, sizes: tuple[int, int]) -> dict[str, np.ndarray]:
     try:
         mat = scipy.io.loadmat(path, variable_names=["data", "testdata"])
     except Exception as e:  # scipy raises a variety of types on corrupted files
         raise DataError(f"{path}: cannot read MATLAB file: {e}") from e
     out = {}
-    for key, split, n in (("data", "train", OMNIGLOT_TRAIN_SIZE), ("testdata", "test", OMNIGLOT_TEST_SIZE)):
+    for key, split, n in (("data", "train", sizes[0]), ("testdata", "test", sizes[1])):
         if key not in mat:
             raise DataError(f"{path}: variable '{key}' missing, expected '{key}' of shape {(N_PIXELS, n)}")
         data = mat[key]
@@ -398,8 +431,8 @@ def _read_raw_images(path: Path, n_chars: int) -> np.ndarray:
             images = npz["images"]
     except DataError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-        raise DataError(f"{path}: cannot read npz file (truncated or corrupted?): {e}") from e
+    except Exception as e:  # numpy's header parser can raise SyntaxError, TokenError, ... (found by fuzzing)
+        raise DataError(f"{path}: cannot read npz file (truncated or corrupted?): {type(e).__name__}: {e}") from e
     if images.dtype != np.bool_ or images.shape != shape:
         raise DataError(f"{path}: 'images' is {images.dtype} {images.shape}, expected bool {shape}")
     return images
