@@ -79,8 +79,10 @@ class TrainConfig:
     n_train: int | None = None
     eval_every: int = 10
     eval_n: int = 1000
+    curve_k: int | None = None
     checkpoint_minutes: float = 5.0
     max_bad_steps: int = 20
+    init_weights: str | None = None
     data_dir: str | None = None
     model: dict = field(default_factory=dict)
 
@@ -101,6 +103,8 @@ class TrainConfig:
                 raise IwaeError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.n_train is not None and self.n_train < 1:
             raise IwaeError(f"n_train must be >= 1, got {self.n_train}")
+        if self.curve_k is not None and self.curve_k < 64:
+            raise IwaeError(f"curve_k must be >= 64 (IWAE-64 uses its first 64 samples), got {self.curve_k}")
         if not self.checkpoint_minutes > 0:
             raise IwaeError(f"checkpoint_minutes must be > 0, got {self.checkpoint_minutes}")
         if not (self.lr > 0 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.adam_eps > 0):
@@ -415,6 +419,9 @@ def train(
     random.seed(config.seed)
     np.random.seed(config.seed)
     model = VAE(config.model_config, pixel_mean=train_x.mean(0)).to(dev)
+    if config.init_weights is not None:  # continue from another run's weights (fresh optimizer)
+        path = Path(config.init_weights)
+        _load_state(model, _read_safetensors(path)[0], path)
     objective = config.objective_spec
     params = (model.encoder_parameters(), model.decoder_parameters())
     optimizer = torch.optim.Adam(
@@ -435,7 +442,7 @@ def train(
         shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)
         write_json(out / CONFIG_FILE, config.to_dict())
 
-    from iwae.evaluate import active_units, iwae_bound  # evaluation imports this module for load_run
+    from iwae.evaluate import active_units  # evaluation imports this module for load_run
 
     board = _tensorboard(out, purge_step=state.passes if resume else None)
     plan = [(stage, lr) for stage, passes, lr in config.schedule() for _ in range(passes)]
@@ -499,7 +506,7 @@ def train(
                 "skipped_steps": state.skipped,
             }
             if (p + 1) % config.eval_every == 0 or p in stage_ends:
-                record["test_iwae64"] = iwae_bound(model, test_x, k=64, seed=p + 1)
+                record.update(_test_bounds(model, test_x, config.curve_k, seed=p + 1))
             bar.set_postfix(bound=f"{record['train_bound']:.2f}")
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
@@ -526,6 +533,19 @@ def train(
     }
     write_json(out / SUMMARY_FILE, summary)
     return summary
+
+
+def _test_bounds(model: VAE, test_x: torch.Tensor, curve_k: int | None, seed: int) -> dict:
+    """IWAE-64 on the test subset; with ``curve_k`` also log p-hat(x) = L_curve_k and
+    -KL(Q||P) = IWAE-64 - log p-hat(x) (Rainforth et al.'s learning curves)."""
+    from iwae.evaluate import iwae_bound, log_weight_reductions
+
+    if curve_k is None:
+        return {"test_iwae64": iwae_bound(model, test_x, k=64, seed=seed)}
+    model.eval()
+    r = log_weight_reductions(model, test_x, curve_k, k_small=64, seed=seed)
+    iwae64, log_px = r["small"].double().mean().item(), r["log_px"].double().mean().item()
+    return {"test_iwae64": iwae64, "test_log_px": log_px, "test_neg_kl_q_p": iwae64 - log_px}
 
 
 def resume(run_dir: str | Path, dataset=None, progress: bool = True, device: str | None = None) -> dict:

@@ -1,0 +1,317 @@
+"""The published experiments as grids of runs, and the runner that carries them out.
+
+- ``table1``    Burda et al. Table 1: MNIST and OMNIGLOT x 1 and 2 stochastic layers x
+                k in {1, 5, 50} x {VAE, IWAE} (24 runs); NLL (k=5000) and active units.
+- ``two-stage`` Burda et al. section 5.2: MNIST, 1 layer, VAE then IWAE k=50 and IWAE
+                k=50 then VAE; the second stage continues from the first's weights for
+                3^(N-1) passes at learning rate 1e-4 (3^7 = 2,187 at the paper's N = 8).
+- ``variants``  Rainforth et al. 2018: IWAE, PIWAE(4,16), PIWAE(8,8), MIWAE(4,16),
+                MIWAE(8,8), CIWAE beta=0.05 and 0.5, VAE; MNIST, 1 layer, 64 samples per
+                example, several seeds; IWAE-64, log p-hat(x) and -KL(Q||P).
+
+The budget is ``stages`` (the first N stages of the 3^i schedule; 8 = the paper's 3,280
+passes) and ``seeds``. An experiment directory holds ``experiment.json`` (the grid and the
+budget) and ``runs/NAME/``, one run directory per run, each finished with
+``evaluation.json`` (``iwae evaluate``), ``activity.json`` (per-unit activity) and
+``runner.json`` (wall times). Running an experiment again skips finished runs and resumes
+interrupted ones from their checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from iwae.errors import IwaeError
+
+EVAL_K = 5000
+CURVE_K = 1000  # samples of log p-hat(x) in learning curves (on the first eval_n test images)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of a grid, and the runs whose weights it starts from."""
+
+    name: str
+    config: dict  # TrainConfig keys
+    after: str | None = None  # run whose final weights initialize this one
+    label: dict = field(default_factory=dict)  # what the report groups by
+
+
+def _name(dataset, layers, objective, k, m=1, beta=None, seed=0) -> str:
+    parts = [dataset, f"l{layers}", objective]
+    parts += [f"m{m}k{k}"] if m > 1 else [f"k{k}"]
+    if beta is not None:
+        parts.append(f"b{beta:g}")
+    return "-".join(parts) + f"-s{seed}"
+
+
+def table1(stages: int, seeds: int) -> list[Run]:
+    runs = []
+    for dataset in ("mnist", "omniglot"):
+        for layers in (1, 2):
+            for k in (1, 5, 50):
+                for objective in ("vae", "iwae"):
+                    for seed in range(seeds):
+                        config = dict(dataset=dataset, layers=layers, objective=objective, k=k, stages=stages, seed=seed)
+                        label = dict(dataset=dataset, layers=layers, k=k, objective=objective, seed=seed)
+                        runs.append(Run(_name(dataset, layers, objective, k, seed=seed), config, label=label))
+    return runs
+
+
+def two_stage(stages: int, seeds: int) -> list[Run]:
+    runs = []
+    for seed in range(seeds):
+        for exp, (first, second) in enumerate(((("vae", 1), ("iwae", 50)), (("iwae", 50), ("vae", 1))), start=1):
+            a = Run(
+                f"exp{exp}-first-{first[0]}-k{first[1]}-s{seed}",
+                dict(dataset="mnist", layers=1, objective=first[0], k=first[1], stages=stages, seed=seed),
+                label=dict(experiment=exp, stage="first", objective=first[0], k=first[1], seed=seed),
+            )
+            b = Run(
+                f"exp{exp}-second-{second[0]}-k{second[1]}-s{seed}",
+                dict(dataset="mnist", layers=1, objective=second[0], k=second[1], epochs=3 ** (stages - 1), lr=1e-4,
+                     seed=seed),  # fmt: skip
+                after=a.name,
+                label=dict(experiment=exp, stage="second", objective=second[0], k=second[1], seed=seed),
+            )
+            runs += [a, b]
+    return runs
+
+
+VARIANTS = [  # (label, key in the paper's table, training options)
+    ("IWAE", "iwae", dict(objective="iwae", k=64)),
+    ("PIWAE(4,16)", "piwae(4,16)", dict(objective="piwae", m=4, k=16)),
+    ("PIWAE(8,8)", "piwae(8,8)", dict(objective="piwae", m=8, k=8)),
+    ("MIWAE(4,16)", "miwae(4,16)", dict(objective="miwae", m=4, k=16)),
+    ("MIWAE(8,8)", "miwae(8,8)", dict(objective="miwae", m=8, k=8)),
+    ("CIWAE beta=0.05", "ciwae(beta=0.05)", dict(objective="ciwae", k=64, beta=0.05)),
+    ("CIWAE beta=0.5", "ciwae(beta=0.5)", dict(objective="ciwae", k=64, beta=0.5)),
+    ("VAE", "vae", dict(objective="vae", k=64)),
+]
+
+
+def variants(stages: int, seeds: int) -> list[Run]:
+    runs = []
+    for method, _, keys in VARIANTS:
+        for seed in range(seeds):
+            config = dict(dataset="mnist", layers=1, stages=stages, seed=seed, curve_k=CURVE_K, eval_every=10**6, **keys)
+            name = _name("mnist", 1, keys["objective"], keys["k"], keys.get("m", 1), keys.get("beta"), seed)
+            runs.append(Run(name, config, label=dict(method=method, seed=seed)))
+    return runs
+
+
+# -- the toy of Theorem 1 -----------------------------------------------------------------------
+
+
+def toy(a: float, b: float, k_max: int) -> dict:
+    """X uniform on {a, b}: E[log((X_1 + ... + X_k)/k)] for k = 1..k_max, exactly, by
+    enumerating the number j of a's, j ~ Binomial(k, 1/2), against log E[X]. The gap
+    log E[X] - E[log mean] is the bias of L_k; Theorem 1 of Burda et al.: it shrinks
+    monotonically in k."""
+    import math
+
+    if not (a > 0 and b > 0) or not (math.isfinite(a) and math.isfinite(b)):
+        raise IwaeError(f"a and b must be positive numbers, got {a} and {b}")
+    if k_max < 1:
+        raise IwaeError(f"k-max must be >= 1, got {k_max}")
+    expected = []
+    for k in range(1, k_max + 1):
+        log_p = [math.lgamma(k + 1) - math.lgamma(j + 1) - math.lgamma(k - j + 1) - k * math.log(2) for j in range(k + 1)]
+        expected.append(sum(math.exp(lp) * math.log((j * a + (k - j) * b) / k) for j, lp in enumerate(log_p)))
+    log_mean = math.log((a + b) / 2)
+    return {"a": a, "b": b, "k": list(range(1, k_max + 1)), "expected_log_mean": expected, "log_expected": log_mean,
+            "bias": [log_mean - e for e in expected]}  # fmt: skip
+
+
+EXPERIMENTS = {"table1": table1, "two-stage": two_stage, "variants": variants}
+DEFAULT_SEEDS = {"table1": 1, "two-stage": 1, "variants": 2}
+
+
+def grid(name: str, stages: int, seeds: int | None = None) -> list[Run]:
+    if name not in EXPERIMENTS:
+        raise IwaeError(f"unknown experiment {name!r}: choose one of {', '.join(EXPERIMENTS)}")
+    if not 1 <= stages <= 8:
+        raise IwaeError(f"stages must be between 1 and 8, got {stages}")
+    seeds = DEFAULT_SEEDS[name] if seeds is None else seeds
+    if seeds < 1:
+        raise IwaeError(f"seeds must be >= 1, got {seeds}")
+    return EXPERIMENTS[name](stages, seeds)
+
+
+# -- running one run -----------------------------------------------------------------------
+
+
+def run_one(run: dict, exp_dir: str, data_dir: str | None, threads: int, eval_k: int = EVAL_K,
+            n_test: int | None = None) -> dict:
+    """Train (or resume) and evaluate one run in ``exp_dir/runs/NAME``; a finished run is
+    skipped. Runs in a worker process (local backend) or a Ray task."""
+    import torch
+
+    from iwae import data as iwae_data
+    from iwae.evaluate import evaluate, unit_activity
+    from iwae.train import CHECKPOINT_FILE, SUMMARY_FILE, TrainConfig, load_run, resume, train, write_json
+
+    torch.set_num_threads(threads)
+    run = Run(**run)
+    out = Path(exp_dir) / "runs" / run.name
+    if (out / "evaluation.json").exists():
+        return {"name": run.name, "status": "skipped"}
+    timing = _read(out / "runner.json") or {}
+    started = time.perf_counter()
+    if (out / SUMMARY_FILE).exists():
+        pass
+    elif (out / CHECKPOINT_FILE).exists():
+        resume(out, progress=False)
+    else:
+        keys = dict(run.config, data_dir=data_dir)
+        if run.after is not None:
+            keys["init_weights"] = str(Path(exp_dir) / "runs" / run.after / "model.safetensors")
+        train(TrainConfig(**keys), out, progress=False, overwrite=True)
+    timing["train_wall_s"] = timing.get("train_wall_s", 0.0) + time.perf_counter() - started
+
+    started = time.perf_counter()
+    config, model = load_run(out)
+    test = iwae_data.load_dataset(config.dataset, data_dir).test[:n_test]
+    x = torch.from_numpy(iwae_data.binarize_fixed(test, seed=0))
+    result = evaluate(model, x, k=eval_k, seed=0)
+    activity = [a.tolist() for a in unit_activity(model, x)]
+    timing.update(eval_wall_s=time.perf_counter() - started, threads=threads, host=socket.gethostname(),
+                  cpu=_cpu_name(), torch=torch.__version__)  # fmt: skip
+    write_json(out / "activity.json", {"unit_activity": activity, "threshold": 0.01})
+    write_json(out / "runner.json", timing)
+    write_json(out / "evaluation.json", result)  # last: marks the run finished
+    return {"name": run.name, "status": "done", **result}
+
+
+def _read(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# -- the runner -------------------------------------------------------------------------------
+
+
+def reproduce(
+    name: str,
+    out: str | Path,
+    stages: int = 4,
+    seeds: int | None = None,
+    workers: int = 1,
+    backend: str = "local",
+    data_dir: str | None = None,
+    progress: bool = True,
+    overrides: dict | None = None,
+    eval_k: int = EVAL_K,
+    n_test: int | None = None,
+    only: dict | None = None,
+) -> list[dict]:
+    """Run experiment ``name`` in ``out`` with ``workers`` parallel runs; finished runs are
+    skipped and interrupted ones resumed. Returns one status per run.
+
+    ``only`` keeps the runs whose labels match (e.g. ``{"dataset": "mnist"}``; a run's
+    first stage is kept with it). ``overrides`` (training options applied to every run),
+    ``eval_k`` and ``n_test`` (evaluate on the first N test images) shrink an experiment
+    for tests and smoke runs. All of them are recorded in ``experiment.json``."""
+    runs = [Run(r.name, {**r.config, **(overrides or {})}, r.after, r.label) for r in grid(name, stages, seeds)]
+    if only:
+        keep = {r.name for r in runs if all(str(r.label.get(k)) == str(v) for k, v in only.items())}
+        keep |= {r.after for r in runs if r.name in keep and r.after}
+        if not keep:
+            raise IwaeError(f"no run of {name} matches {only}")
+        runs = [r for r in runs if r.name in keep]
+    if workers < 1:
+        raise IwaeError(f"workers must be >= 1, got {workers}")
+    if backend not in ("local", "ray"):
+        raise IwaeError(f"unknown backend {backend!r}: choose local or ray")
+    out = Path(out)
+    meta = {"experiment": name, "stages": stages, "seeds": seeds or DEFAULT_SEEDS[name],
+            "passes_per_run": sum(3**i for i in range(stages)), "eval_k": eval_k, "n_test": n_test,
+            "overrides": overrides or {}, "only": only or {}, "runs": [asdict(r) for r in runs]}  # fmt: skip
+    previous = _read(out / "experiment.json")
+    if previous is not None and (previous.get("experiment"), previous.get("stages"), previous.get("seeds")) != (
+        name, meta["stages"], meta["seeds"],
+    ):  # fmt: skip
+        raise IwaeError(
+            f"{out} holds experiment {previous.get('experiment')} at stages={previous.get('stages')}, "
+            f"seeds={previous.get('seeds')}: use another --out for a different budget"
+        )
+    if data_dir is None:  # resolve now, so workers and Ray tasks read the same directory
+        from iwae.data import resolve_data_dir
+
+        data_dir = str(resolve_data_dir(None))
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    from iwae.train import write_json
+
+    write_json(out / "experiment.json", meta)
+    threads = max(1, (os.cpu_count() or 1) // workers) if backend == "local" else 1
+    execute = _execute_ray if backend == "ray" else _execute_local
+    return execute(runs, str(out), data_dir, threads, workers, progress, (eval_k, n_test))
+
+
+def _ready(runs: list[Run], done: set[str], started: set[str]) -> list[Run]:
+    return [r for r in runs if r.name not in started and (r.after is None or r.after in done)]
+
+
+def _execute_local(runs, out, data_dir, threads, workers, progress, evaluation) -> list[dict]:
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    from tqdm.auto import tqdm
+
+    results, done, started, pending = [], set(), set(), {}
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool, tqdm(
+        total=len(runs), disable=not progress, desc="runs", unit="run"
+    ) as bar:
+        while len(done) < len(runs):
+            for run in _ready(runs, done, started):
+                pending[pool.submit(run_one, asdict(run), out, data_dir, threads, *evaluation)] = run
+                started.add(run.name)
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                run = pending.pop(future)
+                results.append(future.result())  # a failed run raises here, after the others stop
+                done.add(run.name)
+                bar.update(1)
+                bar.set_postfix_str(f"{run.name}: {results[-1]['status']}")
+    return results
+
+
+def _execute_ray(runs, out, data_dir, threads, workers, progress, evaluation) -> list[dict]:
+    try:
+        import ray
+    except ModuleNotFoundError:
+        raise IwaeError("the ray backend needs Ray: pip install 'iwae[ray]'") from None
+    if not ray.is_initialized():
+        ray.init()  # connects to RAY_ADDRESS or a running cluster, else starts a local one
+    remote = ray.remote(num_cpus=threads)(run_one)
+    results, done, started, pending = [], set(), set(), {}
+    while len(done) < len(runs):
+        for run in _ready(runs, done, started):
+            pending[remote.remote(asdict(run), out, data_dir, threads, *evaluation)] = run
+            started.add(run.name)
+        finished, _ = ray.wait(list(pending), num_returns=1)
+        for ref in finished:
+            run = pending.pop(ref)
+            results.append(ray.get(ref))
+            done.add(run.name)
+            if progress:
+                print(f"[{len(done)}/{len(runs)}] {run.name}: {results[-1]['status']}", flush=True)
+    return results

@@ -1,0 +1,134 @@
+"""Experiment grids, the resumable runner (local processes and Ray), the report, and the toy."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from iwae.cli import main
+from iwae.errors import IwaeError
+from iwae.experiments import VARIANTS, grid, reproduce, toy
+from iwae.report import paper_tables, write_report
+from iwae.train import TrainConfig
+
+TINY = dict(n_train=300, eval_n=50)  # every run of a test grid trains on 300 images
+
+
+def test_grids_match_the_papers():
+    table1 = grid("table1", stages=4)
+    assert len(table1) == 24 and len({r.name for r in table1}) == 24
+    paper_cells = {(r[0], r[1], r[2], r[3]) for r in paper_tables()["burda2016_table1"]["rows"]}
+    assert {(r.config["dataset"], r.config["layers"], r.config["k"], r.config["objective"]) for r in table1} == paper_cells
+    assert all(TrainConfig(**r.config).total_passes == 40 for r in table1)
+
+    two = grid("two-stage", stages=8)
+    second = [r for r in two if r.after is not None]
+    assert len(two) == 4 and len(second) == 2
+    assert all(r.config["epochs"] == 3**7 and r.config["lr"] == 1e-4 for r in second)
+
+    variants = grid("variants", stages=3, seeds=3)
+    assert len(variants) == 24
+    assert all(TrainConfig(**r.config).objective_spec.samples == 64 for r in variants)
+    assert {key for _, key, _ in VARIANTS} == {r[0] for r in paper_tables()["rainforth2018_variants"]["rows"]}
+    with pytest.raises(IwaeError):
+        grid("table2", 4)
+
+
+def test_toy_is_exact_and_monotone():
+    a, b = 1.0, 10.0
+    r = toy(a, b, 300)
+    assert r["expected_log_mean"][0] == pytest.approx((math.log(a) + math.log(b)) / 2)
+    assert r["expected_log_mean"][1] == pytest.approx((math.log(a) + 2 * math.log((a + b) / 2) + math.log(b)) / 4)
+    assert all(y <= x for x, y in zip(r["bias"], r["bias"][1:]))
+    assert 0 < r["bias"][-1] < 0.002  # shrinks like Var/(2 k E^2): 81/4/(2*300*5.5^2) = 0.0011
+    assert r["bias"][-1] == pytest.approx(20.25 / (2 * 300 * 5.5**2), rel=0.05)
+
+
+def test_toy_cli(tmp_path, capsys):
+    assert main(["toy", "--a", "2", "--b", "5", "--k-max", "50", "--out", str(tmp_path)]) == 0
+    assert "monotonically shrinking" in capsys.readouterr().out
+    assert json.loads((tmp_path / "toy.json").read_text())["k"][-1] == 50 and (tmp_path / "toy.png").exists()
+    assert main(["toy", "--a", "-1", "--out", str(tmp_path)]) == 2
+
+
+def _sweep_cmd(out, data_dir, backend="local"):
+    code = (
+        "import sys; from iwae.experiments import reproduce; "
+        f"reproduce('two-stage', {str(out)!r}, stages=2, workers=2, backend={backend!r}, data_dir={str(data_dir)!r}, "
+        f"overrides={TINY!r}, eval_k=64, n_test=50, progress=False)"
+    )
+    return [sys.executable, "-c", code]
+
+
+def test_killed_sweep_resumes(shared_data_dir, tmp_path):
+    """Kill a sweep (and its workers) once a run has finished; the rerun skips it and finishes the rest."""
+    out = tmp_path / "exp"
+    proc = subprocess.Popen(_sweep_cmd(out, shared_data_dir), start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not list(out.glob("runs/*/evaluation.json")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = {p.parent.name for p in out.glob("runs/*/evaluation.json")}
+    assert finished, "no run finished before the kill"
+
+    results = reproduce("two-stage", out, stages=2, workers=2, data_dir=str(shared_data_dir), overrides=TINY,
+                        eval_k=64, n_test=50, progress=False)  # fmt: skip
+    status = {r["name"]: r["status"] for r in results}
+    assert len(status) == 4 and all(status[name] == "skipped" for name in finished)
+    assert all(s == "done" for name, s in status.items() if name not in finished)
+    for run in out.glob("runs/*"):
+        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [m["pass"] for m in metrics] == list(range(1, len(metrics) + 1))  # no pass lost or repeated
+    # a different budget in the same directory is refused
+    with pytest.raises(IwaeError, match="another --out"):
+        reproduce("two-stage", out, stages=3, data_dir=str(shared_data_dir))
+
+    report = write_report(out).read_text()
+    assert "two-stage training" in report and "| 1 | vae |" in report
+    assert (out / "figures" / "two-stage-curves.png").exists()
+    assert (out / "figures" / "two-stage-activity.png").exists()
+    assert len(list((out / "figures" / "samples").glob("*.png"))) == 4
+
+
+def test_second_stage_starts_from_first_stage_weights(shared_data_dir, tmp_path):
+    import safetensors.torch
+    import torch
+
+    from iwae.experiments import Run, run_one
+
+    first = Run("a", dict(dataset="mnist", objective="vae", k=1, epochs=1, **TINY))
+    run_one(vars(first), str(tmp_path), str(shared_data_dir), 1, eval_k=8, n_test=10)
+    second = Run("b", dict(dataset="mnist", objective="iwae", k=5, epochs=1, lr=1e-12, **TINY), after="a")
+    run_one(vars(second), str(tmp_path), str(shared_data_dir), 1, eval_k=8, n_test=10)
+    a = safetensors.torch.load_file(tmp_path / "runs" / "a" / "model.safetensors")
+    b = safetensors.torch.load_file(tmp_path / "runs" / "b" / "model.safetensors")
+    assert all(torch.allclose(a[key], b[key], atol=1e-6) for key in a)  # lr ~ 0: unchanged
+
+
+@pytest.mark.slow
+def test_ray_backend_on_a_local_instance(shared_data_dir, tmp_path):
+    pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'iwae[ray]')")
+    out = tmp_path / "exp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": "local", "RAY_DISABLE_USAGE_STATS": "1"}
+    r = subprocess.run(_sweep_cmd(out, shared_data_dir, backend="ray"), env=env, capture_output=True, text=True,
+                       timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(list(out.glob("runs/*/evaluation.json"))) == 4
+    again = reproduce("two-stage", out, stages=2, backend="local", data_dir=str(shared_data_dir), overrides=TINY,
+                      eval_k=64, n_test=50, progress=False)  # fmt: skip
+    assert all(x["status"] == "skipped" for x in again)
+
+
+def test_reproduce_cli_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["reproduce", "table9", "--out", str(tmp_path / "x")])
+    assert e.value.code == 2 and not (tmp_path / "x").exists()
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
