@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from iwae.bounds import OBJECTIVES
+from iwae.bounds import ESTIMATORS, OBJECTIVES
 from iwae.errors import IwaeError
 from iwae.train import DATASETS
 
@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-k", type=_positive_int, default=1, help="importance samples per group (default: 1)")
     t.add_argument("-m", type=_positive_int, default=1, help="groups of k samples, for miwae and piwae (default: 1)")
     t.add_argument("--beta", type=_unit_float, default=0.5, help="CIWAE mixing weight in [0, 1] (default: 0.5)")
+    t.add_argument("--estimator", choices=ESTIMATORS, default="reparam",
+                   help="encoder gradient estimator: reparam, stl (Roeder et al.) or dreg (Tucker et al.) (default: reparam)")
     budget = t.add_mutually_exclusive_group()
     budget.add_argument("--stages", type=_stages, help="run the first N stages of the 3^i schedule (default: 8, the paper's 3,280 passes)")
     budget.add_argument("--epochs", type=_positive_int, help="instead, N passes at a constant learning rate --lr")
@@ -156,6 +158,7 @@ def _train(args) -> int:
         k=args.k,
         m=args.m,
         beta=args.beta,
+        estimator=args.estimator,
         stages=args.stages if args.stages is not None or args.epochs is not None else 8,
         epochs=args.epochs,
         seed=args.seed,

@@ -49,6 +49,7 @@ class TrainConfig:
     k: int = 1
     m: int = 1
     beta: float = 0.5
+    estimator: str = "reparam"
     stages: int | None = 8
     epochs: int | None = None
     seed: int = 0
@@ -83,14 +84,14 @@ class TrainConfig:
             raise IwaeError(f"--n-train must be >= 1, got {self.n_train}")
         if not (self.lr > 0 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.adam_eps > 0):
             raise IwaeError("Adam needs lr > 0, 0 <= beta1, beta2 < 1 and eps > 0")
-        self.objective_spec  # validates objective, k, m, beta
+        self.objective_spec  # validates objective, k, m, beta, estimator
         if not self.model:
             self.model = ModelConfig.preset(self.layers, scale=self.scale).to_dict()
         self.model_config  # validates the architecture
 
     @property
     def objective_spec(self) -> Objective:
-        return Objective(self.objective, self.k, self.m, self.beta)
+        return Objective(self.objective, self.k, self.m, self.beta, self.estimator)
 
     @property
     def model_config(self) -> ModelConfig:
@@ -248,7 +249,7 @@ def train(
                 for i in range(0, n, bs):
                     xb = xb_all[i : i + bs]
                     optimizer.zero_grad(set_to_none=True)
-                    log_w = model.log_weights(xb, objective.samples)
+                    log_w = objective.log_weights(model, xb)
                     value = objective.backward(log_w, enc_params, dec_params)
                     optimizer.step()
                     bound_sum += value * xb.shape[0]
