@@ -1,4 +1,4 @@
-"""Gradient estimators (reparam, STL, DReG).
+"""Gradient estimators (reparam, STL, DReG) and the gradient SNR.
 
 Unbiasedness is checked statistically: the batch of x is copied ``copies`` times, so one
 backward pass gives the mean of ``copies`` independent gradient estimates; ``groups`` such
@@ -7,6 +7,7 @@ batch means). Two estimators are run on the same samples and their paired differ
 tested per parameter against a t quantile with a Bonferroni correction.
 """
 
+import json
 import math
 
 import pytest
@@ -158,3 +159,102 @@ def test_estimator_validation_and_names():
     assert TrainConfig(estimator="dreg", k=5).objective_spec.estimator == "dreg"
     with pytest.raises(IwaeError):
         TrainConfig(estimator="nope")
+
+
+# -- SNR ---------------------------------------------------------------------------------
+
+
+def test_gradient_snr_matches_direct_computation():
+    from iwae.evaluate import gradient_snr
+
+    model, x = tiny_model(), tiny_data()
+    objective, reps = Objective("iwae", 5), 30
+    got = gradient_snr(model, x, objective, reps=reps, seed=4)
+    g = torch.Generator().manual_seed(4)
+    grads = {"encoder": [], "decoder": []}
+    for _ in range(reps):
+        model.zero_grad(set_to_none=True)
+        objective.backward(objective.log_weights(model, x, g), model.encoder_parameters(), model.decoder_parameters())
+        grads["encoder"].append(torch.cat([p.grad.reshape(-1) for p in model.encoder_parameters()]))
+        grads["decoder"].append(torch.cat([p.grad.reshape(-1) for p in model.decoder_parameters()]))
+    for net, gs in grads.items():
+        gs = torch.stack(gs)
+        varies = gs.std(0) > 0  # the encoder weights of pixels that are 0 in all of x get no gradient
+        assert 0 < varies.sum() < gs.shape[1] or net == "decoder"
+        assert got[net] == pytest.approx((gs.mean(0).abs() / gs.std(0))[varies].mean().item(), rel=1e-9)
+
+
+def test_snr_trends_on_a_tiny_model():
+    """Rainforth et al.: with reparam the encoder SNR falls with K and the decoder's rises;
+    DReG's encoder SNR does not fall. These are large-K trends: they need light-tailed
+    weights, so q is made wider than the prior here (with a q narrower than p(h|x) the
+    effective sample size grows far slower than K and the trends only set in much later)."""
+    from iwae.evaluate import gradient_snr_curve, loglog_slope
+
+    torch.manual_seed(0)
+    model, x = VAE(ModelConfig(x_dim=6, latent=(2,), hidden=((8,),))).double(), tiny_data()
+    with torch.no_grad():
+        model.encoder[0].scale.weight.mul_(0.1)
+        model.encoder[0].scale.bias.fill_(0.3)
+    ks = [1, 10, 100]
+    reparam = gradient_snr_curve(model, x, ks, "reparam", reps=100)
+    dreg = gradient_snr_curve(model, x, ks, "dreg", reps=100)
+    assert reparam["encoder_slope"] < -0.25, reparam
+    assert dreg["encoder_slope"] > 0.0, dreg
+    assert reparam["decoder_slope"] > 0.3 and dreg["decoder"] == reparam["decoder"]
+    assert loglog_slope([1, 10], [1.0, 10.0]) == pytest.approx(1.0)
+    assert loglog_slope([5], [1.0]) is None
+
+
+# -- the command line --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--k", "0"],
+        ["--k", "1,a"],
+        ["--k", "5,5"],
+        ["--estimator", "reinforce"],
+        ["--reps", "1"],
+        ["--preset", "burda3"],
+        [],  # neither RUN_DIR nor --preset
+    ],
+)
+def test_bad_snr_arguments_exit_2_and_write_nothing(argv, tmp_path, capsys):
+    from iwae.cli import main
+
+    out = tmp_path / "snr"
+    preset = [] if argv in ([], ["--preset", "burda3"]) else ["--preset", "burda1"]
+    with pytest.raises(SystemExit) as e:
+        raise SystemExit(main(["snr", *preset, *argv, "--data-dir", str(tmp_path / "nodata"), "--out", str(out)]))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("iwae") and "error" in err and len(err.splitlines()) == 1, err
+    assert not out.exists() and not (tmp_path / "nodata").exists()
+
+
+def test_snr_command_on_a_run_directory(shared_data_dir, tmp_path, capsys):
+    from iwae.cli import main
+    from iwae.train import TrainConfig, save_weights, write_json
+
+    run = tmp_path / "run"
+    run.mkdir()
+    small = ModelConfig(latent=(2,), hidden=((4,),))
+    config = TrainConfig(data_dir=str(shared_data_dir), model=small.to_dict())
+    write_json(run / "config.json", config.to_dict())
+    save_weights(VAE(small), run / "model.safetensors")
+    out = tmp_path / "snr"
+    assert main(["snr", str(run), "--k", "1,3", "--estimator", "reparam,dreg", "--reps", "3", "--out", str(out), "--quiet"]) == 0
+    result = json.loads((out / "snr.json").read_text())
+    assert [r["estimator"] for r in result] == ["reparam", "dreg"]
+    for r in result:
+        assert r["k"] == [1, 3] and len(r["encoder"]) == len(r["decoder"]) == 2 and r["reps"] == 3
+        assert all(v > 0 for v in r["encoder"] + r["decoder"]) and "encoder_slope" in r and "decoder_slope" in r
+    assert (out / "snr.png").stat().st_size > 1000
+    assert "slope" in capsys.readouterr().out
+
+    assert main(["snr", "--preset", "burda2", "--k", "2", "--reps", "2", "--batch-size", "4",
+                 "--data-dir", str(shared_data_dir), "--out", str(out), "--quiet"]) == 0  # fmt: skip
+    single = json.loads((out / "snr.json").read_text())
+    assert single["estimator"] == "reparam" and single["k"] == [2] and single["encoder_slope"] is None

@@ -33,3 +33,32 @@ def save_image_grid(images: np.ndarray, path: str | Path, side: int = 28, cols: 
 
     grid = tile_images(images, side, cols)
     atomic_write(Path(path), lambda f: plt.imsave(f, 1.0 - grid, cmap="gray", vmin=0.0, vmax=1.0, format="png"))
+
+
+def save_snr_plot(curves: list[dict], path: str | Path) -> None:
+    """Plot gradient SNR against K on log-log axes, atomically as PNG: one colour per
+    estimator, the encoder solid and the decoder dashed, from
+    :func:`iwae.evaluate.gradient_snr_curve` results."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.0))
+    for i, c in enumerate(curves):
+        colour = f"C{i}"
+        for net, style in (("encoder", "-o"), ("decoder", "--s")):
+            slope = c.get(f"{net}_slope")
+            label = f"{c['estimator']} {net}" + (f" (slope {slope:+.2f})" if slope is not None else "")
+            ax.plot(c["k"], c[net], style, color=colour, label=label, markersize=4)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("K (importance samples)")
+    ax.set_ylabel("mean gradient SNR")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    try:
+        atomic_write(Path(path), lambda f: fig.savefig(f, format="png", dpi=120))
+    finally:
+        plt.close(fig)
