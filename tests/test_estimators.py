@@ -258,3 +258,17 @@ def test_snr_command_on_a_run_directory(shared_data_dir, tmp_path, capsys):
                  "--data-dir", str(shared_data_dir), "--out", str(out), "--quiet"]) == 0  # fmt: skip
     single = json.loads((out / "snr.json").read_text())
     assert single["estimator"] == "reparam" and single["k"] == [2] and single["encoder_slope"] is None
+
+
+def test_estimator_on_the_command_line(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from iwae.cli import build_parser, main
+
+    assert build_parser().parse_args(["train", "--estimator", "dreg", "--out", "x"]).estimator == "dreg"
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--estimator", "reinforce", "--out", str(tmp_path / "run")])
+    assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+    r = subprocess.run([sys.executable, "-m", "iwae.cli", "snr", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "usage: iwae snr" in r.stdout and "--estimator" in r.stdout
