@@ -210,9 +210,9 @@ def _poison_log_weights(monkeypatch, bad_calls):
     calls = {"n": 0}
     original = VAE.log_weights
 
-    def log_weights(self, x, k, generator=None):
+    def log_weights(self, x, k, generator=None, **kwargs):
         calls["n"] += 1
-        lw = original(self, x, k, generator=generator)
+        lw = original(self, x, k, generator, **kwargs)
         if self.training and bad_calls(calls["n"]):
             lw = lw + torch.tensor(float("nan"))
         return lw

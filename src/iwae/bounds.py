@@ -7,6 +7,32 @@ Every bound is a reduction of one tensor of log-weights
 made by :meth:`iwae.model.VAE.log_weights`. For the grouped objectives of Rainforth
 et al. (2018) the S = M*K samples are read as M groups of K: group m holds samples
 m*K .. m*K + K - 1 (``log_w.view(M, K, B)``).
+
+Gradient estimators (``Objective.estimator``), with h_i = h(eps_i, phi) ~ q_phi(h | x),
+log w_i = log p_theta(x, h_i) - log q_phi(h_i | x) and w~_i = w_i / sum_j w_j:
+
+- ``reparam``: the gradient of the bound itself, grad L_K = sum_i w~_i d log w_i / d(theta, phi),
+  where d/dphi log w_i has a path term (through h_i) and a score term -d/dphi log q_phi(h_i).
+- ``stl`` (sticking the landing, Roeder et al. 2017): the score term is dropped, i.e. log q
+  is evaluated with phi stopped: grad_phi ~ sum_i w~_i (d log w_i / d h_i)(d h_i / d phi).
+  Unbiased for K = 1 (the score has mean zero), biased for K > 1.
+- ``dreg`` (doubly reparameterized, Tucker et al. 2019, eq. 7):
+  grad_phi L_K = E[ sum_i w~_i^2 (d log w_i / d h_i)(d h_i / d phi) ], unbiased for every K;
+  the decoder gradient is unchanged, grad_theta = sum_i w~_i grad_theta log w_i. For
+  MIWAE/PIWAE w~ is normalized within each group of K; for CIWAE the encoder gets
+  beta * (STL gradient of the VAE part) + (1 - beta) * (DReG of the IWAE part); for the VAE
+  (each sample its own group of one, w~ = 1) DReG is STL.
+
+STL and DReG differentiate log-weights made with ``VAE.log_weights(x, S, stop_q=True)``
+(:meth:`Objective.log_weights` picks the right kind): the same values, with phi stopped
+inside log q. With L > 1 stochastic layers q(h_1..h_L | x) is one reparameterized
+distribution h = T(eps, phi) (h_l = mean_l(h_{l-1}) + sigma_l(h_{l-1}) eps_l), and
+d log w_i / d h_i is the derivative with respect to all of h_1..h_L, including the
+dependence of q(h_l | h_{l-1}) on its input h_{l-1}. The identity behind DReG,
+E_q[f(h) grad_phi log q_phi(h)] = E_eps[(d f / d h)(d T / d phi)], holds for any such
+reparameterization, so this joint form is unbiased for hierarchical q (this is the
+hierarchical-q case of Bauer & Mnih 2021; their generalization for parameters shared with
+p is not needed here, as p and q share none). ``tests/test_estimators.py`` checks it.
 """
 
 from __future__ import annotations
@@ -20,6 +46,7 @@ from torch import Tensor
 from iwae.errors import IwaeError
 
 OBJECTIVES = ("vae", "iwae", "miwae", "ciwae", "piwae")
+ESTIMATORS = ("reparam", "stl", "dreg")
 
 
 def elbo(log_w: Tensor) -> Tensor:
@@ -49,6 +76,22 @@ def ciwae(log_w: Tensor, beta: float) -> Tensor:
     return beta * elbo(log_w) + (1.0 - beta) * iwae(log_w)
 
 
+def dreg_surrogate(log_w: Tensor, m: int = 1) -> Tensor:
+    """A surrogate whose encoder gradient is the DReG estimator of MIWAE(M, K) (IWAE_K for
+    M = 1), for log-weights made with q's parameters stopped (``stop_q=True``):
+
+        (1/M) sum_m sum_k stop(w~_{m,k}^2) log w_{m,k},  w~_{m,k} = w_{m,k} / sum_j w_{m,j},
+
+    the weights normalized within each group. Its value is not a bound (only its gradient
+    is used) and its decoder gradient is not the bound's.   [M*K, B] -> [B]"""
+    S, B = log_w.shape
+    if m < 1 or S % m:
+        raise IwaeError(f"cannot split {S} samples into {m} equal groups")
+    groups = log_w.reshape(m, S // m, B)
+    w_tilde = torch.softmax(groups.detach(), 1)
+    return (w_tilde.square() * groups).sum(1).mean(0)
+
+
 @dataclass(frozen=True)
 class Objective:
     """A training objective: which bound, with ``k`` samples in each of ``m`` groups.
@@ -59,12 +102,16 @@ class Objective:
     - ciwae: CIWAE(beta) over k samples (m = 1)
     - piwae: PIWAE(m, k): decoder parameters theta ascend IWAE over all m*k samples,
       encoder parameters phi ascend MIWAE(m, k), each receiving only its own gradient.
+
+    ``estimator`` is how the encoder's gradient is estimated: reparam, stl or dreg (see the
+    module docstring); the decoder's gradient and the bound's value do not depend on it.
     """
 
     name: str = "iwae"
     k: int = 1
     m: int = 1
     beta: float = 0.5
+    estimator: str = "reparam"
 
     def __post_init__(self):
         if self.name not in OBJECTIVES:
@@ -77,6 +124,8 @@ class Objective:
             raise IwaeError(f"-m (groups) applies to miwae and piwae only; {self.name} uses k samples")
         if not (0.0 <= self.beta <= 1.0) or math.isnan(self.beta):
             raise IwaeError(f"beta must lie in [0, 1], got {self.beta!r}")
+        if self.estimator not in ESTIMATORS:
+            raise IwaeError(f"unknown estimator {self.estimator!r}: choose one of {', '.join(ESTIMATORS)}")
 
     @property
     def samples(self) -> int:
@@ -85,10 +134,12 @@ class Objective:
 
     def __str__(self) -> str:
         if self.name in ("miwae", "piwae"):
-            return f"{self.name.upper()}({self.m},{self.k})"
-        if self.name == "ciwae":
-            return f"CIWAE(beta={self.beta:g}, k={self.k})"
-        return f"{self.name.upper()}(k={self.k})"
+            text = f"{self.name.upper()}({self.m},{self.k})"
+        elif self.name == "ciwae":
+            text = f"CIWAE(beta={self.beta:g}, k={self.k})"
+        else:
+            text = f"{self.name.upper()}(k={self.k})"
+        return text if self.estimator == "reparam" else f"{text} {self.estimator.upper()}"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,20 +155,40 @@ class Objective:
             return miwae(log_w, self.m)
         return ciwae(log_w, self.beta)
 
+    def log_weights(self, model, x: Tensor, generator=None) -> Tensor:
+        """The M*K log-weights per example that :meth:`backward` expects, [M*K, B]: with
+        q's parameters stopped inside log q for the stl and dreg estimators."""
+        return model.log_weights(x, self.samples, generator, stop_q=self.estimator != "reparam")
+
+    def encoder_surrogate(self, log_w: Tensor) -> Tensor:
+        """Per example [B], the function whose encoder gradient is this estimator's:
+        the encoder's bound (MIWAE(M, K) for PIWAE, else :meth:`bound`) for reparam and stl
+        (stl through stopped log-weights), :func:`dreg_surrogate` for dreg, and for CIWAE
+        beta * L_VAE + (1 - beta) * dreg_surrogate(log_w)."""
+        if self.estimator == "dreg" and self.name != "vae":
+            if self.name == "ciwae":
+                return self.beta * elbo(log_w) + (1.0 - self.beta) * dreg_surrogate(log_w)
+            return dreg_surrogate(log_w, self.m)
+        return miwae(log_w, self.m) if self.name == "piwae" else self.bound(log_w)
+
     def backward(self, log_w: Tensor, encoder_params, decoder_params) -> Tensor:
         """Accumulate into ``.grad`` the gradient of minus the batch-mean objective and
         return the batch-mean bound (detached) for logging.
 
-        All objectives but PIWAE are one bound differentiated with respect to all
-        parameters. PIWAE routes two bounds to two parameter sets:
-        grad_theta = -grad_theta mean_b IWAE_{M*K}, grad_phi = -grad_phi mean_b MIWAE(M, K).
+        ``log_w`` must come from :meth:`log_weights` (stl and dreg need q's parameters
+        stopped inside log q; plain ``model.log_weights`` would give them a biased score term).
+
+        With the reparam or stl estimator all objectives but PIWAE are one bound
+        differentiated with respect to all parameters. PIWAE, and DReG, route two
+        surrogates to two parameter sets: grad_theta = -grad_theta mean_b bound (IWAE_{M*K}
+        for PIWAE) and grad_phi = -grad_phi mean_b :meth:`encoder_surrogate`.
         """
         value = self.bound(log_w).mean()
-        if self.name != "piwae":
+        if self.name != "piwae" and (self.estimator != "dreg" or self.name == "vae"):
             (-value).backward()
             return value.detach()
         encoder_params, decoder_params = list(encoder_params), list(decoder_params)
-        enc_loss = -miwae(log_w, self.m).mean()
+        enc_loss = -self.encoder_surrogate(log_w).mean()
         enc_grads = torch.autograd.grad(enc_loss, encoder_params, retain_graph=True)
         dec_grads = torch.autograd.grad(-value, decoder_params)
         for p, g in zip(encoder_params + decoder_params, enc_grads + dec_grads):

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from iwae.bounds import OBJECTIVES
+from iwae.bounds import ESTIMATORS, OBJECTIVES
 from iwae.errors import IwaeError
 from iwae.train import DATASETS
 
@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-k", type=_positive_int, help="importance samples per group (default: 1)")
     t.add_argument("-m", type=_positive_int, help="groups of k samples, for miwae and piwae (default: 1)")
     t.add_argument("--beta", type=_unit_float, help="CIWAE mixing weight in [0, 1] (default: 0.5)")
+    t.add_argument("--estimator", choices=ESTIMATORS,
+                   help="encoder gradient estimator: reparam, stl (Roeder et al.) or dreg (Tucker et al.) (default: reparam)")
     budget = t.add_mutually_exclusive_group()
     budget.add_argument("--stages", type=_stages, help="run the first N stages of the 3^i schedule (default: 8, the paper's 3,280 passes)")
     budget.add_argument("--epochs", type=_positive_int, help="instead, N passes at a constant learning rate --lr")
@@ -180,7 +182,48 @@ def build_parser() -> argparse.ArgumentParser:
     y.add_argument("--k-max", type=_positive_int, default=200, help="largest k (default: 200)")
     y.add_argument("--out", default=".", help="directory for toy.json and toy.png (default: .)")
     y.set_defaults(func=_toy)
+
+    n = sub.add_parser(
+        "snr",
+        help="gradient signal-to-noise ratio of the encoder and decoder against K (Rainforth et al.)",
+        description="For a fixed model and batch, estimate per parameter SNR = |E[grad]| / std[grad] of the "
+        "IWAE_K objective's gradient over --reps fresh draws of the samples, average it over the encoder's and the "
+        "decoder's parameters, and write OUT/snr.json and OUT/snr.png (SNR against K, log-log). With several "
+        "estimators snr.json is a list of one object per estimator.",
+    )
+    n.add_argument("run_dir", metavar="RUN_DIR", nargs="?", type=_existing_run, help="a directory written by `iwae train`")
+    n.add_argument("--preset", choices=("burda1", "burda2"),
+                   help="instead, a freshly initialized Burda et al. 1- or 2-layer model (seeded by --seed) on MNIST")
+    n.add_argument("--k", "-k", type=_k_list, default=[1, 5, 10, 50, 100, 500], help="comma-separated K values (default: 1,5,10,50,100,500)")
+    n.add_argument("--estimator", type=_estimator_list, default=["reparam"], help="comma-separated estimators among reparam,stl,dreg (default: reparam)")
+    n.add_argument("--reps", type=_positive_int, default=1000, help="gradient estimates per K (default: 1000)")
+    n.add_argument("--batch-size", type=_positive_int, default=20, help="the fixed batch: the first N training images (default: 20)")
+    n.add_argument("--seed", type=int, default=0, help="seed of the batch's binarization, the preset's weights and the samples (default: 0)")
+    n.add_argument("--data-dir", help=data_help + "; default for RUN_DIR: the one the run was trained with")
+    n.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    n.add_argument("--quiet", action="store_true", help="no progress bar")
+    n.add_argument("--out", required=True, help="directory to write snr.json and snr.png into")
+    n.set_defaults(func=_snr)
     return parser
+
+
+def _k_list(text: str) -> list[int]:
+    ks = [_positive_int(part.strip()) for part in text.split(",")]
+    if len(set(ks)) != len(ks):
+        raise argparse.ArgumentTypeError(f"repeated K in {text!r}")
+    return ks
+
+
+def _estimator_list(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",")]
+    for name in names:
+        if name not in ESTIMATORS:
+            raise argparse.ArgumentTypeError(f"unknown estimator {name!r}: choose among {', '.join(ESTIMATORS)}")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"repeated estimator in {text!r}")
+    return names
+
+
 
 
 def _reproduce(args) -> int:
@@ -315,6 +358,57 @@ def _sample(args) -> int:
         images = torch.bernoulli(images, generator=generator)
     save_image_grid(images.numpy(), out)
     print(f"wrote {args.n} samples to {out}")
+    return 0
+
+
+def _snr(args) -> int:
+    import time
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from iwae import data as iwae_data
+    from iwae.evaluate import gradient_snr_curve
+    from iwae.model import VAE, ModelConfig
+    from iwae.report import save_snr_plot
+    from iwae.train import load_run, pick_device, write_json
+
+    out = Path(args.out)
+    if (args.run_dir is None) == (args.preset is None):
+        raise IwaeError("give either RUN_DIR or --preset")
+    if args.reps < 2:
+        raise IwaeError(f"--reps must be >= 2 to estimate a standard deviation, got {args.reps}")
+    if out.exists() and not out.is_dir():
+        raise IwaeError(f"--out {out} exists and is not a directory")
+    device = pick_device(args.device)
+    if args.run_dir is not None:
+        config, model = load_run(args.run_dir, device)
+        dataset = iwae_data.load_dataset(config.dataset, args.data_dir or config.data_dir)
+        source = str(args.run_dir)
+    else:
+        dataset = iwae_data.load_dataset("mnist", args.data_dir)
+        torch.manual_seed(args.seed)
+        pixel_mean = torch.from_numpy(dataset.train.mean(0))
+        model = VAE(ModelConfig.preset(int(args.preset[-1])), pixel_mean=pixel_mean).to(device)
+        source = f"preset {args.preset}, seed {args.seed}"
+    x = torch.from_numpy(iwae_data.binarize_fixed(dataset.train[: args.batch_size], seed=args.seed)).to(device)
+
+    curves = []
+    total = args.reps * len(args.k) * len(args.estimator)
+    with tqdm(total=total, disable=args.quiet, desc="SNR", unit="grad", dynamic_ncols=True) as bar:
+        for est in args.estimator:
+            started = time.perf_counter()
+            c = gradient_snr_curve(model, x, args.k, est, reps=args.reps, seed=args.seed, bar=bar)
+            c.update(reps=args.reps, batch_size=int(x.shape[0]), source=source, seconds=time.perf_counter() - started)
+            curves.append(c)
+    seconds = sum(c["seconds"] for c in curves)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "snr.json", curves[0] if len(curves) == 1 else curves)
+    save_snr_plot(curves, out / "snr.png")
+    for c in curves:
+        enc, dec = (f"{v:+.2f}" if v is not None else "n/a" for v in (c["encoder_slope"], c["decoder_slope"]))
+        print(f"{c['estimator']}: log-log slope of SNR against K: encoder {enc}, decoder {dec}")
+    print(f"wrote {out / 'snr.json'} and {out / 'snr.png'} ({seconds:.0f} s)")
     return 0
 
 

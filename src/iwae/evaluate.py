@@ -134,3 +134,83 @@ def evaluate(
     }
     model.train(was_training)
     return result
+
+
+# -- gradient signal-to-noise ratios (Rainforth et al. 2018, section 3) --------------------
+
+
+def gradient_snr(model: VAE, x: Tensor, objective, reps: int = 1000, seed: int = 0, bar=None) -> dict[str, float]:
+    """Mean signal-to-noise ratio of the gradient estimates of ``objective`` on the fixed batch ``x``.
+
+    Each of ``reps`` repeats draws fresh samples and takes Delta = the gradient of the
+    batch-mean objective (as :meth:`iwae.bounds.Objective.backward` computes it). For each
+    scalar parameter
+
+        SNR = |E[Delta]| / std[Delta]   (Rainforth et al. 2018, eq. 9),
+
+    estimated over the repeats; returned is its mean over the parameters of each network,
+    ``{"encoder": ..., "decoder": ...}``. Parameters whose estimate never varies (std 0)
+    are left out of the mean. Each repeat needs its own backward pass, so repeats run one
+    after another; moments are accumulated in float64, shifted by the first repeat.
+    """
+    from iwae.errors import IwaeError
+
+    if reps < 2:
+        raise IwaeError(f"the SNR needs at least 2 repeats, got {reps}")
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    nets = {"encoder": model.encoder_parameters(), "decoder": model.decoder_parameters()}
+    shift: dict[str, Tensor] = {}
+    total: dict[str, Tensor] = {}
+    total_sq: dict[str, Tensor] = {}
+    for r in range(reps):
+        model.zero_grad(set_to_none=True)
+        objective.backward(objective.log_weights(model, x, generator), nets["encoder"], nets["decoder"])
+        for name, params in nets.items():
+            g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]).double()
+            if r == 0:
+                shift[name], total[name], total_sq[name] = g, torch.zeros_like(g), torch.zeros_like(g)
+            d = g - shift[name]
+            total[name] += d
+            total_sq[name] += d * d
+        if bar is not None:
+            bar.update(1)
+    model.zero_grad(set_to_none=True)
+    result = {}
+    for name in nets:
+        mean_d = total[name] / reps
+        std = ((total_sq[name] - reps * mean_d.square()) / (reps - 1)).clamp_min(0.0).sqrt()
+        varies = std > 0
+        result[name] = ((shift[name] + mean_d).abs()[varies] / std[varies]).mean().item()
+    return result
+
+
+def loglog_slope(ks, values) -> float | None:
+    """Least-squares slope of log(value) against log(K); None with fewer than two usable points."""
+    import numpy as np
+
+    pts = [(math.log(k), math.log(v)) for k, v in zip(ks, values) if v is not None and math.isfinite(v) and v > 0]
+    if len({p[0] for p in pts}) < 2:
+        return None
+    lk, lv = np.array(pts).T
+    return float(np.polyfit(lk, lv, 1)[0])
+
+
+def gradient_snr_curve(
+    model: VAE, x: Tensor, ks, estimator: str = "reparam", reps: int = 1000, seed: int = 0, bar=None
+) -> dict:
+    """Encoder and decoder SNR (:func:`gradient_snr`) of the IWAE_K objective for each K in ``ks``:
+    ``{"estimator", "k", "encoder", "decoder", "encoder_slope", "decoder_slope"}``, the lists
+    in the order of ``ks`` and the slopes fitted on log-log axes (:func:`loglog_slope`).
+
+    Every K starts from the same ``seed``, so two estimators see the same samples.
+    """
+    from iwae.bounds import Objective
+
+    result = {"estimator": estimator, "k": [int(k) for k in ks], "encoder": [], "decoder": []}
+    for k in result["k"]:
+        snr = gradient_snr(model, x, Objective("iwae", k=k, estimator=estimator), reps=reps, seed=seed, bar=bar)
+        result["encoder"].append(snr["encoder"])
+        result["decoder"].append(snr["decoder"])
+    result["encoder_slope"] = loglog_slope(result["k"], result["encoder"])
+    result["decoder_slope"] = loglog_slope(result["k"], result["decoder"])
+    return result

@@ -227,13 +227,33 @@ class VAE(nn.Module):
         """log p(x, h_1..h_L), shape [k, B]."""
         return self.log_prior(hs) + self.log_likelihood(x, hs[0])
 
-    def log_weights(self, x: Tensor, k: int, generator=None) -> Tensor:
+    def log_weights(self, x: Tensor, k: int, generator=None, stop_q: bool = False) -> Tensor:
         """log w_i = log p(x, h_i) - log q(h_i | x) for k samples h_i ~ q(. | x): shape [k, B].
 
         Every bound in :mod:`iwae.bounds` is a reduction of this tensor.
+
+        With ``stop_q`` the same samples give the same values, bit for bit, but log q is
+        differentiated as :meth:`log_q_stopped`: q's parameters phi are held fixed inside
+        log q and the encoder's gradient flows only through the samples h_i(eps, phi), as
+        the STL and DReG estimators need (:mod:`iwae.bounds`).
         """
         hs, log_q = self._sample_q(x, k, generator)
+        if stop_q:
+            stopped = self.log_q_stopped(hs, x)
+            log_q = stopped - stopped.detach() + log_q.detach()  # value of log_q, gradient of stopped
         return self.log_joint(x, hs) - log_q
+
+    def log_q_stopped(self, hs: list[Tensor], x: Tensor) -> Tensor:
+        """log q_{stop(phi)}(h_1..h_L | x), shape [k, B]: every layer's density with its
+        parameters detached, still a function of its sample h_l and of its input h_{l-1}
+        (so for L > 1 the gradient reaches h_{l-1} through q(h_l | h_{l-1}) as well)."""
+        total = 0.0
+        inputs = [x, *hs[:-1]]
+        for layer, u, h in zip(self.encoder, inputs, hs):
+            fixed = {name: p.detach() for name, p in layer.named_parameters()}
+            mean, log_std = torch.func.functional_call(layer, fixed, (u,))
+            total = total + gaussian_log_prob(h, mean, log_std)
+        return total
 
     def _sample_q(self, x: Tensor, k: int, generator=None) -> tuple[list[Tensor], Tensor]:
         hs: list[Tensor] = []

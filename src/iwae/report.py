@@ -392,3 +392,25 @@ def plot_toy(result: dict, path: Path) -> None:
         ax.grid(alpha=0.3, which="both")
     fig.suptitle(f"X uniform on {{{result['a']:g}, {result['b']:g}}} (exact, by enumerating the binomial)")
     _save(fig, path)
+
+
+def save_snr_plot(curves: list[dict], path: str | Path) -> None:
+    """Plot gradient SNR against K on log-log axes, atomically as PNG: one colour per
+    estimator, the encoder solid and the decoder dashed, from
+    :func:`iwae.evaluate.gradient_snr_curve` results."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 4.0))
+    for i, c in enumerate(curves):
+        colour = f"C{i}"
+        for net, style in (("encoder", "-o"), ("decoder", "--s")):
+            slope = c.get(f"{net}_slope")
+            label = f"{c['estimator']} {net}" + (f" (slope {slope:+.2f})" if slope is not None else "")
+            ax.plot(c["k"], c[net], style, color=colour, label=label, markersize=4)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("K (importance samples)")
+    ax.set_ylabel("mean gradient SNR")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, Path(path))

@@ -66,6 +66,7 @@ class TrainConfig:
     k: int = 1
     m: int = 1
     beta: float = 0.5
+    estimator: str = "reparam"
     stages: int | None = 8
     epochs: int | None = None
     seed: int = 0
@@ -109,7 +110,7 @@ class TrainConfig:
             raise IwaeError(f"checkpoint_minutes must be > 0, got {self.checkpoint_minutes}")
         if not (self.lr > 0 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.adam_eps > 0):
             raise IwaeError("Adam needs lr > 0, 0 <= beta1, beta2 < 1 and eps > 0")
-        self.objective_spec  # validates objective, k, m, beta
+        self.objective_spec  # validates objective, k, m, beta, estimator
         if not self.model:
             self.model = ModelConfig.preset(self.layers, scale=self.scale).to_dict()
         self.model_config  # validates the architecture
@@ -136,7 +137,7 @@ class TrainConfig:
 
     @property
     def objective_spec(self) -> Objective:
-        return Objective(self.objective, self.k, self.m, self.beta)
+        return Objective(self.objective, self.k, self.m, self.beta, self.estimator)
 
     @property
     def model_config(self) -> ModelConfig:
@@ -372,7 +373,7 @@ def train_step(model: VAE, objective: Objective, optimizer, x: torch.Tensor, gen
     """
     enc, dec = params or (model.encoder_parameters(), model.decoder_parameters())
     optimizer.zero_grad(set_to_none=True)
-    log_w = model.log_weights(x, objective.samples, generator=generator)
+    log_w = objective.log_weights(model, x, generator)
     value = objective.backward(log_w, enc, dec)
     check = torch.stack([value, *(p.grad.sum() for p in enc + dec if p.grad is not None)]).sum()
     if not torch.isfinite(check):
