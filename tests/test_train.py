@@ -287,3 +287,28 @@ def test_resume_cli_errors(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path), "-k", "5"]) == 2
     assert "--resume takes the run's own configuration" in capsys.readouterr().err
+
+
+# -- data parallel --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("objective", [["piwae", "-m", "2", "-k", "3"], ["iwae", "-k", "5", "--estimator", "dreg"]])
+def test_torchrun_two_processes_match_one(shared_data_dir, tmp_path, objective):
+    """torchrun --nproc_per_node 2 (gloo) gives the single-process run with the same global batch."""
+    args = ["train", "--objective", *objective, "--epochs", "2", "--n-train", "310", "--eval-n", "50",
+            "--data-dir", str(shared_data_dir), "--quiet"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "iwae.cli", *args, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "iwae.cli", *args, "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert a.keys() == b.keys()
+    for key in a:  # the same up to the order of floating-point sums
+        assert torch.allclose(a[key], b[key], atol=1e-4, rtol=0), (key, (a[key] - b[key]).abs().max())
+    ma, mb = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [m["train_bound"] for m in ma] == pytest.approx([m["train_bound"] for m in mb], abs=1e-3)
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2

@@ -306,6 +306,8 @@ def _train(args) -> int:
         prepare_run_dir(out, getattr(args, "overwrite", False))
         summary = train(config, out, progress=progress, overwrite=getattr(args, "overwrite", False), device=device)
     test = summary["final_test_iwae64"]
+    if test is None:  # a torchrun process other than rank 0: rank 0 reports
+        return 0
     print(
         f"trained {config.objective_spec} on {config.dataset} for {summary['passes']} passes "
         f"in {summary['train_seconds']:.0f} s: train bound {summary['final_train_bound']:.2f}, "

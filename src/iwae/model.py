@@ -113,10 +113,30 @@ class GaussianLayer(nn.Module):
         and the same gradient as log N(h; mean, sigma) since (h - mean)/sigma = eps.
         """
         shape = mean.shape if k is None else (k, *mean.shape)
-        eps = torch.randn(shape, dtype=mean.dtype, device=mean.device, generator=generator)
+        if isinstance(generator, BatchShard):
+            eps = generator.randn(shape, mean.dtype, mean.device)
+        else:
+            eps = torch.randn(shape, dtype=mean.dtype, device=mean.device, generator=generator)
         h = mean + log_std.exp() * eps
         log_prob = -0.5 * eps.square().sum(-1) - log_std.sum(-1) - 0.5 * LOG_2PI * mean.shape[-1]
         return h, log_prob
+
+
+class BatchShard:
+    """Noise for one process's share of a batch in data-parallel training.
+
+    Stands in for a ``torch.Generator``: it draws the noise of the whole batch of
+    ``batch_size`` examples, exactly as a single process would, and keeps the examples
+    ``index`` along the batch dimension (dimension 1 of [k, B, d]). So N processes
+    together compute the same samples, and the same gradient, as one process.
+    """
+
+    def __init__(self, generator: torch.Generator, batch_size: int, index: Tensor):
+        self.generator, self.batch_size, self.index = generator, batch_size, index
+
+    def randn(self, shape, dtype, device) -> Tensor:
+        full = (shape[0], self.batch_size, *shape[2:])
+        return torch.randn(full, dtype=dtype, device=device, generator=self.generator)[:, self.index]
 
 
 def gaussian_log_prob(h: Tensor, mean: Tensor, log_std: Tensor) -> Tensor:

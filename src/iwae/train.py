@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -365,22 +366,69 @@ def pick_device(device: str | None = None) -> torch.device:
     return dev
 
 
-def train_step(model: VAE, objective: Objective, optimizer, x: torch.Tensor, generator=None, params=None):
+def train_step(model: VAE, objective: Objective, optimizer, x: torch.Tensor, generator=None, params=None,
+               shard: tuple[int, int] | None = None):
     """One optimizer step on the batch ``x``; skipped if the bound or a gradient is not finite.
 
     Returns (batch-mean bound, whether the step was taken). ``params`` is the pair
     (encoder parameters, decoder parameters); pass it to avoid rebuilding the lists.
+
+    With ``shard = (rank, world_size)`` (data parallel, under torchrun) every process
+    gets the whole batch ``x`` and the same ``generator``, computes the examples
+    rank, rank + world_size, ... with the noise one process would have drawn for them
+    (:class:`iwae.model.BatchShard`), and the gradients, weighted by each share of the
+    batch, are summed over processes in one all-reduce: the step is the single-process
+    step up to the order of floating-point sums.
     """
     enc, dec = params or (model.encoder_parameters(), model.decoder_parameters())
     optimizer.zero_grad(set_to_none=True)
-    log_w = objective.log_weights(model, x, generator)
-    value = objective.backward(log_w, enc, dec)
+    if shard is None:
+        value = objective.backward(objective.log_weights(model, x, generator), enc, dec)
+    else:
+        value = _sharded_backward(model, objective, x, generator, enc, dec, *shard)
     check = torch.stack([value, *(p.grad.sum() for p in enc + dec if p.grad is not None)]).sum()
     if not torch.isfinite(check):
         optimizer.zero_grad(set_to_none=True)
         return value, False
     optimizer.step()
     return value, True
+
+
+def _sharded_backward(model, objective, x, generator, enc, dec, rank: int, world: int) -> torch.Tensor:
+    import torch.distributed as dist
+
+    from iwae.model import BatchShard
+
+    index = torch.arange(rank, x.shape[0], world, device=x.device)
+    share = len(index) / x.shape[0]
+    # every process draws the whole batch's noise, so the generators stay in step
+    log_w = objective.log_weights(model, x[index], BatchShard(generator, x.shape[0], index))
+    value = objective.backward(log_w, enc, dec) * share if len(index) else torch.zeros((), device=x.device)
+    params = enc + dec
+    grads = [p.grad * share if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([value.reshape(1), *(g.reshape(-1) for g in grads)])
+    dist.all_reduce(flat)
+    offset = 1
+    for p in params:
+        p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+    return flat[0]
+
+
+def distributed_setup(device: torch.device) -> tuple[tuple[int, int] | None, torch.device]:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1): gloo on CPU,
+    nccl on GPU (one GPU per process, by LOCAL_RANK). Returns ((rank, world), device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None, device
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank(), dist.get_world_size()), device
 
 
 def train(
@@ -400,16 +448,17 @@ def train(
     ``summary.json``.
     """
     out = Path(out)
+    shard, dev = distributed_setup(pick_device(device))
+    lead = shard is None or shard[0] == 0  # under torchrun, only rank 0 writes files
     if not resume:
-        prepare_run_dir(out, overwrite)
+        if lead:
+            prepare_run_dir(out, overwrite)
     elif (out / SUMMARY_FILE).exists():
         return _read_json(out / SUMMARY_FILE)
     elif not (out / CHECKPOINT_FILE).exists():
         raise RunDirError(f"{out / CHECKPOINT_FILE} is missing: nothing to resume (start the run again without --resume)")
     if dataset is None:
         dataset = iwae_data.load_dataset(config.dataset, config.data_dir, validation=config.validation)
-    dev = pick_device(device)
-
     train_x = torch.tensor(dataset.train, dtype=torch.float32)  # a copy: the loaded arrays are read-only
     if config.n_train is not None:
         train_x = train_x[: config.n_train]
@@ -435,8 +484,9 @@ def train(
     if resume:
         state, pass_start_rng = load_checkpoint(out / CHECKPOINT_FILE, model, optimizer, generator)
         kept = read_metrics(out)[: state.passes]  # drop lines of passes after the checkpoint
-        atomic_write(out / METRICS_FILE, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
-    else:
+        if lead:
+            atomic_write(out / METRICS_FILE, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
+    elif lead:
         out.mkdir(parents=True, exist_ok=True)
         for stale in (SUMMARY_FILE, METRICS_FILE, CHECKPOINT_FILE, WEIGHTS_FILE, "evaluation.json"):
             (out / stale).unlink(missing_ok=True)
@@ -445,7 +495,9 @@ def train(
 
     from iwae.evaluate import active_units  # evaluation imports this module for load_run
 
-    board = _tensorboard(out, purge_step=state.passes if resume else None)
+    _barrier(shard)
+    board = _tensorboard(out, purge_step=state.passes if resume else None) if lead else _NoBoard()
+    progress = progress and lead
     plan = [(stage, lr) for stage, passes, lr in config.schedule() for _ in range(passes)]
     stage_ends = {i for i in range(len(plan)) if i + 1 == len(plan) or plan[i + 1][0] != plan[i][0]}
     n, bs = train_x.shape[0], config.batch_size
@@ -455,7 +507,7 @@ def train(
     bar = None
     record = {}
 
-    with open(out / METRICS_FILE, "a") as metrics:
+    with open(out / METRICS_FILE if lead else os.devnull, "a") as metrics:
         for p in range(state.passes, len(plan)):
             stage, lr = plan[p]
             if bar is None or state.step == 0 and plan[p - 1][0] != stage:
@@ -477,7 +529,7 @@ def train(
             bound_sum = torch.tensor(state.bound_sum, dtype=torch.float64, device=dev)
             for step in range(state.step, steps_per_pass):
                 xb = batches[step * bs : (step + 1) * bs]
-                value, ok = train_step(model, objective, optimizer, xb, generator, params)
+                value, ok = train_step(model, objective, optimizer, xb, generator, params, shard)
                 if ok:
                     bound_sum += value.detach() * xb.shape[0]
                     state.good_examples += xb.shape[0]
@@ -492,7 +544,7 @@ def train(
                             f"gradient (pass {p + 1}, step {step + 1}); the last good checkpoint is {out / CHECKPOINT_FILE}"
                         )
                 bar.update(1)
-                if time.monotonic() - last_checkpoint > interval and step + 1 < steps_per_pass:
+                if lead and time.monotonic() - last_checkpoint > interval and step + 1 < steps_per_pass:
                     state.step, state.bound_sum = step + 1, bound_sum.item()
                     state.seconds = time.perf_counter() - t0
                     save_checkpoint(out / CHECKPOINT_FILE, model, optimizer, generator, pass_start_rng, state)
@@ -506,17 +558,17 @@ def train(
                 "seconds": seconds,
                 "skipped_steps": state.skipped,
             }
-            if (p + 1) % config.eval_every == 0 or p in stage_ends:
+            if lead and ((p + 1) % config.eval_every == 0 or p in stage_ends):
                 record.update(_test_bounds(model, test_x, config.curve_k, seed=p + 1))
             bar.set_postfix(bound=f"{record['train_bound']:.2f}")
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
             _log_pass(board, record)
             state = Progress(p + 1, consecutive_bad=state.consecutive_bad, total_seconds=state.total_seconds + seconds)
-            if p in stage_ends:
+            if lead and p in stage_ends:
                 save_weights(model, out / WEIGHTS_FILE)
                 _log_stage(board, model, test_x, p + 1, active_units)
-            if p in stage_ends or time.monotonic() - last_checkpoint > interval:
+            if lead and (p in stage_ends or time.monotonic() - last_checkpoint > interval):
                 save_checkpoint(out / CHECKPOINT_FILE, model, optimizer, generator, generator.get_state(), state)
                 last_checkpoint = time.monotonic()
     if bar is not None:
@@ -530,10 +582,20 @@ def train(
         "test_iwae64_n": int(test_x.shape[0]),
         "n_train": n,
         "device": str(dev),
+        "processes": 1 if shard is None else shard[1],
         "torch": torch.__version__,
     }
-    write_json(out / SUMMARY_FILE, summary)
+    if lead:
+        write_json(out / SUMMARY_FILE, summary)
+    _barrier(shard)
     return summary
+
+
+def _barrier(shard) -> None:
+    if shard is not None:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def _test_bounds(model: VAE, test_x: torch.Tensor, curve_k: int | None, seed: int) -> dict:
