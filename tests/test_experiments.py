@@ -35,6 +35,9 @@ def test_grids_match_the_papers():
     assert len(variants) == 24
     assert all(TrainConfig(**r.config).objective_spec.samples == 64 for r in variants)
     assert {key for _, key, _ in VARIANTS} == {r[0] for r in paper_tables()["rainforth2018_variants"]["rows"]}
+    dreg = grid("dreg", stages=2)
+    assert len(dreg) == 8 and {r.config["estimator"] for r in dreg} == {"reparam", "dreg"}
+    assert all(TrainConfig(**r.config).objective_spec.estimator == r.label["estimator"] for r in dreg)
     with pytest.raises(IwaeError):
         grid("table2", 4)
 

@@ -151,10 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a published experiment's grid of runs (resumable), in parallel",
         description="Train and evaluate every run of a published experiment in OUT/runs/. Running it again skips "
         "finished runs and resumes interrupted ones. table1: Burda et al. Table 1 (24 runs); two-stage: Burda et al.'s "
-        "two-stage training (4 runs); variants: Rainforth et al.'s IWAE variants (8 methods x seeds). "
+        "two-stage training (4 runs); variants: Rainforth et al.'s IWAE variants (8 methods x seeds); dreg: IWAE with "
+        "the standard and the DReG encoder gradient (8 runs). "
         "Then `iwae report OUT` writes the tables against the paper.",
     )
-    r.add_argument("experiment", choices=("table1", "two-stage", "variants"), help="the experiment")
+    r.add_argument("experiment", choices=("table1", "two-stage", "variants", "dreg"), help="the experiment")
     r.add_argument("--out", required=True, help="experiment directory")
     r.add_argument("--stages", type=_stages, default=4, help="stages of the 3^i schedule per run (default: 4 = 40 passes; the paper: 8)")
     r.add_argument("--seeds", type=_positive_int, help="seeds per configuration (default: 1; variants: 2)")
