@@ -1,6 +1,6 @@
 """Speed experiments for iwae's training step and evaluation (prototypes, not the package).
 
-    OMP_NUM_THREADS=1 PYTHONPATH=src python bench/experiments_speed.py [train|eval|all] [--rounds 3] [--out FILE]
+    OMP_NUM_THREADS=1 PYTHONPATH=src python bench/experiments_speed.py [train|eval|micro|all] [--rounds 7] [--only V ...] [--out FILE]
 
 Every variant is compared with the baseline IN THE SAME PROCESS, interleaved in rounds
 (baseline, variant 1, variant 2, ..., then again), and the median time per round is
@@ -12,6 +12,7 @@ Training variants (1 stochastic layer, batch 20, k = 5 and 50, the loop of iwae.
   ll_plain / ll_bce                  log p(x|h) as sum(x*l - softplus(l)) / -BCE-with-logits
                                      instead of iwae's a.(W^T x) + b.x - sum softplus(l)
   ll_compiled                        iwae's log p(x|h) head under torch.compile
+  ll_hybrid                          (micro only) the direct form below 10 samples per example, iwae's above
   merged_gauss                       one Linear for (mean, log-std) of each Gaussian layer
   compile_lw / compile_lw_maxauto    torch.compile(model.log_weights), default / max-autotune-no-cudagraphs
   compile_step                       torch.compile of the whole step (zero_grad, forward, backward, Adam)
@@ -77,6 +78,18 @@ def ll_bce(self, x, h1):
     return -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
 
 
+def ll_hybrid(self, x, h1):
+    """The change proposed for iwae.model.VAE.log_likelihood: the direct form when an
+    example has few samples (the extra x @ W and its gradient cost more than they save),
+    iwae's a.(W^T x) + b.x form otherwise."""
+    out = self.output_layer
+    a = self.decoder[0][:-1](h1)
+    if h1.dim() < 3 or h1.shape[0] < 10:
+        logits = out(a)
+        return x.mul(logits).sub_(F.softplus(logits)).sum(-1)
+    return (a * (x @ out.weight)).sum(-1) + x @ out.bias - F.softplus(out(a)).sum(-1)
+
+
 def _ll_head(a, xw, xb, w, b):
     return (a * xw).sum(-1) + xb - F.softplus(F.linear(a, w, b)).sum(-1)
 
@@ -112,7 +125,7 @@ def merged_forward(self, u):
 def make_model(layers=1, seed=0, pixel_mean=None, variant=None):
     torch.manual_seed(seed)
     model = VAE(ModelConfig.preset(layers), pixel_mean=pixel_mean)
-    if variant in ("ll_plain", "ll_bce", "ll_compiled"):
+    if variant in ("ll_plain", "ll_bce", "ll_compiled", "ll_hybrid"):
         model.log_likelihood = types.MethodType(globals()[variant], model)
     if variant == "merged_gauss":
         for m in model.modules():
@@ -325,9 +338,65 @@ def run_eval(rounds: int, n_images: int = 12, k: int = 5000, only=None) -> dict:
     return out
 
 
+# -- isolated micro-timings (min of repeats: robust on a shared machine) ----------------
+
+
+def _tmin(f, n, reps=11):
+    for _ in range(2):
+        f()
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            f()
+        best = min(best, (time.perf_counter() - t0) / n)
+    return best
+
+
+def run_micro() -> dict:
+    """Adam.step alone (default / foreach / fused), and log_weights forward+backward
+    (batch 20) and an evaluation chunk (1 image x 4096 samples, inference mode) with
+    iwae's Bernoulli term, the direct forms, and merged Gaussian heads."""
+    res = {"adam_step_ms": {}, "log_weights_fwd_bwd_ms": {}, "eval_chunk_ms": {}}
+    for name, kw in (("default", {}), ("foreach", {"foreach": True}), ("fused", {"fused": True})):
+        m = make_model(1)
+        for p_ in m.parameters():
+            p_.grad = torch.randn_like(p_)
+        opt = torch.optim.Adam(m.parameters(), lr=1e-3, eps=1e-4, **kw)
+        res["adam_step_ms"][name] = 1e3 * _tmin(opt.step, 30, 15)
+    print("\nAdam.step alone, ms:", {k: round(v, 3) for k, v in res["adam_step_ms"].items()})
+    x = torch.bernoulli(torch.full((20, 784), 0.2), generator=torch.Generator().manual_seed(0))
+    for k in (1, 5, 20, 50):
+        r = {}
+        for v in ("baseline", "ll_plain", "ll_bce", "ll_hybrid", "merged_gauss"):
+            m = make_model(1, 0, None, None if v == "baseline" else v)
+
+            def f(m=m):
+                m.log_weights(x, k).logsumexp(0).sum().backward()
+
+            r[v] = 1e3 * _tmin(f, max(4, 200 // (k + 4)))
+        res["log_weights_fwd_bwd_ms"][f"k={k}"] = r
+        print(f"log_weights fwd+bwd, batch 20, k={k}, ms (speed-up):",
+              {n: f"{t:.2f} ({r['baseline'] / t:.2f}x)" for n, t in r.items()}, flush=True)
+    x1 = x[:1]
+    r = {}
+    for v in ("baseline", "ll_plain", "ll_bce"):
+        m = make_model(1, 0, None, None if v == "baseline" else v)
+
+        def f(m=m):
+            with torch.inference_mode():
+                m.log_weights(x1, 4096)
+
+        r[v] = 1e3 * _tmin(f, 5)
+    res["eval_chunk_ms"] = r
+    print("eval chunk, 1 image x 4096 samples, ms (speed-up):",
+          {n: f"{t:.2f} ({r['baseline'] / t:.2f}x)" for n, t in r.items()})
+    return res
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("what", nargs="?", default="all", choices=["train", "eval", "all"])
+    p.add_argument("what", nargs="?", default="all", choices=["train", "eval", "micro", "all"])
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--only", nargs="*", default=None, help="variants to run (with the baseline)")
     p.add_argument("--eval-images", type=int, default=12)
@@ -338,6 +407,8 @@ def main():
     res = {"torch": torch.__version__, "load_average_at_start": os.getloadavg()}
     if args.what in ("train", "all"):
         res["train"] = run_train(args.rounds, args.only)
+    if args.what in ("micro", "all"):
+        res["micro"] = run_micro()
     if args.what in ("eval", "all"):
         res["eval"] = run_eval(args.rounds, args.eval_images, only=args.only)
     res["load_average_at_end"] = os.getloadavg()
