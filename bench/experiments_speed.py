@@ -12,7 +12,8 @@ Training variants (1 stochastic layer, batch 20, k = 5 and 50, the loop of iwae.
   ll_plain / ll_bce                  log p(x|h) as sum(x*l - softplus(l)) / -BCE-with-logits
                                      instead of iwae's a.(W^T x) + b.x - sum softplus(l)
   ll_compiled                        iwae's log p(x|h) head under torch.compile
-  ll_hybrid                          (micro only) the direct form below 10 samples per example, iwae's above
+  ll_hybrid                          the direct form below 10 samples per example, iwae's form above
+  proposed                           ll_hybrid + Adam(fused=True): the changes proposed for src/iwae
   merged_gauss                       one Linear for (mean, log-std) of each Gaussian layer
   compile_lw / compile_lw_maxauto    torch.compile(model.log_weights), default / max-autotune-no-cudagraphs
   compile_step                       torch.compile of the whole step (zero_grad, forward, backward, Adam)
@@ -125,8 +126,8 @@ def merged_forward(self, u):
 def make_model(layers=1, seed=0, pixel_mean=None, variant=None):
     torch.manual_seed(seed)
     model = VAE(ModelConfig.preset(layers), pixel_mean=pixel_mean)
-    if variant in ("ll_plain", "ll_bce", "ll_compiled", "ll_hybrid"):
-        model.log_likelihood = types.MethodType(globals()[variant], model)
+    if variant in ("ll_plain", "ll_bce", "ll_compiled", "ll_hybrid", "proposed"):
+        model.log_likelihood = types.MethodType(ll_hybrid if variant == "proposed" else globals()[variant], model)
     if variant == "merged_gauss":
         for m in model.modules():
             if isinstance(m, GaussianLayer):
@@ -139,7 +140,7 @@ def make_model(layers=1, seed=0, pixel_mean=None, variant=None):
 
 def make_step(variant, k, batch, train_x, pixel_mean, layers=1):
     model = make_model(layers, 0, pixel_mean, variant)
-    adam_kw = {"foreach": True} if variant == "adam_foreach" else {"fused": True} if variant == "adam_fused" else {}
+    adam_kw = {"foreach": True} if variant == "adam_foreach" else {"fused": True} if variant in ("adam_fused", "proposed") else {}
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-4, **adam_kw)
     objective = Objective("iwae", k=k)
     enc, dec = model.encoder_parameters(), model.decoder_parameters()
@@ -215,7 +216,7 @@ def bench_variants(makers: dict, n_steps: int, rounds: int, threads: dict) -> di
 
 
 TRAIN_VARIANTS = ["baseline", "baseline_repeat", "adam_foreach", "adam_fused", "ll_plain", "ll_bce", "ll_compiled", "merged_gauss",
-                  "compile_lw", "compile_lw_maxauto", "compile_step", "threads2"]
+                  "compile_lw", "compile_lw_maxauto", "compile_step", "threads2", "ll_hybrid", "proposed"]
 
 
 def run_train(rounds: int, only=None) -> dict:
