@@ -1,0 +1,294 @@
+"""iwae benchmark: training and evaluation throughput, peak memory, the matmul roofline,
+and a correctness check, for iwae and (optionally) pythae, in one run on one machine.
+
+    python bench/run.py [--quick] [--no-pythae] [--threads N] [--out bench/results.json]
+
+See bench/README.md for what is measured and how each ratio is defined. This process
+imports no torch: every phase runs in its own worker process (bench/worker_iwae.py with
+this interpreter, bench/worker_pythae.py with bench/.venv-pythae/bin/python), so that
+each phase's peak RSS is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from _common import eval_flops_per_sample, train_flops_per_example  # noqa: E402
+
+DEFAULT_PYTHAE_PY = HERE / ".venv-pythae" / "bin" / "python"
+
+#: torch.mm shapes (m, k, n): the layers of a training step (batch 20 x k=50 rows), of
+#: an evaluation chunk (6 images x 5000 samples), and big squares.
+MATMUL_SHAPES = {
+    "train_dec_in (1000x50 @ 50x200)": (1000, 50, 200),
+    "train_hidden (1000x200 @ 200x200)": (1000, 200, 200),
+    "train_dec_out (1000x200 @ 200x784)": (1000, 200, 784),
+    "eval_hidden (30000x200 @ 200x200)": (30000, 200, 200),
+    "eval_dec_out (30000x200 @ 200x784)": (30000, 200, 784),
+    "square 1024": (1024, 1024, 1024),
+    "square 2048": (2048, 2048, 2048),
+}
+
+FULL = {
+    "timing": {"warmup_steps": 5, "warmup_s": 1.0, "repeats": 3, "min_s": 2.0},
+    "ks": [1, 5, 50], "layers": [1, 2], "batches": [20, 100],
+    "eval_images": 120, "pythae_eval_images": 30, "pythae_eval_batch_sizes": [100, 1000],
+    "correct_images": 8, "correct_train_steps": 200, "correct_max_rows": [None, 1000, 48],
+    "matmul_s": 0.6, "n_train_pool": 2000,
+}
+QUICK = {
+    "timing": {"warmup_steps": 2, "warmup_s": 0.0, "repeats": 1, "min_s": 0.15},
+    "ks": [1, 5, 50], "layers": [1, 2], "batches": [20, 100],
+    "eval_images": 6, "pythae_eval_images": 2, "pythae_eval_batch_sizes": [1000],
+    "correct_images": 2, "correct_train_steps": 20, "correct_max_rows": [None, 48],
+    "matmul_s": 0.05, "n_train_pool": 400,
+}
+EVAL_K = 5000
+TOLERANCE_NATS = 1e-3
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def default_data_dir() -> str | None:
+    """--data-dir, else $IWAE_DATA, else ../shared/data beside the checkout (as the tests)."""
+    for cand in (os.environ.get("IWAE_DATA"), ROOT.parent / "shared" / "data"):
+        if cand and (Path(cand) / "mnist").is_dir():
+            return str(cand)
+    return None
+
+
+class Runner:
+    def __init__(self, threads: int, workdir: Path, verbose: bool = True):
+        self.threads, self.workdir, self.verbose = threads, workdir, verbose
+        self.count = 0
+
+    def run(self, python: str, worker: str, spec: dict) -> dict:
+        self.count += 1
+        spec_path = self.workdir / f"spec{self.count}.json"
+        out_path = self.workdir / f"out{self.count}.json"
+        spec = {**spec, "threads": self.threads}
+        spec_path.write_text(json.dumps(spec))
+        env = dict(os.environ)
+        env.update({"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)})
+        if worker == "worker_iwae.py":
+            src = str(ROOT / "src")
+            env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        else:
+            env.pop("PYTHONPATH", None)
+        t0 = time.perf_counter()
+        proc = subprocess.run([python, str(HERE / worker), str(spec_path), str(out_path)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{worker} phase {spec['phase']} failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}")
+        result = json.loads(out_path.read_text())
+        result["wall_s"] = round(time.perf_counter() - t0, 2)
+        if self.verbose:
+            print(f"  [{worker.split('_')[1][:-3]}] {spec['phase']:<11} {spec.get('label', ''):<24} "
+                  f"{result['wall_s']:6.1f} s  peak RSS {result['memory']['peak_rss_mib']:7.1f} MiB", flush=True)
+        return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke test: tiny timings (well under a minute)")
+    p.add_argument("--no-pythae", action="store_true", help="measure iwae only")
+    p.add_argument("--pythae-python", default=str(DEFAULT_PYTHAE_PY), help="python of the pythae venv")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads in every worker (default: $OMP_NUM_THREADS, else all CPUs)")
+    p.add_argument("--data-dir", default=None, help="directory holding mnist/ (default: $IWAE_DATA or ../shared/data)")
+    p.add_argument("--out", default=str(HERE / "results.json"))
+    args = p.parse_args(argv)
+
+    cfg = QUICK if args.quick else FULL
+    threads = args.threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count()
+    data_dir = args.data_dir or default_data_dir()
+    use_pythae = not args.no_pythae
+    if use_pythae and not Path(args.pythae_python).exists():
+        p.error(f"{args.pythae_python} not found: run `bash bench/setup_pythae.sh` first, or pass --no-pythae")
+    started = time.perf_counter()
+    py_iwae, py_pythae = sys.executable, args.pythae_python
+
+    with tempfile.TemporaryDirectory(prefix="iwae-bench-") as tmp:
+        runner = Runner(threads, Path(tmp))
+        data_file = str(Path(tmp) / "data.npz")
+        base = {"data_file": data_file}
+        print(f"iwae benchmark ({'quick' if args.quick else 'full'}), {threads} thread(s), {cpu_model()}")
+        meta = runner.run(py_iwae, "worker_iwae.py", {**base, "phase": "meta", "label": "roofline + data",
+                                                      "data_dir": data_dir, "n_train_pool": cfg["n_train_pool"],
+                                                      "n_test": max(cfg["eval_images"], cfg["pythae_eval_images"], 64),
+                                                      "matmul_shapes": MATMUL_SHAPES, "matmul_s": cfg["matmul_s"]})
+        pythae_meta = runner.run(py_pythae, "worker_pythae.py", {**base, "phase": "meta"}) if use_pythae else None
+
+        jobs = [{"layers": l, "k": k, "batch": b} for l in cfg["layers"] for k in cfg["ks"] for b in cfg["batches"]]
+        train_spec = {**base, "phase": "train", "timing": cfg["timing"]}
+        train_ours, train_pythae = [], []
+        # quick: all configurations in one worker (import time dominates); full: one per worker
+        groups = [jobs] if args.quick else [[j] for j in jobs]
+        for group in groups:
+            label = "all" if len(group) > 1 else "L{layers} k={k} B={batch}".format(**group[0])
+            r = runner.run(py_iwae, "worker_iwae.py", {**train_spec, "jobs": group, "label": label})
+            train_ours += [{**x, "memory": r["memory"]} for x in r["results"]]
+            if use_pythae:
+                g1 = [j for j in group if j["layers"] == 1]
+                if g1:
+                    r = runner.run(py_pythae, "worker_pythae.py", {**train_spec, "jobs": g1, "label": label})
+                    train_pythae += [{**x, "memory": r["memory"]} for x in r["results"]]
+
+        eval_ours = []
+        for layers in cfg["layers"]:
+            r = runner.run(py_iwae, "worker_iwae.py", {**base, "phase": "eval", "layers": layers, "k": EVAL_K,
+                                                       "n_images": cfg["eval_images"], "warmup_images": 6,
+                                                       "label": f"L{layers} k={EVAL_K} n={cfg['eval_images']}"})
+            eval_ours.append(r)
+        eval_pythae = None
+        if use_pythae:
+            eval_pythae = runner.run(py_pythae, "worker_pythae.py", {
+                **base, "phase": "eval", "k": EVAL_K, "n_images": cfg["pythae_eval_images"],
+                "batch_sizes": cfg["pythae_eval_batch_sizes"],
+                "label": f"L1 k={EVAL_K} n={cfg['pythae_eval_images']}"})
+
+        correctness = runner.run(py_iwae, "worker_iwae.py", {
+            **base, "phase": "correctness", "k": EVAL_K, "n_images": cfg["correct_images"],
+            "layers": cfg["layers"], "train_steps": cfg["correct_train_steps"],
+            "max_rows": cfg["correct_max_rows"], "tolerance_nats": TOLERANCE_NATS, "label": "vs float64 reference"})
+
+    # -- FLOPs and ratios ---------------------------------------------------------------
+    presets = meta["presets"]
+
+    def arch(layers):
+        p_ = presets[str(layers)]
+        return 784, p_["latent"], p_["hidden"]
+
+    flops = {
+        "train_per_example": {f"L{l}_k{k}": train_flops_per_example(*arch(l), k) for l in cfg["layers"] for k in cfg["ks"]},
+        "eval_per_sample": {f"L{l}_k{EVAL_K}": eval_flops_per_sample(*arch(l), EVAL_K) for l in cfg["layers"]},
+    }
+    peak = max(m["gflops_fp32"] for m in meta["matmul"]) * 1e9
+    for r in train_ours + train_pythae:
+        f = flops["train_per_example"][f"L{r['layers']}_k{r['k']}"]
+        r["gflops"] = r["examples_per_s"] * f / 1e9
+        r["roofline_fraction"] = r["examples_per_s"] * f / peak
+    for r in eval_ours + ([eval_pythae] if eval_pythae else []):
+        f = flops["eval_per_sample"][f"L{r['layers']}_k{EVAL_K}"]
+        r["gflops"] = r["images_per_s"] * EVAL_K * f / 1e9
+        r["roofline_fraction"] = r["images_per_s"] * EVAL_K * f / peak
+
+    def find(rows, layers, k, batch):
+        for r in rows:
+            if (r["layers"], r["k"], r["batch"]) == (layers, k, batch):
+                return r
+        return None
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    ours50, ours5 = find(train_ours, 1, 50, 20), find(train_ours, 1, 5, 20)
+    py50, py5 = find(train_pythae, 1, 50, 20), find(train_pythae, 1, 5, 20)
+    ev1 = next(r for r in eval_ours if r["layers"] == 1)
+    result = {
+        "train_vs_pythae": ratio(ours50["examples_per_s"], py50 and py50["examples_per_s"]),
+        "train_k5_vs_pythae": ratio(ours5["examples_per_s"], py5 and py5["examples_per_s"]),
+        "eval_vs_pythae": ratio(ev1["images_per_s"], eval_pythae and eval_pythae["images_per_s"]),
+        "train_roofline_fraction": ours50["roofline_fraction"],
+        "eval_roofline_fraction": ev1["roofline_fraction"],
+        "correctness_passed": correctness["passed"],
+        "meta": {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "mode": "quick" if args.quick else "full",
+            "torch": meta["torch"], "python": platform.python_version(), "iwae_file": meta["iwae_file"],
+            "pythae": pythae_meta and pythae_meta["pythae"], "pythae_torch": pythae_meta and pythae_meta["torch"],
+            "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "threads": threads,
+            "torch_threads_in_workers": meta["torch_threads"], "data": meta["data"],
+            "load_average_at_start": list(os.getloadavg()), "total_seconds": None,
+        },
+        "roofline": {"peak_gflops_fp32": peak / 1e9, "matmul": meta["matmul"]},
+        "flops": {**flops, "formula": {
+            "train_per_example": "sum over Linear layers of 2*d_in*d_out*(2 + [input needs grad]) "
+                                 "* (k if the layer runs per sample else 1)",
+            "eval_per_sample": "sum over per-sample Linear layers of 2*d_in*d_out "
+                               "+ (1/k) * sum over per-example Linear layers of 2*d_in*d_out"}},
+        "train": {"iwae": train_ours, "pythae": train_pythae or None,
+                  "note": "iwae: the inner loop of iwae.train.train reproduced statement for statement "
+                          "(train.py has no reusable step function); pythae: BaseTrainer.train_step's body"},
+        "eval": {"iwae": eval_ours, "pythae": eval_pythae, "k": EVAL_K},
+        "correctness": correctness,
+        "memory_by_phase": [],
+    }
+    for r in train_ours:
+        result["memory_by_phase"].append({"what": f"iwae train L{r['layers']} k={r['k']} B={r['batch']}", **r["memory"]})
+    for r in train_pythae:
+        result["memory_by_phase"].append({"what": f"pythae train L1 k={r['k']} B={r['batch']}", **r["memory"]})
+    for r in eval_ours:
+        result["memory_by_phase"].append({"what": f"iwae eval L{r['layers']} k={EVAL_K}", **r["memory"]})
+    if eval_pythae:
+        result["memory_by_phase"].append({"what": f"pythae eval L1 k={EVAL_K}", **eval_pythae["memory"]})
+    result["meta"]["total_seconds"] = round(time.perf_counter() - started, 1)
+
+    print_table(result)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out} in {result['meta']['total_seconds']} s")
+    return 0 if correctness["passed"] else 1
+
+
+def _fmt(x, spec=".2f"):
+    return "-" if x is None else format(x, spec)
+
+
+def print_table(r: dict) -> None:
+    m = r["meta"]
+    print(f"\n{m['date']}  torch {m['torch']}  {m['cpu_model']}  threads={m['threads']}  data={m['data'][:40]}")
+    print(f"matmul fp32 peak {r['roofline']['peak_gflops_fp32']:.1f} GFLOP/s; "
+          + ", ".join(f"{x['name'].split(' (')[0]} {x['gflops_fp32']:.0f}" for x in r["roofline"]["matmul"]))
+    print("\nTRAINING (IWAE, Adam)       iwae ex/s   pythae ex/s   ratio   iwae GFLOP/s  roofline  peak RSS MiB (iwae/pythae)")
+    py = {(x["layers"], x["k"], x["batch"]): x for x in (r["train"]["pythae"] or [])}
+    for x in r["train"]["iwae"]:
+        y = py.get((x["layers"], x["k"], x["batch"]))
+        print(f"  L{x['layers']} k={x['k']:<3} batch={x['batch']:<4}      {x['examples_per_s']:9.0f}   "
+              f"{_fmt(y and y['examples_per_s'], '11.0f'):>11}   {_fmt(y and x['examples_per_s'] / y['examples_per_s']):>5}"
+              f"   {x['gflops']:10.1f}   {x['roofline_fraction']:7.1%}   "
+              f"{x['memory']['peak_rss_mib']:.0f}/{_fmt(y and y['memory']['peak_rss_mib'], '.0f')}")
+    print(f"\nEVALUATION (k={r['eval']['k']})      iwae img/s  (10k in s)   pythae img/s (10k in s)   ratio   roofline  peak RSS MiB")
+    pe = r["eval"]["pythae"]
+    for x in r["eval"]["iwae"]:
+        y = pe if x["layers"] == 1 else None
+        print(f"  L{x['layers']}                      {x['images_per_s']:8.1f}  ({x['seconds_per_10k']:7.0f})   "
+              f"{_fmt(y and y['images_per_s'], '10.1f'):>10} ({_fmt(y and y['seconds_per_10k'], '7.0f'):>7})    "
+              f"{_fmt(y and x['images_per_s'] / y['images_per_s']):>5}   {x['roofline_fraction']:7.1%}   "
+              f"{x['memory']['peak_rss_mib']:.0f}/{_fmt(y and y['memory']['peak_rss_mib'], '.0f')}")
+    c = r["correctness"]
+    print(f"\nCORRECTNESS (fast vs float64 torch.distributions reference, same eps, tol {c['tolerance_nats']:g} nats): "
+          f"{'PASS' if c['passed'] else 'FAIL'}")
+    for x in c["checks"]:
+        d = x["max_abs_diff_per_example"]
+        print(f"  L{x['layers']} max_rows={x['max_rows'] or 'default'}: NLL {x['nll_fast']:.4f} vs {x['nll_reference']:.4f}; "
+              f"max |diff| log_px {d['log_px']:.1e}, iwae64 {d['small']:.1e}, elbo {d['elbo']:.1e}")
+    print("\nRATIOS: " + ", ".join(f"{k}={_fmt(r[k], '.3f')}" for k in
+                                   ("train_vs_pythae", "train_k5_vs_pythae", "eval_vs_pythae",
+                                    "train_roofline_fraction", "eval_roofline_fraction")))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""Benchmark phases run in iwae's own venv, one phase per process (see bench/run.py).
+
+Phases: ``meta`` (versions, data, matmul roofline), ``train`` (throughput of the
+training step), ``eval`` (throughput of iwae.evaluate.evaluate) and ``correctness``
+(fast evaluation against a float64 torch.distributions reference fed the same eps).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from torch import distributions as D
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import time_steps, worker_main  # noqa: E402
+
+import iwae  # noqa: E402
+from iwae import model as iwae_model  # noqa: E402
+from iwae.bounds import Objective  # noqa: E402
+from iwae.evaluate import MAX_ROWS, evaluate, log_weight_reductions  # noqa: E402
+from iwae.model import VAE, ModelConfig, PRESETS  # noqa: E402
+
+
+# -- data -------------------------------------------------------------------------------
+
+
+def prepare_data(spec) -> dict:
+    """Write ``spec["data_file"]`` (npz): ``train`` grey images (the pool the training
+    loops binarize) and ``test`` binarized test images, from MNIST when it can be read,
+    else synthetic images of the same shape."""
+    n_train, n_test = spec["n_train_pool"], spec["n_test"]
+    source = "synthetic"
+    try:
+        from iwae.data import binarize_fixed, load_mnist
+
+        if spec.get("data_dir") is None:
+            raise FileNotFoundError("no data dir")
+        arrays = load_mnist(spec["data_dir"], download=False)
+        train, test = arrays["train"][:n_train], binarize_fixed(arrays["test"][:n_test], seed=0)
+        pixel_mean = arrays["train"].mean(0)
+        source = f"mnist ({spec['data_dir']})"
+    except Exception as e:  # no data: synthetic images with MNIST-like sparsity
+        rng = np.random.default_rng(0)
+        base = rng.random((n_train + n_test, 784), dtype=np.float32) ** 6
+        train = base[:n_train]
+        test = (rng.random((n_test, 784), dtype=np.float32) < base[n_train:]).astype(np.float32)
+        pixel_mean = train.mean(0)
+        source = f"synthetic ({type(e).__name__}: {e})"
+    np.savez(spec["data_file"], train=train.astype(np.float32), test=test.astype(np.float32),
+             pixel_mean=pixel_mean.astype(np.float32))
+    return source
+
+
+def load_data(spec):
+    d = np.load(spec["data_file"])
+    return torch.from_numpy(d["train"]), torch.from_numpy(d["test"]), torch.from_numpy(d["pixel_mean"])
+
+
+# -- meta: versions, CPU, roofline ------------------------------------------------------
+
+
+def matmul_gflops(m: int, k: int, n: int, dtype, min_s: float) -> float:
+    a = torch.randn(m, k, dtype=dtype)
+    b = torch.randn(k, n, dtype=dtype)
+    out = torch.empty(m, n, dtype=dtype)
+    for _ in range(3):
+        torch.mm(a, b, out=out)
+    best = 0.0
+    for _ in range(3):
+        n_it, t0 = 0, time.perf_counter()
+        while True:
+            torch.mm(a, b, out=out)
+            n_it += 1
+            dt = time.perf_counter() - t0
+            if dt >= min_s / 3:
+                break
+        best = max(best, 2.0 * m * k * n * n_it / dt / 1e9)
+    return best
+
+
+def phase_meta(spec) -> dict:
+    source = prepare_data(spec)
+    shapes = spec["matmul_shapes"]
+    roof = []
+    for name, (m, k, n) in shapes.items():
+        roof.append({"name": name, "m": m, "k": k, "n": n,
+                     "gflops_fp32": round(matmul_gflops(m, k, n, torch.float32, spec["matmul_s"]), 2)})
+    return {
+        "torch": torch.__version__,
+        "iwae_file": iwae.__file__,
+        "data": source,
+        "presets": {str(l): {"latent": list(p["latent"]), "hidden": [list(h) for h in p["hidden"]]}
+                    for l, p in PRESETS.items()},
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        "matmul": roof,
+    }
+
+
+# -- training ---------------------------------------------------------------------------
+
+
+def make_train_step(layers: int, k: int, batch: int, train_x: torch.Tensor, pixel_mean, seed: int = 0):
+    """The inner loop of iwae.train.train, statement for statement (train.py has no
+    reusable step function): zero_grad, log_weights, Objective.backward, Adam.step,
+    bound accumulation; the pool of images is re-binarized and re-shuffled each pass
+    as train.py does for the whole training set."""
+    torch.manual_seed(seed)
+    model = VAE(ModelConfig.preset(layers), pixel_mean=pixel_mean)
+    objective = Objective("iwae", k=k)
+    enc_params, dec_params = model.encoder_parameters(), model.decoder_parameters()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-4)
+    model.train()
+    n = train_x.shape[0]
+    state = {"i": n, "xb_all": None, "bound_sum": torch.zeros(())}
+
+    def step():
+        if state["i"] + batch > n:  # a new pass over the pool
+            state["xb_all"] = torch.bernoulli(train_x[torch.randperm(n)])
+            state["i"] = 0
+        xb = state["xb_all"][state["i"] : state["i"] + batch]
+        state["i"] += batch
+        optimizer.zero_grad(set_to_none=True)
+        log_w = model.log_weights(xb, objective.samples)
+        value = objective.backward(log_w, enc_params, dec_params)
+        optimizer.step()
+        state["bound_sum"] += value * xb.shape[0]
+
+    return step, state
+
+
+def phase_train(spec) -> dict:
+    train_x, _, pixel_mean = load_data(spec)
+    t = spec["timing"]
+    results = []
+    for job in spec["jobs"]:
+        step, state = make_train_step(job["layers"], job["k"], job["batch"], train_x, pixel_mean)
+        timing = time_steps(step, t["warmup_steps"], t["warmup_s"], t["repeats"], t["min_s"])
+        bound = state["bound_sum"].item()
+        if not math.isfinite(bound):
+            raise RuntimeError(f"training diverged in the benchmark: {job}")
+        results.append({**job, "examples_per_s": timing["median_steps_per_s"] * job["batch"],
+                        "best_examples_per_s": timing["best_steps_per_s"] * job["batch"], "timing": timing})
+    return {"results": results}
+
+
+# -- evaluation -------------------------------------------------------------------------
+
+
+def phase_eval(spec) -> dict:
+    train_x, test_x, pixel_mean = load_data(spec)
+    torch.manual_seed(0)
+    model = VAE(ModelConfig.preset(spec["layers"]), pixel_mean=pixel_mean)
+    k, n = spec["k"], spec["n_images"]
+    x = test_x[:n]
+    evaluate(model, test_x[: spec["warmup_images"]], k=k, seed=1)  # warm-up
+    t0 = time.perf_counter()
+    result = evaluate(model, x, k=k, seed=0)
+    dt = time.perf_counter() - t0
+    return {"layers": spec["layers"], "k": k, "n_images": n, "seconds": dt, "images_per_s": n / dt,
+            "seconds_per_10k": 10000 * dt / n, "nll": result["nll"]}
+
+
+# -- correctness ------------------------------------------------------------------------
+
+
+class _RandnRecorder:
+    """Stands in for the ``torch`` module inside iwae.model only: records every
+    torch.randn draw (the eps of the reparameterization) and passes everything else on."""
+
+    def __init__(self, real):
+        self._real = real
+        self.draws: list[torch.Tensor] = []
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def randn(self, *args, **kwargs):
+        t = self._real.randn(*args, **kwargs)
+        self.draws.append(t.detach().clone())
+        return t
+
+
+def fast_with_eps(model: VAE, x, k: int, seed: int, max_rows: int):
+    """iwae's fast evaluation, and the eps it drew, rearranged per example:
+    a list over layers of [N, k, d_l] tensors."""
+    if max_rows is None:
+        max_rows = MAX_ROWS
+    recorder = _RandnRecorder(torch)
+    iwae_model.torch = recorder
+    try:
+        r = log_weight_reductions(model, x, k, k_small=64, seed=seed, max_rows=max_rows)
+    finally:
+        iwae_model.torch = torch
+    L, n = model.n_layers, x.shape[0]
+    eps = [torch.empty(n, k, d) for d in model.config.latent]
+    draws = recorder.draws
+    if len(draws) % L:
+        raise AssertionError(f"{len(draws)} randn draws for {L} layers")
+    e = s = 0
+    for g in range(0, len(draws), L):  # one log_weights call: [ns, ne, d_l] per layer
+        ns, ne = draws[g].shape[:2]
+        for l in range(L):
+            eps[l][e : e + ne, s : s + ns] = draws[g + l].transpose(0, 1)
+        s += ns
+        if s == k:
+            e, s = e + ne, 0
+    if (e, s) != (n, 0):
+        raise AssertionError("the recorded eps do not cover every (example, sample) once")
+    return r, eps
+
+
+def reference_log_weights(m64: VAE, x: torch.Tensor, eps: list[torch.Tensor]) -> torch.Tensor:
+    """log w for ONE example x [D] and its k samples, float64, torch.distributions,
+    written from the model's definition (not from its methods):
+    h_l = mu_l + sigma_l * eps_l, log w = log p(h_L) + sum log p(h_{l-1}|h_l) + log p(x|h_1)
+    - sum log q(h_l|h_{l-1})."""
+
+    def gaussian(layer, u):
+        a = layer.net(u)
+        s = layer.scale(a)
+        std = s.exp() if layer.scale_kind == "exp" else torch.nn.functional.softplus(s)
+        return D.Normal(layer.mean(a), std)
+
+    hs, log_q, u = [], 0.0, x
+    for layer, e in zip(m64.encoder, eps):
+        q = gaussian(layer, u)
+        h = q.loc + q.scale * e
+        log_q = log_q + q.log_prob(h).sum(-1)
+        hs.append(h)
+        u = h
+    log_p = D.Normal(torch.zeros_like(hs[-1]), torch.ones_like(hs[-1])).log_prob(hs[-1]).sum(-1)
+    for l in range(1, len(hs)):
+        log_p = log_p + gaussian(m64.decoder[l], hs[l]).log_prob(hs[l - 1]).sum(-1)
+    logits = m64.decoder[0](hs[0])
+    log_p = log_p + D.Bernoulli(logits=logits).log_prob(x.expand_as(logits)).sum(-1)
+    return log_p - log_q
+
+
+def phase_correctness(spec) -> dict:
+    train_x, test_x, pixel_mean = load_data(spec)
+    k, n, tol = spec["k"], spec["n_images"], spec["tolerance_nats"]
+    x = test_x[:n]
+    checks = []
+    for layers in spec["layers"]:
+        # a fixed model: seeded init, then a few IWAE steps so that q is not the prior
+        torch.manual_seed(123)
+        model = VAE(ModelConfig.preset(layers), pixel_mean=pixel_mean)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-4)
+        gen = torch.Generator().manual_seed(0)
+        for i in range(spec["train_steps"]):
+            xb = torch.bernoulli(train_x[(i * 20) % (train_x.shape[0] - 20):][:20], generator=gen)
+            opt.zero_grad(set_to_none=True)
+            Objective("iwae", k=5).backward(model.log_weights(xb, 5), model.encoder_parameters(),
+                                            model.decoder_parameters())
+            opt.step()
+        model.eval()
+        m64 = copy.deepcopy(model).double()
+        full = evaluate(model, x, k=k, seed=7)  # the public entry point, default max_rows
+        for max_rows in spec["max_rows"]:
+            fast, eps = fast_with_eps(model, x, k, seed=7, max_rows=max_rows)
+            ref = {"log_px": [], "small": [], "elbo": []}
+            with torch.no_grad():
+                for i in range(n):  # one example at a time
+                    lw = reference_log_weights(m64, x[i].double(), [e[i].double() for e in eps])
+                    ref["log_px"].append(torch.logsumexp(lw, 0) - math.log(k))
+                    ref["small"].append(torch.logsumexp(lw[:64], 0) - math.log(min(64, k)))
+                    ref["elbo"].append(lw.mean())
+            diffs = {}
+            for key in ref:
+                r = torch.stack(ref[key])
+                diffs[key] = (fast[key].double() - r).abs().max().item()
+            nll_ref = -torch.stack(ref["log_px"]).mean().item()
+            nll_fast = -fast["log_px"].double().mean().item()
+            checks.append({
+                "layers": layers, "max_rows": max_rows, "k": k, "n_images": n,
+                "nll_fast": nll_fast, "nll_reference": nll_ref, "nll_abs_diff": abs(nll_fast - nll_ref),
+                "max_abs_diff_per_example": diffs,
+                "evaluate_nll": full["nll"] if max_rows is None else None,
+                "passed": max(diffs.values()) <= tol,
+            })
+    # evaluate() (default max_rows, same seed) must report the NLL of the checked numbers
+    for c in checks:
+        if c["evaluate_nll"] is not None:
+            c["evaluate_matches_checked"] = abs(c["evaluate_nll"] - c["nll_fast"]) <= 1e-6
+            c["passed"] = c["passed"] and c["evaluate_matches_checked"]
+    return {"tolerance_nats": tol, "checks": checks, "passed": all(c["passed"] for c in checks)}
+
+
+if __name__ == "__main__":
+    worker_main({"meta": phase_meta, "train": phase_train, "eval": phase_eval, "correctness": phase_correctness})

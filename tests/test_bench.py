@@ -1,0 +1,40 @@
+"""Smoke test of the benchmark: `bench/run.py --quick --no-pythae` runs, writes the
+documented JSON keys, and its correctness check (fast evaluation against a float64
+torch.distributions reference fed the same eps) passes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_bench_quick(tmp_path):
+    out = tmp_path / "results.json"
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--no-pythae", "--out", str(out)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    r = json.loads(out.read_text())
+    for key in ("train_vs_pythae", "train_k5_vs_pythae", "eval_vs_pythae",
+                "train_roofline_fraction", "eval_roofline_fraction", "correctness_passed",
+                "meta", "roofline", "flops", "train", "eval", "correctness", "memory_by_phase"):
+        assert key in r, key
+    for key in ("date", "torch", "cpu_model", "threads"):
+        assert r["meta"][key], key
+    assert r["train_vs_pythae"] is None and r["eval_vs_pythae"] is None  # --no-pythae
+    assert 0 < r["train_roofline_fraction"] < 1.5 and 0 < r["eval_roofline_fraction"] < 1.5
+    configs = {(t["layers"], t["k"], t["batch"]) for t in r["train"]["iwae"]}
+    assert {(l, k, b) for l in (1, 2) for k in (1, 5, 50) for b in (20, 100)} <= configs
+    assert all(t["examples_per_s"] > 0 for t in r["train"]["iwae"])
+    assert {e["layers"] for e in r["eval"]["iwae"]} == {1, 2}
+    assert r["flops"]["train_per_example"]["L1_k50"] == pytest.approx(63.03e6, rel=1e-3)
+    assert r["correctness"]["passed"] and r["correctness_passed"]
+    assert all(c["max_abs_diff_per_example"]["log_px"] <= 1e-3 for c in r["correctness"]["checks"])
