@@ -106,29 +106,29 @@ def phase_meta(spec) -> dict:
 
 
 def make_train_step(layers: int, k: int, batch: int, train_x: torch.Tensor, pixel_mean, seed: int = 0):
-    """The inner loop of iwae.train.train, statement for statement (train.py has no
-    reusable step function): zero_grad, log_weights, Objective.backward, Adam.step,
-    bound accumulation; the pool of images is re-binarized and re-shuffled each pass
-    as train.py does for the whole training set."""
+    """The training step of iwae.train.train: its own train_step (zero_grad, log-weights,
+    Objective.backward, the non-finite check, Adam.step) with its optimizer (iwae.train.adam)
+    and its generator; the pool of images is re-binarized and re-shuffled each pass as
+    train.py does for the whole training set."""
+    from iwae.train import adam, train_step
+
     torch.manual_seed(seed)
     model = VAE(ModelConfig.preset(layers), pixel_mean=pixel_mean)
     objective = Objective("iwae", k=k)
-    enc_params, dec_params = model.encoder_parameters(), model.decoder_parameters()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-4)
+    params = (model.encoder_parameters(), model.decoder_parameters())
+    optimizer = adam(model.parameters(), 1e-3, (0.9, 0.999), 1e-4)
+    generator = torch.Generator().manual_seed(seed)
     model.train()
     n = train_x.shape[0]
     state = {"i": n, "xb_all": None, "bound_sum": torch.zeros(())}
 
     def step():
         if state["i"] + batch > n:  # a new pass over the pool
-            state["xb_all"] = torch.bernoulli(train_x[torch.randperm(n)])
+            state["xb_all"] = torch.bernoulli(train_x[torch.randperm(n, generator=generator)], generator=generator)
             state["i"] = 0
         xb = state["xb_all"][state["i"] : state["i"] + batch]
         state["i"] += batch
-        optimizer.zero_grad(set_to_none=True)
-        log_w = model.log_weights(xb, objective.samples)
-        value = objective.backward(log_w, enc_params, dec_params)
-        optimizer.step()
+        value, _ = train_step(model, objective, optimizer, xb, generator, params)
         state["bound_sum"] += value * xb.shape[0]
 
     return step, state

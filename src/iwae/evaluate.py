@@ -22,7 +22,10 @@ from torch import Tensor
 
 from iwae.model import VAE
 
-MAX_ROWS = 32768
+#: (example, sample) rows alive at once. Each [rows, 784] float32 buffer (12.8 MB) stays
+#: under glibc's mmap threshold, so buffers are reused rather than page-faulted in afresh
+#: for every chunk: 1.45-1.5x faster than 32768 rows (bench/README.md).
+MAX_ROWS = 4096
 
 
 def _chunks(n: int, size: int):

@@ -366,6 +366,16 @@ def pick_device(device: str | None = None) -> torch.device:
     return dev
 
 
+def adam(params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-4) -> torch.optim.Adam:
+    """Adam, fused into one kernel where this torch supports it for the parameters' device
+    (CPU from torch 2.4): 1.2x faster training steps at batch 20, k=5 (bench/README.md)."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, foreach=True)
+
+
 def train_step(model: VAE, objective: Objective, optimizer, x: torch.Tensor, generator=None, params=None,
                shard: tuple[int, int] | None = None):
     """One optimizer step on the batch ``x``; skipped if the bound or a gradient is not finite.
@@ -474,9 +484,7 @@ def train(
         _load_state(model, _read_safetensors(path)[0], path)
     objective = config.objective_spec
     params = (model.encoder_parameters(), model.decoder_parameters())
-    optimizer = torch.optim.Adam(
-        model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2), eps=config.adam_eps
-    )
+    optimizer = adam(model.parameters(), config.lr, (config.beta1, config.beta2), config.adam_eps)
     generator = torch.Generator(device=dev).manual_seed(config.seed)
 
     state = Progress()
