@@ -229,8 +229,8 @@ def main(argv=None) -> int:
             "eval_per_sample": "sum over per-sample Linear layers of 2*d_in*d_out "
                                "+ (1/k) * sum over per-example Linear layers of 2*d_in*d_out"}},
         "train": {"iwae": train_ours, "pythae": train_pythae or None,
-                  "note": "iwae: the inner loop of iwae.train.train reproduced statement for statement "
-                          "(train.py has no reusable step function); pythae: BaseTrainer.train_step's body"},
+                  "note": "iwae: iwae.train.train_step with iwae.train.adam, as iwae.train.train runs it; "
+                          "pythae: BaseTrainer.train_step's body"},
         "eval": {"iwae": eval_ours, "pythae": eval_pythae, "k": EVAL_K},
         "correctness": correctness,
         "memory_by_phase": [],

@@ -284,7 +284,14 @@ def reproduce(
 
 
 def _ready(runs: list[Run], done: set[str], started: set[str]) -> list[Run]:
-    return [r for r in runs if r.name not in started and (r.after is None or r.after in done)]
+    """Runs whose first stage is done, the most expensive first (fewer idle workers at the end)."""
+    ready = [r for r in runs if r.name not in started and (r.after is None or r.after in done)]
+    return sorted(ready, key=lambda r: -_cost(r))
+
+
+def _cost(run: Run) -> float:
+    c = run.config
+    return c.get("k", 1) * c.get("m", 1) * c.get("layers", 1) * (2 if c.get("estimator") == "dreg" else 1)
 
 
 def _execute_local(runs, out, data_dir, threads, workers, progress, evaluation) -> list[dict]:
