@@ -17,20 +17,7 @@ from scipy import stats
 from iwae.bounds import ESTIMATORS, Objective, iwae, miwae
 from iwae.errors import IwaeError
 from iwae.model import VAE, ModelConfig
-
-
-def tiny_model(seed=0, latent=(2,), hidden=((8,),), x_dim=6) -> VAE:
-    torch.manual_seed(seed)
-    model = VAE(ModelConfig(x_dim=x_dim, latent=latent, hidden=hidden)).double()
-    with torch.no_grad():  # a sharp p(x|h), so the posterior is far from q and w~ far from uniform
-        for p in model.decoder.parameters():
-            p.mul_(3.0)
-    return model
-
-
-def tiny_data(n=3, x_dim=6, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.bernoulli(torch.full((n, x_dim), 0.5, dtype=torch.float64), generator=g)
+from tiny import tiny_data, tiny_model
 
 
 def gradients(model, x, objective, seed):
@@ -59,13 +46,13 @@ def paired_z(model, x, a: Objective, b: Objective, groups=30, copies=400):
     "name,k,m", [("iwae", 5, 1), ("miwae", 3, 2), ("ciwae", 5, 1), ("piwae", 3, 2), ("vae", 3, 1)]
 )
 def test_dreg_encoder_gradient_is_unbiased(name, k, m):
-    model, x = tiny_model(), tiny_data()
+    model, x = tiny_model(), tiny_data(n=3)
     z, critical = paired_z(model, x, Objective(name, k, m, 0.3, "dreg"), Objective(name, k, m, 0.3, "reparam"))
     assert z.max() < critical, (z.max().item(), critical)
 
 
 def test_dreg_is_unbiased_with_two_stochastic_layers():
-    model, x = tiny_model(latent=(3, 2), hidden=((5,), (4,))), tiny_data()
+    model, x = tiny_model(latent=(3, 2), hidden=((5,), (4,))), tiny_data(n=3)
     z, critical = paired_z(model, x, Objective("iwae", 5, estimator="dreg"), Objective("iwae", 5))
     assert z.max() < critical, (z.max().item(), critical)
 
@@ -83,13 +70,13 @@ def test_two_layer_test_detects_a_dreg_that_cuts_the_path_through_q_inputs(monke
         return total
 
     monkeypatch.setattr(VAE, "log_q_stopped", cut)
-    model, x = tiny_model(latent=(3, 2), hidden=((5,), (4,))), tiny_data()
+    model, x = tiny_model(latent=(3, 2), hidden=((5,), (4,))), tiny_data(n=3)
     z, critical = paired_z(model, x, Objective("iwae", 5, estimator="dreg"), Objective("iwae", 5), copies=1000)
     assert z.max() > critical, (z.max().item(), critical)
 
 
 def test_stl_is_unbiased_for_k1_and_biased_for_k_above_1():
-    model, x = tiny_model(), tiny_data()
+    model, x = tiny_model(), tiny_data(n=3)
     z, critical = paired_z(model, x, Objective("iwae", 1, estimator="stl"), Objective("iwae", 1))
     assert z.max() < critical, (z.max().item(), critical)
     z, critical = paired_z(model, x, Objective("iwae", 10, estimator="stl"), Objective("iwae", 10))
@@ -102,7 +89,7 @@ def test_stl_is_unbiased_for_k1_and_biased_for_k_above_1():
 @pytest.mark.parametrize("name,k,m", [("vae", 3, 1), ("iwae", 4, 1), ("miwae", 2, 3), ("ciwae", 4, 1), ("piwae", 2, 3)])
 @pytest.mark.parametrize("layers", [((2,), ((8,),)), ((3, 2), ((5,), (4,)))])
 def test_decoder_gradient_and_bound_value_do_not_depend_on_the_estimator(name, k, m, layers):
-    model, x = tiny_model(latent=layers[0], hidden=layers[1]), tiny_data()
+    model, x = tiny_model(latent=layers[0], hidden=layers[1]), tiny_data(n=3)
     results = {e: gradients(model, x, Objective(name, k, m, 0.3, e), seed=7) for e in ESTIMATORS}
     _, dec, value = results["reparam"]
     for e in ("stl", "dreg"):
@@ -113,7 +100,7 @@ def test_decoder_gradient_and_bound_value_do_not_depend_on_the_estimator(name, k
 
 
 def test_stopped_log_weights_have_the_same_values():
-    model, x = tiny_model(latent=(3, 2), hidden=((5,), (4,))), tiny_data()
+    model, x = tiny_model(latent=(3, 2), hidden=((5,), (4,))), tiny_data(n=3)
     a = model.log_weights(x, 6, torch.Generator().manual_seed(3))
     b = model.log_weights(x, 6, torch.Generator().manual_seed(3), stop_q=True)
     assert torch.equal(a, b)
@@ -122,7 +109,7 @@ def test_stopped_log_weights_have_the_same_values():
 @pytest.mark.parametrize("name", ["miwae", "piwae"])
 def test_dreg_normalizes_weights_within_each_group(name):
     m, k = 3, 4
-    model, x = tiny_model(), tiny_data()
+    model, x = tiny_model(), tiny_data(n=3)
     enc = model.encoder_parameters()
     got = gradients(model, x, Objective(name, k, m, estimator="dreg"), seed=11)[0]
 
@@ -142,7 +129,7 @@ def test_dreg_normalizes_weights_within_each_group(name):
 
 def test_reparam_path_is_the_bound_gradient():
     """The default estimator still differentiates the bound itself."""
-    model, x = tiny_model(), tiny_data()
+    model, x = tiny_model(), tiny_data(n=3)
     lw = model.log_weights(x, 6, torch.Generator().manual_seed(2))
     want = torch.autograd.grad(-miwae(lw, 2).mean(), model.encoder_parameters())
     got = gradients(model, x, Objective("miwae", 3, 2), seed=2)[0]
@@ -167,7 +154,7 @@ def test_estimator_validation_and_names():
 def test_gradient_snr_matches_direct_computation():
     from iwae.evaluate import gradient_snr
 
-    model, x = tiny_model(), tiny_data()
+    model, x = tiny_model(), tiny_data(n=3)
     objective, reps = Objective("iwae", 5), 30
     got = gradient_snr(model, x, objective, reps=reps, seed=4)
     g = torch.Generator().manual_seed(4)
@@ -192,7 +179,7 @@ def test_snr_trends_on_a_tiny_model():
     from iwae.evaluate import gradient_snr_curve, loglog_slope
 
     torch.manual_seed(0)
-    model, x = VAE(ModelConfig(x_dim=6, latent=(2,), hidden=((8,),))).double(), tiny_data()
+    model, x = VAE(ModelConfig(x_dim=6, latent=(2,), hidden=((8,),))).double(), tiny_data(n=3)
     with torch.no_grad():
         model.encoder[0].scale.weight.mul_(0.1)
         model.encoder[0].scale.bias.fill_(0.3)
