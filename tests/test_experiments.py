@@ -135,3 +135,15 @@ def test_reproduce_cli_errors(tmp_path, capsys):
     assert e.value.code == 2 and not (tmp_path / "x").exists()
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_runner_reevaluates_a_run_evaluated_with_other_settings(shared_data_dir, tmp_path):
+    from iwae.experiments import Run, run_one
+
+    run = vars(Run("a", dict(dataset="mnist", objective="vae", k=1, epochs=1, **TINY)))
+    assert run_one(run, str(tmp_path), str(shared_data_dir), 1, eval_k=8, n_test=10)["status"] == "done"
+    trained = (tmp_path / "runs" / "a" / "model.safetensors").stat().st_mtime_ns
+    assert run_one(run, str(tmp_path), str(shared_data_dir), 1, eval_k=8, n_test=10)["status"] == "skipped"
+    again = run_one(run, str(tmp_path), str(shared_data_dir), 1, eval_k=16, n_test=10)
+    assert again["status"] == "done" and again["k"] == 16
+    assert (tmp_path / "runs" / "a" / "model.safetensors").stat().st_mtime_ns == trained  # not retrained

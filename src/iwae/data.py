@@ -321,6 +321,7 @@ def load_mnist(
 OMNIGLOT_SPLIT_SEED = 0
 OMNIGLOT_TRAIN_SIZE = 24345
 OMNIGLOT_TEST_SIZE = 8070
+TEST_SIZES = {"mnist": _MNIST_SPLITS["test"][2], "omniglot": OMNIGLOT_TEST_SIZE}
 _OMNIGLOT_RAW = {  # file -> number of characters (char_id 1..964, then 965..1623)
     "images_background.npz": 964,
     "images_evaluation.npz": 659,

@@ -177,9 +177,11 @@ def run_one(run: dict, exp_dir: str, data_dir: str | None, threads: int, eval_k:
     torch.set_num_threads(threads)
     run = Run(**run)
     out = Path(exp_dir) / "runs" / run.name
-    if (out / "evaluation.json").exists():
-        return {"name": run.name, "status": "skipped"}
     timing = _read(out / "runner.json") or {}
+    done = _read(out / "evaluation.json")
+    full = iwae_data.TEST_SIZES[run.config["dataset"]]
+    if done and (done.get("k"), done.get("n_test")) == (eval_k, min(n_test or full, full)):
+        return {"name": run.name, "status": "skipped"}  # evaluated as this experiment asks
     started = time.perf_counter()
     if (out / SUMMARY_FILE).exists():
         pass
