@@ -228,6 +228,45 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
     assert all(torch.isfinite(w).all() for w in weights(tmp_path / "run").values())
 
 
+def test_a_non_finite_batch_is_skipped(tmp_path, monkeypatch):
+    import iwae.train as iwae_train
+
+    original, calls = iwae_train.train_step, {"n": 0}
+
+    def poisoned(model, objective, optimizer, x, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            x = x.clone()
+            x[0, 0] = float("nan")
+        return original(model, objective, optimizer, x, *args, **kwargs)
+
+    monkeypatch.setattr(iwae_train, "train_step", poisoned)
+    train(small_config(stages=1), tmp_path / "run", dataset=synthetic(), progress=False)
+    (m,) = read_metrics(tmp_path / "run")
+    assert m["skipped_steps"] == 1 and np.isfinite(m["train_bound"])
+    assert all(torch.isfinite(w).all() for w in weights(tmp_path / "run").values())
+
+
+def test_training_data_must_be_grey_values(tmp_path):
+    data = synthetic()
+    bad = data.train.copy()
+    bad[3, 5] = np.nan
+    with pytest.raises(IwaeError, match=r"must be grey values in \[0, 1\]"):
+        train(small_config(), tmp_path / "run", dataset=Dataset("mnist", bad, data.test), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_log_std_guard_is_inactive_at_normal_values():
+    from iwae.model import LOG_STD_LIMIT, GaussianLayer
+
+    layer = GaussianLayer(3, (4,), 2)
+    with torch.no_grad():
+        layer.scale.bias.copy_(torch.tensor([0.5, 40.0]))
+        layer.scale.weight.zero_()
+    _, log_std = layer(torch.randn(5, 3))
+    assert torch.allclose(log_std[:, 0], torch.full((5,), 0.5)) and (log_std[:, 1] == LOG_STD_LIMIT).all()
+
+
 def test_persistent_non_finite_steps_stop_training(tmp_path, monkeypatch):
     run = tmp_path / "run"
     _poison_log_weights(monkeypatch, lambda n: n > 50)  # pass 1 (20 steps) and 2 are fine, then all bad

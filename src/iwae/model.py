@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from iwae.errors import IwaeError
 
 LOG_2PI = math.log(2 * math.pi)
+LOG_STD_LIMIT = 15.0  # |log sigma| of every Gaussian layer is clamped here (never reached in training)
 
 #: Burda et al.'s architectures: stochastic layer sizes and the deterministic
 #: (tanh) hidden layers of the encoder network for each stochastic layer. The
@@ -103,7 +104,8 @@ class GaussianLayer(nn.Module):
             log_std = s
         else:  # log(softplus(s)), exact for very negative s where softplus(s) = exp(s)
             log_std = torch.where(s < -20.0, s, F.softplus(s).log())
-        return self.mean(a), log_std
+        # a numerical guard, inactive at normal values: sigma stays within [3e-7, 3e6]
+        return self.mean(a), log_std.clamp(-LOG_STD_LIMIT, LOG_STD_LIMIT)
 
     def rsample(self, mean: Tensor, log_std: Tensor, k: int | None = None, generator=None) -> tuple[Tensor, Tensor]:
         """Reparameterized sample h = mean + sigma * eps and its log-density.

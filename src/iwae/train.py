@@ -472,6 +472,8 @@ def train(
     train_x = torch.tensor(dataset.train, dtype=torch.float32)  # a copy: the loaded arrays are read-only
     if config.n_train is not None:
         train_x = train_x[: config.n_train]
+    if not (torch.isfinite(train_x).all() and train_x.min() >= 0 and train_x.max() <= 1):
+        raise IwaeError(f"training images of {dataset.name} must be grey values in [0, 1] (found NaN, inf or others)")
     test_x = torch.from_numpy(iwae_data.binarize_fixed(dataset.test[: config.eval_n], seed=0))
     train_x, test_x = train_x.to(dev), test_x.to(dev)
 
