@@ -63,6 +63,7 @@ class RunResult:
     runner: dict | None
     metrics: list[dict]
     summary: dict | None
+    offset: int = 0  # passes of the run it continues (two-stage), for learning curves
 
 
 def load_experiment(exp_dir: Path) -> tuple[dict, list[RunResult]]:
@@ -78,6 +79,9 @@ def load_experiment(exp_dir: Path) -> tuple[dict, list[RunResult]]:
             activity and activity["unit_activity"], _read_json(d / "runner.json"), read_metrics(d),
             _read_json(d / "summary.json"),
         ))  # fmt: skip
+    passes = {r.name: len(r.metrics) for r in results}
+    for r, run in zip(results, meta["runs"]):
+        r.offset = passes.get(run.get("after"), 0)
     return meta, results
 
 
@@ -328,7 +332,7 @@ def _plot_curves(results: list[RunResult], path: Path) -> None:
             for r in runs:
                 for m in r.metrics:
                     if key in m:
-                        points.setdefault(m["pass"], []).append(m[key])
+                        points.setdefault(r.offset + m["pass"], []).append(m[key])
             if points:
                 xs = sorted(points)
                 ax.plot(xs, [np.mean(points[x]) for x in xs], marker="o", ms=3, label=label)
