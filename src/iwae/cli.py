@@ -280,7 +280,7 @@ _RUNTIME_OPTIONS = {"func", "command", "config", "resume", "device", "overwrite"
 
 
 def _train(args) -> int:
-    from iwae.train import TrainConfig, load_config, prepare_run_dir, read_config_file, resume, train
+    from iwae.train import TrainConfig, load_config, read_config_file, resume, train
 
     given = {key: value for key, value in vars(args).items() if key not in _RUNTIME_OPTIONS}
     progress, device = not getattr(args, "quiet", False), getattr(args, "device", "auto")
@@ -304,7 +304,6 @@ def _train(args) -> int:
         if out is None:
             raise IwaeError("give --out RUN_DIR (or --resume RUN_DIR)")
         config = TrainConfig.from_dict({**keys, **given})
-        prepare_run_dir(out, getattr(args, "overwrite", False))
         summary = train(config, out, progress=progress, overwrite=getattr(args, "overwrite", False), device=device)
     test = summary["final_test_iwae64"]
     if test is None:  # a torchrun process other than rank 0: rank 0 reports
