@@ -147,3 +147,13 @@ def test_runner_reevaluates_a_run_evaluated_with_other_settings(shared_data_dir,
     again = run_one(run, str(tmp_path), str(shared_data_dir), 1, eval_k=16, n_test=10)
     assert again["status"] == "done" and again["k"] == 16
     assert (tmp_path / "runs" / "a" / "model.safetensors").stat().st_mtime_ns == trained  # not retrained
+
+
+def test_experiment_lists_the_runs_of_every_invocation(shared_data_dir, tmp_path, monkeypatch):
+    import iwae.experiments as ex
+
+    monkeypatch.setattr(ex, "_execute_local", lambda runs, *args: [{"name": r.name, "status": "done"} for r in runs])
+    ex.reproduce("table1", tmp_path, stages=1, only={"layers": "1", "k": "5"}, data_dir=str(shared_data_dir))
+    ex.reproduce("table1", tmp_path, stages=1, only={"layers": "2", "k": "50"}, data_dir=str(shared_data_dir))
+    meta = json.loads((tmp_path / "experiment.json").read_text())
+    assert len(meta["runs"]) == 8 and len(meta["only"]) == 2

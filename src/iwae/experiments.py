@@ -272,6 +272,10 @@ def reproduce(
             f"{out} holds experiment {previous.get('experiment')} at stages={previous.get('stages')}, "
             f"seeds={previous.get('seeds')}: use another --out for a different budget"
         )
+    if previous is not None:  # runs of earlier invocations (other --only filters) stay listed
+        names = {r["name"] for r in meta["runs"]}
+        meta["runs"] = [r for r in previous.get("runs", []) if r["name"] not in names] + meta["runs"]
+        meta["only"] = [f for f in (*_as_list(previous.get("only")), *_as_list(only)) if f]
     if data_dir is None:  # resolve now, so workers and Ray tasks read the same directory
         from iwae.data import resolve_data_dir
 
@@ -283,6 +287,10 @@ def reproduce(
     threads = max(1, (os.cpu_count() or 1) // workers) if backend == "local" else 1
     execute = _execute_ray if backend == "ray" else _execute_local
     return execute(runs, str(out), data_dir, threads, workers, progress, (eval_k, n_test))
+
+
+def _as_list(only) -> list:
+    return only if isinstance(only, list) else [only] if only else []
 
 
 def _ready(runs: list[Run], done: set[str], started: set[str]) -> list[Run]:
