@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stages", type=_stages, default=4, help="stages of the 3^i schedule per run (default: 4 = 40 passes; the paper: 8)")
     r.add_argument("--seeds", type=_positive_int, help="seeds per configuration (default: 1; variants: 2)")
     r.add_argument("--workers", type=_positive_int, default=1, help="runs in parallel (local backend; default: 1)")
+    r.add_argument("--threads", type=_positive_int,
+                   help="torch threads per run (default: cores / workers; lower it when other work shares the machine)")
     r.add_argument("--backend", choices=("local", "ray"), default="local",
                    help="local worker processes, or Ray tasks on the cluster ray.init() connects to (default: local)")
     r.add_argument("--only", action="append", metavar="KEY=VALUE", default=[],
@@ -238,7 +240,7 @@ def _reproduce(args) -> int:
         only[key] = value
     results = reproduce(args.experiment, args.out, stages=args.stages, seeds=args.seeds, workers=args.workers,
                         backend=args.backend, data_dir=args.data_dir, progress=not args.quiet, n_test=args.n_test,
-                        only=only or None)  # fmt: skip
+                        only=only or None, threads=args.threads)  # fmt: skip
     done = sum(r["status"] == "done" for r in results)
     print(f"{args.experiment}: {done} runs done, {len(results) - done} already finished -> {args.out}; "
           f"next: iwae report {args.out}")  # fmt: skip

@@ -241,6 +241,7 @@ def reproduce(
     eval_k: int = EVAL_K,
     n_test: int | None = None,
     only: dict | None = None,
+    threads: int | None = None,
 ) -> list[dict]:
     """Run experiment ``name`` in ``out`` with ``workers`` parallel runs; finished runs are
     skipped and interrupted ones resumed. Returns one status per run.
@@ -248,7 +249,8 @@ def reproduce(
     ``only`` keeps the runs whose labels match (e.g. ``{"dataset": "mnist"}``; a run's
     first stage is kept with it). ``overrides`` (training options applied to every run),
     ``eval_k`` and ``n_test`` (evaluate on the first N test images) shrink an experiment
-    for tests and smoke runs. All of them are recorded in ``experiment.json``."""
+    for tests and smoke runs. All of them are recorded in ``experiment.json``. ``threads``
+    per run defaults to the cores divided by ``workers``."""
     runs = [Run(r.name, {**r.config, **(overrides or {})}, r.after, r.label) for r in grid(name, stages, seeds)]
     if only:
         keep = {r.name for r in runs if all(str(r.label.get(k)) == str(v) for k, v in only.items())}
@@ -284,7 +286,8 @@ def reproduce(
     from iwae.train import write_json
 
     write_json(out / "experiment.json", meta)
-    threads = max(1, (os.cpu_count() or 1) // workers) if backend == "local" else 1
+    if threads is None:  # never more threads than cores in all: oversubscribed torch threads crawl
+        threads = max(1, (os.cpu_count() or 1) // workers) if backend == "local" else 1
     execute = _execute_ray if backend == "ray" else _execute_local
     return execute(runs, str(out), data_dir, threads, workers, progress, (eval_k, n_test))
 
