@@ -183,11 +183,9 @@ def run_one(run: dict, exp_dir: str, data_dir: str | None, threads: int, eval_k:
     if done and (done.get("k"), done.get("n_test")) == (eval_k, min(n_test or full, full)):
         return {"name": run.name, "status": "skipped"}  # evaluated as this experiment asks
     started = time.perf_counter()
-    if (out / SUMMARY_FILE).exists():
-        pass
-    elif (out / CHECKPOINT_FILE).exists():
+    if (out / CHECKPOINT_FILE).exists():  # interrupted (or finished: then resume does nothing)
         resume(out, progress=False)
-    else:
+    elif not (out / SUMMARY_FILE).exists():
         keys = dict(run.config, data_dir=data_dir)
         if run.after is not None:
             keys["init_weights"] = str(Path(exp_dir) / "runs" / run.after / "model.safetensors")
