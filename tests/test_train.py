@@ -351,3 +351,20 @@ def test_torchrun_two_processes_match_one(shared_data_dir, tmp_path, objective):
     ma, mb = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [m["train_bound"] for m in ma] == pytest.approx([m["train_bound"] for m in mb], abs=1e-3)
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
+
+
+@pytest.mark.parametrize("command", [["evaluate"], ["sample", "--out", "grid.png"], ["train", "--resume"]])
+def test_bad_run_directories_on_the_command_line(finished_run, tmp_path, capsys, command, monkeypatch):
+    """An empty directory, or one whose weights are cut short: one line, exit code 2."""
+    monkeypatch.chdir(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    weights_file = finished_run / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:100])
+    (finished_run / CHECKPOINT_FILE).write_bytes(b"")
+    for run_dir, what in ((empty, "config.json"), (finished_run, "safetensors")):
+        argv = [command[0], *command[1:], str(run_dir)] if command[0] == "train" else [command[0], str(run_dir), *command[1:]]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and what in err, err
+    assert not (tmp_path / "grid.png").exists()

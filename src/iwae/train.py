@@ -324,10 +324,11 @@ def save_checkpoint(path: Path, model: VAE, optimizer, generator, pass_start_rng
     atomic_write(path, lambda f: f.write(safetensors.torch.save(tensors, metadata={"state": json.dumps(meta)})))
 
 
-def load_checkpoint(path: Path, model: VAE, optimizer, generator) -> tuple[Progress, torch.Tensor]:
-    """Restore what :func:`save_checkpoint` saved; returns the progress and the RNG
-    state at the start of the unfinished pass."""
-    tensors, metadata = _read_safetensors(path)
+def load_checkpoint(path: Path, model: VAE, optimizer, generator, content=None) -> tuple[Progress, torch.Tensor]:
+    """Restore what :func:`save_checkpoint` saved (``content``: the file already read by
+    ``_read_safetensors``); returns the progress and the RNG state at the start of the
+    unfinished pass."""
+    tensors, metadata = content or _read_safetensors(path)
     try:
         meta = json.loads(metadata["state"])
         progress = Progress(**meta["progress"])
@@ -467,6 +468,7 @@ def train(
         return _read_json(out / SUMMARY_FILE)
     elif not (out / CHECKPOINT_FILE).exists():
         raise RunDirError(f"{out / CHECKPOINT_FILE} is missing: nothing to resume (start the run again without --resume)")
+    checkpoint = _read_safetensors(out / CHECKPOINT_FILE) if resume else None  # a bad file fails before the data loads
     if dataset is None:
         dataset = iwae_data.load_dataset(config.dataset, config.data_dir, validation=config.validation)
     train_x = torch.tensor(dataset.train, dtype=torch.float32)  # a copy: the loaded arrays are read-only
@@ -492,7 +494,7 @@ def train(
     state = Progress()
     pass_start_rng = None
     if resume:
-        state, pass_start_rng = load_checkpoint(out / CHECKPOINT_FILE, model, optimizer, generator)
+        state, pass_start_rng = load_checkpoint(out / CHECKPOINT_FILE, model, optimizer, generator, checkpoint)
         kept = read_metrics(out)[: state.passes]  # drop lines of passes after the checkpoint
         if lead:
             atomic_write(out / METRICS_FILE, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
