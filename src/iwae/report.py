@@ -301,7 +301,7 @@ def _save(fig, path: Path) -> None:
 
 
 def _short(r: RunResult) -> str:
-    return r.label.get("method") or " ".join(f"{v}" for k, v in r.label.items() if k != "seed")
+    return r.label.get("method") or " ".join(f"{k}={v}" for k, v in r.label.items() if k != "seed")
 
 
 def _figures(meta, results, fig_dir: Path, exp: str) -> list[str]:
