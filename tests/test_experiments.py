@@ -157,3 +157,28 @@ def test_experiment_lists_the_runs_of_every_invocation(shared_data_dir, tmp_path
     ex.reproduce("table1", tmp_path, stages=1, only={"layers": "2", "k": "50"}, data_dir=str(shared_data_dir))
     meta = json.loads((tmp_path / "experiment.json").read_text())
     assert len(meta["runs"]) == 8 and len(meta["only"]) == 2
+
+
+def test_report_states_whether_table1_orderings_hold(tmp_path):
+    """Table 1 from hand-made evaluations: the report's table and its verdicts on the orderings."""
+    from dataclasses import asdict
+
+    runs = [r for r in grid("table1", stages=2) if r.label["dataset"] == "mnist" and r.label["layers"] == 1]
+    nll = {("vae", 1): 95.0, ("iwae", 1): 95.0, ("vae", 5): 94.0, ("iwae", 5): 93.0, ("vae", 50): 92.0, ("iwae", 50): 92.5}
+    units = {("vae", 1): 20, ("iwae", 1): 20, ("vae", 5): 21, ("iwae", 5): 24, ("vae", 50): 22, ("iwae", 50): 25}
+    (tmp_path / "experiment.json").write_text(json.dumps({
+        "experiment": "table1", "stages": 2, "seeds": 1, "passes_per_run": 4, "eval_k": 5000, "n_test": None,
+        "runs": [asdict(r) for r in runs],
+    }))  # fmt: skip
+    for r in runs:
+        d = tmp_path / "runs" / r.name
+        d.mkdir(parents=True)
+        key = (r.label["objective"], r.label["k"])
+        (d / "evaluation.json").write_text(json.dumps({"nll": nll[key], "active_units": [units[key]], "iwae64": 0}))
+        (d / "activity.json").write_text(json.dumps({"unit_activity": [[0.5] * units[key] + [0.001] * 5]}))
+    text = write_report(tmp_path).read_text()
+    assert "| mnist | 1 | 5 | 94.00 | 86.47 | 7.53 | 93.00 | 85.54 | 7.46 | 21 | 20 | 24 | 22 |" in text
+    assert "IWAE below VAE in NLL for every k > 1 — **does not hold** (k=5: IWAE 93.00 vs VAE 94.00, k=50: IWAE 92.50 vs VAE 92.00)" in text
+    assert "IWAE NLL falling with k — **holds** (k=1: 95.00, k=5: 93.00, k=50: 92.50)" in text
+    assert "at least as many active units as VAE — **holds**" in text
+    assert (tmp_path / "figures" / "table1-activity.png").exists()

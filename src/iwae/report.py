@@ -311,18 +311,22 @@ def _figures(meta, results, fig_dir: Path, exp: str) -> list[str]:
         return lines
     fig_dir.mkdir(parents=True, exist_ok=True)
     rel = fig_dir.name
-    _plot_curves(finished, fig_dir / f"{exp}-curves.png")
+    if _plot_curves(finished, fig_dir / f"{exp}-curves.png"):
+        lines += [f"![learning curves]({rel}/{exp}-curves.png)", ""]
     _plot_activity(finished, fig_dir / f"{exp}-activity.png")
-    lines += [f"![learning curves]({rel}/{exp}-curves.png)", "", f"![unit activity]({rel}/{exp}-activity.png)", "",
+    lines += [f"![unit activity]({rel}/{exp}-activity.png)", "",
               "Samples from each model: " + ", ".join(
                   f"[{r.name}]({rel}/samples/{r.name}.png)" for r in finished if _save_samples(r, meta, fig_dir)), ""]  # fmt: skip
     return lines
 
 
-def _plot_curves(results: list[RunResult], path: Path) -> None:
+def _plot_curves(results: list[RunResult], path: Path) -> bool:
+    """Test bounds logged during training against passes; False if no run logged any."""
     plt = _plt()
     keys = [("test_iwae64", "test IWAE-64"), ("test_log_px", "test log p̂(x)"), ("test_neg_kl_q_p", "test −KL(Q‖P)")]
     keys = [k for k in keys if any(k[0] in m for r in results for m in r.metrics)]
+    if not keys:
+        return False
     fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 4), squeeze=False)
     by_label: dict[str, list[RunResult]] = {}
     for r in results:
@@ -343,6 +347,7 @@ def _plot_curves(results: list[RunResult], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="best")
     _save(fig, path)
+    return True
 
 
 def _plot_activity(results: list[RunResult], path: Path) -> None:
