@@ -300,10 +300,6 @@ def _save(fig, path: Path) -> None:
     atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
-def _short(r: RunResult) -> str:
-    return r.label.get("method") or " ".join(f"{k}={v}" for k, v in r.label.items() if k != "seed")
-
-
 def _figures(meta, results, fig_dir: Path, exp: str) -> list[str]:
     lines = []
     finished = [r for r in results if r.evaluation is not None]
@@ -328,9 +324,11 @@ def _plot_curves(results: list[RunResult], path: Path) -> bool:
     if not keys:
         return False
     fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 4), squeeze=False)
+    varying = {k for k in results[0].label if k != "seed" and len({str(r.label.get(k)) for r in results}) > 1}
     by_label: dict[str, list[RunResult]] = {}
     for r in results:
-        by_label.setdefault(_short(r), []).append(r)
+        name = r.label.get("method") or " ".join(f"{k}={v}" for k, v in r.label.items() if k in varying)
+        by_label.setdefault(name, []).append(r)
     for ax, (key, title) in zip(axes[0], keys):
         for label, runs in by_label.items():
             points: dict[int, list[float]] = {}
@@ -345,7 +343,7 @@ def _plot_curves(results: list[RunResult], path: Path) -> bool:
         ax.set_xlabel("passes over the training set")
         ax.set_title(title + " (first test images)")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="best")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     _save(fig, path)
     return True
 
