@@ -7,7 +7,7 @@ import torch
 
 from iwae.bounds import Objective, ciwae, elbo, iwae, miwae
 from iwae.errors import IwaeError
-from iwae.model import VAE, ModelConfig
+from iwae.model import VAE
 from tiny import tiny_data, tiny_model
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from scipy import stats
 
-from iwae.bounds import ESTIMATORS, Objective, iwae, miwae
+from iwae.bounds import ESTIMATORS, Objective, miwae
 from iwae.errors import IwaeError
 from iwae.model import VAE, ModelConfig
 from tiny import tiny_data, tiny_model
