@@ -328,8 +328,7 @@ def _evaluate(args) -> int:
     device = pick_device(args.device)
     config, model = load_run(args.run_dir, device)
     dataset = iwae_data.load_dataset(config.dataset, args.data_dir or config.data_dir)
-    test = dataset.test if args.n_test is None else dataset.test[: args.n_test]
-    x = torch.from_numpy(iwae_data.binarize_fixed(test, seed=0)).to(device)
+    x = torch.from_numpy(iwae_data.binarized_test(dataset, args.n_test)).to(device)
     result = evaluate(model, x, k=args.k, seed=args.seed, progress=not args.quiet)
     write_json(args.run_dir / "evaluation.json", result)
     if args.json:

@@ -71,6 +71,7 @@ __all__ = [
     "VALIDATION_SIZE",
     "Dataset",
     "binarize_fixed",
+    "binarized_test",
     "load_dataset",
     "load_mnist",
     "load_omniglot",
@@ -596,3 +597,9 @@ def binarize_fixed(x: np.ndarray, seed: int = 0) -> np.ndarray:
         raise ValueError("binarize_fixed expects probabilities in [0, 1]")
     u = np.random.default_rng(seed).random(x.shape, dtype=np.float32)
     return (u < x).astype(np.float32)
+
+
+def binarized_test(dataset: Dataset, n: int | None = None) -> np.ndarray:
+    """The first ``n`` (default all) test images of ``dataset``, binarized once with the
+    fixed seed 0: the test set every evaluation and every logged test bound uses."""
+    return binarize_fixed(dataset.test[:n], seed=0)

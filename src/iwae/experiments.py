@@ -194,8 +194,7 @@ def run_one(run: dict, exp_dir: str, data_dir: str | None, threads: int, eval_k:
 
     started = time.perf_counter()
     config, model = load_run(out)
-    test = iwae_data.load_dataset(config.dataset, data_dir).test[:n_test]
-    x = torch.from_numpy(iwae_data.binarize_fixed(test, seed=0))
+    x = torch.from_numpy(iwae_data.binarized_test(iwae_data.load_dataset(config.dataset, data_dir), n_test))
     result = evaluate(model, x, k=eval_k, seed=0)
     activity = [a.tolist() for a in unit_activity(model, x)]
     timing.update(eval_wall_s=time.perf_counter() - started, threads=threads, host=socket.gethostname(),

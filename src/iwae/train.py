@@ -476,7 +476,7 @@ def train(
         train_x = train_x[: config.n_train]
     if not (torch.isfinite(train_x).all() and train_x.min() >= 0 and train_x.max() <= 1):
         raise IwaeError(f"training images of {dataset.name} must be grey values in [0, 1] (found NaN, inf or others)")
-    test_x = torch.from_numpy(iwae_data.binarize_fixed(dataset.test[: config.eval_n], seed=0))
+    test_x = torch.from_numpy(iwae_data.binarized_test(dataset, config.eval_n))
     train_x, test_x = train_x.to(dev), test_x.to(dev)
 
     torch.manual_seed(config.seed)
