@@ -18,6 +18,8 @@ Training variants (1 stochastic layer, batch 20, k = 5 and 50, the loop of iwae.
   compile_lw / compile_lw_maxauto    torch.compile(model.log_weights), default / max-autotune-no-cudagraphs
   compile_step                       torch.compile of the whole step (zero_grad, forward, backward, Adam)
   threads2                           the baseline under torch.set_num_threads(2)
+  torch_tanh                         torch.tanh in every hidden layer instead of iwae.model.Tanh
+                                     (2 sigmoid(2x) - 1 on large CPU tensors)
 Evaluation variants (1 layer, k = 5000, a few MNIST test images, iwae.evaluate.log_weight_reductions):
   max_rows=R                         chunk size (default 32768); other R draw other samples, so
                                      their NLL differs by Monte Carlo noise, not error
@@ -27,6 +29,7 @@ Evaluation variants (1 layer, k = 5000, a few MNIST test images, iwae.evaluate.l
   compile_lw                         torch.compile(model.log_weights) (dynamic shapes)
   compile_lw+max_rows=4096           both
   threads2                           torch.set_num_threads(2)
+  torch_tanh+max_rows=4096           torch.tanh instead of iwae.model.Tanh, against max_rows=4096
   NLL differences are reported against the fp32 baseline with the same seed (same eps).
 """
 
@@ -45,10 +48,11 @@ import types
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from iwae.bounds import Objective
 from iwae.evaluate import log_weight_reductions
-from iwae.model import VAE, GaussianLayer, ModelConfig, bernoulli_log_prob
+from iwae.model import VAE, GaussianLayer, ModelConfig, Tanh, bernoulli_log_prob
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -128,6 +132,12 @@ def make_model(layers=1, seed=0, pixel_mean=None, variant=None):
     model = VAE(ModelConfig.preset(layers), pixel_mean=pixel_mean)
     if variant in ("ll_plain", "ll_bce", "ll_compiled", "ll_hybrid", "proposed"):
         model.log_likelihood = types.MethodType(ll_hybrid if variant == "proposed" else globals()[variant], model)
+    if variant == "torch_tanh":  # before the sigmoid-form Tanh of iwae.model: torch.tanh everywhere
+        for m in model.modules():
+            if isinstance(m, nn.Sequential):
+                for i, layer in enumerate(m):
+                    if isinstance(layer, Tanh):
+                        m[i] = nn.Tanh()
     if variant == "merged_gauss":
         for m in model.modules():
             if isinstance(m, GaussianLayer):
@@ -216,7 +226,7 @@ def bench_variants(makers: dict, n_steps: int, rounds: int, threads: dict) -> di
 
 
 TRAIN_VARIANTS = ["baseline", "baseline_repeat", "adam_foreach", "adam_fused", "ll_plain", "ll_bce", "ll_compiled", "merged_gauss",
-                  "compile_lw", "compile_lw_maxauto", "compile_step", "threads2", "ll_hybrid", "proposed"]
+                  "compile_lw", "compile_lw_maxauto", "compile_step", "threads2", "ll_hybrid", "proposed", "torch_tanh"]
 
 
 def run_train(rounds: int, only=None) -> dict:
@@ -287,6 +297,9 @@ def run_eval(rounds: int, n_images: int = 12, k: int = 5000, only=None) -> dict:
     variants["compile_lw"] = dict(model=compiled)
     variants["compile_lw+max_rows=4096"] = dict(model=compiled, max_rows=4096)
     variants["threads2"] = dict(model=model, threads=2)
+    torch_tanh = make_model(1, variant="torch_tanh")
+    torch_tanh.load_state_dict(model.state_dict())
+    variants["torch_tanh+max_rows=4096"] = dict(model=torch_tanh.eval(), max_rows=4096)
     if only:
         variants = {n: v for n, v in variants.items() if n in ("baseline", "baseline_repeat") or n in only}
 
