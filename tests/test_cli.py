@@ -64,10 +64,14 @@ def test_every_command_has_help():
     "dataset, layers",
     [("mnist", "1"), pytest.param("omniglot", "2", marks=pytest.mark.slow)],
 )
-def test_end_to_end_on_a_subset(shared_data_dir, tmp_path, capsys, dataset, layers):
+def test_end_to_end_on_a_subset(shared_data_dir, tmp_path, capsys, monkeypatch, dataset, layers):
     """Train a few hundred steps, evaluate, sample: the NLL beats the pixel-mean model."""
+    import torch
+
     from iwae.data import binarize_fixed, load_dataset
 
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    threads_before = torch.get_num_threads()
     run = tmp_path / "run"
     n_train, n_test = 4000, 300
     code = main([
@@ -80,6 +84,9 @@ def test_end_to_end_on_a_subset(shared_data_dir, tmp_path, capsys, dataset, laye
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["pass"] for m in metrics] == [1, 2] and all("test_iwae64" in m for m in metrics)
     assert metrics[1]["train_bound"] > metrics[0]["train_bound"]
+    # --threads auto: batch 20 x 5 samples = 100 rows per step run on one thread; torch restored after
+    assert json.loads((run / "summary.json").read_text())["torch_threads"] == 1
+    assert torch.get_num_threads() == threads_before
 
     capsys.readouterr()
     assert main(["evaluate", str(run), "--k", "200", "--n-test", str(n_test), "--json", "--quiet"]) == 0

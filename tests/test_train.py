@@ -56,6 +56,13 @@ def test_schedule_is_burdas():
     assert TrainConfig(epochs=5).schedule() == [(0, 5, 1e-3)]
 
 
+def test_auto_threads():
+    from iwae.train import SMALL_STEP_ROWS, auto_threads
+
+    assert auto_threads(20 * 5, cores=2) == 1 and auto_threads(20, cores=16) == 1
+    assert auto_threads(20 * 50, cores=2) == 2 and auto_threads(SMALL_STEP_ROWS, cores=8) == 8
+
+
 def test_run_directory_and_metrics(tmp_path):
     summary = train(small_config(), tmp_path / "run", dataset=synthetic(), progress=False)
     run = tmp_path / "run"

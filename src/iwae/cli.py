@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -49,6 +50,10 @@ def _unit_float(text: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
     return value
+
+
+def _threads(text: str) -> int | str:
+    return "auto" if text == "auto" else _positive_int(text)
 
 
 def _stages(text: str) -> int:
@@ -113,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-bad-steps", type=_positive_int, help="stop after N consecutive steps with a non-finite bound or gradient (default: 20)")
     t.add_argument("--data-dir", help=data_help)
     t.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: auto)")
+    t.add_argument("--threads", type=_threads,
+                   help="CPU threads, or auto: 1 when batch size x samples per example < 256 (small steps run faster "
+                   "on one thread), else all cores; auto leaves an OMP_NUM_THREADS setting alone (default: auto)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--out", help="run directory to create")
@@ -278,18 +286,29 @@ def _version() -> str:
     return __version__
 
 
-_RUNTIME_OPTIONS = {"func", "command", "config", "resume", "device", "overwrite", "quiet", "out"}
+_RUNTIME_OPTIONS = {"func", "command", "config", "resume", "device", "overwrite", "quiet", "out", "threads"}
 
 
 def _train(args) -> int:
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return _train_run(args)
+    finally:  # main() may be called in-process (tests, notebooks): leave torch as it was
+        torch.set_num_threads(threads)
+
+
+def _train_run(args) -> int:
     from iwae.train import TrainConfig, load_config, read_config_file, resume, train
 
     given = {key: value for key, value in vars(args).items() if key not in _RUNTIME_OPTIONS}
     progress, device = not getattr(args, "quiet", False), getattr(args, "device", "auto")
     if getattr(args, "resume", None):
         if given or hasattr(args, "config") or hasattr(args, "out"):
-            raise IwaeError("--resume takes the run's own configuration: give only --resume RUN_DIR [--device] [--quiet]")
+            raise IwaeError("--resume takes the run's own configuration: give only --resume RUN_DIR [--device] [--threads] [--quiet]")
         config = load_config(args.resume)
+        _set_threads(getattr(args, "threads", "auto"), config)
         summary = resume(args.resume, progress=progress, device=device)
         out = args.resume
     else:
@@ -306,6 +325,7 @@ def _train(args) -> int:
         if out is None:
             raise IwaeError("give --out RUN_DIR (or --resume RUN_DIR)")
         config = TrainConfig.from_dict({**keys, **given})
+        _set_threads(getattr(args, "threads", "auto"), config)
         summary = train(config, out, progress=progress, overwrite=getattr(args, "overwrite", False), device=device)
     test = summary["final_test_iwae64"]
     if test is None:  # a torchrun process other than rank 0: rank 0 reports
@@ -316,6 +336,20 @@ def _train(args) -> int:
         f"test IWAE-64 {test:.2f} (first {summary['test_iwae64_n']} test images) -> {out}"
     )
     return 0
+
+
+def _set_threads(threads: int | str, config) -> None:
+    """torch's CPU threads for training: a number, or auto (:func:`iwae.train.auto_threads`;
+    an OMP_NUM_THREADS setting, e.g. torchrun's, is left as it is)."""
+    import torch
+
+    from iwae.train import auto_threads
+
+    if threads == "auto":
+        if "OMP_NUM_THREADS" in os.environ:
+            return
+        threads = auto_threads(config.batch_size * config.m * config.k)
+    torch.set_num_threads(threads)
 
 
 def _evaluate(args) -> int:

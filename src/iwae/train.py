@@ -367,6 +367,21 @@ def pick_device(device: str | None = None) -> torch.device:
     return dev
 
 
+#: (example, sample) rows per training step below which one CPU thread is faster than
+#: several: torch's intra-op threading of small kernels costs more than it saves. Measured
+#: (bench/RESULTS.md, 2 cores, 1 layer, batch 20): 100 rows (k=5) 1.40x and 20 rows (k=1)
+#: 1.71x faster on 1 thread than on 2; 500 rows (batch 100, k=5) 1.14x and 1,000 rows
+#: (k=50) 1.78x faster on 2.
+SMALL_STEP_ROWS = 256
+
+
+def auto_threads(rows_per_step: int, cores: int | None = None) -> int:
+    """CPU threads for training steps of ``rows_per_step`` = batch size x samples per example:
+    1 below :data:`SMALL_STEP_ROWS`, else every core."""
+    cores = cores or os.cpu_count() or 1
+    return 1 if rows_per_step < SMALL_STEP_ROWS else cores
+
+
 def adam(params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-4) -> torch.optim.Adam:
     """Adam, fused into one kernel where this torch supports it for the parameters' device
     (CPU from torch 2.4): 1.2x faster training steps at batch 20, k=5 (bench/README.md)."""
@@ -595,6 +610,7 @@ def train(
         "n_train": n,
         "device": str(dev),
         "processes": 1 if shard is None else shard[1],
+        "torch_threads": torch.get_num_threads() if dev.type == "cpu" else None,
         "torch": torch.__version__,
     }
     if lead:
