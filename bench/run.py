@@ -1,7 +1,7 @@
 """iwae benchmark: training and evaluation throughput, peak memory, the matmul roofline,
 and a correctness check, for iwae and (optionally) pythae, in one run on one machine.
 
-    python bench/run.py [--quick] [--no-pythae] [--threads N] [--out bench/results.json]
+    python bench/run.py [--quick] [--no-pythae] [--threads N] [--iwae-threads same|auto] [--out bench/results.json]
 
 See bench/README.md for what is measured and how each ratio is defined. This process
 imports no torch: every phase runs in its own worker process (bench/worker_iwae.py with
@@ -87,10 +87,10 @@ class Runner:
         self.count += 1
         spec_path = self.workdir / f"spec{self.count}.json"
         out_path = self.workdir / f"out{self.count}.json"
-        spec = {**spec, "threads": self.threads}
+        spec = {"threads": self.threads, **spec}  # a phase may ask for its own thread count
         spec_path.write_text(json.dumps(spec))
         env = dict(os.environ)
-        env.update({"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)})
+        env.update({"OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"])})
         if worker == "worker_iwae.py":
             src = str(ROOT / "src")
             env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -116,6 +116,9 @@ def main(argv=None) -> int:
     p.add_argument("--pythae-python", default=str(DEFAULT_PYTHAE_PY), help="python of the pythae venv")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads in every worker (default: $OMP_NUM_THREADS, else all CPUs)")
+    p.add_argument("--iwae-threads", choices=("same", "auto"), default="same",
+                   help="iwae's training threads: the same as pythae's (--threads), or auto: what `iwae train "
+                        "--threads auto` picks for each configuration (1 for steps under 256 rows, else --threads)")
     p.add_argument("--data-dir", default=None, help="directory holding mnist/ (default: $IWAE_DATA or ../shared/data)")
     p.add_argument("--out", default=str(HERE / "results.json"))
     args = p.parse_args(argv)
@@ -137,7 +140,8 @@ def main(argv=None) -> int:
         meta = runner.run(py_iwae, "worker_iwae.py", {**base, "phase": "meta", "label": "roofline + data",
                                                       "data_dir": data_dir, "n_train_pool": cfg["n_train_pool"],
                                                       "n_test": max(cfg["eval_images"], cfg["pythae_eval_images"], 64),
-                                                      "matmul_shapes": MATMUL_SHAPES, "matmul_s": cfg["matmul_s"]})
+                                                      "matmul_shapes": MATMUL_SHAPES, "matmul_s": cfg["matmul_s"],
+                                                      "step_rows": [b * k for k in cfg["ks"] for b in cfg["batches"]]})
         pythae_meta = runner.run(py_pythae, "worker_pythae.py", {**base, "phase": "meta"}) if use_pythae else None
 
         jobs = [{"layers": l, "k": k, "batch": b} for l in cfg["layers"] for k in cfg["ks"] for b in cfg["batches"]]
@@ -147,7 +151,9 @@ def main(argv=None) -> int:
         groups = [jobs] if args.quick else [[j] for j in jobs]
         for group in groups:
             label = "all" if len(group) > 1 else "L{layers} k={k} B={batch}".format(**group[0])
-            r = runner.run(py_iwae, "worker_iwae.py", {**train_spec, "jobs": group, "label": label})
+            ours = [{**j, "threads": meta["auto_threads"][str(j["batch"] * j["k"])]} if args.iwae_threads == "auto" else j
+                    for j in group]  # fmt: skip
+            r = runner.run(py_iwae, "worker_iwae.py", {**train_spec, "jobs": ours, "label": label})
             train_ours += [{**x, "memory": r["memory"]} for x in r["results"]]
             if use_pythae:
                 g1 = [j for j in group if j["layers"] == 1]
@@ -219,6 +225,7 @@ def main(argv=None) -> int:
             "torch": meta["torch"], "python": platform.python_version(), "iwae_file": meta["iwae_file"],
             "pythae": pythae_meta and pythae_meta["pythae"], "pythae_torch": pythae_meta and pythae_meta["torch"],
             "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "threads": threads,
+            "iwae_train_threads": args.iwae_threads,
             "torch_threads_in_workers": meta["torch_threads"], "data": meta["data"],
             "load_average_at_start": list(os.getloadavg()), "total_seconds": None,
         },
@@ -262,14 +269,16 @@ def print_table(r: dict) -> None:
     print(f"\n{m['date']}  torch {m['torch']}  {m['cpu_model']}  threads={m['threads']}  data={m['data'][:40]}")
     print(f"matmul fp32 peak {r['roofline']['peak_gflops_fp32']:.1f} GFLOP/s; "
           + ", ".join(f"{x['name'].split(' (')[0]} {x['gflops_fp32']:.0f}" for x in r["roofline"]["matmul"]))
-    print("\nTRAINING (IWAE, Adam)       iwae ex/s   pythae ex/s   ratio   iwae GFLOP/s  roofline  peak RSS MiB (iwae/pythae)")
+    print("\nTRAINING (IWAE, Adam)       iwae ex/s   pythae ex/s   ratio   iwae GFLOP/s  roofline  peak RSS MiB (iwae/pythae)"
+          "  threads (iwae/pythae)")
     py = {(x["layers"], x["k"], x["batch"]): x for x in (r["train"]["pythae"] or [])}
     for x in r["train"]["iwae"]:
         y = py.get((x["layers"], x["k"], x["batch"]))
         print(f"  L{x['layers']} k={x['k']:<3} batch={x['batch']:<4}      {x['examples_per_s']:9.0f}   "
               f"{_fmt(y and y['examples_per_s'], '11.0f'):>11}   {_fmt(y and x['examples_per_s'] / y['examples_per_s']):>5}"
               f"   {x['gflops']:10.1f}   {x['roofline_fraction']:7.1%}   "
-              f"{x['memory']['peak_rss_mib']:.0f}/{_fmt(y and y['memory']['peak_rss_mib'], '.0f')}")
+              f"{x['memory']['peak_rss_mib']:.0f}/{_fmt(y and y['memory']['peak_rss_mib'], '.0f'):<9}"
+              f"  {x.get('threads', '-')}/{y.get('threads', '-') if y else '-'}")
     print(f"\nEVALUATION (k={r['eval']['k']})      iwae img/s  (10k in s)   pythae img/s (10k in s)   ratio   roofline  peak RSS MiB")
     pe = r["eval"]["pythae"]
     for x in r["eval"]["iwae"]:

@@ -85,6 +85,8 @@ def matmul_gflops(m: int, k: int, n: int, dtype, min_s: float) -> float:
 
 
 def phase_meta(spec) -> dict:
+    from iwae.train import auto_threads
+
     source = prepare_data(spec)
     shapes = spec["matmul_shapes"]
     roof = []
@@ -99,6 +101,8 @@ def phase_meta(spec) -> dict:
                     for l, p in PRESETS.items()},
         "mkldnn": torch.backends.mkldnn.is_available(),
         "matmul": roof,
+        # the threads `iwae train --threads auto` would use for each step size (rows = batch x k)
+        "auto_threads": {str(rows): auto_threads(rows, spec["threads"]) for rows in spec.get("step_rows", [])},
     }
 
 
@@ -139,13 +143,15 @@ def phase_train(spec) -> dict:
     t = spec["timing"]
     results = []
     for job in spec["jobs"]:
+        torch.set_num_threads(int(job.get("threads") or spec["threads"]))  # --iwae-threads auto: per configuration
         step, state = make_train_step(job["layers"], job["k"], job["batch"], train_x, pixel_mean)
         timing = time_steps(step, t["warmup_steps"], t["warmup_s"], t["repeats"], t["min_s"])
         bound = state["bound_sum"].item()
         if not math.isfinite(bound):
             raise RuntimeError(f"training diverged in the benchmark: {job}")
         results.append({**job, "examples_per_s": timing["median_steps_per_s"] * job["batch"],
-                        "best_examples_per_s": timing["best_steps_per_s"] * job["batch"], "timing": timing})
+                        "best_examples_per_s": timing["best_steps_per_s"] * job["batch"], "timing": timing,
+                        "threads": torch.get_num_threads()})
     return {"results": results}
 
 

@@ -115,7 +115,8 @@ def phase_train(spec) -> dict:
 
         timing = time_steps(step, t["warmup_steps"], t["warmup_s"], t["repeats"], t["min_s"])
         results.append({**job, "examples_per_s": timing["median_steps_per_s"] * batch,
-                        "best_examples_per_s": timing["best_steps_per_s"] * batch, "timing": timing})
+                        "best_examples_per_s": timing["best_steps_per_s"] * batch, "timing": timing,
+                        "threads": torch.get_num_threads()})
     return {"results": results}
 
 
