@@ -182,3 +182,59 @@ def test_report_states_whether_table1_orderings_hold(tmp_path):
     assert "IWAE NLL falling with k — **holds** (k=1: 95.00, k=5: 93.00, k=50: 92.50)" in text
     assert "at least as many active units as VAE — **holds**" in text
     assert (tmp_path / "figures" / "table1-activity.png").exists()
+
+
+def _fake_experiment(tmp_path, name, runs, evaluation_of):
+    """An experiment directory with hand-made evaluations (no training)."""
+    from dataclasses import asdict
+
+    (tmp_path / "experiment.json").write_text(json.dumps({
+        "experiment": name, "stages": 2, "seeds": 2, "passes_per_run": 4, "eval_k": 5000, "n_test": None,
+        "runs": [asdict(r) for r in runs],
+    }))  # fmt: skip
+    for r in runs:
+        d = tmp_path / "runs" / r.name
+        d.mkdir(parents=True)
+        (d / "evaluation.json").write_text(json.dumps(evaluation_of(r)))
+        units = evaluation_of(r)["active_units"][0]
+        (d / "activity.json").write_text(json.dumps({"unit_activity": [[0.5] * units + [0.001] * 5]}))
+
+
+def test_report_states_whether_two_stage_findings_hold(tmp_path):
+    nll = {(1, "first"): 95.0, (1, "second"): 94.0, (2, "first"): 93.0, (2, "second"): 92.5}
+    units = {(1, "first"): 20, (1, "second"): 22, (2, "first"): 25, (2, "second"): 25}
+
+    def evaluation(r):
+        key = (r.label["experiment"], r.label["stage"])
+        return {"nll": nll[key], "active_units": [units[key]], "iwae64": 0}
+
+    _fake_experiment(tmp_path, "two-stage", grid("two-stage", stages=2), evaluation)
+    text = write_report(tmp_path).read_text()
+    assert "| 1 | vae | 95.00 | 86.76 | 20 | 19 | iwae k=50 | 94.00 | 84.88 | 22 | 22 |" in text
+    assert "vae then iwae k=50: the second stage lowers the NLL (paper 86.76 → 84.88) — **holds** (95.00 → 94.00)" in text
+    assert "vae then iwae k=50: the second stage adds active units (paper 19 → 22) — **holds** (20 → 22)" in text
+    assert "iwae k=50 then vae: the second stage raises the NLL (paper 84.78 → 86.02) — **does not hold** (93.00 → 92.50)" in text
+    assert "iwae k=50 then vae: the second stage removes active units (paper 25 → 23) — **does not hold** (25 → 25)" in text
+
+
+def test_report_states_whether_variant_findings_hold(tmp_path):
+    runs = grid("variants", stages=2, seeds=2)
+    base = {"IWAE": (-95.0, -93.0), "VAE": (-96.0, -95.5)}  # (iwae64, log_px) before the seed offset
+
+    def evaluation(r):
+        iwae64, log_px = base.get(r.label["method"], (-94.5, -93.2))
+        if r.label["method"] == "CIWAE beta=0.5":
+            iwae64 = -95.5  # below IWAE: the first finding must fail
+        iwae64 += 0.2 * r.label["seed"]
+        return {"iwae64": iwae64, "log_px": log_px, "neg_kl_q_p": iwae64 - log_px, "nll": -log_px, "active_units": [20]}
+
+    _fake_experiment(tmp_path, "variants", runs, evaluation)
+    text = write_report(tmp_path).read_text()
+    assert "| IWAE | -94.90 ± 0.14 | -86.11 ± 0.10 | -93.00 ± 0.00 |" in text
+    assert "PIWAE, MIWAE and CIWAE above IWAE in IWAE-64 (paper: −85.60 to −86.08 vs −86.11) — **does not hold** (IWAE -94.90;" in text
+    assert "CIWAE beta=0.5 -95.40" in text
+    # CIWAE beta=0.5 (-95.4 - -93.2 = -2.2) is below IWAE's -1.9 in -KL(Q||P) too; the others above it
+    assert ("every other method above IWAE in −KL(Q‖P), a better inference network (paper: −0.47 to −1.34 vs −1.59) — "
+            "**does not hold** (IWAE -1.90; PIWAE(4,16) -1.20,") in text
+    assert "CIWAE beta=0.5 -2.20, VAE -0.40)" in text
+    assert "the VAE lowest in log p̂(x), the worst generative model (paper: −86.21 vs −84.40 to −85.24) — **holds** (VAE -95.50;" in text
