@@ -238,3 +238,39 @@ def test_report_states_whether_variant_findings_hold(tmp_path):
             "**does not hold** (IWAE -1.90; PIWAE(4,16) -1.20,") in text
     assert "CIWAE beta=0.5 -2.20, VAE -0.40)" in text
     assert "the VAE lowest in log p̂(x), the worst generative model (paper: −86.21 vs −84.40 to −85.24) — **holds** (VAE -95.50;" in text
+
+
+def test_reuse_copies_finished_runs_with_identical_configurations(tmp_path, capsys):
+    """two-stage's first stages are table1 runs: --reuse copies them (not their checkpoints or
+    logs), never a run that differs, starts from another run, or already exists here."""
+    from iwae.experiments import reuse_runs, run_one
+    from iwae.train import TrainConfig
+
+    source = tmp_path / "table1"
+    for run in grid("table1", stages=2):
+        d = source / "runs" / run.name
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps(TrainConfig(**run.config, data_dir="/elsewhere").to_dict()))
+        for name in ("summary.json", "metrics.jsonl", "model.safetensors", "checkpoint.safetensors"):
+            (d / name).write_text("{}" if name.endswith(".json") else run.name)
+        (d / "tb").mkdir()
+        (d / "evaluation.json").write_text(json.dumps({"k": 64, "n_test": 50, "nll": 90.0}))
+    unfinished = source / "runs" / "mnist-l1-iwae-k50-s0" / "summary.json"
+    unfinished.unlink()  # training not finished there: not reusable
+
+    out = tmp_path / "two-stage"
+    (out / "runs" / "exp2-first-iwae-k50-s0").mkdir(parents=True)
+    runs = grid("two-stage", stages=2)
+    assert reuse_runs(grid("two-stage", stages=3), tmp_path / "other", [source], data_dir="/here", progress=False) == []
+    copied = reuse_runs(runs, out, [source], data_dir="/here", progress=False)
+    assert copied == ["exp1-first-vae-k1-s0"]  # exp2's first stage exists here; its source is unfinished anyway
+    run_dir = out / "runs" / "exp1-first-vae-k1-s0"
+    assert (run_dir / "model.safetensors").read_text() == "mnist-l1-vae-k1-s0"
+    assert not (run_dir / "checkpoint.safetensors").exists() and not (run_dir / "tb").exists()
+    assert json.loads((run_dir / "runner.json").read_text())["reused_from"].endswith("mnist-l1-vae-k1-s0")
+    assert not list((out / "runs").glob("*.copying"))
+    # copied with a matching evaluation: the runner neither trains nor evaluates it again
+    status = run_one(vars(runs[0]), str(out), "/here", 1, eval_k=64, n_test=50)
+    assert status == {"name": "exp1-first-vae-k1-s0", "status": "skipped"}
+    with pytest.raises(IwaeError, match="not an experiment directory"):
+        reuse_runs(runs, out, [tmp_path / "nothing"], data_dir=None)

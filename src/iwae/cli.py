@@ -175,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--only", action="append", metavar="KEY=VALUE", default=[],
                    help="run only the runs whose label matches, e.g. --only dataset=mnist --only layers=1 (repeatable)")
     r.add_argument("--n-test", type=_positive_int, help="evaluate on the first N test images only (default: all)")
+    r.add_argument("--reuse", action="append", metavar="DIR", default=[],
+                   help="another experiment directory whose finished runs are copied in, not trained again, where "
+                   "a run here has the identical training configuration (e.g. two-stage's first stages from a table1 "
+                   "at the same --stages); repeatable")
     r.add_argument("--data-dir", help=data_help)
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=_reproduce)
@@ -248,7 +252,7 @@ def _reproduce(args) -> int:
         only[key] = value
     results = reproduce(args.experiment, args.out, stages=args.stages, seeds=args.seeds, workers=args.workers,
                         backend=args.backend, data_dir=args.data_dir, progress=not args.quiet, n_test=args.n_test,
-                        only=only or None, threads=args.threads)  # fmt: skip
+                        only=only or None, threads=args.threads, reuse=args.reuse or None)  # fmt: skip
     done = sum(r["status"] == "done" for r in results)
     print(f"{args.experiment}: {done} runs done, {len(results) - done} already finished -> {args.out}; "
           f"next: iwae report {args.out}")  # fmt: skip

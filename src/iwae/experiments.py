@@ -239,6 +239,7 @@ def reproduce(
     n_test: int | None = None,
     only: dict | None = None,
     threads: int | None = None,
+    reuse: list[str | Path] | None = None,
 ) -> list[dict]:
     """Run experiment ``name`` in ``out`` with ``workers`` parallel runs; finished runs are
     skipped and interrupted ones resumed. Returns one status per run.
@@ -247,7 +248,9 @@ def reproduce(
     first stage is kept with it). ``overrides`` (training options applied to every run),
     ``eval_k`` and ``n_test`` (evaluate on the first N test images) shrink an experiment
     for tests and smoke runs. All of them are recorded in ``experiment.json``. ``threads``
-    per run defaults to the cores divided by ``workers``."""
+    per run defaults to the cores divided by ``workers``. ``reuse``: experiment directories
+    whose finished runs are copied in, instead of trained again, wherever a run here has
+    the identical training configuration (:func:`reuse_runs`)."""
     runs = [Run(r.name, {**r.config, **(overrides or {})}, r.after, r.label) for r in grid(name, stages, seeds)]
     if only:
         keep = {r.name for r in runs if all(str(r.label.get(k)) == str(v) for k, v in only.items())}
@@ -262,7 +265,8 @@ def reproduce(
     out = Path(out)
     meta = {"experiment": name, "stages": stages, "seeds": seeds or DEFAULT_SEEDS[name],
             "passes_per_run": sum(3**i for i in range(stages)), "eval_k": eval_k, "n_test": n_test,
-            "overrides": overrides or {}, "only": only or {}, "runs": [asdict(r) for r in runs]}  # fmt: skip
+            "overrides": overrides or {}, "only": only or {}, "reuse": [str(d) for d in reuse or []],
+            "runs": [asdict(r) for r in runs]}  # fmt: skip
     previous = _read(out / "experiment.json")
     if previous is not None and (previous.get("experiment"), previous.get("stages"), previous.get("seeds")) != (
         name, meta["stages"], meta["seeds"],
@@ -275,6 +279,7 @@ def reproduce(
         names = {r["name"] for r in meta["runs"]}
         meta["runs"] = [r for r in previous.get("runs", []) if r["name"] not in names] + meta["runs"]
         meta["only"] = [f for f in (*_as_list(previous.get("only")), *_as_list(only)) if f]
+        meta["reuse"] = list(dict.fromkeys([*previous.get("reuse", []), *meta["reuse"]]))
     if data_dir is None:  # resolve now, so workers and Ray tasks read the same directory
         from iwae.data import resolve_data_dir
 
@@ -283,10 +288,58 @@ def reproduce(
     from iwae.train import write_json
 
     write_json(out / "experiment.json", meta)
+    if reuse:
+        reuse_runs(runs, out, [Path(d) for d in reuse], data_dir, progress)
     if threads is None:  # never more threads than cores in all: oversubscribed torch threads crawl
         threads = max(1, (os.cpu_count() or 1) // workers) if backend == "local" else 1
     execute = _execute_ray if backend == "ray" else _execute_local
     return execute(runs, str(out), data_dir, threads, workers, progress, (eval_k, n_test))
+
+
+#: configuration keys that do not change what a run computes
+_NOT_COMPARED = ("data_dir", "checkpoint_minutes")
+
+
+def reuse_runs(runs: list[Run], out: Path, sources: list[Path], data_dir: str | None, progress: bool = True) -> list[str]:
+    """Copy into ``out/runs`` every finished run of the experiment directories ``sources``
+    whose training configuration equals that of a run here that has no directory yet
+    (runs that start from another run's weights are not reused). A copied run keeps its
+    training (weights, metrics, summary); it is evaluated here as this experiment asks,
+    unless its evaluation already matches. Returns the names of the runs copied."""
+    import shutil
+
+    from iwae.train import CONFIG_FILE, SUMMARY_FILE, WEIGHTS_FILE, TrainConfig
+
+    for source in sources:
+        if not (source / "runs").is_dir():
+            raise IwaeError(f"--reuse {source}: not an experiment directory (no runs/ in it)")
+    finished = []  # (config without the keys that do not matter, run directory)
+    for source in sources:
+        for run_dir in sorted((source / "runs").iterdir()):
+            config = _read(run_dir / CONFIG_FILE)
+            if isinstance(config, dict) and (run_dir / SUMMARY_FILE).exists() and (run_dir / WEIGHTS_FILE).exists():
+                finished.append(({k: v for k, v in config.items() if k not in _NOT_COMPARED}, run_dir))
+    copied = []
+    for run in runs:
+        target = out / "runs" / run.name
+        if run.after is not None or target.exists():
+            continue
+        wanted = {k: v for k, v in TrainConfig(**run.config, data_dir=data_dir).to_dict().items() if k not in _NOT_COMPARED}
+        wanted = json.loads(json.dumps(wanted))  # tuples as lists, as config.json has them
+        match = next((d for config, d in finished if config == wanted), None)
+        if match is None:
+            continue
+        partial = target.with_name(target.name + ".copying")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(match, partial, ignore=shutil.ignore_patterns("checkpoint.safetensors", "tb"))
+        timing = _read(partial / "runner.json") or {}
+        timing["reused_from"] = str(match)
+        (partial / "runner.json").write_text(json.dumps(timing, indent=2) + "\n")
+        partial.rename(target)  # all at once: a half-copied run is never taken for a run
+        copied.append(run.name)
+        if progress:
+            print(f"{run.name}: reused from {match}", flush=True)
+    return copied
 
 
 def _as_list(only) -> list:
