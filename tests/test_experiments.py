@@ -168,7 +168,7 @@ def test_report_states_whether_table1_orderings_hold(tmp_path):
     units = {("vae", 1): 20, ("iwae", 1): 20, ("vae", 5): 21, ("iwae", 5): 24, ("vae", 50): 22, ("iwae", 50): 25}
     (tmp_path / "experiment.json").write_text(json.dumps({
         "experiment": "table1", "stages": 2, "seeds": 1, "passes_per_run": 4, "eval_k": 5000, "n_test": None,
-        "runs": [asdict(r) for r in runs],
+        "only": {"dataset": "mnist", "layers": "1"}, "runs": [asdict(r) for r in runs],
     }))  # fmt: skip
     for r in runs:
         d = tmp_path / "runs" / r.name
@@ -178,6 +178,7 @@ def test_report_states_whether_table1_orderings_hold(tmp_path):
         (d / "activity.json").write_text(json.dumps({"unit_activity": [[0.5] * units[key] + [0.001] * 5]}))
     text = write_report(tmp_path).read_text()
     assert "| mnist | 1 | 5 | 94.00 | 86.47 | 7.53 | 93.00 | 85.54 | 7.46 | 21 | 20 | 24 | 22 |" in text
+    assert "6 of 6 runs finished (selected with --only: 6 of the grid's 24 runs)" in text
     assert "IWAE below VAE in NLL for every k > 1 — **does not hold** (k=5: IWAE 93.00 vs VAE 94.00, k=50: IWAE 92.50 vs VAE 92.00)" in text
     assert "IWAE NLL falling with k — **holds** (k=1: 95.00, k=5: 93.00, k=50: 92.50)" in text
     assert "at least as many active units as VAE — **holds**" in text

@@ -119,6 +119,13 @@ def _budget(meta: dict, results: list[RunResult]) -> str:
         f"{'the full test set' if meta.get('n_test') is None else 'the first %d test images' % meta['n_test']}. "
         f"{done} of {len(results)} runs finished"
     )
+    filters = meta.get("only")
+    if filters:  # only part of the grid was asked for
+        from iwae.experiments import grid
+
+        total = len(grid(meta["experiment"], meta["stages"], meta["seeds"]))
+        if total > len(results):
+            text += f" (selected with --only: {len(results)} of the grid's {total} runs)"
     if walls:
         text += f", {sum(walls) / 3600:.1f} CPU-process hours in all (train + evaluate)"
     if meta.get("overrides"):
