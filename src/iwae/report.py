@@ -64,6 +64,7 @@ class RunResult:
     metrics: list[dict]
     summary: dict | None
     offset: int = 0  # passes of the run it continues (two-stage), for learning curves
+    after: "RunResult | None" = None  # the run it continues
 
 
 def load_experiment(exp_dir: Path) -> tuple[dict, list[RunResult]]:
@@ -79,9 +80,10 @@ def load_experiment(exp_dir: Path) -> tuple[dict, list[RunResult]]:
             activity and activity["unit_activity"], _read_json(d / "runner.json"), read_metrics(d),
             _read_json(d / "summary.json"),
         ))  # fmt: skip
-    passes = {r.name: len(r.metrics) for r in results}
+    by_name = {r.name: r for r in results}
     for r, run in zip(results, meta["runs"]):
-        r.offset = passes.get(run.get("after"), 0)
+        r.after = by_name.get(run.get("after"))
+        r.offset = len(r.after.metrics) if r.after else 0
     return meta, results
 
 
@@ -398,9 +400,12 @@ def _plot_curves(results: list[RunResult], path: Path) -> bool:
         for label, runs in by_label.items():
             points: dict[int, list[float]] = {}
             for r in runs:
-                for m in r.metrics:
-                    if key in m:
-                        points.setdefault(r.offset + m["pass"], []).append(m[key])
+                logged = [(r.offset + m["pass"], m[key]) for m in r.metrics if key in m]
+                if r.after is not None and logged:  # a second stage: its line starts where the first ended
+                    first = [(r.after.offset + m["pass"], m[key]) for m in r.after.metrics if key in m]
+                    logged = first[-1:] + logged
+                for x, value in logged:
+                    points.setdefault(x, []).append(value)
             if points:
                 xs = sorted(points)
                 ax.plot(xs, [np.mean(points[x]) for x in xs], marker="o", ms=3, label=label)
