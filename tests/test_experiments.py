@@ -179,6 +179,7 @@ def test_report_states_whether_table1_orderings_hold(tmp_path):
     text = write_report(tmp_path).read_text()
     assert "| mnist | 1 | 5 | 94.00 | 86.47 | 7.53 | 93.00 | 85.54 | 7.46 | 21 | 20 | 24 | 22 |" in text
     assert "6 of 6 runs finished (selected with --only: 6 of the grid's 24 runs)" in text
+    assert "## Burda et al. (2016), Table 1 (MNIST)\n" in text
     assert "IWAE below VAE in NLL for every k > 1 — **does not hold** (k=5: IWAE 93.00 vs VAE 94.00, k=50: IWAE 92.50 vs VAE 92.00)" in text
     assert "IWAE NLL falling with k — **holds** (k=1: 95.00, k=5: 93.00, k=50: 92.50)" in text
     assert "at least as many active units as VAE — **holds**" in text

@@ -154,8 +154,10 @@ def _table1_section(meta, results, fig_dir: Path) -> list[str]:
         runs = cells.get(key, [])
         return [float(np.mean(c)) for c in zip(*[r.evaluation["active_units"] for r in runs])] if runs else None
 
+    datasets = {r.label["dataset"] for r in results}
     lines = [
-        "## Burda et al. (2016), Table 1", "", _budget(meta, results), "",
+        f"## Burda et al. (2016), Table 1 ({', '.join(d.upper() for d in ('mnist', 'omniglot') if d in datasets)})", "",
+        _budget(meta, results), "",
         "| dataset | layers | k | VAE NLL | paper | Δ | IWAE NLL | paper | Δ | VAE units | paper | IWAE units | paper |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
