@@ -190,6 +190,7 @@ def _fake_experiment(tmp_path, name, runs, evaluation_of):
     """An experiment directory with hand-made evaluations (no training)."""
     from dataclasses import asdict
 
+    tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "experiment.json").write_text(json.dumps({
         "experiment": name, "stages": 2, "seeds": 2, "passes_per_run": 4, "eval_k": 5000, "n_test": None,
         "runs": [asdict(r) for r in runs],
@@ -276,3 +277,18 @@ def test_reuse_copies_finished_runs_with_identical_configurations(tmp_path, caps
     assert status == {"name": "exp1-first-vae-k1-s0", "status": "skipped"}
     with pytest.raises(IwaeError, match="not an experiment directory"):
         reuse_runs(runs, out, [tmp_path / "nothing"], data_dir=None)
+
+
+def test_report_keeps_the_figures_of_two_table1_directories_apart(tmp_path):
+    runs = grid("table1", stages=2)
+
+    def evaluation(r):
+        return {"nll": 90.0 + r.label["k"], "active_units": [20] * r.label["layers"], "iwae64": 0}
+
+    _fake_experiment(tmp_path / "table1-mnist", "table1", [r for r in runs if r.label["dataset"] == "mnist"], evaluation)
+    _fake_experiment(tmp_path / "table1-omniglot", "table1", [r for r in runs if r.label["dataset"] == "omniglot"], evaluation)
+    text = write_report(tmp_path).read_text()
+    assert "Table 1 (MNIST)" in text and "Table 1 (OMNIGLOT)" in text
+    for name in ("table1-mnist", "table1-omniglot"):
+        assert f"![unit activity](figures/{name}-activity.png)" in text
+        assert (tmp_path / "figures" / f"{name}-activity.png").exists()

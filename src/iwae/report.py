@@ -376,12 +376,14 @@ def _figures(meta, results, fig_dir: Path, exp: str) -> list[str]:
         return lines
     fig_dir.mkdir(parents=True, exist_ok=True)
     rel = fig_dir.name
+    exp = meta.get("_figure_prefix", exp)  # the directory's name: two table1 directories do not collide
     if _plot_curves(finished, fig_dir / f"{exp}-curves.png"):
         lines += [f"![learning curves]({rel}/{exp}-curves.png)", ""]
     _plot_activity(finished, fig_dir / f"{exp}-activity.png")
     lines += [f"![unit activity]({rel}/{exp}-activity.png)", "",
               "Samples from each model: " + ", ".join(
-                  f"[{r.name}]({rel}/samples/{r.name}.png)" for r in finished if _save_samples(r, meta, fig_dir)), ""]  # fmt: skip
+                  f"[{r.name}]({rel}/samples/{exp}-{r.name}.png)" for r in finished
+                  if _save_samples(r, meta, fig_dir, f"{exp}-{r.name}.png")), ""]  # fmt: skip
     return lines
 
 
@@ -442,15 +444,16 @@ def _plot_activity(results: list[RunResult], path: Path) -> None:
     _save(fig, path)
 
 
-def _save_samples(r: RunResult, meta, fig_dir: Path) -> bool:
+def _save_samples(r: RunResult, meta, fig_dir: Path, name: str) -> bool:
     import torch
 
     from iwae.errors import IwaeError
-    from iwae.train import load_run
+    from iwae.train import WEIGHTS_FILE, load_run
 
-    path = fig_dir / "samples" / f"{r.name}.png"
-    if path.exists():
-        return True
+    path = fig_dir / "samples" / name
+    weights = Path(meta["_dir"]) / "runs" / r.name / WEIGHTS_FILE
+    if path.exists() and weights.exists() and path.stat().st_mtime >= weights.stat().st_mtime:
+        return True  # drawn from these weights already
     try:
         _, model = load_run(Path(meta["_dir"]) / "runs" / r.name)
     except IwaeError:
@@ -478,6 +481,7 @@ def write_report(directory: str | Path) -> Path:
     experiments.sort(key=lambda e: order.index(e[0][0]["experiment"]))
     for (meta, results), exp_dir in experiments:
         meta["_dir"] = str(exp_dir)
+        meta["_figure_prefix"] = exp_dir.name if exp_dir != directory else meta["experiment"]
         section = SECTIONS[meta["experiment"]](meta, results, fig_dir)
         lines += section + [f"Runs: `{exp_dir.relative_to(directory) if exp_dir != directory else '.'}/runs/`", ""]
     path = directory / REPORT_FILE
