@@ -161,21 +161,15 @@ def test_experiment_lists_the_runs_of_every_invocation(shared_data_dir, tmp_path
 
 def test_report_states_whether_table1_orderings_hold(tmp_path):
     """Table 1 from hand-made evaluations: the report's table and its verdicts on the orderings."""
-    from dataclasses import asdict
-
     runs = [r for r in grid("table1", stages=2) if r.label["dataset"] == "mnist" and r.label["layers"] == 1]
     nll = {("vae", 1): 95.0, ("iwae", 1): 95.0, ("vae", 5): 94.0, ("iwae", 5): 93.0, ("vae", 50): 92.0, ("iwae", 50): 92.5}
     units = {("vae", 1): 20, ("iwae", 1): 20, ("vae", 5): 21, ("iwae", 5): 24, ("vae", 50): 22, ("iwae", 50): 25}
-    (tmp_path / "experiment.json").write_text(json.dumps({
-        "experiment": "table1", "stages": 2, "seeds": 1, "passes_per_run": 4, "eval_k": 5000, "n_test": None,
-        "only": {"dataset": "mnist", "layers": "1"}, "runs": [asdict(r) for r in runs],
-    }))  # fmt: skip
-    for r in runs:
-        d = tmp_path / "runs" / r.name
-        d.mkdir(parents=True)
+
+    def evaluation(r):
         key = (r.label["objective"], r.label["k"])
-        (d / "evaluation.json").write_text(json.dumps({"nll": nll[key], "active_units": [units[key]], "iwae64": 0}))
-        (d / "activity.json").write_text(json.dumps({"unit_activity": [[0.5] * units[key] + [0.001] * 5]}))
+        return {"nll": nll[key], "active_units": [units[key]], "iwae64": 0}
+
+    _fake_experiment(tmp_path, "table1", runs, evaluation, seeds=1, only={"dataset": "mnist", "layers": "1"})
     text = write_report(tmp_path).read_text()
     assert "| mnist | 1 | 5 | 94.00 | 86.47 | 7.53 | 93.00 | 85.54 | 7.46 | 21 | 20 | 24 | 22 |" in text
     assert "6 of 6 runs finished (selected with --only: 6 of the grid's 24 runs)" in text
@@ -186,20 +180,22 @@ def test_report_states_whether_table1_orderings_hold(tmp_path):
     assert (tmp_path / "figures" / "table1-activity.png").exists()
 
 
-def _fake_experiment(tmp_path, name, runs, evaluation_of):
-    """An experiment directory with hand-made evaluations (no training)."""
+def _fake_experiment(tmp_path, name, runs, evaluation_of, **meta):
+    """An experiment directory with hand-made evaluations (no training); ``meta`` overrides
+    keys of its experiment.json."""
     from dataclasses import asdict
 
     tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "experiment.json").write_text(json.dumps({
         "experiment": name, "stages": 2, "seeds": 2, "passes_per_run": 4, "eval_k": 5000, "n_test": None,
-        "runs": [asdict(r) for r in runs],
+        "runs": [asdict(r) for r in runs], **meta,
     }))  # fmt: skip
     for r in runs:
         d = tmp_path / "runs" / r.name
         d.mkdir(parents=True)
-        (d / "evaluation.json").write_text(json.dumps(evaluation_of(r)))
-        units = evaluation_of(r)["active_units"][0]
+        evaluation = evaluation_of(r)
+        (d / "evaluation.json").write_text(json.dumps(evaluation))
+        units = evaluation["active_units"][0]
         (d / "activity.json").write_text(json.dumps({"unit_activity": [[0.5] * units + [0.001] * 5]}))
 
 

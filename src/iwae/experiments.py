@@ -308,7 +308,7 @@ def reuse_runs(runs: list[Run], out: Path, sources: list[Path], data_dir: str | 
     unless its evaluation already matches. Returns the names of the runs copied."""
     import shutil
 
-    from iwae.train import CONFIG_FILE, SUMMARY_FILE, WEIGHTS_FILE, TrainConfig
+    from iwae.train import CONFIG_FILE, SUMMARY_FILE, WEIGHTS_FILE, TrainConfig, write_json
 
     for source in sources:
         if not (source / "runs").is_dir():
@@ -334,7 +334,7 @@ def reuse_runs(runs: list[Run], out: Path, sources: list[Path], data_dir: str | 
         shutil.copytree(match, partial, ignore=shutil.ignore_patterns("checkpoint.safetensors", "tb"))
         timing = _read(partial / "runner.json") or {}
         timing["reused_from"] = str(match)
-        (partial / "runner.json").write_text(json.dumps(timing, indent=2) + "\n")
+        write_json(partial / "runner.json", timing)
         partial.rename(target)  # all at once: a half-copied run is never taken for a run
         copied.append(run.name)
         if progress:

@@ -82,12 +82,17 @@ class ModelConfig:
 FAST_TANH_MIN = 65536
 
 
+def _sigmoid_form_tanh(x: Tensor) -> Tensor:
+    """tanh(x) = 2 sigmoid(2x) - 1."""
+    return torch.sigmoid(x * 2.0).mul_(2.0).sub_(1.0)
+
+
 class _SigmoidTanh(torch.autograd.Function):
     """y = tanh(x) = 2 sigmoid(2x) - 1, with the backward of tanh, g (1 - y^2)."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
-        y = torch.sigmoid(x * 2.0).mul_(2.0).sub_(1.0)
+        y = _sigmoid_form_tanh(x)
         ctx.save_for_backward(y)
         return y
 
@@ -107,7 +112,7 @@ class Tanh(nn.Module):
             return torch.tanh(x)
         if torch.is_grad_enabled() and x.requires_grad:
             return _SigmoidTanh.apply(x)
-        return torch.sigmoid(x * 2.0).mul_(2.0).sub_(1.0)
+        return _sigmoid_form_tanh(x)
 
 
 def _mlp(d_in: int, hidden: tuple[int, ...]) -> tuple[nn.Sequential, int]:
