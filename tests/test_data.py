@@ -524,3 +524,45 @@ def test_binarize_fixed():
     np.testing.assert_array_equal(edges, [0, 1, 0, 1])
     with pytest.raises(ValueError):
         data.binarize_fixed(np.array([1.5]))
+
+
+def test_test_subsets_are_seeded_random_nested_and_sorted():
+    a = data.test_subset_indices(8070, 1000)
+    np.testing.assert_array_equal(a, data.test_subset_indices(8070, 1000))  # the same on every call
+    assert len(a) == len(set(a)) == 1000 and np.all(np.diff(a) > 0) and a.max() < 8070
+    assert not np.array_equal(a, np.arange(1000))  # never the first N
+    assert a.min() < 50 and a.max() > 8020  # drawn across the whole set
+    assert set(a) <= set(data.test_subset_indices(8070, 2000))  # nested
+    np.testing.assert_array_equal(data.test_subset_indices(10, None), np.arange(10))
+    np.testing.assert_array_equal(data.test_subset_indices(10, 10), np.arange(10))
+    np.testing.assert_array_equal(data.test_subset_indices(10, 99), np.arange(10))
+    assert data.test_subset_record(10, 5) == {"test_set_size": 10, "test_subset_seed": data.TEST_SUBSET_SEED}
+    assert data.test_subset_record(10, None) == data.test_subset_record(10, 10) == {"test_set_size": 10, "test_subset_seed": None}
+
+
+def test_binarized_test_subset_is_the_full_binarization_restricted():
+    """An image gets the same 0/1 pixels whether the whole test set or a subset is used,
+    and the subset is the seeded random one (checked against an independent binarization)."""
+    test = np.random.default_rng(3).random((300, 784), dtype=np.float32)
+    ds = data.Dataset("mnist", test[:10], test)
+    full = data.binarized_test(ds)
+    independent = (np.random.default_rng(0).random(test.shape, dtype=np.float32) < test).astype(np.float32)
+    np.testing.assert_array_equal(full, independent)
+    sub = data.binarized_test(ds, 40)
+    np.testing.assert_array_equal(sub, independent[data.test_subset_indices(300, 40)])
+
+
+def test_omniglot_test_subset_covers_every_alphabet(omniglot_built, shared_data_dir):
+    """OMNIGLOT's test set is ordered by alphabet: its first 1,000 images come from a few
+    alphabets only, a random subset of 1,000 from all of them."""
+    import csv
+
+    with open(shared_data_dir / "omniglot" / "characters.csv", newline="") as f:
+        alphabets = [row["alphabet"] for row in sorted(csv.DictReader(f), key=lambda r: int(r["char_id"]))]
+    # test images in character order: 5 drawings per character, 4 for Glagolitic (module docstring)
+    per_image = [a for a in alphabets for _ in range(4 if a == "Glagolitic" else 5)]
+    _, arrays = omniglot_built
+    assert len(per_image) == arrays["test"].shape[0] == 8070
+    every = set(alphabets)
+    assert len({per_image[i] for i in range(1000)}) < 10  # the first N: a handful of alphabets
+    assert {per_image[i] for i in data.test_subset_indices(8070, 1000)} == every

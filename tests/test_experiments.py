@@ -12,7 +12,7 @@ import pytest
 
 from iwae.cli import main
 from iwae.errors import IwaeError
-from iwae.experiments import VARIANTS, grid, reproduce, toy
+from iwae.experiments import VARIANTS, Run, grid, reproduce, toy
 from iwae.report import paper_tables, write_report
 from iwae.train import TrainConfig
 
@@ -253,7 +253,7 @@ def test_reuse_copies_finished_runs_with_identical_configurations(tmp_path, caps
         for name in ("summary.json", "metrics.jsonl", "model.safetensors", "checkpoint.safetensors"):
             (d / name).write_text("{}" if name.endswith(".json") else run.name)
         (d / "tb").mkdir()
-        (d / "evaluation.json").write_text(json.dumps({"k": 64, "n_test": 50, "nll": 90.0}))
+        (d / "evaluation.json").write_text(json.dumps({"k": 64, "n_test": 50, "test_subset_seed": 0, "nll": 90.0}))
     unfinished = source / "runs" / "mnist-l1-iwae-k50-s0" / "summary.json"
     unfinished.unlink()  # training not finished there: not reusable
 
@@ -288,3 +288,26 @@ def test_report_keeps_the_figures_of_two_table1_directories_apart(tmp_path):
     for name in ("table1-mnist", "table1-omniglot"):
         assert f"![unit activity](figures/{name}-activity.png)" in text
         assert (tmp_path / "figures" / f"{name}-activity.png").exists()
+
+
+def test_reuse_takes_vae_k1_for_iwae_k1_and_nothing_else(tmp_path):
+    """VAE and IWAE with k=1 are one objective (L_1, bit for bit): a finished IWAE k=1 run
+    is reused for the VAE k=1 cell; at k=5 they differ and nothing is copied."""
+    from iwae.experiments import reuse_runs
+    from iwae.train import TrainConfig
+
+    runs = [r for r in grid("table1", stages=2) if r.label["dataset"] == "mnist" and r.label["layers"] == 1]
+    source = tmp_path / "src"
+    for run in runs:
+        if run.label["objective"] == "iwae":
+            d = source / "runs" / run.name
+            d.mkdir(parents=True)
+            (d / "config.json").write_text(json.dumps(TrainConfig(**run.config).to_dict()))
+            (d / "summary.json").write_text("{}")
+            (d / "model.safetensors").write_text(run.name)
+    vae = [r for r in runs if r.label["objective"] == "vae"]
+    copied = reuse_runs(vae, tmp_path / "out", [source], data_dir=None, progress=False)
+    assert copied == ["mnist-l1-vae-k1-s0"]
+    assert (tmp_path / "out" / "runs" / "mnist-l1-vae-k1-s0" / "model.safetensors").read_text() == "mnist-l1-iwae-k1-s0"
+    dreg = [Run("x", dict(dataset="mnist", layers=1, objective="vae", k=1, estimator="dreg", stages=2))]
+    assert reuse_runs(dreg, tmp_path / "out2", [source], data_dir=None, progress=False) == []

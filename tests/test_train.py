@@ -15,7 +15,7 @@ import safetensors.torch
 import torch
 
 from iwae.cli import main
-from iwae.data import Dataset
+from iwae.data import Dataset, binarize_fixed, test_subset_indices
 from iwae.errors import IwaeError, RunDirError
 from iwae.model import VAE
 from iwae.train import CHECKPOINT_FILE, TrainConfig, load_run, read_metrics, resume, train
@@ -77,6 +77,15 @@ def test_run_directory_and_metrics(tmp_path):
     assert any(p.name.startswith("events.out.tfevents") for p in (run / "tb").iterdir())
     config, model = load_run(run)
     assert config == small_config()
+    # at every stage end the test NLL with 5,000 samples on the logged random test subset
+    staged = [m for m in metrics if "test_nll_subset" in m]
+    assert [m["pass"] for m in staged] == [1, 4, 13]
+    assert all((m["test_nll_subset_k"], m["test_nll_subset_n"]) == (5000, 50) for m in staged)
+    x = torch.from_numpy(binarize_fixed(synthetic().test, seed=0)[test_subset_indices(100, 50)])
+    log_w = model.log_weights(x, 5000, torch.Generator().manual_seed(13)).detach()  # independent of evaluate's chunks
+    exact = -(torch.logsumexp(log_w.double(), 0) - np.log(5000)).mean().item()
+    assert abs(staged[-1]["test_nll_subset"] - exact) < 0.05  # another draw of the same estimate
+    assert all(m["test_nll_subset"] < -m["test_iwae64"] + 0.05 for m in staged)  # L_5000 above L_64
     with pytest.raises(RunDirError, match="not empty"):
         train(small_config(), run, dataset=synthetic(), progress=False)
 
@@ -278,7 +287,8 @@ def test_persistent_non_finite_steps_stop_training(tmp_path, monkeypatch):
     run = tmp_path / "run"
     _poison_log_weights(monkeypatch, lambda n: n > 50)  # pass 1 (20 steps) and 2 are fine, then all bad
     with pytest.raises(IwaeError, match="5 consecutive steps"):
-        train(small_config(stages=3, max_bad_steps=5), run, dataset=synthetic(), progress=False)
+        # stage_nll_k=0: the stage-end test NLL would call log_weights too and move the count
+        train(small_config(stages=3, max_bad_steps=5, stage_nll_k=0), run, dataset=synthetic(), progress=False)
     monkeypatch.undo()
     assert [m["pass"] for m in read_metrics(run)] == [1, 2]  # checkpointed after pass 1 (stage 1's end)
     resume(run, dataset=synthetic(), progress=False)  # the last good checkpoint is intact

@@ -72,6 +72,8 @@ __all__ = [
     "Dataset",
     "binarize_fixed",
     "binarized_test",
+    "test_subset_indices",
+    "test_subset_record",
     "load_dataset",
     "load_mnist",
     "load_omniglot",
@@ -599,7 +601,36 @@ def binarize_fixed(x: np.ndarray, seed: int = 0) -> np.ndarray:
     return (u < x).astype(np.float32)
 
 
+#: seed of the random test subsets (``--n-test N``, the test bounds logged in training)
+TEST_SUBSET_SEED = 0
+
+
+def test_subset_indices(size: int, n: int | None = None, seed: int = TEST_SUBSET_SEED) -> np.ndarray:
+    """Indices (sorted) of a seeded random subset of ``n`` of ``size`` test images; all of
+    them when ``n`` is None or >= ``size``.
+
+    The subset is the first ``n`` entries of one fixed permutation, so subsets of one test
+    set are nested (the 1,000-image subset lies inside the 2,000-image one) and drawn
+    across the whole set: test sets may be ordered (OMNIGLOT's is, by alphabet), so the
+    first ``n`` images are not a fair sample.
+    """
+    if n is None or n >= size:
+        return np.arange(size)
+    if n < 1:
+        raise IwaeError(f"a test subset needs at least 1 image, got {n}")
+    return np.sort(np.random.default_rng(seed).permutation(size)[:n])
+
+
+def test_subset_record(size: int, n: int | None = None) -> dict:
+    """What ``evaluation.json`` says of the test images used: the test set's size and,
+    for a random subset, its seed (None when the whole set was used)."""
+    subset = n is not None and n < size
+    return {"test_set_size": int(size), "test_subset_seed": TEST_SUBSET_SEED if subset else None}
+
+
 def binarized_test(dataset: Dataset, n: int | None = None) -> np.ndarray:
-    """The first ``n`` (default all) test images of ``dataset``, binarized once with the
-    fixed seed 0: the test set every evaluation and every logged test bound uses."""
-    return binarize_fixed(dataset.test[:n], seed=0)
+    """The test set of ``dataset`` binarized once with the fixed seed 0 (every image gets
+    the same 0/1 pixels on every call, whatever ``n``), then the seeded random subset of
+    ``n`` images (:func:`test_subset_indices`; default all): the test images every
+    evaluation and every logged test bound uses."""
+    return binarize_fixed(dataset.test, seed=0)[test_subset_indices(dataset.test.shape[0], n)]

@@ -165,23 +165,24 @@ def grid(name: str, stages: int, seeds: int | None = None) -> list[Run]:
 
 
 def run_one(run: dict, exp_dir: str, data_dir: str | None, threads: int, eval_k: int = EVAL_K,
-            n_test: int | None = None) -> dict:
+            n_test: int | None = None, flush_denormal: bool = True) -> dict:
     """Train (or resume) and evaluate one run in ``exp_dir/runs/NAME``; a finished run is
     skipped. Runs in a worker process (local backend) or a Ray task."""
     import torch
 
     from iwae import data as iwae_data
     from iwae.evaluate import evaluate, unit_activity
-    from iwae.train import CHECKPOINT_FILE, SUMMARY_FILE, TrainConfig, load_run, resume, train, write_json
+    from iwae.train import CHECKPOINT_FILE, SUMMARY_FILE, TrainConfig, flush_denormals, load_run, resume, train, write_json
 
     torch.set_num_threads(threads)
+    flush_denormals(flush_denormal)
     run = Run(**run)
     out = Path(exp_dir) / "runs" / run.name
     timing = _read(out / "runner.json") or {}
     done = _read(out / "evaluation.json")
     full = iwae_data.TEST_SIZES[run.config["dataset"]]
-    if done and (done.get("k"), done.get("n_test")) == (eval_k, min(n_test or full, full)):
-        return {"name": run.name, "status": "skipped"}  # evaluated as this experiment asks
+    if _evaluated_as_asked(done, eval_k, n_test, full):
+        return {"name": run.name, "status": "skipped"}
     started = time.perf_counter()
     if (out / CHECKPOINT_FILE).exists():  # interrupted (or finished: then resume does nothing)
         resume(out, progress=False)
@@ -194,8 +195,10 @@ def run_one(run: dict, exp_dir: str, data_dir: str | None, threads: int, eval_k:
 
     started = time.perf_counter()
     config, model = load_run(out)
-    x = torch.from_numpy(iwae_data.binarized_test(iwae_data.load_dataset(config.dataset, data_dir), n_test))
+    dataset = iwae_data.load_dataset(config.dataset, data_dir)
+    x = torch.from_numpy(iwae_data.binarized_test(dataset, n_test))
     result = evaluate(model, x, k=eval_k, seed=0)
+    result.update(iwae_data.test_subset_record(dataset.test.shape[0], n_test))
     activity = [a.tolist() for a in unit_activity(model, x)]
     timing.update(eval_wall_s=time.perf_counter() - started, threads=threads, host=socket.gethostname(),
                   cpu=_cpu_name(), torch=torch.__version__)  # fmt: skip
@@ -203,6 +206,18 @@ def run_one(run: dict, exp_dir: str, data_dir: str | None, threads: int, eval_k:
     write_json(out / "runner.json", timing)
     write_json(out / "evaluation.json", result)  # last: marks the run finished
     return {"name": run.name, "status": "done", **result}
+
+
+def _evaluated_as_asked(done: dict | None, eval_k: int, n_test: int | None, full: int) -> bool:
+    """Whether an ``evaluation.json`` used ``eval_k`` samples on the test images asked for:
+    the whole set, or the seeded random subset of ``n_test`` (an evaluation on the first N
+    images, made before subsets were random, is done again)."""
+    from iwae.data import TEST_SUBSET_SEED
+
+    n = min(n_test or full, full)
+    if not done or (done.get("k"), done.get("n_test")) != (eval_k, n):
+        return False
+    return n == full or done.get("test_subset_seed") == TEST_SUBSET_SEED
 
 
 def _read(path: Path):
@@ -240,6 +255,7 @@ def reproduce(
     only: dict | None = None,
     threads: int | None = None,
     reuse: list[str | Path] | None = None,
+    flush_denormal: bool = True,
 ) -> list[dict]:
     """Run experiment ``name`` in ``out`` with ``workers`` parallel runs; finished runs are
     skipped and interrupted ones resumed. Returns one status per run.
@@ -293,11 +309,11 @@ def reproduce(
     if threads is None:  # never more threads than cores in all: oversubscribed torch threads crawl
         threads = max(1, (os.cpu_count() or 1) // workers) if backend == "local" else 1
     execute = _execute_ray if backend == "ray" else _execute_local
-    return execute(runs, str(out), data_dir, threads, workers, progress, (eval_k, n_test))
+    return execute(runs, str(out), data_dir, threads, workers, progress, (eval_k, n_test, flush_denormal))
 
 
 #: configuration keys that do not change what a run computes
-_NOT_COMPARED = ("data_dir", "checkpoint_minutes")
+_NOT_COMPARED = ("data_dir", "checkpoint_minutes", "stage_nll_k")
 
 
 def reuse_runs(runs: list[Run], out: Path, sources: list[Path], data_dir: str | None, progress: bool = True) -> list[str]:
@@ -318,15 +334,16 @@ def reuse_runs(runs: list[Run], out: Path, sources: list[Path], data_dir: str | 
         for run_dir in sorted((source / "runs").iterdir()):
             config = _read(run_dir / CONFIG_FILE)
             if isinstance(config, dict) and (run_dir / SUMMARY_FILE).exists() and (run_dir / WEIGHTS_FILE).exists():
-                finished.append(({k: v for k, v in config.items() if k not in _NOT_COMPARED}, run_dir))
+                finished.append((_training_key(config, exact=True), _training_key(config), run_dir))
     copied = []
     for run in runs:
         target = out / "runs" / run.name
         if run.after is not None or target.exists():
             continue
-        wanted = {k: v for k, v in TrainConfig(**run.config, data_dir=data_dir).to_dict().items() if k not in _NOT_COMPARED}
-        wanted = json.loads(json.dumps(wanted))  # tuples as lists, as config.json has them
-        match = next((d for config, d in finished if config == wanted), None)
+        config = json.loads(json.dumps(TrainConfig(**run.config, data_dir=data_dir).to_dict()))  # lists, as in config.json
+        exact, same = _training_key(config, exact=True), _training_key(config)
+        match = next((d for key, _, d in finished if key == exact), None)  # the same run if there is one
+        match = match or next((d for _, key, d in finished if key == same), None)
         if match is None:
             continue
         partial = target.with_name(target.name + ".copying")
@@ -340,6 +357,19 @@ def reuse_runs(runs: list[Run], out: Path, sources: list[Path], data_dir: str | 
         if progress:
             print(f"{run.name}: reused from {match}", flush=True)
     return copied
+
+
+def _training_key(config: dict, exact: bool = False) -> dict:
+    """What a run's training computes, from its ``config.json`` keys: without the keys that
+    change nothing (:data:`_NOT_COMPARED`), and with VAE and IWAE at k = 1 written alike:
+    both are then the ELBO of one sample, L_1, the same value and gradient bit for bit
+    (logsumexp of one log-weight is that log-weight), so Table 1's VAE k=1 and IWAE k=1
+    are one training run (``exact``: written as they are)."""
+    key = {k: v for k, v in config.items() if k not in _NOT_COMPARED}
+    if not exact and key.get("objective") in ("vae", "iwae") and key.get("k") == 1 and key.get("m", 1) == 1 and \
+            key.get("estimator", "reparam") in ("reparam", "stl"):  # fmt: skip
+        key["objective"] = "vae=iwae(k=1)"
+    return key
 
 
 def _as_list(only) -> list:

@@ -12,7 +12,8 @@ A run directory holds
 - ``checkpoint.safetensors`` weights, Adam state, every random-number state and the
   position in the schedule, saved every few minutes and at the end of every stage,
 - ``metrics.jsonl``     one JSON object per pass (train bound, learning rate, seconds,
-  skipped steps, and every few passes the IWAE-64 bound on part of the test set),
+  skipped steps, every few passes the IWAE-64 bound on a seeded random subset of the test
+  set, and at every stage end the test NLL with ``stage_nll_k`` samples on that subset),
 - ``tb/``               TensorBoard event files with the same numbers, active units and samples,
 - ``summary.json``      written last: a run with it is finished.
 
@@ -82,6 +83,7 @@ class TrainConfig:
     eval_every: int = 10
     eval_n: int = 1000
     curve_k: int | None = None
+    stage_nll_k: int = 5000
     checkpoint_minutes: float = 5.0
     max_bad_steps: int = 20
     init_weights: str | None = None
@@ -105,6 +107,8 @@ class TrainConfig:
                 raise IwaeError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.n_train is not None and self.n_train < 1:
             raise IwaeError(f"n_train must be >= 1, got {self.n_train}")
+        if self.stage_nll_k < 0:
+            raise IwaeError(f"stage_nll_k must be >= 0 (0: off), got {self.stage_nll_k}")
         if self.curve_k is not None and self.curve_k < 64:
             raise IwaeError(f"curve_k must be >= 64 (IWAE-64 uses its first 64 samples), got {self.curve_k}")
         if not self.checkpoint_minutes > 0:
@@ -382,6 +386,15 @@ def auto_threads(rows_per_step: int, cores: int | None = None) -> int:
     return 1 if rows_per_step < SMALL_STEP_ROWS else cores
 
 
+def flush_denormals(enabled: bool = True) -> bool:
+    """Set the CPU to flush denormal floats to zero (FTZ/DAZ), process-wide; returns whether
+    this CPU supports it (x86 with SSE3). On by default in every command: on some CPUs
+    (the Intel Xeon kind with AMX) matmuls over weights and gradients holding denormals run
+    several times slower, and values below 1.2e-38 do not move any bound this library
+    computes (tests/test_train.py checks that the printed results are unchanged)."""
+    return bool(torch.set_flush_denormal(enabled))
+
+
 def adam(params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-4) -> torch.optim.Adam:
     """Adam, fused into one kernel where this torch supports it for the parameters' device
     (CPU from torch 2.4): 1.2x faster training steps at batch 20, k=5 (bench/README.md)."""
@@ -587,6 +600,8 @@ def train(
             }
             if lead and ((p + 1) % config.eval_every == 0 or p in stage_ends):
                 record.update(_test_bounds(model, test_x, config.curve_k, seed=p + 1))
+            if lead and p in stage_ends and config.stage_nll_k:
+                record.update(_stage_nll(model, test_x, config.stage_nll_k, seed=p + 1))
             bar.set_postfix(bound=f"{record['train_bound']:.2f}")
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
@@ -639,6 +654,14 @@ def _test_bounds(model: VAE, test_x: torch.Tensor, curve_k: int | None, seed: in
     return {"test_iwae64": iwae64, "test_log_px": log_px, "test_neg_kl_q_p": iwae64 - log_px}
 
 
+def _stage_nll(model: VAE, test_x: torch.Tensor, k: int, seed: int) -> dict:
+    """The test NLL -mean L_k on the logged test subset, for the budget ladder of the report."""
+    from iwae.evaluate import iwae_bound
+
+    return {"test_nll_subset": -iwae_bound(model, test_x, k=k, seed=seed), "test_nll_subset_k": k,
+            "test_nll_subset_n": int(test_x.shape[0])}  # fmt: skip
+
+
 def resume(run_dir: str | Path, dataset=None, progress: bool = True, device: str | None = None) -> dict:
     """Continue an interrupted run from its checkpoint (``iwae train --resume``)."""
     return train(load_config(run_dir), run_dir, dataset=dataset, progress=progress, device=device, resume=True)
@@ -669,7 +692,7 @@ def _tensorboard(out: Path, purge_step: int | None):
 
 
 def _log_pass(board, record: dict) -> None:
-    for key in ("train_bound", "test_iwae64", "lr", "seconds", "skipped_steps"):
+    for key in ("train_bound", "test_iwae64", "test_nll_subset", "lr", "seconds", "skipped_steps"):
         if key in record:
             board.add_scalar(key, record[key], record["pass"])
 
