@@ -68,7 +68,8 @@ def test_end_to_end_on_a_subset(shared_data_dir, tmp_path, capsys, monkeypatch, 
     """Train a few hundred steps, evaluate, sample: the NLL beats the pixel-mean model."""
     import torch
 
-    from iwae.data import binarize_fixed, load_dataset
+    from iwae.data import binarize_fixed, load_dataset, test_subset_indices
+    from iwae.train import read_evaluation_images
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     threads_before = torch.get_num_threads()
@@ -95,8 +96,14 @@ def test_end_to_end_on_a_subset(shared_data_dir, tmp_path, capsys, monkeypatch, 
     assert result["n_test"] == n_test and result["k"] == 200 and len(result["active_units"]) == int(layers)
 
     data = load_dataset(dataset, shared_data_dir)
+    subset = test_subset_indices(data.test.shape[0], n_test)
+    assert result["test_subset_seed"] == 0 and result["test_set_size"] == data.test.shape[0]
+    per_image = read_evaluation_images(run)  # the per-image values behind the means, on the subset's images
+    assert np.array_equal(per_image["test_index"].numpy(), subset)
+    assert math.isclose(-per_image["log_px"].double().mean().item(), result["nll"], rel_tol=1e-9)
+    assert math.isclose(per_image["iwae64"].double().mean().item(), result["iwae64"], rel_tol=1e-9)
     p = np.clip(data.train[:n_train].mean(0), 0.001, 0.999)
-    x = binarize_fixed(data.test[:n_test], seed=0)
+    x = binarize_fixed(data.test, seed=0)[subset]
     baseline_nll = -(x * np.log(p) + (1 - x) * np.log1p(-p)).sum(1).mean()
     assert result["nll"] < baseline_nll - {"mnist": 40, "omniglot": 15}[dataset], (result["nll"], baseline_nll)
     assert result["elbo"] < result["iwae64"] <= result["log_px"] + 1.0

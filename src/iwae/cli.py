@@ -138,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="test NLL (L_5000), IWAE-64, log p-hat(x), -KL(Q||P), ELBO and active units",
         description="Evaluate a trained run on its test set: NLL = -mean L_k with its standard error, "
         "IWAE-64, log p-hat(x) = mean L_k, -KL(Q||P) = IWAE-64 - log p-hat(x), the ELBO and the active units per layer. "
-        "The test images are binarized once with a fixed seed. The result is also written to RUN_DIR/evaluation.json.",
+        "The test images are binarized once with a fixed seed. The result is also written to RUN_DIR/evaluation.json, "
+        "and the per-image values (L_k, IWAE-64, ELBO and each image's index in the test set) to "
+        "RUN_DIR/evaluation.safetensors.",
     )
     e.add_argument("run_dir", metavar="RUN_DIR", type=_existing_run, help="a directory written by `iwae train`")
     e.add_argument("--k", "-k", type=_positive_int, default=5000, help="importance samples per test image (default: 5000)")
@@ -380,16 +382,16 @@ def _evaluate(args) -> int:
     import torch
 
     from iwae import data as iwae_data
-    from iwae.evaluate import evaluate
-    from iwae.train import SUMMARY_FILE, load_run, pick_device, write_json
+    from iwae.evaluate import evaluate_images
+    from iwae.train import SUMMARY_FILE, load_run, pick_device, write_evaluation
 
     device = pick_device(args.device)
     config, model = load_run(args.run_dir, device)
     dataset = iwae_data.load_dataset(config.dataset, args.data_dir or config.data_dir)
     x = torch.from_numpy(iwae_data.binarized_test(dataset, args.n_test)).to(device)
-    result = evaluate(model, x, k=args.k, seed=args.seed, progress=not args.quiet)
+    result, per_image = evaluate_images(model, x, k=args.k, seed=args.seed, progress=not args.quiet)
     result.update(iwae_data.test_subset_record(dataset.test.shape[0], args.n_test))
-    write_json(args.run_dir / "evaluation.json", result)
+    write_evaluation(args.run_dir, result, per_image, iwae_data.test_subset_indices(dataset.test.shape[0], args.n_test))
     if args.json:
         print(json.dumps(result, indent=2))
     else:

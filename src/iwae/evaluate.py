@@ -118,6 +118,20 @@ def evaluate(
     progress: bool = False,
 ) -> dict:
     """All test metrics for binarized test images ``x`` [N, D]; the keys of ``iwae evaluate --json``."""
+    return evaluate_images(model, x, k, seed, max_rows, progress)[0]
+
+
+def evaluate_images(
+    model: VAE,
+    x: Tensor,
+    k: int = 5000,
+    seed: int = 0,
+    max_rows: int = MAX_ROWS,
+    progress: bool = False,
+) -> tuple[dict, dict[str, Tensor]]:
+    """:func:`evaluate`, and the per-image values behind its means (float32 [N] each):
+    ``log_px`` = L_k(x), ``iwae64`` and ``elbo``. Two models evaluated on the same images
+    are compared with the paired standard error of their per-image differences."""
     was_training = model.training
     model.eval()
     r = log_weight_reductions(model, x, k, k_small=64, seed=seed, max_rows=max_rows, progress=progress)
@@ -136,7 +150,8 @@ def evaluate(
         "k": k,
     }
     model.train(was_training)
-    return result
+    per_image = {name: r[key].cpu() for name, key in (("log_px", "log_px"), ("iwae64", "small"), ("elbo", "elbo"))}
+    return result, per_image
 
 
 # -- gradient signal-to-noise ratios (Rainforth et al. 2018, section 3) --------------------

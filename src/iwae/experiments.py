@@ -171,8 +171,9 @@ def run_one(run: dict, exp_dir: str, data_dir: str | None, threads: int, eval_k:
     import torch
 
     from iwae import data as iwae_data
-    from iwae.evaluate import evaluate, unit_activity
-    from iwae.train import CHECKPOINT_FILE, SUMMARY_FILE, TrainConfig, flush_denormals, load_run, resume, train, write_json
+    from iwae.evaluate import evaluate_images, unit_activity
+    from iwae.train import (CHECKPOINT_FILE, SUMMARY_FILE, TrainConfig, flush_denormals, load_run, resume, train,
+                            write_evaluation, write_json)  # fmt: skip
 
     torch.set_num_threads(threads)
     flush_denormals(flush_denormal)
@@ -197,14 +198,15 @@ def run_one(run: dict, exp_dir: str, data_dir: str | None, threads: int, eval_k:
     config, model = load_run(out)
     dataset = iwae_data.load_dataset(config.dataset, data_dir)
     x = torch.from_numpy(iwae_data.binarized_test(dataset, n_test))
-    result = evaluate(model, x, k=eval_k, seed=0)
+    result, per_image = evaluate_images(model, x, k=eval_k, seed=0)
     result.update(iwae_data.test_subset_record(dataset.test.shape[0], n_test))
     activity = [a.tolist() for a in unit_activity(model, x)]
     timing.update(eval_wall_s=time.perf_counter() - started, threads=threads, host=socket.gethostname(),
                   cpu=_cpu_name(), torch=torch.__version__)  # fmt: skip
     write_json(out / "activity.json", {"unit_activity": activity, "threshold": 0.01})
     write_json(out / "runner.json", timing)
-    write_json(out / "evaluation.json", result)  # last: marks the run finished
+    # last: evaluation.json marks the run finished
+    write_evaluation(out, result, per_image, iwae_data.test_subset_indices(dataset.test.shape[0], n_test))
     return {"name": run.name, "status": "done", **result}
 
 

@@ -211,6 +211,25 @@ def write_json(path: Path, obj) -> None:
     atomic_write(Path(path), lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
+EVALUATION_FILE = "evaluation.json"
+EVALUATION_IMAGES_FILE = "evaluation.safetensors"
+
+
+def write_evaluation(run_dir: Path, result: dict, per_image: dict[str, torch.Tensor], test_index) -> None:
+    """``evaluation.safetensors`` (per-image ``log_px``, ``iwae64``, ``elbo`` and the
+    ``test_index`` of each image in the test set), then ``evaluation.json`` (the means)."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in per_image.items()}
+    tensors["test_index"] = torch.as_tensor(np.asarray(test_index), dtype=torch.int32)
+    atomic_write(Path(run_dir) / EVALUATION_IMAGES_FILE, lambda f: f.write(safetensors.torch.save(tensors)))
+    write_json(Path(run_dir) / EVALUATION_FILE, result)
+
+
+def read_evaluation_images(run_dir: str | Path) -> dict[str, torch.Tensor] | None:
+    """The per-image values of a run's evaluation, or None where it has none."""
+    path = Path(run_dir) / EVALUATION_IMAGES_FILE
+    return _read_safetensors(path)[0] if path.exists() else None
+
+
 def save_weights(model: VAE, path: Path) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(Path(path), lambda f: f.write(safetensors.torch.save(state)))
@@ -528,7 +547,7 @@ def train(
             atomic_write(out / METRICS_FILE, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
     elif lead:
         out.mkdir(parents=True, exist_ok=True)
-        for stale in (SUMMARY_FILE, METRICS_FILE, CHECKPOINT_FILE, WEIGHTS_FILE, "evaluation.json"):
+        for stale in (SUMMARY_FILE, METRICS_FILE, CHECKPOINT_FILE, WEIGHTS_FILE, EVALUATION_FILE, EVALUATION_IMAGES_FILE):
             (out / stale).unlink(missing_ok=True)
         shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)
         write_json(out / CONFIG_FILE, config.to_dict())
