@@ -385,3 +385,59 @@ def test_bad_run_directories_on_the_command_line(finished_run, tmp_path, capsys,
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and what in err, err
     assert not (tmp_path / "grid.png").exists()
+
+
+def test_flushing_denormals_leaves_the_printed_results_unchanged(shared_data_dir, tmp_path):
+    """Denormals flushed (the default of every command) or not: the same bounds on a fixed
+    seed, to the digits `iwae train` prints (real MNIST, two passes, stage-end NLL)."""
+    from iwae.train import flush_denormals
+
+    config = TrainConfig(dataset="mnist", objective="iwae", k=5, epochs=2, n_train=2000, eval_n=200, eval_every=1,
+                         stage_nll_k=500, data_dir=str(shared_data_dir))  # fmt: skip
+    printed = {}
+    try:
+        for flush in (False, True):
+            assert flush_denormals(flush)  # supported on the x86 CPUs CI runs on
+            train(config, tmp_path / str(flush), progress=False)
+            printed[flush] = [(f"{m['train_bound']:.2f}", f"{m['test_iwae64']:.2f}") for m in read_metrics(tmp_path / str(flush))]
+            printed[flush].append(f"{read_metrics(tmp_path / str(flush))[-1]['test_nll_subset']:.2f}")
+    finally:
+        flush_denormals(False)  # torch's default
+    assert printed[True] == printed[False]
+
+
+def test_train_step_skips_on_the_device_without_reading_the_host(monkeypatch):
+    """The non-finite guard stays on the device: no .item()/bool() in a step (a host sync on
+    a GPU), and a skipped step leaves the weights, Adam's moments and its step count as they were."""
+    from iwae.bounds import Objective
+    from iwae.model import ModelConfig
+    from iwae.train import adam, train_step
+
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(x_dim=12, latent=(3,), hidden=((8,),)))
+    optimizer = adam(model.parameters())
+    assert optimizer.defaults["fused"]
+    objective, g = Objective("iwae", k=4), torch.Generator().manual_seed(0)
+    x = torch.bernoulli(torch.full((5, 12), 0.4), generator=g)
+
+    def no_host_read(*args):
+        raise AssertionError("a host read of a tensor inside train_step")
+
+    train_step(model, objective, optimizer, x, g)  # Adam's state exists from here on
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = [{k: v.clone() for k, v in optimizer.state[p].items()} for p in model.parameters()]
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "item", no_host_read)
+        m.setattr(torch.Tensor, "__bool__", no_host_read)
+        bad = x.clone()
+        bad[0, 0] = float("nan")
+        value, skipped = train_step(model, objective, optimizer, bad, g)
+        assert skipped.shape == () and skipped.device == x.device
+    assert skipped.item() == 1.0 and not torch.isfinite(value)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    for p, saved in zip(model.parameters(), moments):
+        assert all(torch.equal(v, optimizer.state[p][k]) for k, v in saved.items())
+    value, skipped = train_step(model, objective, optimizer, x, g)
+    assert skipped.item() == 0.0 and torch.isfinite(value)
+    assert not torch.equal(before["encoder.0.mean.weight"], model.state_dict()["encoder.0.mean.weight"])
+    assert all(optimizer.state[p]["step"].item() == 2 for p in model.parameters())

@@ -92,6 +92,20 @@ def dreg_surrogate(log_w: Tensor, m: int = 1) -> Tensor:
     return (w_tilde.square() * groups).sum(1).mean(0)
 
 
+#: How the gradient of each objective reaches the two networks, per estimator:
+#: "joint" = minus the batch-mean bound differentiated with respect to all parameters;
+#: "split" = the decoder's gradient from the bound (IWAE over all M*K samples for PIWAE),
+#: the encoder's from :meth:`Objective.encoder_surrogate`.
+GRADIENT_ROUTES = {
+    #          reparam   stl      dreg
+    "vae": ("joint", "joint", "joint"),  # DReG of the VAE (groups of one, w~ = 1) is STL
+    "iwae": ("joint", "joint", "split"),
+    "miwae": ("joint", "joint", "split"),
+    "ciwae": ("joint", "joint", "split"),
+    "piwae": ("split", "split", "split"),  # two bounds: IWAE for the decoder, MIWAE for the encoder
+}
+
+
 @dataclass(frozen=True)
 class Objective:
     """A training objective: which bound, with ``k`` samples in each of ``m`` groups.
@@ -144,6 +158,11 @@ class Objective:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def route(self) -> str:
+        """"joint" or "split": :data:`GRADIENT_ROUTES` for this objective and estimator."""
+        return GRADIENT_ROUTES[self.name][ESTIMATORS.index(self.estimator)]
+
     def bound(self, log_w: Tensor) -> Tensor:
         """The objective's bound per example, [S, B] -> [B]; for PIWAE the decoder's
         bound IWAE over all M*K samples (the encoder's is MIWAE(M, K))."""
@@ -155,10 +174,11 @@ class Objective:
             return miwae(log_w, self.m)
         return ciwae(log_w, self.beta)
 
-    def log_weights(self, model, x: Tensor, generator=None) -> Tensor:
+    def log_weights(self, model, x: Tensor, generator=None, noise=None) -> Tensor:
         """The M*K log-weights per example that :meth:`backward` expects, [M*K, B]: with
-        q's parameters stopped inside log q for the stl and dreg estimators."""
-        return model.log_weights(x, self.samples, generator, stop_q=self.estimator != "reparam")
+        q's parameters stopped inside log q for the stl and dreg estimators (``noise``: an
+        explicit source of the samples' noise, :data:`iwae.model.Noise`)."""
+        return model.log_weights(x, self.samples, generator, stop_q=self.estimator != "reparam", noise=noise)
 
     def encoder_surrogate(self, log_w: Tensor) -> Tensor:
         """Per example [B], the function whose encoder gradient is this estimator's:
@@ -178,13 +198,14 @@ class Objective:
         ``log_w`` must come from :meth:`log_weights` (stl and dreg need q's parameters
         stopped inside log q; plain ``model.log_weights`` would give them a biased score term).
 
-        With the reparam or stl estimator all objectives but PIWAE are one bound
-        differentiated with respect to all parameters. PIWAE, and DReG, route two
-        surrogates to two parameter sets: grad_theta = -grad_theta mean_b bound (IWAE_{M*K}
-        for PIWAE) and grad_phi = -grad_phi mean_b :meth:`encoder_surrogate`.
+        :data:`GRADIENT_ROUTES` says which objectives are one bound differentiated with
+        respect to all parameters ("joint": all but PIWAE under reparam and stl) and which
+        route two surrogates to two parameter sets ("split"): grad_theta = -grad_theta
+        mean_b bound (IWAE_{M*K} for PIWAE) and grad_phi = -grad_phi mean_b
+        :meth:`encoder_surrogate`.
         """
         value = self.bound(log_w).mean()
-        if self.name != "piwae" and (self.estimator != "dreg" or self.name == "vae"):
+        if self.route == "joint":
             (-value).backward()
             return value.detach()
         encoder_params, decoder_params = list(encoder_params), list(decoder_params)

@@ -290,7 +290,7 @@ def _report(args) -> int:
 def _toy(args) -> int:
     from iwae.experiments import toy
     from iwae.report import plot_toy
-    from iwae.train import write_json
+    from iwae.rundir import write_json
 
     out = Path(args.out)
     if not out.is_dir():
@@ -383,7 +383,8 @@ def _evaluate(args) -> int:
 
     from iwae import data as iwae_data
     from iwae.evaluate import evaluate_images
-    from iwae.train import SUMMARY_FILE, load_run, pick_device, write_evaluation
+    from iwae.rundir import SUMMARY_FILE, write_evaluation
+    from iwae.train import load_run, pick_device
 
     device = pick_device(args.device)
     config, model = load_run(args.run_dir, device)
@@ -435,7 +436,8 @@ def _snr(args) -> int:
     from iwae.evaluate import gradient_snr_curve
     from iwae.model import VAE, ModelConfig
     from iwae.report import save_snr_plot
-    from iwae.train import load_run, pick_device, write_json
+    from iwae.rundir import write_json
+    from iwae.train import load_run, pick_device
 
     out = Path(args.out)
     if (args.run_dir is None) == (args.preset is None):

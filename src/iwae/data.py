@@ -628,6 +628,9 @@ def test_subset_record(size: int, n: int | None = None) -> dict:
     return {"test_set_size": int(size), "test_subset_seed": TEST_SUBSET_SEED if subset else None}
 
 
+test_subset_indices.__test__ = test_subset_record.__test__ = False  # not tests, for pytest's collection
+
+
 def binarized_test(dataset: Dataset, n: int | None = None) -> np.ndarray:
     """The test set of ``dataset`` binarized once with the fixed seed 0 (every image gets
     the same 0/1 pixels on every call, whatever ``n``), then the seeded random subset of

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from iwae.errors import IwaeError
+from iwae.rundir import read_json
 
 EVAL_K = 5000
 CURVE_K = 1000  # samples of log p-hat(x) in learning curves (on the first eval_n test images)
@@ -172,15 +173,15 @@ def run_one(run: dict, exp_dir: str, data_dir: str | None, threads: int, eval_k:
 
     from iwae import data as iwae_data
     from iwae.evaluate import evaluate_images, unit_activity
-    from iwae.train import (CHECKPOINT_FILE, SUMMARY_FILE, TrainConfig, flush_denormals, load_run, resume, train,
-                            write_evaluation, write_json)  # fmt: skip
+    from iwae.rundir import CHECKPOINT_FILE, SUMMARY_FILE, write_evaluation, write_json
+    from iwae.train import TrainConfig, flush_denormals, load_run, resume, train
 
     torch.set_num_threads(threads)
     flush_denormals(flush_denormal)
     run = Run(**run)
     out = Path(exp_dir) / "runs" / run.name
-    timing = _read(out / "runner.json") or {}
-    done = _read(out / "evaluation.json")
+    timing = read_json(out / "runner.json", required=False) or {}
+    done = read_json(out / "evaluation.json", required=False)
     full = iwae_data.TEST_SIZES[run.config["dataset"]]
     if _evaluated_as_asked(done, eval_k, n_test, full):
         return {"name": run.name, "status": "skipped"}
@@ -220,13 +221,6 @@ def _evaluated_as_asked(done: dict | None, eval_k: int, n_test: int | None, full
     if not done or (done.get("k"), done.get("n_test")) != (eval_k, n):
         return False
     return n == full or done.get("test_subset_seed") == TEST_SUBSET_SEED
-
-
-def _read(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def _cpu_name() -> str:
@@ -285,7 +279,7 @@ def reproduce(
             "passes_per_run": sum(3**i for i in range(stages)), "eval_k": eval_k, "n_test": n_test,
             "overrides": overrides or {}, "only": only or {}, "reuse": [str(d) for d in reuse or []],
             "runs": [asdict(r) for r in runs]}  # fmt: skip
-    previous = _read(out / "experiment.json")
+    previous = read_json(out / "experiment.json", required=False)
     if previous is not None and (previous.get("experiment"), previous.get("stages"), previous.get("seeds")) != (
         name, meta["stages"], meta["seeds"],
     ):  # fmt: skip
@@ -303,7 +297,7 @@ def reproduce(
 
         data_dir = str(resolve_data_dir(None))
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    from iwae.train import write_json
+    from iwae.rundir import write_json
 
     write_json(out / "experiment.json", meta)
     if reuse:
@@ -326,7 +320,8 @@ def reuse_runs(runs: list[Run], out: Path, sources: list[Path], data_dir: str | 
     unless its evaluation already matches. Returns the names of the runs copied."""
     import shutil
 
-    from iwae.train import CONFIG_FILE, SUMMARY_FILE, WEIGHTS_FILE, TrainConfig, write_json
+    from iwae.rundir import CONFIG_FILE, SUMMARY_FILE, WEIGHTS_FILE, write_json
+    from iwae.train import TrainConfig
 
     for source in sources:
         if not (source / "runs").is_dir():
@@ -334,7 +329,7 @@ def reuse_runs(runs: list[Run], out: Path, sources: list[Path], data_dir: str | 
     finished = []  # (config without the keys that do not matter, run directory)
     for source in sources:
         for run_dir in sorted((source / "runs").iterdir()):
-            config = _read(run_dir / CONFIG_FILE)
+            config = read_json(run_dir / CONFIG_FILE, required=False)
             if isinstance(config, dict) and (run_dir / SUMMARY_FILE).exists() and (run_dir / WEIGHTS_FILE).exists():
                 finished.append((_training_key(config, exact=True), _training_key(config), run_dir))
     copied = []
@@ -351,7 +346,7 @@ def reuse_runs(runs: list[Run], out: Path, sources: list[Path], data_dir: str | 
         partial = target.with_name(target.name + ".copying")
         shutil.rmtree(partial, ignore_errors=True)
         shutil.copytree(match, partial, ignore=shutil.ignore_patterns("checkpoint.safetensors", "tb"))
-        timing = _read(partial / "runner.json") or {}
+        timing = read_json(partial / "runner.json", required=False) or {}
         timing["reused_from"] = str(match)
         write_json(partial / "runner.json", timing)
         partial.rename(target)  # all at once: a half-copied run is never taken for a run

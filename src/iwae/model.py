@@ -17,6 +17,7 @@ encoder layer sees x once per example, not once per sample.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -26,6 +27,10 @@ from torch import Tensor, nn
 from iwae.errors import IwaeError
 
 LOG_2PI = math.log(2 * math.pi)
+
+#: A source of standard normal noise: ``noise(shape, dtype, device)`` -> Tensor. The model
+#: draws from ``torch.randn`` with a generator unless it is given one of these explicitly.
+Noise = Callable[[tuple, torch.dtype, torch.device], Tensor]
 LOG_STD_LIMIT = 15.0  # |log sigma| of every Gaussian layer is clamped here (never reached in training)
 
 #: Burda et al.'s architectures: stochastic layer sizes and the deterministic
@@ -145,16 +150,20 @@ class GaussianLayer(nn.Module):
         # a numerical guard, inactive at normal values: sigma stays within [3e-7, 3e6]
         return self.mean(a), log_std.clamp(-LOG_STD_LIMIT, LOG_STD_LIMIT)
 
-    def rsample(self, mean: Tensor, log_std: Tensor, k: int | None = None, generator=None) -> tuple[Tensor, Tensor]:
+    def rsample(
+        self, mean: Tensor, log_std: Tensor, k: int | None = None, generator=None, noise: Noise | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Reparameterized sample h = mean + sigma * eps and its log-density.
 
         With ``k`` the parameters (shape [B, d]) are shared by k samples of shape
-        [k, B, d]. The log-density is computed from eps, which is the same value
-        and the same gradient as log N(h; mean, sigma) since (h - mean)/sigma = eps.
+        [k, B, d]. eps ~ N(0, I) comes from ``noise(shape, dtype, device)`` when given
+        (e.g. :class:`BatchShard`), else from ``torch.randn`` with ``generator``. The
+        log-density is computed from eps, which is the same value and the same gradient as
+        log N(h; mean, sigma) since (h - mean)/sigma = eps.
         """
         shape = mean.shape if k is None else (k, *mean.shape)
-        if isinstance(generator, BatchShard):
-            eps = generator.randn(shape, mean.dtype, mean.device)
+        if noise is not None:
+            eps = noise(shape, mean.dtype, mean.device)
         else:
             eps = torch.randn(shape, dtype=mean.dtype, device=mean.device, generator=generator)
         h = mean + log_std.exp() * eps
@@ -163,18 +172,18 @@ class GaussianLayer(nn.Module):
 
 
 class BatchShard:
-    """Noise for one process's share of a batch in data-parallel training.
+    """Noise for one process's share of a batch in data-parallel training (a :data:`Noise`).
 
-    Stands in for a ``torch.Generator``: it draws the noise of the whole batch of
-    ``batch_size`` examples, exactly as a single process would, and keeps the examples
-    ``index`` along the batch dimension (dimension 1 of [k, B, d]). So N processes
-    together compute the same samples, and the same gradient, as one process.
+    It draws the noise of the whole batch of ``batch_size`` examples from ``generator``,
+    exactly as a single process would, and keeps the examples ``index`` along the batch
+    dimension (dimension 1 of [k, B, d]). So N processes together compute the same
+    samples, and the same gradient, as one process.
     """
 
     def __init__(self, generator: torch.Generator, batch_size: int, index: Tensor):
         self.generator, self.batch_size, self.index = generator, batch_size, index
 
-    def randn(self, shape, dtype, device) -> Tensor:
+    def __call__(self, shape, dtype, device) -> Tensor:
         full = (shape[0], self.batch_size, *shape[2:])
         return torch.randn(full, dtype=dtype, device=device, generator=self.generator)[:, self.index]
 
@@ -248,9 +257,9 @@ class VAE(nn.Module):
 
     # -- the distributions, one method per term of the maths -------------------------
 
-    def sample_q(self, x: Tensor, k: int, generator=None) -> list[Tensor]:
+    def sample_q(self, x: Tensor, k: int, generator=None, noise: Noise | None = None) -> list[Tensor]:
         """k reparameterized samples h_1..h_L ~ q(. | x): a list of [k, B, d_l] tensors."""
-        return self._sample_q(x, k, generator)[0]
+        return self._sample_q(x, k, generator, noise)[0]
 
     def log_q(self, hs: list[Tensor], x: Tensor) -> Tensor:
         """log q(h_1..h_L | x), shape [k, B]."""
@@ -290,7 +299,7 @@ class VAE(nn.Module):
         """log p(x, h_1..h_L), shape [k, B]."""
         return self.log_prior(hs) + self.log_likelihood(x, hs[0])
 
-    def log_weights(self, x: Tensor, k: int, generator=None, stop_q: bool = False) -> Tensor:
+    def log_weights(self, x: Tensor, k: int, generator=None, stop_q: bool = False, noise: Noise | None = None) -> Tensor:
         """log w_i = log p(x, h_i) - log q(h_i | x) for k samples h_i ~ q(. | x): shape [k, B].
 
         Every bound in :mod:`iwae.bounds` is a reduction of this tensor.
@@ -300,7 +309,7 @@ class VAE(nn.Module):
         log q and the encoder's gradient flows only through the samples h_i(eps, phi), as
         the STL and DReG estimators need (:mod:`iwae.bounds`).
         """
-        hs, log_q = self._sample_q(x, k, generator)
+        hs, log_q = self._sample_q(x, k, generator, noise)
         if stop_q:
             stopped = self.log_q_stopped(hs, x)
             log_q = stopped - stopped.detach() + log_q.detach()  # value of log_q, gradient of stopped
@@ -318,13 +327,13 @@ class VAE(nn.Module):
             total = total + gaussian_log_prob(h, mean, log_std)
         return total
 
-    def _sample_q(self, x: Tensor, k: int, generator=None) -> tuple[list[Tensor], Tensor]:
+    def _sample_q(self, x: Tensor, k: int, generator=None, noise: Noise | None = None) -> tuple[list[Tensor], Tensor]:
         hs: list[Tensor] = []
         log_q = 0.0
         u = x
         for l, layer in enumerate(self.encoder):
             mean, log_std = layer(u)
-            h, lp = layer.rsample(mean, log_std, k if l == 0 else None, generator)
+            h, lp = layer.rsample(mean, log_std, k if l == 0 else None, generator, noise)
             hs.append(h)
             log_q = log_q + lp
             u = h

@@ -5,23 +5,14 @@ Burda et al. (2016, section 5): stage i = 0, 1, ..., 7 runs 3^i passes over the
 training set at learning rate 1e-3 * 10^(-i/7), 3,280 passes in all. Training
 images are binarized afresh, pixel ~ Bernoulli(grey value), every time they are used.
 
-A run directory holds
-
-- ``config.json``       the resolved configuration (``iwae train --config`` takes it back),
-- ``model.safetensors`` the weights, saved at the end of every stage,
-- ``checkpoint.safetensors`` weights, Adam state, every random-number state and the
-  position in the schedule, saved every few minutes and at the end of every stage,
-- ``metrics.jsonl``     one JSON object per pass (train bound, learning rate, seconds,
-  skipped steps, every few passes the IWAE-64 bound on a seeded random subset of the test
-  set, and at every stage end the test NLL with ``stage_nll_k`` samples on that subset),
-- ``tb/``               TensorBoard event files with the same numbers, active units and samples,
-- ``summary.json``      written last: a run with it is finished.
-
-Every file is written atomically (temporary file, fsync, rename), so a run killed at
-any moment keeps its previous checkpoint; ``iwae train --resume RUN_DIR`` continues it
-and ends with the same weights, bit for bit, as a run that was never interrupted.
-Nothing in a run directory is executed when it is loaded: tensors are safetensors, the
-rest is JSON.
+A run directory (its files and their reading and writing: :mod:`iwae.rundir`) holds the
+configuration, the weights at every stage end, a checkpoint every few minutes and at every
+stage end, ``metrics.jsonl`` (per pass: train bound, learning rate, seconds, skipped steps;
+every few passes the IWAE-64 bound on a seeded random subset of the test set, and at every
+stage end the test NLL with ``stage_nll_k`` samples on that subset), TensorBoard logs and,
+written last, ``summary.json``. ``iwae train --resume RUN_DIR`` continues a run killed at
+any moment from its checkpoint and ends with the same weights, bit for bit, as a run that
+was never interrupted.
 """
 
 from __future__ import annotations
@@ -36,21 +27,36 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
-import safetensors.torch
 import torch
 
 from iwae import data as iwae_data
 from iwae.bounds import Objective
-from iwae.data import atomic_write
 from iwae.errors import IwaeError, RunDirError
 from iwae.model import VAE, ModelConfig
+from iwae.rundir import (  # noqa: F401 (re-exported: iwae.train.load_run's neighbours, used by callers)
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    EVALUATION_FILE,
+    EVALUATION_IMAGES_FILE,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    TENSORBOARD_DIR,
+    WEIGHTS_FILE,
+    Progress,
+    load_checkpoint,
+    load_state,
+    prepare_run_dir,
+    read_evaluation_images,
+    read_json,
+    read_metrics,
+    read_safetensors,
+    save_checkpoint,
+    save_weights,
+    write_evaluation,
+    write_json,
+    write_metrics,
+)
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-CHECKPOINT_FILE = "checkpoint.safetensors"
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
-TENSORBOARD_DIR = "tb"
 
 DATASETS = ("mnist", "omniglot")
 
@@ -204,73 +210,13 @@ def read_config_file(path: str | Path) -> dict:
     return d
 
 
-# -- files ---------------------------------------------------------------------------------
-
-
-def write_json(path: Path, obj) -> None:
-    atomic_write(Path(path), lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
-
-
-EVALUATION_FILE = "evaluation.json"
-EVALUATION_IMAGES_FILE = "evaluation.safetensors"
-
-
-def write_evaluation(run_dir: Path, result: dict, per_image: dict[str, torch.Tensor], test_index) -> None:
-    """``evaluation.safetensors`` (per-image ``log_px``, ``iwae64``, ``elbo`` and the
-    ``test_index`` of each image in the test set), then ``evaluation.json`` (the means)."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in per_image.items()}
-    tensors["test_index"] = torch.as_tensor(np.asarray(test_index), dtype=torch.int32)
-    atomic_write(Path(run_dir) / EVALUATION_IMAGES_FILE, lambda f: f.write(safetensors.torch.save(tensors)))
-    write_json(Path(run_dir) / EVALUATION_FILE, result)
-
-
-def read_evaluation_images(run_dir: str | Path) -> dict[str, torch.Tensor] | None:
-    """The per-image values of a run's evaluation, or None where it has none."""
-    path = Path(run_dir) / EVALUATION_IMAGES_FILE
-    return _read_safetensors(path)[0] if path.exists() else None
-
-
-def save_weights(model: VAE, path: Path) -> None:
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(Path(path), lambda f: f.write(safetensors.torch.save(state)))
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise RunDirError(f"{path} is missing: is {path.parent} a run directory made by `iwae train`?") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunDirError(f"{path} is not valid JSON ({e})") from None
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    if not path.exists():
-        raise RunDirError(f"{path} is missing")
-    try:
-        with safetensors.safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for bad files
-        raise RunDirError(f"{path} is not a readable safetensors file (truncated or tampered?): {e}") from None
-    return tensors, metadata
-
-
-def _load_state(model: VAE, state: dict[str, torch.Tensor], path: Path) -> None:
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        lines = str(e).strip().splitlines()
-        raise RunDirError(f"{path} does not match the model in config.json: {' '.join(lines[:3])}") from None
-
 
 def load_config(run_dir: str | Path) -> TrainConfig:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunDirError(f"run directory {run_dir} does not exist")
     try:
-        return TrainConfig.from_dict(_read_json(run_dir / CONFIG_FILE))
+        return TrainConfig.from_dict(read_json(run_dir / CONFIG_FILE))
     except RunDirError:
         raise
     except IwaeError as e:
@@ -286,93 +232,10 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[T
     path = run_dir / WEIGHTS_FILE
     if not path.exists():
         raise RunDirError(f"{path} is missing: the run has not finished its first stage yet")
-    _load_state(model, _read_safetensors(path)[0], path)
+    load_state(model, read_safetensors(path)[0], path)
     return config, model.to(device)
 
 
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / METRICS_FILE
-    if not path.exists():
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def prepare_run_dir(out: str | Path, overwrite: bool = False) -> Path:
-    """Check that ``out`` can hold a new run (without creating it)."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise RunDirError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise RunDirError(
-            f"{out} is not empty: choose another --out, continue it with --resume, or pass --overwrite to replace it"
-        )
-    return out
-
-
-# -- checkpoints ------------------------------------------------------------------------------
-
-
-@dataclass
-class Progress:
-    """Where a run is: ``passes`` finished passes, ``step`` steps into the next one."""
-
-    passes: int = 0
-    step: int = 0
-    bound_sum: float = 0.0
-    good_examples: int = 0
-    skipped: int = 0
-    consecutive_bad: int = 0
-    seconds: float = 0.0  # training time of the unfinished pass so far
-    total_seconds: float = 0.0
-
-
-def save_checkpoint(path: Path, model: VAE, optimizer, generator, pass_start_rng, progress: Progress) -> None:
-    """Weights, Adam state, RNG states and progress in one safetensors file, atomically."""
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    for i, state in optimizer.state_dict()["state"].items():
-        for name, value in state.items():
-            tensors[f"optim.{i}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    tensors["rng.generator"] = generator.get_state()
-    tensors["rng.pass_start"] = pass_start_rng
-    tensors["rng.torch"] = torch.get_rng_state()
-    np_state = np.random.get_state()
-    tensors["rng.numpy"] = torch.from_numpy(np_state[1].astype(np.int64))
-    meta = {
-        "progress": asdict(progress),
-        "numpy_rng": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "python_rng": random.getstate(),
-        "format": 1,
-    }
-    atomic_write(path, lambda f: f.write(safetensors.torch.save(tensors, metadata={"state": json.dumps(meta)})))
-
-
-def load_checkpoint(path: Path, model: VAE, optimizer, generator, content=None) -> tuple[Progress, torch.Tensor]:
-    """Restore what :func:`save_checkpoint` saved (``content``: the file already read by
-    ``_read_safetensors``); returns the progress and the RNG state at the start of the
-    unfinished pass."""
-    tensors, metadata = content or _read_safetensors(path)
-    try:
-        meta = json.loads(metadata["state"])
-        progress = Progress(**meta["progress"])
-        _load_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path)
-        optim_state = optimizer.state_dict()
-        for key, value in tensors.items():
-            if key.startswith("optim."):
-                _, i, name = key.split(".", 2)
-                optim_state["state"].setdefault(int(i), {})[name] = value.to(model.output_layer.weight.device)
-        optimizer.load_state_dict(optim_state)
-        generator.set_state(tensors["rng.generator"])
-        torch.set_rng_state(tensors["rng.torch"])
-        kind, pos, has_gauss, cached = meta["numpy_rng"]
-        np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
-        version, internal, gauss = meta["python_rng"]
-        random.setstate((version, tuple(internal), gauss))
-        return progress, tensors["rng.pass_start"]
-    except RunDirError:
-        raise
-    except Exception as e:  # a tampered file can break it anywhere
-        raise RunDirError(f"{path} is not a valid iwae checkpoint ({type(e).__name__}: {e})") from None
 
 
 # -- the loop ---------------------------------------------------------------------------------
@@ -428,7 +291,10 @@ def train_step(model: VAE, objective: Objective, optimizer, x: torch.Tensor, gen
                shard: tuple[int, int] | None = None):
     """One optimizer step on the batch ``x``; skipped if the bound or a gradient is not finite.
 
-    Returns (batch-mean bound, whether the step was taken). ``params`` is the pair
+    Returns (batch-mean bound, skipped), both 0-dim tensors on the model's device; skipped
+    is 1.0 for a skipped step, else 0.0. The check stays on the device (no host sync): the
+    fused Adam of :func:`adam` takes it as ``found_inf`` and then leaves the weights, its
+    moments and its step count as they were (:func:`_step_unless`). ``params`` is the pair
     (encoder parameters, decoder parameters); pass it to avoid rebuilding the lists.
 
     With ``shard = (rank, world_size)`` (data parallel, under torchrun) every process
@@ -445,11 +311,20 @@ def train_step(model: VAE, objective: Objective, optimizer, x: torch.Tensor, gen
     else:
         value = _sharded_backward(model, objective, x, generator, enc, dec, *shard)
     check = torch.stack([value, *(p.grad.sum() for p in enc + dec if p.grad is not None)]).sum()
-    if not torch.isfinite(check):
-        optimizer.zero_grad(set_to_none=True)
-        return value, False
-    optimizer.step()
-    return value, True
+    skipped = (~torch.isfinite(check)).to(torch.float32)
+    _step_unless(optimizer, skipped)
+    return value, skipped
+
+
+def _step_unless(optimizer, skipped: torch.Tensor) -> None:
+    """``optimizer.step()`` unless ``skipped`` (a 0-dim 0/1 tensor). A fused Adam reads it
+    on the device as ``found_inf``, as under ``torch.amp.GradScaler``; any other optimizer
+    reads it on the host."""
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = skipped
+        optimizer.step()
+    elif not skipped.item():
+        optimizer.step()
 
 
 def _sharded_backward(model, objective, x, generator, enc, dec, rank: int, world: int) -> torch.Tensor:
@@ -460,7 +335,7 @@ def _sharded_backward(model, objective, x, generator, enc, dec, rank: int, world
     index = torch.arange(rank, x.shape[0], world, device=x.device)
     share = len(index) / x.shape[0]
     # every process draws the whole batch's noise, so the generators stay in step
-    log_w = objective.log_weights(model, x[index], BatchShard(generator, x.shape[0], index))
+    log_w = objective.log_weights(model, x[index], noise=BatchShard(generator, x.shape[0], index))
     value = objective.backward(log_w, enc, dec) * share if len(index) else torch.zeros((), device=x.device)
     params = enc + dec
     grads = [p.grad * share if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -506,16 +381,76 @@ def train(
     ``summary.json``.
     """
     out = Path(out)
+    if resume and (out / SUMMARY_FILE).exists():
+        return read_json(out / SUMMARY_FILE)
+    run = _open_run(config, out, dataset, overwrite, device, resume)
+    bar, record = None, {}
+    with open(out / METRICS_FILE if run.lead else os.devnull, "a") as metrics:
+        for p in range(run.state.passes, len(run.plan)):
+            bar = _stage_bar(run, p, bar, progress)
+            record = _run_pass(run, p, bar)
+            _end_pass(run, p, record, metrics)
+    if bar is not None:
+        bar.close()
+    run.board.close()
+    return _finish_run(run, record)
+
+
+@dataclass
+class _Run:
+    """An open training run: what its passes read and change."""
+
+    config: TrainConfig
+    out: Path
+    lead: bool  # writes the files (rank 0 under torchrun)
+    shard: tuple[int, int] | None
+    model: VAE
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    train_x: torch.Tensor
+    test_x: torch.Tensor
+    state: Progress
+    pass_start_rng: torch.Tensor | None
+    board: object
+    plan: list[tuple[int, float]]  # (stage, learning rate) of every pass
+    stage_ends: set[int]  # passes that end a stage
+    last_checkpoint: float = field(default_factory=time.monotonic)
+
+    @property
+    def params(self) -> tuple[list, list]:
+        return self.model.encoder_parameters(), self.model.decoder_parameters()
+
+
+def _open_run(config: TrainConfig, out: Path, dataset, overwrite: bool, device, resume: bool) -> _Run:
+    """Check the run directory, load the data, build the model and optimizer, and start the
+    run's files, or restore all of it from the checkpoint."""
     shard, dev = distributed_setup(pick_device(device))
-    lead = shard is None or shard[0] == 0  # under torchrun, only rank 0 writes files
-    if not resume:
-        if lead:
-            prepare_run_dir(out, overwrite)
-    elif (out / SUMMARY_FILE).exists():
-        return _read_json(out / SUMMARY_FILE)
-    elif not (out / CHECKPOINT_FILE).exists():
+    lead = shard is None or shard[0] == 0
+    if not resume and lead:
+        prepare_run_dir(out, overwrite)
+    if resume and not (out / CHECKPOINT_FILE).exists():
         raise RunDirError(f"{out / CHECKPOINT_FILE} is missing: nothing to resume (start the run again without --resume)")
-    checkpoint = _read_safetensors(out / CHECKPOINT_FILE) if resume else None  # a bad file fails before the data loads
+    checkpoint = read_safetensors(out / CHECKPOINT_FILE) if resume else None  # a bad file fails before the data loads
+    train_x, test_x = _images(config, dataset, dev)
+    model, optimizer, generator = _fresh_state(config, train_x, dev)
+    state, pass_start_rng = Progress(), None
+    if resume:
+        state, pass_start_rng = load_checkpoint(out / CHECKPOINT_FILE, model, optimizer, generator, checkpoint)
+        if lead:
+            write_metrics(out, read_metrics(out)[: state.passes])  # drop lines of passes after the checkpoint
+    elif lead:
+        _start_run_dir(out, config)
+    _barrier(shard)
+    board = _tensorboard(out, purge_step=state.passes if resume else None) if lead else _NoBoard()
+    plan = [(stage, lr) for stage, passes, lr in config.schedule() for _ in range(passes)]
+    stage_ends = {i for i in range(len(plan)) if i + 1 == len(plan) or plan[i + 1][0] != plan[i][0]}
+    return _Run(config, out, lead, shard, model, config.objective_spec, optimizer, generator, train_x, test_x, state,
+                pass_start_rng, board, plan, stage_ends)  # fmt: skip
+
+
+def _images(config: TrainConfig, dataset, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grey training images (checked) and the binarized test subset of the logged bounds."""
     if dataset is None:
         dataset = iwae_data.load_dataset(config.dataset, config.data_dir, validation=config.validation)
     train_x = torch.tensor(dataset.train, dtype=torch.float32)  # a copy: the loaded arrays are read-only
@@ -524,132 +459,167 @@ def train(
     if not (torch.isfinite(train_x).all() and train_x.min() >= 0 and train_x.max() <= 1):
         raise IwaeError(f"training images of {dataset.name} must be grey values in [0, 1] (found NaN, inf or others)")
     test_x = torch.from_numpy(iwae_data.binarized_test(dataset, config.eval_n))
-    train_x, test_x = train_x.to(dev), test_x.to(dev)
+    return train_x.to(dev), test_x.to(dev)
 
+
+def _fresh_state(config: TrainConfig, train_x: torch.Tensor, dev: torch.device):
+    """Seeded model (or another run's weights, ``init_weights``), Adam and the run's generator."""
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
     model = VAE(config.model_config, pixel_mean=train_x.mean(0)).to(dev)
     if config.init_weights is not None:  # continue from another run's weights (fresh optimizer)
         path = Path(config.init_weights)
-        _load_state(model, _read_safetensors(path)[0], path)
-    objective = config.objective_spec
-    params = (model.encoder_parameters(), model.decoder_parameters())
+        load_state(model, read_safetensors(path)[0], path)
     optimizer = adam(model.parameters(), config.lr, (config.beta1, config.beta2), config.adam_eps)
-    generator = torch.Generator(device=dev).manual_seed(config.seed)
+    return model, optimizer, torch.Generator(device=dev).manual_seed(config.seed)
 
-    state = Progress()
-    pass_start_rng = None
-    if resume:
-        state, pass_start_rng = load_checkpoint(out / CHECKPOINT_FILE, model, optimizer, generator, checkpoint)
-        kept = read_metrics(out)[: state.passes]  # drop lines of passes after the checkpoint
-        if lead:
-            atomic_write(out / METRICS_FILE, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
-    elif lead:
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in (SUMMARY_FILE, METRICS_FILE, CHECKPOINT_FILE, WEIGHTS_FILE, EVALUATION_FILE, EVALUATION_IMAGES_FILE):
-            (out / stale).unlink(missing_ok=True)
-        shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)
-        write_json(out / CONFIG_FILE, config.to_dict())
 
-    from iwae.evaluate import active_units  # evaluation imports this module for load_run
+def _start_run_dir(out: Path, config: TrainConfig) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in (SUMMARY_FILE, METRICS_FILE, CHECKPOINT_FILE, WEIGHTS_FILE, EVALUATION_FILE, EVALUATION_IMAGES_FILE):
+        (out / stale).unlink(missing_ok=True)
+    shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)
+    write_json(out / CONFIG_FILE, config.to_dict())
 
-    _barrier(shard)
-    board = _tensorboard(out, purge_step=state.passes if resume else None) if lead else _NoBoard()
-    progress = progress and lead
-    plan = [(stage, lr) for stage, passes, lr in config.schedule() for _ in range(passes)]
-    stage_ends = {i for i in range(len(plan)) if i + 1 == len(plan) or plan[i + 1][0] != plan[i][0]}
-    n, bs = train_x.shape[0], config.batch_size
-    steps_per_pass = math.ceil(n / bs)
-    interval = config.checkpoint_minutes * 60.0
-    last_checkpoint = time.monotonic()
-    bar = None
-    record = {}
 
-    with open(out / METRICS_FILE if lead else os.devnull, "a") as metrics:
-        for p in range(state.passes, len(plan)):
-            stage, lr = plan[p]
-            if bar is None or state.step == 0 and plan[p - 1][0] != stage:
-                if bar is not None:
-                    bar.close()
-                remaining = sum(1 for q in range(p, len(plan)) if plan[q][0] == stage)
-                bar = _progress(remaining * steps_per_pass - state.step, progress, _stage_name(config, stage, lr))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            model.train()
-            if state.step == 0:
-                pass_start_rng = generator.get_state()
-            current_rng = generator.get_state()
-            generator.set_state(pass_start_rng)  # the pass's data comes from its starting state
-            batches = torch.bernoulli(train_x[torch.randperm(n, device=dev, generator=generator)], generator=generator)
-            if state.step > 0:
-                generator.set_state(current_rng)  # resumed mid-pass: continue the sample stream
-            t0 = time.perf_counter() - state.seconds
-            bound_sum = torch.tensor(state.bound_sum, dtype=torch.float64, device=dev)
-            for step in range(state.step, steps_per_pass):
-                xb = batches[step * bs : (step + 1) * bs]
-                value, ok = train_step(model, objective, optimizer, xb, generator, params, shard)
-                if ok:
-                    bound_sum += value.detach() * xb.shape[0]
-                    state.good_examples += xb.shape[0]
-                    state.consecutive_bad = 0
-                else:
-                    state.skipped += 1
-                    state.consecutive_bad += 1
-                    if state.consecutive_bad >= config.max_bad_steps:
-                        bar.close()
-                        raise IwaeError(
-                            f"training stopped: {state.consecutive_bad} consecutive steps with a non-finite bound or "
-                            f"gradient (pass {p + 1}, step {step + 1}); the last good checkpoint is {out / CHECKPOINT_FILE}"
-                        )
-                bar.update(1)
-                if lead and time.monotonic() - last_checkpoint > interval and step + 1 < steps_per_pass:
-                    state.step, state.bound_sum = step + 1, bound_sum.item()
-                    state.seconds = time.perf_counter() - t0
-                    save_checkpoint(out / CHECKPOINT_FILE, model, optimizer, generator, pass_start_rng, state)
-                    last_checkpoint = time.monotonic()
-            seconds = time.perf_counter() - t0
-            record = {
-                "pass": p + 1,
-                "stage": stage,
-                "lr": lr,
-                "train_bound": bound_sum.item() / max(state.good_examples, 1),
-                "seconds": seconds,
-                "skipped_steps": state.skipped,
-            }
-            if lead and ((p + 1) % config.eval_every == 0 or p in stage_ends):
-                record.update(_test_bounds(model, test_x, config.curve_k, seed=p + 1))
-            if lead and p in stage_ends and config.stage_nll_k:
-                record.update(_stage_nll(model, test_x, config.stage_nll_k, seed=p + 1))
-            bar.set_postfix(bound=f"{record['train_bound']:.2f}")
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-            _log_pass(board, record)
-            state = Progress(p + 1, consecutive_bad=state.consecutive_bad, total_seconds=state.total_seconds + seconds)
-            if lead and p in stage_ends:
-                save_weights(model, out / WEIGHTS_FILE)
-                _log_stage(board, model, test_x, p + 1, active_units)
-            if lead and (p in stage_ends or time.monotonic() - last_checkpoint > interval):
-                save_checkpoint(out / CHECKPOINT_FILE, model, optimizer, generator, generator.get_state(), state)
-                last_checkpoint = time.monotonic()
+def _stage_bar(run: _Run, p: int, bar, enabled: bool):
+    """The progress bar of pass ``p``'s stage: a new one when a stage starts."""
+    stage, lr = run.plan[p]
+    if bar is not None and not (run.state.step == 0 and run.plan[p - 1][0] != stage):
+        return bar
     if bar is not None:
         bar.close()
-    board.close()
+    remaining = sum(1 for q in range(p, len(run.plan)) if run.plan[q][0] == stage)
+    steps = math.ceil(run.train_x.shape[0] / run.config.batch_size)
+    return _progress(remaining * steps - run.state.step, enabled and run.lead, _stage_name(run.config, stage, lr))
+
+
+#: steps between host reads of the non-finite-step count (the count itself stays on the device)
+GUARD_EVERY = 100
+
+
+class _PassTotals:
+    """The pass's running sums, on the device: bound x examples over good steps, good
+    examples, skipped steps, the current and the longest run of consecutive skipped steps."""
+
+    def __init__(self, state: Progress, dev: torch.device):
+        def t(v, dtype=torch.float64):
+            return torch.tensor(float(v), dtype=dtype, device=dev)
+
+        self.bound_sum, self.good = t(state.bound_sum), t(state.good_examples)
+        self.skipped, self.consecutive = t(state.skipped, torch.float32), t(state.consecutive_bad, torch.float32)
+        self.longest = self.consecutive.clone()
+
+    def add(self, value: torch.Tensor, skipped: torch.Tensor, examples: int) -> None:
+        taken = 1.0 - skipped
+        self.bound_sum += torch.where(skipped > 0, 0.0, value.detach().double()) * examples
+        self.good += taken.double() * examples
+        self.skipped += skipped
+        self.consecutive.add_(skipped).mul_(skipped)
+        torch.maximum(self.longest, self.consecutive, out=self.longest)
+
+    def into(self, state: Progress) -> Progress:
+        state.bound_sum, state.good_examples = self.bound_sum.item(), int(self.good.item())
+        state.skipped, state.consecutive_bad = int(self.skipped.item()), int(self.consecutive.item())
+        return state
+
+
+def _pass_batches(run: _Run) -> torch.Tensor:
+    """This pass's training batches: a random order of the images, each binarized afresh
+    (pixel ~ Bernoulli(grey value)), drawn from the generator's state at the pass start."""
+    generator, n = run.generator, run.train_x.shape[0]
+    if run.state.step == 0:
+        run.pass_start_rng = generator.get_state()
+    current_rng = generator.get_state()
+    generator.set_state(run.pass_start_rng)  # the pass's data comes from its starting state
+    batches = torch.bernoulli(run.train_x[torch.randperm(n, device=run.train_x.device, generator=generator)],
+                              generator=generator)  # fmt: skip
+    if run.state.step > 0:
+        generator.set_state(current_rng)  # resumed mid-pass: continue the sample stream
+    return batches
+
+
+def _run_pass(run: _Run, p: int, bar) -> dict:
+    """The steps of pass ``p`` (from ``run.state.step`` when resumed mid-pass), with
+    checkpoints every ``checkpoint_minutes``; returns the pass's metrics record."""
+    config, state = run.config, run.state
+    stage, lr = run.plan[p]
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    run.model.train()
+    batches = _pass_batches(run)
+    bs, steps = config.batch_size, math.ceil(run.train_x.shape[0] / config.batch_size)
+    t0 = time.perf_counter() - state.seconds
+    totals = _PassTotals(state, run.train_x.device)
+    params = run.params
+    for step in range(state.step, steps):
+        xb = batches[step * bs : (step + 1) * bs]
+        value, skipped = train_step(run.model, run.objective, run.optimizer, xb, run.generator, params, run.shard)
+        totals.add(value, skipped, xb.shape[0])
+        bar.update(1)
+        if (step + 1) % GUARD_EVERY == 0 or step + 1 == steps:
+            _stop_if_stuck(run, totals, p, step)
+        if run.lead and time.monotonic() - run.last_checkpoint > config.checkpoint_minutes * 60 and step + 1 < steps:
+            totals.into(state)
+            state.step, state.seconds = step + 1, time.perf_counter() - t0
+            _checkpoint(run, run.pass_start_rng)
+    totals.into(state)
+    return {"pass": p + 1, "stage": stage, "lr": lr, "train_bound": state.bound_sum / max(state.good_examples, 1),
+            "seconds": time.perf_counter() - t0, "skipped_steps": state.skipped}  # fmt: skip
+
+
+def _stop_if_stuck(run: _Run, totals: _PassTotals, p: int, step: int) -> None:
+    if totals.longest.item() >= run.config.max_bad_steps:
+        raise IwaeError(
+            f"training stopped: at least {run.config.max_bad_steps} consecutive steps with a non-finite bound or "
+            f"gradient (pass {p + 1}, by step {step + 1}); the last good checkpoint is {run.out / CHECKPOINT_FILE}"
+        )
+
+
+def _checkpoint(run: _Run, pass_start_rng: torch.Tensor) -> None:
+    save_checkpoint(run.out / CHECKPOINT_FILE, run.model, run.optimizer, run.generator, pass_start_rng, run.state)
+    run.last_checkpoint = time.monotonic()
+
+
+def _end_pass(run: _Run, p: int, record: dict, metrics) -> None:
+    """The test bounds due after pass ``p``, its metrics line, and at a stage end the weights
+    and a checkpoint (else a checkpoint when ``checkpoint_minutes`` have passed)."""
+    config, stage_end = run.config, p in run.stage_ends
+    if run.lead and ((p + 1) % config.eval_every == 0 or stage_end):
+        record.update(_test_bounds(run.model, run.test_x, config.curve_k, seed=p + 1))
+    if run.lead and stage_end and config.stage_nll_k:
+        record.update(_stage_nll(run.model, run.test_x, config.stage_nll_k, seed=p + 1))
+    metrics.write(json.dumps(record) + "\n")
+    metrics.flush()
+    _log_pass(run.board, record)
+    run.state = Progress(p + 1, consecutive_bad=run.state.consecutive_bad,
+                         total_seconds=run.state.total_seconds + record["seconds"])  # fmt: skip
+    if run.lead and stage_end:
+        save_weights(run.model, run.out / WEIGHTS_FILE)
+        _log_stage(run.board, run.model, run.test_x, p + 1)
+    if run.lead and (stage_end or time.monotonic() - run.last_checkpoint > config.checkpoint_minutes * 60):
+        _checkpoint(run, run.generator.get_state())
+
+
+def _finish_run(run: _Run, record: dict) -> dict:
+    """``summary.json``, written last: the run is finished."""
+    dev = run.train_x.device
     summary = {
-        "passes": len(plan),
-        "train_seconds": state.total_seconds,
+        "passes": len(run.plan),
+        "train_seconds": run.state.total_seconds,
         "final_train_bound": record.get("train_bound"),
         "final_test_iwae64": record.get("test_iwae64"),
-        "test_iwae64_n": int(test_x.shape[0]),
-        "n_train": n,
+        "test_iwae64_n": int(run.test_x.shape[0]),
+        "n_train": int(run.train_x.shape[0]),
         "device": str(dev),
-        "processes": 1 if shard is None else shard[1],
+        "processes": 1 if run.shard is None else run.shard[1],
         "torch_threads": torch.get_num_threads() if dev.type == "cpu" else None,
         "torch": torch.__version__,
     }
-    if lead:
-        write_json(out / SUMMARY_FILE, summary)
-    _barrier(shard)
+    if run.lead:
+        write_json(run.out / SUMMARY_FILE, summary)
+    _barrier(run.shard)
     return summary
 
 
@@ -716,9 +686,10 @@ def _log_pass(board, record: dict) -> None:
             board.add_scalar(key, record[key], record["pass"])
 
 
-def _log_stage(board, model: VAE, test_x: torch.Tensor, passes: int, active_units) -> None:
+def _log_stage(board, model: VAE, test_x: torch.Tensor, passes: int) -> None:
     if isinstance(board, _NoBoard):
         return
+    from iwae.evaluate import active_units  # evaluation imports this module for load_run
     from iwae.report import tile_images
 
     model.eval()

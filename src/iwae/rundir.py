@@ -1,0 +1,201 @@
+"""The run directory: its file names and every read and write of them.
+
+A run directory (``iwae train --out RUN_DIR``) holds
+
+- ``config.json``       the resolved configuration (``iwae train --config`` takes it back),
+- ``model.safetensors`` the weights, saved at the end of every stage,
+- ``checkpoint.safetensors`` weights, Adam state, every random-number state and the
+  position in the schedule, saved every few minutes and at the end of every stage,
+- ``metrics.jsonl``     one JSON object per pass,
+- ``tb/``               TensorBoard event files,
+- ``summary.json``      written last by training: a run with it is finished,
+- ``evaluation.json``   the means of ``iwae evaluate`` and ``evaluation.safetensors`` the
+  per-image values behind them.
+
+Every file is written atomically (temporary file, fsync, rename), so a run killed at any
+moment keeps its previous files. Nothing in a run directory is executed when it is
+loaded: tensors are safetensors, the rest is JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import safetensors.torch
+import torch
+
+from iwae.data import atomic_write
+from iwae.errors import RunDirError
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+CHECKPOINT_FILE = "checkpoint.safetensors"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+TENSORBOARD_DIR = "tb"
+EVALUATION_FILE = "evaluation.json"
+EVALUATION_IMAGES_FILE = "evaluation.safetensors"
+
+
+# -- JSON and weights --------------------------------------------------------------------------
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write(Path(path), lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def write_evaluation(run_dir: Path, result: dict, per_image: dict[str, torch.Tensor], test_index) -> None:
+    """``evaluation.safetensors`` (per-image ``log_px``, ``iwae64``, ``elbo`` and the
+    ``test_index`` of each image in the test set), then ``evaluation.json`` (the means)."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in per_image.items()}
+    tensors["test_index"] = torch.as_tensor(np.asarray(test_index), dtype=torch.int32)
+    atomic_write(Path(run_dir) / EVALUATION_IMAGES_FILE, lambda f: f.write(safetensors.torch.save(tensors)))
+    write_json(Path(run_dir) / EVALUATION_FILE, result)
+
+
+def read_evaluation_images(run_dir: str | Path) -> dict[str, torch.Tensor] | None:
+    """The per-image values of a run's evaluation, or None where it has none."""
+    path = Path(run_dir) / EVALUATION_IMAGES_FILE
+    return read_safetensors(path)[0] if path.exists() else None
+
+
+def save_weights(model, path: Path) -> None:
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(Path(path), lambda f: f.write(safetensors.torch.save(state)))
+
+
+def read_json(path: str | Path, required: bool = True):
+    """The JSON value in ``path``. A missing or invalid file is a :class:`RunDirError`
+    naming it, or with ``required=False`` gives None (a run not finished yet, say)."""
+    path = Path(path)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        if not required:
+            return None
+        raise RunDirError(f"{path} is missing: is {path.parent} a run directory made by `iwae train`?") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        if not required:
+            return None
+        raise RunDirError(f"{path} is not valid JSON ({e})") from None
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if not path.exists():
+        raise RunDirError(f"{path} is missing")
+    try:
+        with safetensors.safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for bad files
+        raise RunDirError(f"{path} is not a readable safetensors file (truncated or tampered?): {e}") from None
+    return tensors, metadata
+
+
+def load_state(model, state: dict[str, torch.Tensor], path: Path) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        lines = str(e).strip().splitlines()
+        raise RunDirError(f"{path} does not match the model in config.json: {' '.join(lines[:3])}") from None
+
+
+
+# -- metrics and the directory itself --------------------------------------------------------
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_metrics(run_dir: str | Path, records: list[dict]) -> None:
+    """Replace ``metrics.jsonl`` with ``records`` (a resumed run drops the passes after its checkpoint)."""
+    atomic_write(Path(run_dir) / METRICS_FILE, lambda f: f.write("".join(json.dumps(r) + "\n" for r in records).encode()))
+
+
+def prepare_run_dir(out: str | Path, overwrite: bool = False) -> Path:
+    """Check that ``out`` can hold a new run (without creating it)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise RunDirError(
+            f"{out} is not empty: choose another --out, continue it with --resume, or pass --overwrite to replace it"
+        )
+    return out
+
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    """Where a run is: ``passes`` finished passes, ``step`` steps into the next one."""
+
+    passes: int = 0
+    step: int = 0
+    bound_sum: float = 0.0
+    good_examples: int = 0
+    skipped: int = 0
+    consecutive_bad: int = 0
+    seconds: float = 0.0  # training time of the unfinished pass so far
+    total_seconds: float = 0.0
+
+
+def save_checkpoint(path: Path, model, optimizer, generator, pass_start_rng, progress: Progress) -> None:
+    """Weights, Adam state, RNG states and progress in one safetensors file, atomically."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    for i, state in optimizer.state_dict()["state"].items():
+        for name, value in state.items():
+            tensors[f"optim.{i}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    tensors["rng.generator"] = generator.get_state()
+    tensors["rng.pass_start"] = pass_start_rng
+    tensors["rng.torch"] = torch.get_rng_state()
+    np_state = np.random.get_state()
+    tensors["rng.numpy"] = torch.from_numpy(np_state[1].astype(np.int64))
+    meta = {
+        "progress": asdict(progress),
+        "numpy_rng": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python_rng": random.getstate(),
+        "format": 1,
+    }
+    atomic_write(path, lambda f: f.write(safetensors.torch.save(tensors, metadata={"state": json.dumps(meta)})))
+
+
+def load_checkpoint(path: Path, model, optimizer, generator, content=None) -> tuple[Progress, torch.Tensor]:
+    """Restore what :func:`save_checkpoint` saved (``content``: the file already read by
+    :func:`read_safetensors`); returns the progress and the RNG state at the start of the
+    unfinished pass."""
+    tensors, metadata = content or read_safetensors(path)
+    try:
+        meta = json.loads(metadata["state"])
+        progress = Progress(**meta["progress"])
+        load_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path)
+        optim_state = optimizer.state_dict()
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, i, name = key.split(".", 2)
+                optim_state["state"].setdefault(int(i), {})[name] = value.to(model.output_layer.weight.device)
+        optimizer.load_state_dict(optim_state)
+        generator.set_state(tensors["rng.generator"])
+        torch.set_rng_state(tensors["rng.torch"])
+        kind, pos, has_gauss, cached = meta["numpy_rng"]
+        np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+        version, internal, gauss = meta["python_rng"]
+        random.setstate((version, tuple(internal), gauss))
+        return progress, tensors["rng.pass_start"]
+    except RunDirError:
+        raise
+    except Exception as e:  # a tampered file can break it anywhere
+        raise RunDirError(f"{path} is not a valid iwae checkpoint ({type(e).__name__}: {e})") from None
+
