@@ -130,6 +130,8 @@ def worker_main(phases: dict) -> None:
 
     if threads:
         torch.set_num_threads(int(threads))
+    # denormals flushed to zero where the spec says (bench/run.py: iwae's default, on; pythae's, off)
+    torch.set_flush_denormal(bool(spec.get("flush_denormal", False)))
     rss_after_import = current_rss_mib()
     result = phases[spec["phase"]](spec)
     result["memory"] = {

@@ -88,6 +88,8 @@ class Runner:
         spec_path = self.workdir / f"spec{self.count}.json"
         out_path = self.workdir / f"out{self.count}.json"
         spec = {"threads": self.threads, **spec}  # a phase may ask for its own thread count
+        # denormals flushed: iwae's default (every iwae command); pythae's default is torch's, off
+        spec.setdefault("flush_denormal", worker == "worker_iwae.py")
         spec_path.write_text(json.dumps(spec))
         env = dict(os.environ)
         env.update({"OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"])})
@@ -161,6 +163,18 @@ def main(argv=None) -> int:
                     r = runner.run(py_pythae, "worker_pythae.py", {**train_spec, "jobs": g1, "label": label})
                     train_pythae += [{**x, "memory": r["memory"]} for x in r["results"]]
 
+        # pythae with denormals flushed too, so that the comparison is honest both ways
+        train_pythae_ftz = []
+        if use_pythae:
+            r = runner.run(py_pythae, "worker_pythae.py", {**train_spec, "jobs": [{"layers": 1, "k": 50, "batch": 20}],
+                                                           "flush_denormal": True, "label": "L1 k=50 B=20 flushed"})
+            train_pythae_ftz = [{**x, "memory": r["memory"], "flush_denormal": True} for x in r["results"]]
+        ftz = None
+        if data_dir is not None:  # needs real MNIST: a model trained for a pass
+            ftz = runner.run(py_iwae, "worker_iwae.py", {**base, "phase": "ftz", "data_dir": data_dir,
+                                                         "timing": cfg["timing"], "n_train": 2000 if args.quick else None,
+                                                         "label": "k=50 flushed / not"})  # fmt: skip
+
         eval_ours = []
         for layers in cfg["layers"]:
             r = runner.run(py_iwae, "worker_iwae.py", {**base, "phase": "eval", "layers": layers, "k": EVAL_K,
@@ -216,6 +230,8 @@ def main(argv=None) -> int:
         "train_vs_pythae": ratio(ours50["examples_per_s"], py50 and py50["examples_per_s"]),
         "train_k5_vs_pythae": ratio(ours5["examples_per_s"], py5 and py5["examples_per_s"]),
         "eval_vs_pythae": ratio(ev1["images_per_s"], eval_pythae and eval_pythae["images_per_s"]),
+        "train_vs_pythae_ftz": ratio(ours50["examples_per_s"], train_pythae_ftz and train_pythae_ftz[0]["examples_per_s"]),
+        "ftz_speedup_k50": ftz and ftz["ftz_speedup_k50"],
         "train_roofline_fraction": ours50["roofline_fraction"],
         "eval_roofline_fraction": ev1["roofline_fraction"],
         "correctness_passed": correctness["passed"],
@@ -224,7 +240,7 @@ def main(argv=None) -> int:
             "mode": "quick" if args.quick else "full",
             "torch": meta["torch"], "python": platform.python_version(), "iwae_file": meta["iwae_file"],
             "pythae": pythae_meta and pythae_meta["pythae"], "pythae_torch": pythae_meta and pythae_meta["torch"],
-            "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "threads": threads,
+            "cpu": cpu_model(), "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "threads": threads,
             "iwae_train_threads": args.iwae_threads,
             "torch_threads_in_workers": meta["torch_threads"], "data": meta["data"],
             "load_average_at_start": list(os.getloadavg()), "total_seconds": None,
@@ -235,7 +251,8 @@ def main(argv=None) -> int:
                                  "* (k if the layer runs per sample else 1)",
             "eval_per_sample": "sum over per-sample Linear layers of 2*d_in*d_out "
                                "+ (1/k) * sum over per-example Linear layers of 2*d_in*d_out"}},
-        "train": {"iwae": train_ours, "pythae": train_pythae or None,
+        "ftz": ftz,
+        "train": {"iwae": train_ours, "pythae": train_pythae or None, "pythae_flushed": train_pythae_ftz or None,
                   "note": "iwae: iwae.train.train_step with iwae.train.adam, as iwae.train.train runs it; "
                           "pythae: BaseTrainer.train_step's body"},
         "eval": {"iwae": eval_ours, "pythae": eval_pythae, "k": EVAL_K},
@@ -294,9 +311,18 @@ def print_table(r: dict) -> None:
         d = x["max_abs_diff_per_example"]
         print(f"  L{x['layers']} max_rows={x['max_rows'] or 'default'}: NLL {x['nll_fast']:.4f} vs {x['nll_reference']:.4f}; "
               f"max |diff| log_px {d['log_px']:.1e}, iwae64 {d['small']:.1e}, elbo {d['elbo']:.1e}")
+    f = r.get("ftz")
+    if f:
+        print(f"\nDENORMALS (IWAE k=50, L1, batch 20, after one pass of k=5 over {f['n_train']} MNIST images; "
+              f"{f['denormal_values_in_state']} denormal values in weights and Adam state): flushed "
+              f"{f['examples_per_s_flushed']:.0f} ex/s, not flushed {f['examples_per_s_not_flushed']:.0f} ex/s, "
+              f"speed-up {f['ftz_speedup_k50']:.2f}x")
+    pf = (r["train"].get("pythae_flushed") or [None])[0]
+    if pf:
+        print(f"pythae L1 k=50 batch=20 with denormals flushed: {pf['examples_per_s']:.0f} ex/s")
     print("\nRATIOS: " + ", ".join(f"{k}={_fmt(r[k], '.3f')}" for k in
-                                   ("train_vs_pythae", "train_k5_vs_pythae", "eval_vs_pythae",
-                                    "train_roofline_fraction", "eval_roofline_fraction")))
+                                   ("train_vs_pythae", "train_vs_pythae_ftz", "train_k5_vs_pythae", "eval_vs_pythae",
+                                    "ftz_speedup_k50", "train_roofline_fraction", "eval_roofline_fraction")))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -153,6 +154,60 @@ def phase_train(spec) -> dict:
                         "best_examples_per_s": timing["best_steps_per_s"] * job["batch"], "timing": timing,
                         "threads": torch.get_num_threads()})
     return {"results": results}
+
+
+# -- denormals: k=50 steps with and without flushing, on a model trained for a pass -------
+
+
+def phase_ftz(spec) -> dict:
+    """Train IWAE k=5 (1 layer, batch 20) for one pass over MNIST with iwae.train.train, so
+    that weights, gradients and Adam's moments are those of a real run, then time IWAE k=50
+    training steps from that state (weights and Adam state restored before each block)
+    with denormals flushed and not, in alternating blocks; returns examples/s of each."""
+    import tempfile
+
+    from iwae.rundir import CHECKPOINT_FILE, load_checkpoint
+    from iwae.train import TrainConfig, adam, train, train_step
+
+    t = spec["timing"]
+    with tempfile.TemporaryDirectory() as tmp:
+        config = TrainConfig(dataset="mnist", objective="iwae", k=5, epochs=1, eval_n=64, stage_nll_k=0,
+                             n_train=spec.get("n_train"), data_dir=spec["data_dir"])  # fmt: skip
+        torch.set_flush_denormal(True)
+        t0 = time.perf_counter()
+        train(config, tmp, progress=False)
+        pass_s = time.perf_counter() - t0
+        model = VAE(ModelConfig.preset(1))
+        optimizer = adam(model.parameters(), 1e-3, (0.9, 0.999), 1e-4)
+        load_checkpoint(Path(tmp) / CHECKPOINT_FILE, model, optimizer, torch.Generator())
+    saved = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
+    denormal = sum(int(((v != 0) & (v.abs() < torch.finfo(torch.float32).tiny)).sum()) for v in
+                   [*model.state_dict().values(), *(x for st in optimizer.state.values() for x in st.values())])
+    train_x, _, _ = load_data(spec)
+    objective, params = Objective("iwae", k=50), (model.encoder_parameters(), model.decoder_parameters())
+    rates = {True: [], False: []}
+    for block in range(2 * t["repeats"]):
+        flush = block % 2 == 1
+        torch.set_flush_denormal(flush)
+        model.load_state_dict(saved[0])
+        optimizer.load_state_dict(saved[1])
+        generator, state = torch.Generator().manual_seed(block), {"i": 0}
+
+        def step():
+            i = state["i"] % (train_x.shape[0] // 20)
+            state["i"] += 1
+            train_step(model, objective, optimizer, torch.bernoulli(train_x[i * 20 : (i + 1) * 20], generator=generator),
+                       generator, params)  # fmt: skip
+
+        timing = time_steps(step, t["warmup_steps"], 0.0, 1, t["min_s"])
+        rates[flush].append(timing["median_steps_per_s"] * 20)
+    torch.set_flush_denormal(True)
+    import statistics
+
+    on, off = statistics.median(rates[True]), statistics.median(rates[False])
+    return {"examples_per_s_flushed": on, "examples_per_s_not_flushed": off, "ftz_speedup_k50": on / off,
+            "blocks": {"flushed": rates[True], "not_flushed": rates[False]}, "warm_pass_seconds": pass_s,
+            "denormal_values_in_state": denormal, "n_train": config.n_train or 60000}
 
 
 # -- evaluation -------------------------------------------------------------------------
@@ -299,4 +354,5 @@ def phase_correctness(spec) -> dict:
 
 
 if __name__ == "__main__":
-    worker_main({"meta": phase_meta, "train": phase_train, "eval": phase_eval, "correctness": phase_correctness})
+    worker_main({"meta": phase_meta, "train": phase_train, "eval": phase_eval, "correctness": phase_correctness,
+                 "ftz": phase_ftz})

@@ -27,8 +27,14 @@ def test_bench_quick(tmp_path):
                 "train_roofline_fraction", "eval_roofline_fraction", "correctness_passed",
                 "meta", "roofline", "flops", "train", "eval", "correctness", "memory_by_phase"):
         assert key in r, key
-    for key in ("date", "torch", "cpu_model", "threads"):
+    for key in ("date", "torch", "cpu", "cpu_model", "threads"):
         assert r["meta"][key], key
+    # denormals: k=50 steps flushed / not, on a model trained for a pass (real MNIST beside the checkout)
+    if r["ftz"] is not None:
+        assert r["ftz_speedup_k50"] == pytest.approx(
+            r["ftz"]["examples_per_s_flushed"] / r["ftz"]["examples_per_s_not_flushed"])
+        assert r["ftz_speedup_k50"] > 0 and r["ftz"]["warm_pass_seconds"] > 0
+    assert r["train_vs_pythae_ftz"] is None  # --no-pythae
     assert r["train_vs_pythae"] is None and r["eval_vs_pythae"] is None  # --no-pythae
     assert 0 < r["train_roofline_fraction"] < 1.5 and 0 < r["eval_roofline_fraction"] < 1.5
     configs = {(t["layers"], t["k"], t["batch"]) for t in r["train"]["iwae"]}
