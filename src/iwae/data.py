@@ -44,6 +44,7 @@ import gzip
 import hashlib
 import http.client
 import logging
+import math
 import multiprocessing
 import os
 import sys
@@ -637,3 +638,17 @@ def binarized_test(dataset: Dataset, n: int | None = None) -> np.ndarray:
     ``n`` images (:func:`test_subset_indices`; default all): the test images every
     evaluation and every logged test bound uses."""
     return binarize_fixed(dataset.test, seed=0)[test_subset_indices(dataset.test.shape[0], n)]
+
+
+def tile_images(images: np.ndarray, side: int = 28, cols: int | None = None, pad: int = 1) -> np.ndarray:
+    """Arrange ``images`` [n, side*side] in a grid with ``pad`` pixels of border."""
+    images = np.asarray(images, dtype=np.float32).reshape(-1, side, side)
+    n = images.shape[0]
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.ones((rows * (side + pad) + pad, cols * (side + pad) + pad), dtype=np.float32)
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        y, x = pad + r * (side + pad), pad + c * (side + pad)
+        grid[y : y + side, x : x + side] = img
+    return grid

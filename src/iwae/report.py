@@ -4,26 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import reduce
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
 
-from iwae.data import atomic_write
-
-
-def tile_images(images: np.ndarray, side: int = 28, cols: int | None = None, pad: int = 1) -> np.ndarray:
-    """Arrange ``images`` [n, side*side] in a grid with ``pad`` pixels of border."""
-    images = np.asarray(images, dtype=np.float32).reshape(-1, side, side)
-    n = images.shape[0]
-    cols = cols or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = np.ones((rows * (side + pad) + pad, cols * (side + pad) + pad), dtype=np.float32)
-    for i, img in enumerate(images):
-        r, c = divmod(i, cols)
-        y, x = pad + r * (side + pad), pad + c * (side + pad)
-        grid[y : y + side, x : x + side] = img
-    return grid
+from iwae.data import TEST_SIZES, atomic_write, tile_images
 
 
 def save_image_grid(images: np.ndarray, path: str | Path, side: int = 28, cols: int | None = None) -> None:
@@ -65,6 +53,10 @@ class RunResult:
     summary: dict | None
     offset: int = 0  # passes of the run it continues (two-stage), for learning curves
     after: "RunResult | None" = None  # the run it continues
+    run_dir: Path | None = None
+    passes: int | None = None  # the experiment's passes per run: the budget of its evaluation
+    _images: dict | None = field(default=None, repr=False)
+    _images_read: bool = field(default=False, repr=False)
 
 
 def load_experiment(exp_dir: Path) -> tuple[dict, list[RunResult]]:
@@ -78,7 +70,7 @@ def load_experiment(exp_dir: Path) -> tuple[dict, list[RunResult]]:
         results.append(RunResult(
             run["name"], run["label"], run["config"], _read_json(d / "evaluation.json"),
             activity and activity["unit_activity"], _read_json(d / "runner.json"), read_metrics(d),
-            _read_json(d / "summary.json"),
+            _read_json(d / "summary.json"), run_dir=d, passes=meta.get("passes_per_run"),
         ))  # fmt: skip
     by_name = {r.name: r for r in results}
     for r, run in zip(results, meta["runs"]):
@@ -112,13 +104,200 @@ def _units(counts):
     return "—" if counts is None else "+".join(str(int(round(c))) for c in counts)
 
 
+# -- which test images an evaluation used --------------------------------------------------
+
+WHOLE, RANDOM, FIRST = "whole", "random", "first"
+MARKS = {WHOLE: "", RANDOM: "†", FIRST: "‡"}
+STAGE_END_MARK = "§"
+
+
+def evaluated_images(evaluation: dict, dataset: str | None) -> tuple[str, int | None, int | None]:
+    """``(kind, n, N)``: an evaluation on the whole test set of N images, on a seeded
+    random subset of n of them, or (made before subsets were random: no
+    ``test_subset_seed`` key) on the first n, which is never put beside the papers' numbers."""
+    size = evaluation.get("test_set_size") or TEST_SIZES.get(dataset)
+    n = evaluation.get("n_test")
+    if n is None or size is None or n >= size:
+        return WHOLE, n, size
+    return (RANDOM if evaluation.get("test_subset_seed") is not None else FIRST), n, size
+
+
+def _kind(r: RunResult) -> tuple[str, int | None, int | None]:
+    return evaluated_images(r.evaluation, r.config.get("dataset"))
+
+
+def _value_cell(runs: list[RunResult], key: str, digits: int = 2, spread: bool = False) -> tuple[str, float | None]:
+    """A table cell for the mean of ``key`` over ``runs`` (± the standard deviation over seeds
+    if ``spread``), marked † for a random test subset, and "—‡" (no number) for an
+    evaluation on the first test images; with the value put beside the paper's, or None."""
+    if not runs:
+        return "—", None
+    kinds = {_kind(r)[0] for r in runs}
+    if FIRST in kinds:
+        return "—" + MARKS[FIRST], None
+    values = [r.evaluation[key] for r in runs]
+    mean, std = _mean(values), _std(values)
+    text = _fmt(mean, digits) + ("" if not spread or std is None else f" ± {std:.{digits}f}")
+    return text + (MARKS[RANDOM] if RANDOM in kinds else ""), mean
+
+
+def _image_notes(results: list[RunResult], hidden: bool = True) -> list[str]:
+    """Footnotes for the marks of :func:`_value_cell` (``hidden``: first-N numbers left out)
+    or :func:`_marked`, one per kind of subset found."""
+    subsets = sorted({_kind(r) for r in results if r.evaluation is not None and _kind(r)[0] != WHOLE},
+                     key=lambda x: (x[0], x[1] or 0, x[2] or 0))  # fmt: skip
+    notes = []
+    for kind, n, size in subsets:
+        if kind == RANDOM:
+            notes.append(f"{MARKS[RANDOM]} evaluated on a seeded random subset of {n:,} of the {size:,} test images.")
+        elif not hidden:
+            notes.append(f"{MARKS[FIRST]} evaluated on the first {n:,} of the {size:,} test images (not a fair sample "
+                         "of the test set: re-evaluate).")  # fmt: skip
+        else:
+            notes.append(f"—{MARKS[FIRST]} evaluated on the first {n:,} of the {size:,} test images: re-evaluate "
+                         "(a first-N subset is not a fair sample and is not put beside the paper's numbers).")  # fmt: skip
+    return list(dict.fromkeys(notes))
+
+
+def _images_text(meta: dict, results: list[RunResult]) -> str:
+    """Which test images the finished runs were evaluated on, in words."""
+    counts: dict[tuple, int] = {}
+    for r in results:
+        if r.evaluation is not None:
+            counts[_kind(r)] = counts.get(_kind(r), 0) + 1
+    if not counts:
+        n = meta.get("n_test")
+        return "the whole test set" if n is None else f"a seeded random subset of {n:,} test images"
+    words = {k: _kind_words(*k) for k in counts}
+    if len(counts) == 1:
+        return next(iter(words.values()))
+    return "; ".join(f"{c} run(s) on {words[k]}" for k, c in counts.items())
+
+
+def _kind_words(kind, n, size) -> str:
+    if kind == WHOLE:
+        return "the whole test set"
+    if kind == RANDOM:
+        return f"a seeded random subset of {n:,} of the {size:,} test images ({MARKS[RANDOM]})"
+    return (f"the first {n:,} test images (evaluated before test subsets were random: not comparable with the "
+            "paper's numbers; re-evaluate)")  # fmt: skip
+
+
+# -- claims: margins and paired standard errors ----------------------------------------------
+
+PER_IMAGE = {  # a quantity of evaluation.json from the per-image values of evaluation.safetensors
+    "nll": lambda t: -t["log_px"],
+    "log_px": lambda t: t["log_px"],
+    "iwae64": lambda t: t["iwae64"],
+    "elbo": lambda t: t["elbo"],
+    "neg_kl_q_p": lambda t: t["iwae64"] - t["log_px"],
+}
+
+
+@dataclass(frozen=True)
+class Margin:
+    """The difference b − a of one quantity between two models: the mean over their common
+    test images of the per-image differences, with its paired standard error (std of the
+    differences / sqrt(n)); without per-image values, the difference of the two means and
+    ``se`` None."""
+
+    diff: float
+    se: float | None = None
+    n: int | None = None
+    same_images: bool = True  # False: two means over different test images (no per-image values)
+
+
+def _images(r: RunResult) -> dict[str, np.ndarray] | None:
+    """The per-image values of ``r``'s evaluation as float64 arrays (read once), or None
+    where there are none or they do not belong to its evaluation.json."""
+    if not r._images_read:
+        r._images_read = True
+        from iwae.train import read_evaluation_images
+
+        tensors = read_evaluation_images(r.run_dir) if r.run_dir is not None else None
+        if tensors is not None and r.evaluation is not None:
+            t = {k: v.numpy().astype(np.int64 if k == "test_index" else np.float64) for k, v in tensors.items()}
+            if len(t["test_index"]) == r.evaluation.get("n_test", len(t["test_index"])):
+                r._images = t
+    return r._images
+
+
+def _cell_images(runs: list[RunResult], key: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(test_index, values)``: per-image ``key`` averaged over ``runs`` (the seeds of one
+    cell) on the test images they all share; None if a run has no per-image values."""
+    tables = [_images(r) for r in runs]
+    if not tables or any(t is None for t in tables):
+        return None
+    common = np.unique(reduce(np.intersect1d, [t["test_index"] for t in tables]))  # sorted, also for one run
+    values = []
+    for t in tables:
+        _, where, _ = np.intersect1d(t["test_index"], common, assume_unique=True, return_indices=True)
+        values.append(PER_IMAGE[key](t)[where])
+    return common, np.mean(values, axis=0)
+
+
+def paired_margin(a: list[RunResult], b: list[RunResult], key: str) -> Margin | None:
+    """b − a in ``key`` (a quantity of :data:`PER_IMAGE`): paired over the test images both
+    were evaluated on where both have per-image values, else the difference of their
+    evaluation means (no standard error); None when either has no evaluation."""
+    if not a or not b:
+        return None
+    pa, pb = _cell_images(a, key), _cell_images(b, key)
+    if pa is not None and pb is not None:
+        common, ia, ib = np.intersect1d(pa[0], pb[0], assume_unique=True, return_indices=True)
+        if len(common) > 1:
+            d = pb[1][ib] - pa[1][ia]
+            return Margin(float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))), len(d))
+    same = len({_kind(r) for r in a + b}) == 1
+    return Margin(_mean([r.evaluation[key] for r in b]) - _mean([r.evaluation[key] for r in a]), same_images=same)
+
+
+HOLDS, FAILS, NOISE = "holds", "does not hold", "within noise"
+
+
+def claim_verdict(m: Margin, expect: int) -> str:
+    """``expect`` = +1 if the paper has b above a, -1 if below: "holds" if the margin is on
+    the paper's side by more than 2 standard errors, "does not hold" if on the other by
+    more than 2, else "within noise"; without a standard error, by the sign alone."""
+    signed = expect * m.diff
+    if m.se is None:
+        return HOLDS if signed > 0 else FAILS
+    return HOLDS if signed > 2 * m.se else FAILS if signed < -2 * m.se else NOISE
+
+
+def _combined(verdicts: list[str]) -> str:
+    """A claim over several pairs: fails if one fails, within noise if one is, else holds."""
+    return FAILS if FAILS in verdicts else NOISE if NOISE in verdicts else HOLDS
+
+
+def _claim_line(claim: str, detail: str, pairs: list[tuple[str, Margin, int]]) -> str:
+    """``- claim — **verdict** (detail)``, then each pair's margin ± paired standard error
+    and verdict, or that there are no per-image values. ``pairs``: (name of b − a, margin,
+    expected sign)."""
+    verdicts = [claim_verdict(m, e) for _, m, e in pairs]
+    line = f"- {claim} — **{_combined(verdicts)}** ({detail})"
+    apart = [name for name, m, _ in pairs if not m.same_images]
+    if apart:
+        line += f" [{', '.join(apart)}: the two evaluations used different test images]"
+    if all(m.se is None for _, m, _ in pairs):
+        return line + " — no per-image values: standard error unavailable"
+    sizes = {m.n for _, m, _ in pairs if m.n}
+    parts = []
+    for (name, m, _), v in zip(pairs, verdicts):
+        if m.se is None:
+            parts.append(f"{name}: no per-image values, standard error unavailable")
+        else:
+            parts.append(f"{name} = {m.diff:+.2f} ± {m.se:.2f}{'' if len(sizes) == 1 else f' ({m.n:,} images)'} ({v})")
+    over = f" over {sizes.pop():,} test images" if len(sizes) == 1 else ""
+    return line + f"; margin ± paired standard error{over}: " + ", ".join(parts)
+
+
 def _budget(meta: dict, results: list[RunResult]) -> str:
     done = sum(r.evaluation is not None for r in results)
     walls = [r.runner["train_wall_s"] + r.runner["eval_wall_s"] for r in results if r.runner]
     text = (
         f"Budget: `--stages {meta['stages']}` ({meta['passes_per_run']} passes per run; the paper: 8 stages, "
-        f"3,280 passes), {meta['seeds']} seed(s); NLL = −L_{meta['eval_k']} on "
-        f"{'the full test set' if meta.get('n_test') is None else 'the first %d test images' % meta['n_test']}. "
+        f"3,280 passes), {meta['seeds']} seed(s); NLL = −L_{meta['eval_k']} on {_images_text(meta, results)}. "
         f"{done} of {len(results)} runs finished"
     )
     filters = meta.get("only")
@@ -143,12 +322,14 @@ def _group(results, keys):
     return groups
 
 
-def _table1_section(meta, results, fig_dir: Path) -> list[str]:
-    paper = {(r["dataset"], r["stochastic_layers"], r["k"], r["objective"]): r for r in _rows(paper_tables()["burda2016_table1"])}
-    cells = _group(results, ("dataset", "layers", "k", "objective"))
+def _paper_table1() -> dict:
+    return {(r["dataset"], r["stochastic_layers"], r["k"], r["objective"]): r
+            for r in _rows(paper_tables()["burda2016_table1"])}  # fmt: skip
 
-    def nll(key):
-        return _mean([r.evaluation["nll"] for r in cells.get(key, [])])
+
+def _table1_section(meta, results, fig_dir: Path) -> list[str]:
+    paper = _paper_table1()
+    cells = _group(results, ("dataset", "layers", "k", "objective"))
 
     def units(key):
         runs = cells.get(key, [])
@@ -156,7 +337,8 @@ def _table1_section(meta, results, fig_dir: Path) -> list[str]:
 
     datasets = {r.label["dataset"] for r in results}
     lines = [
-        f"## Burda et al. (2016), Table 1 ({', '.join(d.upper() for d in ('mnist', 'omniglot') if d in datasets)})", "",
+        f"## Burda et al. (2016), Table 1 ({', '.join(d.upper() for d in ('mnist', 'omniglot') if d in datasets)})"
+        + (f", {meta['passes_per_run']:,} passes" if meta.get("_several_budgets") else ""), "",
         _budget(meta, results), "",
         "| dataset | layers | k | VAE NLL | paper | Δ | IWAE NLL | paper | Δ | VAE units | paper | IWAE units | paper |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -170,40 +352,61 @@ def _table1_section(meta, results, fig_dir: Path) -> list[str]:
             for k in (1, 5, 50):
                 row = [dataset, str(layers), str(k)]
                 for obj in ("vae", "iwae"):
-                    ours, ref = nll((dataset, layers, k, obj)), paper[(dataset, layers, k, obj)]["nll"]
-                    row += [_fmt(ours), _fmt(ref), _fmt(None if ours is None else ours - ref)]
+                    text, ours = _value_cell(cells.get((dataset, layers, k, obj), []), "nll")
+                    ref = paper[(dataset, layers, k, obj)]["nll"]
+                    row += [text, _fmt(ref), _fmt(None if ours is None else ours - ref)]
                 for obj in ("vae", "iwae"):
                     row += [_units(units((dataset, layers, k, obj))), paper[(dataset, layers, k, obj)]["active_units"]]
                 lines.append("| " + " | ".join(row) + " |")
-            checks += _table1_checks(dataset, layers, nll, units)
-    lines += ["", "Orderings of the paper, at this budget:", ""] + (checks or ["- not enough finished runs yet"]) + [""]
+            checks += _table1_checks(dataset, layers, cells, units)
+    notes = _image_notes(results)
+    lines += ([""] + notes if notes else []) + ["", "Orderings of the paper, at this budget:", ""]
+    lines += (checks or ["- not enough finished runs yet"]) + [""]
     lines += _figures(meta, results, fig_dir, "table1")
     return lines
 
 
-def _table1_checks(dataset, layers, nll, units) -> list[str]:
-    out = []
-    pairs = [(k, nll((dataset, layers, k, "iwae")), nll((dataset, layers, k, "vae"))) for k in (5, 50)]
-    pairs = [p for p in pairs if None not in p]
-    if pairs:
-        ok = all(i < v for _, i, v in pairs)
-        detail = ", ".join(f"k={k}: IWAE {i:.2f} vs VAE {v:.2f}" for k, i, v in pairs)
-        out.append(f"- {dataset}, {layers} layer(s): IWAE below VAE in NLL for every k > 1 — "
-                   f"**{'holds' if ok else 'does not hold'}** ({detail})")  # fmt: skip
-    ks = [(k, nll((dataset, layers, k, "iwae"))) for k in (1, 5, 50)]
-    ks = [p for p in ks if p[1] is not None]
-    if len(ks) > 1:
-        ok = all(b[1] < a[1] for a, b in zip(ks, ks[1:]))
-        detail = ", ".join(f"k={k}: {v:.2f}" for k, v in ks)
-        out.append(f"- {dataset}, {layers} layer(s): IWAE NLL falling with k — **{'holds' if ok else 'does not hold'}** ({detail})")
+def _table1_checks(dataset, layers, cells, units) -> list[str]:
+    """Burda et al. Table 1: IWAE below the VAE in NLL at every k > 1, IWAE NLL falling
+    with k (both with paired standard errors), IWAE with at least as many active units."""
+    return [line for line in (_iwae_below_vae(dataset, layers, cells), _falling_with_k(dataset, layers, cells),
+                              _more_active_units(dataset, layers, units)) if line]  # fmt: skip
+
+
+def _nll_of(cells, key):
+    return _mean([r.evaluation["nll"] for r in cells.get(key, [])])
+
+
+def _iwae_below_vae(dataset, layers, cells) -> str | None:
+    pairs = [(k, cells.get((dataset, layers, k, "vae"), []), cells.get((dataset, layers, k, "iwae"), [])) for k in (5, 50)]
+    pairs = [(k, vae, iwae) for k, vae, iwae in pairs if vae and iwae]
+    if not pairs:
+        return None
+    detail = ", ".join(f"k={k}: IWAE {_nll_of(cells, (dataset, layers, k, 'iwae')):.2f} vs "
+                       f"VAE {_nll_of(cells, (dataset, layers, k, 'vae')):.2f}" for k, _, _ in pairs)  # fmt: skip
+    margins = [(f"k={k}: IWAE − VAE", paired_margin(vae, iwae, "nll"), -1) for k, vae, iwae in pairs]
+    return _claim_line(f"{dataset}, {layers} layer(s): IWAE below VAE in NLL for every k > 1", detail, margins)
+
+
+def _falling_with_k(dataset, layers, cells) -> str | None:
+    ks = [k for k in (1, 5, 50) if cells.get((dataset, layers, k, "iwae"))]
+    if len(ks) < 2:
+        return None
+    detail = ", ".join(f"k={k}: {_nll_of(cells, (dataset, layers, k, 'iwae')):.2f}" for k in ks)
+    runs = {k: cells[(dataset, layers, k, "iwae")] for k in ks}
+    margins = [(f"k={b} − k={a}", paired_margin(runs[a], runs[b], "nll"), -1) for a, b in pairwise(ks)]
+    return _claim_line(f"{dataset}, {layers} layer(s): IWAE NLL falling with k", detail, margins)
+
+
+def _more_active_units(dataset, layers, units) -> str | None:
     au = [(k, units((dataset, layers, k, "iwae")), units((dataset, layers, k, "vae"))) for k in (1, 5, 50)]
     au = [p for p in au if None not in p]
-    if au:
-        ok = all(sum(i) >= sum(v) for _, i, v in au)
-        detail = ", ".join(f"k={k}: {_units(i)} vs {_units(v)}" for k, i, v in au)
-        out.append(f"- {dataset}, {layers} layer(s): IWAE with at least as many active units as VAE — "
-                   f"**{'holds' if ok else 'does not hold'}** ({detail})")  # fmt: skip
-    return out
+    if not au:
+        return None
+    ok = all(sum(i) >= sum(v) for _, i, v in au)
+    detail = ", ".join(f"k={k}: {_units(i)} vs {_units(v)}" for k, i, v in au)
+    return (f"- {dataset}, {layers} layer(s): IWAE with at least as many active units as VAE — "
+            f"**{'holds' if ok else 'does not hold'}** ({detail}; counts of units, no standard error)")  # fmt: skip
 
 
 def _two_stage_section(meta, results, fig_dir: Path) -> list[str]:
@@ -221,12 +424,14 @@ def _two_stage_section(meta, results, fig_dir: Path) -> list[str]:
         for stage, name_key, nll_key, au_key in (("first", "first_stage", "first_nll", "first_active_units"),
                                                  ("second", "second_stage", "second_nll", "second_active_units")):  # fmt: skip
             runs = cells.get((exp, stage), [])
-            nll = _mean([r.evaluation["nll"] for r in runs])
+            nll = _value_cell(runs, "nll")[0]
             au = [float(np.mean(c)) for c in zip(*[r.evaluation["active_units"] for r in runs])] if runs else None
-            row += [ref[name_key], _fmt(nll), _fmt(ref[nll_key]), _units(au), str(ref[au_key])]
+            row += [ref[name_key], nll, _fmt(ref[nll_key]), _units(au), str(ref[au_key])]
         lines.append("| " + " | ".join(row) + " |")
     checks = _two_stage_checks(cells, paper)
-    lines += ["", "What the paper shows, at this budget:", ""] + (checks or ["- not enough finished runs yet"]) + [""]
+    notes = _image_notes(results)
+    lines += ([""] + notes if notes else []) + ["", "What the paper shows, at this budget:", ""]
+    lines += (checks or ["- not enough finished runs yet"]) + [""]
     lines += _figures(meta, results, fig_dir, "two-stage")
     return lines
 
@@ -243,9 +448,10 @@ def _two_stage_checks(cells, paper) -> list[str]:
         a, b = _mean([r.evaluation["nll"] for r in first]), _mean([r.evaluation["nll"] for r in second])
         ua, ub = (float(np.mean([sum(r.evaluation["active_units"]) for r in runs])) for runs in (first, second))
         then = f"{ref['first_stage']} then {ref['second_stage']}"
-        ok = b < a if better else b > a
-        out.append(f"- {then}: the second stage {'lowers' if better else 'raises'} the NLL (paper {ref['first_nll']:.2f} → "
-                   f"{ref['second_nll']:.2f}) — **{'holds' if ok else 'does not hold'}** ({a:.2f} → {b:.2f})")  # fmt: skip
+        claim = (f"{then}: the second stage {'lowers' if better else 'raises'} the NLL (paper {ref['first_nll']:.2f} → "
+                 f"{ref['second_nll']:.2f})")  # fmt: skip
+        margin = paired_margin(first, second, "nll")
+        out.append(_claim_line(claim, f"{a:.2f} → {b:.2f}", [("second − first", margin, -1 if better else 1)]))
         ok = ub > ua if better else ub < ua
         out.append(f"- {then}: the second stage {'adds' if better else 'removes'} active units (paper "
                    f"{ref['first_active_units']} → {ref['second_active_units']}) — **{'holds' if ok else 'does not hold'}** "
@@ -266,12 +472,11 @@ def _variants_section(meta, results, fig_dir: Path) -> list[str]:
         ref = paper[paper_key]
         row = [method]
         for key in ("iwae64", "log_px", "neg_kl_q_p"):
-            values = [r.evaluation[key] for r in runs]
-            mean, std = _mean(values), _std(values)
-            row += [_fmt(mean) + ("" if std is None else f" ± {std:.2f}"), f"{ref[key]:.2f} ± {ref[key + '_std']:.2f}"]
+            row += [_value_cell(runs, key, spread=True)[0], f"{ref[key]:.2f} ± {ref[key + '_std']:.2f}"]
         lines.append("| " + " | ".join(row) + " |")
     checks = _variants_checks(cells)
-    lines += ["", "What the paper shows, at this budget (means over seeds):", ""]
+    notes = _image_notes(results)
+    lines += ([""] + notes if notes else []) + ["", "What the paper shows, at this budget (means over seeds):", ""]
     lines += (checks or ["- not enough finished runs yet"]) + [""]
     lines += _figures(meta, results, fig_dir, "variants")
     return lines
@@ -285,6 +490,9 @@ def _variants_checks(cells) -> list[str]:
         runs = cells.get((method,), [])
         return _mean([r.evaluation[key] for r in runs]) if runs else None
 
+    def runs(method):
+        return cells.get((method,), [])
+
     methods = [m for m, _, _ in _variant_names()]
     out = []
     for claim, key, others in (
@@ -297,16 +505,16 @@ def _variants_checks(cells) -> list[str]:
         pairs = [(m, v) for m in others if (v := value(m, key)) is not None]
         if base is None or not pairs:
             continue
-        ok = all(v > base for _, v in pairs)
         detail = f"IWAE {base:.2f}; " + ", ".join(f"{m} {v:.2f}" for m, v in pairs)
-        out.append(f"- {claim} — **{'holds' if ok else 'does not hold'}** ({detail})")
+        margins = [(f"{m} − IWAE", paired_margin(runs("IWAE"), runs(m), key), 1) for m, _ in pairs]
+        out.append(_claim_line(claim, detail, margins))
     vae = value("VAE", "log_px")
     pairs = [(m, v) for m in methods if m != "VAE" and (v := value(m, "log_px")) is not None]
     if vae is not None and pairs:
-        ok = all(vae < v for _, v in pairs)
         detail = f"VAE {vae:.2f}; " + ", ".join(f"{m} {v:.2f}" for m, v in pairs)
-        out.append(f"- the VAE lowest in log p̂(x), the worst generative model (paper: −86.21 vs −84.40 to −85.24) — "
-                   f"**{'holds' if ok else 'does not hold'}** ({detail})")  # fmt: skip
+        margins = [(f"VAE − {m}", paired_margin(runs(m), runs("VAE"), "log_px"), -1) for m, _ in pairs]
+        out.append(_claim_line("the VAE lowest in log p̂(x), the worst generative model (paper: −86.21 vs −84.40 to "
+                               "−85.24)", detail, margins))  # fmt: skip
     return out
 
 
@@ -318,30 +526,191 @@ def _variant_names():
 
 def _dreg_section(meta, results, fig_dir: Path) -> list[str]:
     cells = _group(results, ("layers", "k", "estimator"))
-
-    def mean_of(key, field):
-        return _mean([r.evaluation[field] for r in cells.get(key, [])])
-
     lines = [
         "## Beyond the papers: IWAE with the DReG encoder gradient (MNIST)", "", _budget(meta, results), "",
-        "| layers | k | NLL, standard | NLL, DReG | DReG − standard | IWAE-64, standard | IWAE-64, DReG | "
-        "units, standard | units, DReG |",
+        ("| layers | k | NLL, standard | NLL, DReG | DReG − standard | IWAE-64, standard | IWAE-64, DReG | "
+         "units, standard | units, DReG |"),
         "|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for layers in (1, 2):
         for k in (5, 50):
-            std, dr = mean_of((layers, k, "reparam"), "nll"), mean_of((layers, k, "dreg"), "nll")
-            if std is None and dr is None:
-                continue
-            units = [_units(cells[(layers, k, e)][0].evaluation["active_units"]) if cells.get((layers, k, e)) else "—"
-                     for e in ("reparam", "dreg")]  # fmt: skip
-            diff = None if None in (std, dr) else dr - std
-            lines.append(f"| {layers} | {k} | {_fmt(std)} | {_fmt(dr)} | {_fmt(diff)} | "
-                         f"{_fmt(mean_of((layers, k, 'reparam'), 'iwae64'))} | {_fmt(mean_of((layers, k, 'dreg'), 'iwae64'))} | "
-                         f"{units[0]} | {units[1]} |")  # fmt: skip
-    lines += ["", "A negative difference means DReG reached a lower (better) test NLL at the same budget.", ""]
+            std, dr = cells.get((layers, k, "reparam"), []), cells.get((layers, k, "dreg"), [])
+            if std or dr:
+                lines.append(_dreg_row(layers, k, std, dr))
+    notes = _image_notes(results, hidden=False)
+    lines += ([""] + notes if notes else []) + [
+        "", ("A negative difference means DReG reached a lower (better) test NLL at the same budget; ± its paired "
+             "standard error over the test images both were evaluated on (where per-image values exist)."), ""]  # fmt: skip
     lines += _figures(meta, results, fig_dir, "dreg")
     return lines
+
+
+def _dreg_row(layers, k, std: list[RunResult], dr: list[RunResult]) -> str:
+    """One row of the DReG table: NLL, their paired difference, IWAE-64 and units of each."""
+    diff = paired_margin(std, dr, "nll")
+    diff = "—" if diff is None else _fmt(diff.diff) + ("" if diff.se is None else f" ± {diff.se:.2f}")
+    units = [_units(runs[0].evaluation["active_units"]) if runs else "—" for runs in (std, dr)]
+    cells = [_marked(std, "nll"), _marked(dr, "nll"), diff, _marked(std, "iwae64"), _marked(dr, "iwae64"), *units]
+    return f"| {layers} | {k} | " + " | ".join(cells) + " |"
+
+
+def _marked(runs: list[RunResult], key: str) -> str:
+    """The mean of ``key`` over ``runs`` marked with the test images it was made on (†, ‡),
+    for tables without the papers' numbers."""
+    if not runs:
+        return "—"
+    kinds = {_kind(r)[0] for r in runs}
+    mark = MARKS[FIRST] if FIRST in kinds else MARKS[RANDOM] if RANDOM in kinds else ""
+    return _fmt(_mean([r.evaluation[key] for r in runs])) + mark
+
+
+# -- Table 1 across budgets: the budget ladder ------------------------------------------------
+
+
+def _ladder_sections(experiments: list[tuple[dict, list[RunResult]]], fig_dir: Path) -> list[str]:
+    """A budget ladder for each dataset, from the runs of every table1 experiment directory."""
+    runs = [r for meta, results in experiments if meta["experiment"] == "table1" for r in results]
+    lines = []
+    for dataset in ("mnist", "omniglot"):
+        mine = [r for r in runs if r.label["dataset"] == dataset]
+        if mine:
+            lines += _ladder_section(dataset, mine, fig_dir)
+    return lines
+
+
+def _ladder_section(dataset: str, runs: list[RunResult], fig_dir: Path) -> list[str]:
+    """Rows: Table 1's cells; columns: every budget found (passes), the paper's NLL and the
+    distance to it from the largest budget with a number; then the notes and the figure."""
+    paper, budgets = _paper_table1(), _ladder_budgets(runs)
+    cells: dict[tuple, list[RunResult]] = {}
+    for r in runs:
+        cells.setdefault((r.label["layers"], r.label["k"], r.label["objective"]), []).append(r)
+    order = sorted(cells, key=lambda c: (c[0], c[1], c[2] != "vae"))
+    sources = sorted({(r.passes or 0, r.run_dir.parent.parent.name) for r in runs if r.run_dir is not None})
+    lines = [
+        f"## Burda et al. (2016), Table 1 across budgets ({dataset.upper()}): the budget ladder", "",
+        (f"Test NLL (nats) of each cell after each training budget found, in passes over the training set (the "
+         f"paper: 3,280), from {', '.join(f'`{name}/` ({p:,} passes)' for p, name in sources)}."), "",
+        "| layers | k | objective | " + " | ".join(f"{b:,} passes" for b in budgets) + " | paper (3,280 passes) | Δ to the paper |",
+        "|---|---|---|" + "---|" * len(budgets) + "---|---|",
+    ]  # fmt: skip
+    lines += [_ladder_row(dataset, cell, cells[cell], budgets, paper) for cell in order]
+    lines += [""] + _ladder_notes(runs, budgets) + [""]
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    name = f"table1-ladder-{dataset}.png"
+    _plot_ladder(dataset, runs, paper, fig_dir / name)
+    return lines + [f"![test NLL against passes, {dataset.upper()}]({fig_dir.name}/{name})", ""]
+
+
+def _ladder_budgets(runs: list[RunResult]) -> list[int]:
+    """The ladder's columns: every experiment's passes per run, and every stage end (with a
+    logged ``test_nll_subset``) from the smallest of those on."""
+    finals = {r.passes for r in runs if r.passes}
+    ends = {m["pass"] for r in runs for m in r.metrics if "test_nll_subset" in m}
+    return sorted(finals | {p for p in ends if p >= min(finals, default=1)})
+
+
+def _stage_end_values(runs: list[RunResult], budget: int) -> list[float]:
+    return [m["test_nll_subset"] for r in runs for m in r.metrics if m.get("pass") == budget and "test_nll_subset" in m]
+
+
+def _ladder_point(runs: list[RunResult], budget: int) -> tuple[str, float | None]:
+    """One cell at one budget: the final evaluations of its runs trained for ``budget``
+    passes (:func:`_value_cell`), else the mean stage-end ``test_nll_subset`` logged at that
+    pass (marked §); with the value put beside the paper's, or None."""
+    text, value = _value_cell([r for r in runs if r.passes == budget and r.evaluation is not None], "nll")
+    if value is None and (subset := _stage_end_values(runs, budget)):
+        return _fmt(_mean(subset)) + STAGE_END_MARK, _mean(subset)
+    return text, value
+
+
+def _ladder_row(dataset, cell, runs, budgets, paper) -> str:
+    layers, k, objective = cell
+    points = [_ladder_point(runs, b) for b in budgets]
+    ref = paper[(dataset, layers, k, objective)]["nll"]
+    found = [(b, v) for b, (_, v) in zip(budgets, points) if v is not None]
+    delta = f"{found[-1][1] - ref:+.2f} at {found[-1][0]:,} passes" if found else "—"
+    return "| " + " | ".join([str(layers), str(k), objective.upper(), *(t for t, _ in points), _fmt(ref), delta]) + " |"
+
+
+def _ladder_notes(runs: list[RunResult], budgets: list[int]) -> list[str]:
+    """What the ladder's plain numbers and marks mean."""
+    notes = ["Plain numbers: the final evaluation (−L_5000 on the whole test set, `evaluation.json`), the mean "
+             + "over seeds where there are several."]
+    finals = [r for r in runs if r.evaluation is not None and r.passes in budgets]
+    notes += _image_notes(finals)
+    stage_ends = {(m.get("test_nll_subset_k"), m.get("test_nll_subset_n")) for r in runs for m in r.metrics
+                  if "test_nll_subset" in m and m["pass"] in budgets}  # fmt: skip
+    for k, n in sorted(stage_ends, key=str):
+        notes.append(f"{STAGE_END_MARK} no final evaluation at this budget (yet): −L_{k} at the end of the training stage "
+                     f"on a seeded random subset of {n:,} test images (`test_nll_subset` in `metrics.jsonl`).")  # fmt: skip
+    notes.append("Δ: our latest number minus the paper's (after 3,280 passes).")
+    return [n + "  " for n in notes[:-1]] + notes[-1:]
+
+
+K_COLOURS = {1: "tab:blue", 5: "tab:orange", 50: "tab:green"}
+OBJECTIVE_STYLES = {"vae": "--", "iwae": "-"}
+PAPER_PASSES = 3280
+STAGE_ENDS = [sum(3**j for j in range(i + 1)) for i in range(8)]  # 1, 4, 13, ..., 3,280
+
+
+def _ladder_curve(r: RunResult) -> list[tuple[int, float]]:
+    """A run's stage-end ``test_nll_subset`` against passes."""
+    return [(r.offset + m["pass"], m["test_nll_subset"]) for m in r.metrics if "test_nll_subset" in m]
+
+
+def _final_point(r: RunResult) -> tuple[int, float] | None:
+    """A run's final evaluation at its budget, unless made on the first test images."""
+    if r.evaluation is None or r.passes is None or _kind(r)[0] == FIRST:
+        return None
+    return r.passes, r.evaluation["nll"]
+
+
+def _plot_ladder(dataset: str, runs: list[RunResult], paper: dict, path: Path) -> None:
+    """Test NLL against passes (log scale), one panel per number of stochastic layers:
+    colour by k, dashed VAE and solid IWAE; circles the stage-end subset values, squares
+    the final evaluations, stars the paper's values at 3,280 passes."""
+    plt = _plt()
+    layers = sorted({r.label["layers"] for r in runs})
+    fig, axes = plt.subplots(1, len(layers), figsize=(5.2 * len(layers), 4.2), squeeze=False, sharey=True)
+    for ax, n_layers in zip(axes[0], layers):
+        mine = [r for r in runs if r.label["layers"] == n_layers]
+        for r in mine:
+            _plot_ladder_run(ax, r)
+        for k, objective in sorted({(r.label["k"], r.label["objective"]) for r in mine}):
+            ax.plot([PAPER_PASSES], [paper[(dataset, n_layers, k, objective)]["nll"]], marker="*", ms=11,
+                    color=K_COLOURS.get(k, "k"), mfc="none" if objective == "vae" else K_COLOURS.get(k, "k"))  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xticks(STAGE_ENDS, [f"{p:,}" for p in STAGE_ENDS])
+        ax.set_xlabel("passes over the training set (stage ends)")
+        ax.set_title(f"{dataset.upper()}, {n_layers} stochastic layer{'s' if n_layers > 1 else ''}")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("test NLL (nats)")
+    axes[0][-1].legend(handles=_ladder_legend(), fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    _save(fig, path)
+
+
+def _plot_ladder_run(ax, r: RunResult) -> None:
+    colour, style = K_COLOURS.get(r.label["k"], "k"), OBJECTIVE_STYLES.get(r.label["objective"], ":")
+    curve = _ladder_curve(r)
+    if curve:
+        ax.plot(*zip(*curve), ls=style, marker="o", ms=3, color=colour)
+    final = _final_point(r)
+    if final:
+        ax.plot([final[0]], [final[1]], marker="s", ms=6, color=colour, ls="none")
+
+
+def _ladder_legend() -> list:
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=c, lw=2, label=f"k={k}") for k, c in K_COLOURS.items()]
+    handles += [Line2D([], [], color="k", ls=s, label=o.upper()) for o, s in OBJECTIVE_STYLES.items()]
+    handles += [
+        Line2D([], [], color="gray", marker="o", ms=4, ls="none", label="stage end, random test subset"),
+        Line2D([], [], color="gray", marker="s", ms=6, ls="none", label="final evaluation"),
+        Line2D([], [], color="gray", marker="*", ms=10, ls="none", label="the paper, 3,280 passes (hollow: VAE)"),
+    ]  # fmt: skip
+    return handles
 
 
 SECTIONS = {"table1": _table1_section, "two-stage": _two_stage_section, "variants": _variants_section,
@@ -415,7 +784,7 @@ def _plot_curves(results: list[RunResult], path: Path) -> bool:
                 ax.plot(xs, [np.mean(points[x]) for x in xs], marker="o", ms=3, label=label)
         ax.set_xscale("log")
         ax.set_xlabel("passes over the training set")
-        ax.set_title(title + " (first test images)")
+        ax.set_title(title + " (test subset)")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     _save(fig, path)
@@ -479,8 +848,15 @@ def write_report(directory: str | Path) -> Path:
     experiments = [(load_experiment(d), d) for d in exp_dirs]
     order = list(SECTIONS)
     experiments.sort(key=lambda e: order.index(e[0][0]["experiment"]))
+    ladder = _ladder_sections([e for e, _ in experiments], fig_dir)
+    table1 = [(m["passes_per_run"], r.label["dataset"]) for (m, res), _ in experiments if m["experiment"] == "table1"
+              for r in res]  # fmt: skip
+    several = len({p for p, _ in set(table1)}) > 1  # table1 directories at different budgets: headings say which
     for (meta, results), exp_dir in experiments:
+        if meta["experiment"] == "table1" and ladder:  # the ladder first, then each table1 directory
+            lines, ladder = lines + ladder, []
         meta["_dir"] = str(exp_dir)
+        meta["_several_budgets"] = several
         meta["_figure_prefix"] = exp_dir.name if exp_dir != directory else meta["experiment"]
         section = SECTIONS[meta["experiment"]](meta, results, fig_dir)
         lines += section + [f"Runs: `{exp_dir.relative_to(directory) if exp_dir != directory else '.'}/runs/`", ""]

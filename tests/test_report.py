@@ -1,0 +1,238 @@
+"""The report's budget ladder, its figure and the paired standard errors of its claims, from
+hand-made experiment directories (no training): known per-image values, known verdicts."""
+
+import json
+import math
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+from iwae.experiments import grid
+from iwae.report import (
+    FAILS,
+    HOLDS,
+    NOISE,
+    Margin,
+    claim_verdict,
+    evaluated_images,
+    load_experiment,
+    paired_margin,
+    write_report,
+)
+from iwae.train import write_evaluation
+
+MNIST_TEST = 10_000
+
+
+def _experiment(path, name, runs, stages=3, **meta):
+    """An experiment directory listing ``runs`` (their run directories are made by :func:`_run`)."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "experiment.json").write_text(json.dumps({
+        "experiment": name, "stages": stages, "seeds": 1, "passes_per_run": sum(3**i for i in range(stages)),
+        "eval_k": 5000, "n_test": None, "runs": [asdict(r) for r in runs], **meta,
+    }))  # fmt: skip
+
+
+def _run(exp_dir, name, nll=None, index=None, images=None, first_n=None, size=MNIST_TEST, stage_ends=None, units=20):
+    """A run directory. ``images``: per-image NLL on test images ``index`` (evaluation.json
+    and evaluation.safetensors, a seeded random subset unless all ``size`` images); else
+    ``nll`` alone in evaluation.json, made on the first ``first_n`` test images (an old
+    evaluation: no subset keys) or on the whole set. ``stage_ends``: {pass: test_nll_subset}
+    logged in metrics.jsonl."""
+    d = exp_dir / "runs" / name
+    d.mkdir(parents=True)
+    if stage_ends:
+        lines = [{"pass": p, "train_bound": -100.0} | ({"test_nll_subset": stage_ends[p], "test_nll_subset_k": 5000,
+                                                       "test_nll_subset_n": 1000} if p in stage_ends else {})
+                 for p in range(1, max(stage_ends) + 1)]  # fmt: skip
+        (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    if nll is None and images is None:
+        return  # still training
+    (d / "activity.json").write_text(json.dumps({"unit_activity": [[0.5] * units + [0.001] * 5]}))
+    if images is not None:
+        log_px = -torch.tensor(images, dtype=torch.float32)
+        n = len(images)
+        result = {"nll": float(np.mean(images)), "log_px": -float(np.mean(images)), "iwae64": -float(np.mean(images)) - 1,
+                  "neg_kl_q_p": -1.0, "active_units": [units], "n_test": n, "k": 5000, "test_set_size": size,
+                  "test_subset_seed": 0 if n < size else None}  # fmt: skip
+        per_image = {"log_px": log_px, "iwae64": log_px - 1, "elbo": log_px - 10}
+        write_evaluation(d, result, per_image, np.asarray(index))
+        return
+    evaluation = {"nll": nll, "active_units": [units], "iwae64": -nll - 1, "k": 5000, "n_test": first_n or size}
+    if first_n is None:
+        evaluation |= {"test_set_size": size, "test_subset_seed": None}
+    (d / "evaluation.json").write_text(json.dumps(evaluation))
+
+
+def _table1(dataset="mnist", layers=1, stages=3):
+    return [r for r in grid("table1", stages) if r.label["dataset"] == dataset and r.label["layers"] == layers]
+
+
+def _name(objective, k, layers=1):
+    return f"mnist-l{layers}-{objective}-k{k}-s0"
+
+
+# per-image test NLL on images 0, 3, 5, 7 (float32-exact): the differences between models are
+#   IWAE k=5 - VAE k=5     = -1, -3, -1, -3       mean -2,    SE sqrt(4/3)/2 = 0.577: holds
+#   IWAE k=50 - VAE k=50   = +1, +3, +1, +3       mean +2,    SE 0.577: does not hold
+#   IWAE k=5 - IWAE k=1    = -1, +0.5, -1, +0.5   mean -0.25, SE sqrt(0.75)/2 = 0.433: within noise
+#   IWAE k=50 - IWAE k=5   = -2, -2, -2, -2       mean -2,    SE 0: holds
+INDEX = [0, 3, 5, 7]
+IMAGES = {
+    ("iwae", 1): [91.0, 91.5, 95.0, 95.5],
+    ("vae", 1): [91.0, 91.5, 95.0, 95.5],
+    ("iwae", 5): [90.0, 92.0, 94.0, 96.0],
+    ("iwae", 50): [88.0, 90.0, 92.0, 94.0],
+    ("vae", 50): [87.0, 87.0, 91.0, 91.0],
+}
+# VAE k=5 was evaluated on a different subset, in another order: images 7, 5, 3, 0 and 9
+VAE5_INDEX, VAE5_IMAGES = [7, 5, 3, 0, 9], [99.0, 95.0, 95.0, 91.0, 100.0]
+
+
+def _paired_experiment(path):
+    runs = _table1()
+    _experiment(path, "table1", runs, only={"dataset": "mnist", "layers": "1"})
+    for (objective, k), images in IMAGES.items():
+        _run(path, _name(objective, k), images=images, index=INDEX)
+    _run(path, _name("vae", 5), images=VAE5_IMAGES, index=VAE5_INDEX)
+    return runs
+
+
+def test_verdicts_need_two_standard_errors():
+    assert claim_verdict(Margin(-2.0, 0.5, 100), expect=-1) == HOLDS
+    assert claim_verdict(Margin(-1.0, 0.5, 100), expect=-1) == NOISE  # exactly 2 SE: not more
+    assert claim_verdict(Margin(1.01, 0.5, 100), expect=-1) == FAILS
+    assert claim_verdict(Margin(0.3, 0.5, 100), expect=1) == NOISE
+    assert claim_verdict(Margin(0.0, 0.0, 4), expect=1) == NOISE  # identical models
+    assert claim_verdict(Margin(0.01), expect=1) == HOLDS and claim_verdict(Margin(-0.01), expect=1) == FAILS
+
+
+def test_paired_margin_matches_images_by_test_index(tmp_path):
+    _paired_experiment(tmp_path)
+    _, results = load_experiment(tmp_path)
+    by = {(r.label["objective"], r.label["k"]): [r] for r in results}
+    m = paired_margin(by[("vae", 5)], by[("iwae", 5)], "nll")  # images 0, 3, 5, 7 in common; 9 left out
+    assert m.n == 4 and m.diff == pytest.approx(-2.0) and m.se == pytest.approx(math.sqrt(4 / 3) / 2)
+    m = paired_margin(by[("iwae", 1)], by[("iwae", 5)], "nll")
+    assert m.diff == pytest.approx(-0.25) and m.se == pytest.approx(math.sqrt(0.75) / 2)
+    m = paired_margin(by[("iwae", 5)], by[("iwae", 50)], "log_px")  # log p(x) rises by 2 on every image
+    assert m.diff == pytest.approx(2.0) and m.se == pytest.approx(0.0)
+    assert paired_margin([], by[("iwae", 5)], "nll") is None
+
+
+def test_table1_claims_give_margins_standard_errors_and_verdicts(tmp_path):
+    _paired_experiment(tmp_path)
+    text = write_report(tmp_path).read_text()
+    assert ("- mnist, 1 layer(s): IWAE below VAE in NLL for every k > 1 — **does not hold** (k=5: IWAE 93.00 vs "
+            "VAE 96.00, k=50: IWAE 91.00 vs VAE 89.00); margin ± paired standard error over 4 test images: "
+            "k=5: IWAE − VAE = -2.00 ± 0.58 (holds), k=50: IWAE − VAE = +2.00 ± 0.58 (does not hold)") in text
+    assert ("- mnist, 1 layer(s): IWAE NLL falling with k — **within noise** (k=1: 93.25, k=5: 93.00, k=50: 91.00); "
+            "margin ± paired standard error over 4 test images: k=5 − k=1 = -0.25 ± 0.43 (within noise), "
+            "k=50 − k=5 = -2.00 ± 0.00 (holds)") in text
+    # random subsets of 4 (5) of the 10,000 images: marked beside the number, explained below the table
+    assert "| mnist | 1 | 5 | 96.00† | 86.47 | 9.53 | 93.00† | 85.54 | 7.46 |" in text
+    assert "† evaluated on a seeded random subset of 4 of the 10,000 test images." in text
+    assert "† evaluated on a seeded random subset of 5 of the 10,000 test images." in text
+
+
+def test_claims_without_per_image_values_say_so(tmp_path):
+    _experiment(tmp_path, "table1", _table1())
+    for (objective, k), nll in {("vae", 5): 94.0, ("iwae", 5): 93.0, ("iwae", 1): 95.0}.items():
+        _run(tmp_path, _name(objective, k), nll=nll)
+    text = write_report(tmp_path).read_text()
+    assert ("IWAE below VAE in NLL for every k > 1 — **holds** (k=5: IWAE 93.00 vs VAE 94.00) — no per-image values: "
+            "standard error unavailable") in text
+
+
+def _ladder_experiments(root):
+    """MNIST 1 layer at 13 passes (one cell evaluated on the first 2,000 images, one on the
+    whole set, one on a random subset) and at 121 passes (one run finished, one training)."""
+    s3, s5 = root / "table1-mnist", root / "table1-mnist-s5"
+    _experiment(s3, "table1", _table1(stages=3))
+    _run(s3, _name("iwae", 5), nll=93.81, first_n=2000)
+    _run(s3, _name("vae", 5), nll=94.0)
+    _run(s3, _name("iwae", 50), images=[92.0, 93.0], index=[4, 8])
+    _experiment(s5, "table1", _table1(stages=5), stages=5)
+    _run(s5, _name("iwae", 5), stage_ends={1: 110.0, 4: 100.0, 13: 95.5, 40: 92.25})  # training: no evaluation
+    _run(s5, _name("vae", 5), nll=90.0, stage_ends={1: 111.0, 4: 101.0, 13: 94.5, 40: 91.0, 121: 90.5})
+
+
+def test_budget_ladder_lists_every_budget_and_never_puts_a_first_n_evaluation_beside_the_paper(tmp_path):
+    _ladder_experiments(tmp_path)
+    text = write_report(tmp_path).read_text()
+    ladder = text[text.index("the budget ladder"):text.index("## Burda et al. (2016), Table 1 (MNIST), 13 passes\n")]
+    assert "from `table1-mnist/` (13 passes), `table1-mnist-s5/` (121 passes)" in ladder
+    assert "| layers | k | objective | 13 passes | 40 passes | 121 passes | paper (3,280 passes) | Δ to the paper |" in ladder
+    # the first-N evaluation is replaced by the stage-end subset value of the longer run; a final
+    # evaluation takes precedence over a stage-end value; Δ from the largest budget with a number
+    assert "| 1 | 5 | IWAE | 95.50§ | 92.25§ | — | 85.54 | +6.71 at 40 passes |" in ladder
+    assert "| 1 | 5 | VAE | 94.00 | 91.00§ | 90.00 | 86.47 | +3.53 at 121 passes |" in ladder
+    assert "| 1 | 50 | IWAE | 92.50† | — | — | 84.78 | +7.72 at 13 passes |" in ladder
+    assert "| 1 | 1 | VAE | — | — | — | 86.76 | — |" in ladder
+    assert "§ no final evaluation at this budget (yet): −L_5000 at the end of the training stage on a seeded random " \
+           "subset of 1,000 test images" in ladder  # fmt: skip
+    assert "† evaluated on a seeded random subset of 2 of the 10,000 test images." in ladder
+    # the 13-pass directory's own table: "—‡" and a note, never 93.81 beside 85.54
+    assert "| mnist | 1 | 5 | 94.00 | 86.47 | 7.53 | —‡ | 85.54 | — |" in text
+    assert "—‡ evaluated on the first 2,000 of the 10,000 test images: re-evaluate" in text
+    assert not [line for line in text.splitlines() if line.startswith("|") and "93.81" in line]
+    assert "on the first 2,000 test images (evaluated before test subsets were random" in text
+    assert (tmp_path / "figures" / "table1-ladder-mnist.png").stat().st_size > 0
+    assert "![test NLL against passes, MNIST](figures/table1-ladder-mnist.png)" in ladder
+
+
+def test_a_first_n_omniglot_evaluation_is_never_beside_the_paper(tmp_path):
+    runs = _table1(dataset="omniglot")
+    _experiment(tmp_path, "table1", runs)
+    _run(tmp_path, "omniglot-l1-iwae-k5-s0", nll=114.97, first_n=2000, size=8070)
+    text = write_report(tmp_path).read_text()
+    assert "| 1 | 5 | IWAE | —‡ | 106.12 | — |" in text
+    assert "—‡ evaluated on the first 2,000 of the 8,070 test images: re-evaluate" in text
+    assert "114.97" not in "".join(line for line in text.splitlines() if line.startswith("|"))
+    assert (tmp_path / "figures" / "table1-ladder-omniglot.png").exists()
+
+
+def test_evaluated_images():
+    assert evaluated_images({"n_test": 10_000, "test_set_size": 10_000, "test_subset_seed": None}, "mnist") == (
+        "whole", 10_000, 10_000)  # fmt: skip
+    assert evaluated_images({"n_test": 1000, "test_set_size": 8070, "test_subset_seed": 0}, "omniglot")[0] == "random"
+    assert evaluated_images({"n_test": 2000}, "omniglot") == ("first", 2000, 8070)  # an old evaluation
+    assert evaluated_images({"nll": 90.0}, "mnist")[0] == "whole"  # no record of the images: the whole set
+
+
+def test_two_stage_claims_are_paired(tmp_path):
+    runs = grid("two-stage", stages=2)
+    _experiment(tmp_path, "two-stage", runs, stages=2)
+    # experiment 1: the second stage lowers the NLL by 1, 1.5, 1, 1.5 (holds); experiment 2: raises it by
+    # -0.5, +1, -0.5, +1 (mean 0.25, SE 0.433: within noise)
+    images = {"exp1-first-vae-k1-s0": [95.0, 95.0, 96.0, 96.0], "exp1-second-iwae-k50-s0": [94.0, 93.5, 95.0, 94.5],
+              "exp2-first-iwae-k50-s0": [93.0, 93.0, 94.0, 94.0], "exp2-second-vae-k1-s0": [92.5, 94.0, 93.5, 95.0]}
+    for name, values in images.items():
+        _run(tmp_path, name, images=values, index=INDEX)
+    text = write_report(tmp_path).read_text()
+    assert ("vae then iwae k=50: the second stage lowers the NLL (paper 86.76 → 84.88) — **holds** (95.50 → 94.25); "
+            "margin ± paired standard error over 4 test images: second − first = -1.25 ± 0.14 (holds)") in text
+    assert ("iwae k=50 then vae: the second stage raises the NLL (paper 84.78 → 86.02) — **within noise** "
+            "(93.50 → 93.75); margin ± paired standard error over 4 test images: second − first = +0.25 ± 0.43 "
+            "(within noise)") in text
+
+
+def test_variants_and_dreg_differences_are_paired(tmp_path):
+    variants, dreg = tmp_path / "variants", tmp_path / "dreg"
+    runs = grid("variants", stages=2, seeds=1)
+    _experiment(variants, "variants", runs, stages=2)
+    for r in runs:  # every other method 0.5 or 1 nat better than IWAE on each image; the VAE worse
+        images = {"IWAE": [90.0] * 4, "VAE": [91.0] * 4}.get(r.label["method"], [89.0, 89.5, 89.0, 89.5])
+        _run(variants, r.name, images=images, index=INDEX)
+    runs = [r for r in grid("dreg", stages=2) if r.label["layers"] == 1 and r.label["k"] == 5]
+    _experiment(dreg, "dreg", runs, stages=2)
+    _run(dreg, runs[0].name, images=[90.0, 90.0, 91.0, 91.0], index=INDEX)  # reparam
+    _run(dreg, runs[1].name, images=[89.0, 89.5, 90.0, 90.5], index=INDEX)  # DReG: -1, -0.5, -1, -0.5
+    text = write_report(tmp_path).read_text()
+    assert "PIWAE, MIWAE and CIWAE above IWAE in IWAE-64 (paper: −85.60 to −86.08 vs −86.11) — **holds**" in text
+    assert "PIWAE(4,16) − IWAE = +0.75 ± 0.14 (holds)" in text
+    assert "the VAE lowest in log p̂(x), the worst generative model (paper: −86.21 vs −84.40 to −85.24) — **holds**" in text
+    assert "VAE − CIWAE beta=0.5 = -1.75 ± 0.14 (holds)" in text
+    assert "| 1 | 5 | 90.50† | 89.75† | -0.75 ± 0.14 |" in text
