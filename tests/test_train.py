@@ -112,41 +112,52 @@ else:
 """
 
 
-def _run_and_kill(mode: str, run: Path, rng: random.Random) -> bool:
-    """Start a child training process, SIGKILL it at a random moment after its first
-    checkpoint; True if it was killed before finishing."""
+def _run_and_kill(mode: str, run: Path, rng: random.Random) -> int:
+    """Start a child training process; once it has written a checkpoint of its own, SIGKILL
+    it after a pause drawn from ``rng``. Returns its exit status: -SIGKILL if the kill
+    caught it running, 0 if it had already finished."""
     code = _CHILD.format(tests=str(Path(__file__).parent))
+
+    def checkpoint_id():
+        try:
+            stat = (run / CHECKPOINT_FILE).stat()  # every checkpoint is a new file renamed into place
+        except FileNotFoundError:
+            return None
+        return stat.st_ino, stat.st_mtime_ns
+
+    before = checkpoint_id()
     proc = subprocess.Popen([sys.executable, "-c", code, mode, str(run)])
     deadline = time.monotonic() + 120
-    while not (run / CHECKPOINT_FILE).exists() and proc.poll() is None and time.monotonic() < deadline:
+    while checkpoint_id() == before and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    time.sleep(rng.uniform(0.0, 1.5))
-    finished = proc.poll() is not None
-    proc.send_signal(signal.SIGKILL)
+    time.sleep(rng.uniform(0.0, 0.3))
+    proc.send_signal(signal.SIGKILL)  # does nothing to a child that has already exited
     proc.wait()
-    return not finished
+    return proc.returncode
 
 
 def test_resume_after_sigkill_is_bitwise_equal(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        seed = int.from_bytes(os.urandom(4), "little")
+        seed = 1509  # fixed: the same kill moments on every run
         rng = random.Random(seed)
         data = synthetic(2000)
         reference = tmp_path / "reference"
         train(small_config(stages=4, checkpoint_minutes=0.002), reference, dataset=data, progress=False)
 
         run = tmp_path / "killed"
-        killed = _run_and_kill("new", run, rng)
-        killed_again = _run_and_kill("resume", run, rng) if killed else False
+        for mode in ("new", "resume"):  # killed once while training, once while resuming
+            status = _run_and_kill(mode, run, rng)
+            assert status == -signal.SIGKILL, f"{mode}: the child was not killed by SIGKILL (exit status {status})"
+            assert not (run / "summary.json").exists() and (run / CHECKPOINT_FILE).exists(), mode
+            assert len(read_metrics(run)) < 40, f"{mode}: the child finished its 40 passes before the kill"
         resume(run, dataset=data, progress=False)
         assert_bitwise_equal(weights(reference), weights(run))
         ref_metrics, run_metrics = read_metrics(reference), read_metrics(run)
         assert [m["pass"] for m in run_metrics] == list(range(1, 41))
         for a, b in zip(ref_metrics, run_metrics):
             assert a["train_bound"] == b["train_bound"] and a.get("test_iwae64") == b.get("test_iwae64"), (seed, a, b)
-        print(f"seed {seed}: killed {killed}, killed again {killed_again}")
     finally:
         torch.set_num_threads(threads)
 

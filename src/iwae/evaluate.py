@@ -20,6 +20,7 @@ import math
 import torch
 from torch import Tensor
 
+from iwae.errors import IwaeError
 from iwae.model import VAE
 
 #: (example, sample) rows alive at once. Each [rows, 784] float32 buffer (12.8 MB) stays
@@ -131,7 +132,15 @@ def evaluate_images(
 ) -> tuple[dict, dict[str, Tensor]]:
     """:func:`evaluate`, and the per-image values behind its means (float32 [N] each):
     ``log_px`` = L_k(x), ``iwae64`` and ``elbo``. Two models evaluated on the same images
-    are compared with the paired standard error of their per-image differences."""
+    are compared with the paired standard error of their per-image differences.
+
+    ``x`` must hold binarized images (every pixel 0 or 1): a grey test set is refused,
+    never evaluated as it is (binarize it once with :func:`iwae.data.binarized_test`)."""
+    if not bool(((x == 0) | (x == 1)).all()):
+        raise IwaeError(
+            "test images must be binarized (every pixel 0 or 1), as in Burda et al.; these have grey values: "
+            "binarize them once with iwae.data.binarized_test (or binarize_fixed)"
+        )
     was_training = model.training
     model.eval()
     r = log_weight_reductions(model, x, k, k_small=64, seed=seed, max_rows=max_rows, progress=progress)
