@@ -152,7 +152,7 @@ def test_runner_reevaluates_a_run_evaluated_with_other_settings(shared_data_dir,
 def test_experiment_lists_the_runs_of_every_invocation(shared_data_dir, tmp_path, monkeypatch):
     import iwae.experiments as ex
 
-    monkeypatch.setattr(ex, "_execute_local", lambda runs, *args: [{"name": r.name, "status": "done"} for r in runs])
+    monkeypatch.setattr(ex, "_execute_local", lambda tasks, *args: [{"name": r.name, "status": "done"} for t in tasks for r in t])
     ex.reproduce("table1", tmp_path, stages=1, only={"layers": "1", "k": "5"}, data_dir=str(shared_data_dir))
     ex.reproduce("table1", tmp_path, stages=1, only={"layers": "2", "k": "50"}, data_dir=str(shared_data_dir))
     meta = json.loads((tmp_path / "experiment.json").read_text())

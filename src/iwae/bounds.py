@@ -212,6 +212,51 @@ class Objective:
         enc_loss = -self.encoder_surrogate(log_w).mean()
         enc_grads = torch.autograd.grad(enc_loss, encoder_params, retain_graph=True)
         dec_grads = torch.autograd.grad(-value, decoder_params)
-        for p, g in zip(encoder_params + decoder_params, enc_grads + dec_grads):
-            p.grad = g if p.grad is None else p.grad + g
+        _accumulate(encoder_params + decoder_params, enc_grads + dec_grads)
         return value.detach()
+
+
+def backward_stacked(objectives: list[Objective], log_w: Tensor, encoder_params, decoder_params) -> Tensor:
+    """:meth:`Objective.backward` for G models side by side (lockstep training): model g's
+    log-weights are ``log_w[g]`` (``log_w`` [G, S, B]) and its objective ``objectives[g]``.
+
+    The models' parameters are disjoint slices of the stacked parameters (``[G, ...]``), so
+    differentiating the sum over models of each model's loss gives every model the gradient
+    of its own objective, routed as :data:`GRADIENT_ROUTES` says: the decoder slices from
+    the bounds, the encoder slices from the bound ("joint") or the encoder surrogate
+    ("split") of their model. Returns the batch-mean bound of each model, [G] (detached).
+    """
+    values = _per_model(objectives, log_w, lambda o, lw: o.bound(lw))
+    if all(o.route == "joint" for o in objectives):
+        (-values.sum()).backward()
+        return values.detach()
+    encoder_params, decoder_params = list(encoder_params), list(decoder_params)
+    enc_terms = _per_model(objectives, log_w, lambda o, lw: o.encoder_surrogate(lw) if o.route == "split" else o.bound(lw))
+    enc_grads = torch.autograd.grad(-enc_terms.sum(), encoder_params, retain_graph=True)
+    dec_grads = torch.autograd.grad(-values.sum(), decoder_params)
+    _accumulate(encoder_params + decoder_params, enc_grads + dec_grads)
+    return values.detach()
+
+
+def _accumulate(params, grads) -> None:
+    """``p.grad += g``, with every gradient laid out as its parameter: torch.autograd.grad
+    may return a strided view (the gradient of a transposed weight), which torch's fused
+    CPU Adam would read in the wrong order (a ``.backward()`` accumulates in layout)."""
+    for p, g in zip(params, grads):
+        g = g.contiguous()
+        p.grad = g if p.grad is None else p.grad + g
+
+
+def _per_model(objectives: list[Objective], log_w: Tensor, reduce) -> Tensor:
+    """[G] batch means of ``reduce(objective, log_w)`` per model, computed once for all the
+    models that share an objective: every reduction works column by column on [S, B], so
+    their log-weights are laid side by side as one [S, n * B] tensor."""
+    G, S, B = log_w.shape
+    out: list[Tensor | None] = [None] * G
+    for objective in dict.fromkeys(objectives):
+        index = [g for g, o in enumerate(objectives) if o == objective]
+        columns = log_w[index].permute(1, 0, 2).reshape(S, len(index) * B)
+        means = reduce(objective, columns).reshape(len(index), B).mean(1)
+        for j, g in enumerate(index):
+            out[g] = means[j]
+    return torch.stack(out)

@@ -193,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="another experiment directory whose finished runs are copied in, not trained again, where "
                    "a run here has the identical training configuration (e.g. two-stage's first stages from a table1 "
                    "at the same --stages); repeatable")
+    r.add_argument("--lockstep", action=argparse.BooleanOptionalAction, default=True,
+                   help="train compatible runs (same data, architecture, samples per example and schedule: VAE and "
+                   "IWAE of one k, seeds) side by side in one process, each still writing its own run directory "
+                   "(default: on; on the CPU only where a step has under 256 rows, e.g. k <= 5 at batch 20)")
+    r.add_argument("--group-size", type=_positive_int, default=8, help="most runs in one lockstep group (default: 8)")
     r.add_argument("--data-dir", help=data_help)
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.add_argument("--flush-denormal", action=argparse.BooleanOptionalAction, default=True,
@@ -273,7 +278,8 @@ def _reproduce(args) -> int:
     results = reproduce(args.experiment, args.out, stages=args.stages, seeds=args.seeds, workers=args.workers,
                         backend=args.backend, data_dir=args.data_dir, progress=not args.quiet, n_test=args.n_test,
                         only=only or None, threads=args.threads, reuse=args.reuse or None,
-                        flush_denormal=args.flush_denormal)  # fmt: skip
+                        flush_denormal=args.flush_denormal, lockstep=args.lockstep,
+                        group_size=args.group_size)  # fmt: skip
     done = sum(r["status"] == "done" for r in results)
     print(f"{args.experiment}: {done} runs done, {len(results) - done} already finished -> {args.out}; "
           f"next: iwae report {args.out}")  # fmt: skip

@@ -169,21 +169,11 @@ def run_one(run: dict, exp_dir: str, data_dir: str | None, threads: int, eval_k:
             n_test: int | None = None, flush_denormal: bool = True) -> dict:
     """Train (or resume) and evaluate one run in ``exp_dir/runs/NAME``; a finished run is
     skipped. Runs in a worker process (local backend) or a Ray task."""
-    import torch
+    from iwae.rundir import CHECKPOINT_FILE, SUMMARY_FILE
+    from iwae.train import TrainConfig, resume, train
 
-    from iwae import data as iwae_data
-    from iwae.evaluate import evaluate_images, unit_activity
-    from iwae.rundir import CHECKPOINT_FILE, SUMMARY_FILE, write_evaluation, write_json
-    from iwae.train import TrainConfig, flush_denormals, load_run, resume, train
-
-    torch.set_num_threads(threads)
-    flush_denormals(flush_denormal)
-    run = Run(**run)
-    out = Path(exp_dir) / "runs" / run.name
-    timing = read_json(out / "runner.json", required=False) or {}
-    done = read_json(out / "evaluation.json", required=False)
-    full = iwae_data.TEST_SIZES[run.config["dataset"]]
-    if _evaluated_as_asked(done, eval_k, n_test, full):
+    run, out = _worker_setup(run, exp_dir, threads, flush_denormal)
+    if _evaluated(run, out, eval_k, n_test):
         return {"name": run.name, "status": "skipped"}
     started = time.perf_counter()
     if (out / CHECKPOINT_FILE).exists():  # interrupted (or finished: then resume does nothing)
@@ -193,8 +183,66 @@ def run_one(run: dict, exp_dir: str, data_dir: str | None, threads: int, eval_k:
         if run.after is not None:
             keys["init_weights"] = str(Path(exp_dir) / "runs" / run.after / "model.safetensors")
         train(TrainConfig(**keys), out, progress=False, overwrite=True)
-    timing["train_wall_s"] = timing.get("train_wall_s", 0.0) + time.perf_counter() - started
+    return _evaluate_run(run, out, data_dir, threads, eval_k, n_test, time.perf_counter() - started)
 
+
+def run_group(runs: list[dict], exp_dir: str, data_dir: str | None, threads: int, eval_k: int = EVAL_K,
+              n_test: int | None = None, flush_denormal: bool = True) -> list[dict]:
+    """Train (or resume) the runs ``runs`` in lockstep (:func:`iwae.train.train_lockstep`),
+    then evaluate each as :func:`run_one` does. The runner groups runs that share a
+    lockstep key and stand at the same step (:func:`plan_tasks`)."""
+    from iwae.rundir import CHECKPOINT_FILE
+    from iwae.train import TrainConfig, load_config, train_lockstep
+
+    if len(runs) == 1:
+        return [run_one(runs[0], exp_dir, data_dir, threads, eval_k, n_test, flush_denormal)]
+    members = [_worker_setup(r, exp_dir, threads, flush_denormal) for r in runs]
+    outs = [out for _, out in members]
+    started = time.perf_counter()
+    if all((out / CHECKPOINT_FILE).exists() for out in outs):
+        train_lockstep([load_config(out) for out in outs], outs, progress=False, resume=True)
+    else:
+        configs = [TrainConfig(**dict(run.config, data_dir=data_dir)) for run, _ in members]
+        train_lockstep(configs, outs, progress=False, overwrite=True)
+    seconds = time.perf_counter() - started
+    names = [run.name for run, _ in members]
+    return [_evaluate_run(run, out, data_dir, threads, eval_k, n_test, seconds, lockstep=names) for run, out in members]
+
+
+def _worker_setup(run: dict, exp_dir: str, threads: int, flush_denormal: bool) -> tuple[Run, Path]:
+    import torch
+
+    from iwae.train import flush_denormals
+
+    torch.set_num_threads(threads)
+    flush_denormals(flush_denormal)
+    run = Run(**run)
+    return run, Path(exp_dir) / "runs" / run.name
+
+
+def _evaluated(run: Run, out: Path, eval_k: int, n_test: int | None) -> bool:
+    from iwae import data as iwae_data
+
+    done = read_json(out / "evaluation.json", required=False)
+    return _evaluated_as_asked(done, eval_k, n_test, iwae_data.TEST_SIZES[run.config["dataset"]])
+
+
+def _evaluate_run(run: Run, out: Path, data_dir, threads: int, eval_k: int, n_test: int | None, train_s: float,
+                  lockstep: list[str] | None = None) -> dict:
+    """Evaluate a trained run on the test images asked for and write ``activity.json``,
+    ``runner.json`` (wall times; ``lockstep``: the runs it was trained beside) and, last,
+    the evaluation files."""
+    import torch
+
+    from iwae import data as iwae_data
+    from iwae.evaluate import evaluate_images, unit_activity
+    from iwae.rundir import write_evaluation, write_json
+    from iwae.train import load_run
+
+    timing = read_json(out / "runner.json", required=False) or {}
+    timing["train_wall_s"] = timing.get("train_wall_s", 0.0) + train_s
+    if lockstep:
+        timing["lockstep"] = lockstep
     started = time.perf_counter()
     config, model = load_run(out)
     dataset = iwae_data.load_dataset(config.dataset, data_dir)
@@ -252,6 +300,8 @@ def reproduce(
     threads: int | None = None,
     reuse: list[str | Path] | None = None,
     flush_denormal: bool = True,
+    lockstep: bool = True,
+    group_size: int = 8,
 ) -> list[dict]:
     """Run experiment ``name`` in ``out`` with ``workers`` parallel runs; finished runs are
     skipped and interrupted ones resumed. Returns one status per run.
@@ -262,7 +312,8 @@ def reproduce(
     for tests and smoke runs. All of them are recorded in ``experiment.json``. ``threads``
     per run defaults to the cores divided by ``workers``. ``reuse``: experiment directories
     whose finished runs are copied in, instead of trained again, wherever a run here has
-    the identical training configuration (:func:`reuse_runs`)."""
+    the identical training configuration (:func:`reuse_runs`). ``lockstep``: train runs that
+    can share a process side by side, up to ``group_size`` at a time (:func:`plan_tasks`)."""
     runs = [Run(r.name, {**r.config, **(overrides or {})}, r.after, r.label) for r in grid(name, stages, seeds)]
     if only:
         keep = {r.name for r in runs if all(str(r.label.get(k)) == str(v) for k, v in only.items())}
@@ -272,6 +323,8 @@ def reproduce(
         runs = [r for r in runs if r.name in keep]
     if workers < 1:
         raise IwaeError(f"workers must be >= 1, got {workers}")
+    if group_size < 1:
+        raise IwaeError(f"group size must be >= 1, got {group_size}")
     if backend not in ("local", "ray"):
         raise IwaeError(f"unknown backend {backend!r}: choose local or ray")
     out = Path(out)
@@ -304,8 +357,46 @@ def reproduce(
         reuse_runs(runs, out, [Path(d) for d in reuse], data_dir, progress)
     if threads is None:  # never more threads than cores in all: oversubscribed torch threads crawl
         threads = max(1, (os.cpu_count() or 1) // workers) if backend == "local" else 1
+    tasks = plan_tasks(runs, out, data_dir, group_size if lockstep else 1)
     execute = _execute_ray if backend == "ray" else _execute_local
-    return execute(runs, str(out), data_dir, threads, workers, progress, (eval_k, n_test, flush_denormal))
+    return execute(tasks, str(out), data_dir, threads, workers, progress, (eval_k, n_test, flush_denormal))
+
+
+#: on the CPU lockstep pays for small steps only: at the default batch 20, samples per
+#: example x batch below this many rows (k <= 5 for one-sample-group objectives); the
+#: per-step overhead it shares matters less and less above (bench/RESULTS.md: lockstep_speedup)
+LOCKSTEP_MAX_ROWS_CPU = 256
+
+
+def plan_tasks(runs: list[Run], out: Path, data_dir: str | None, group_size: int) -> list[tuple[Run, ...]]:
+    """The runner's tasks: groups of up to ``group_size`` runs trained in lockstep, and
+    single runs. Runs are grouped when their training can share one stacked model
+    (:func:`iwae.train.lockstep_key`), they stand at the same step (none started, or all
+    checkpointed at one position), they do not continue another run, and lockstep pays on
+    this machine (always on a GPU; on the CPU below :data:`LOCKSTEP_MAX_ROWS_CPU` rows per
+    step). Groups are formed in grid order, so a killed group is formed again alike."""
+    import torch
+
+    from iwae.rundir import CHECKPOINT_FILE, SUMMARY_FILE, checkpoint_meta
+    from iwae.train import TrainConfig, lockstep_key, settle_group_checkpoint
+
+    cuda = torch.cuda.is_available()
+    groups: dict[tuple, list[Run]] = {}
+    tasks: list[tuple[Run, ...]] = []
+    for run in runs:
+        d = out / "runs" / run.name
+        settle_group_checkpoint(d)
+        config = TrainConfig(**dict(run.config, data_dir=data_dir))
+        meta = checkpoint_meta(d / CHECKPOINT_FILE)
+        position = (0, 0) if meta is None else (meta["progress"]["passes"], meta["progress"]["step"])
+        rows = config.batch_size * config.objective_spec.samples
+        if group_size < 2 or run.after or (d / SUMMARY_FILE).exists() or not (cuda or rows < LOCKSTEP_MAX_ROWS_CPU):
+            tasks.append((run,))
+        else:
+            groups.setdefault((lockstep_key(config), position), []).append(run)
+    for members in groups.values():
+        tasks += [tuple(members[i : i + group_size]) for i in range(0, len(members), group_size)]
+    return tasks
 
 
 #: configuration keys that do not change what a run computes
@@ -373,10 +464,10 @@ def _as_list(only) -> list:
     return only if isinstance(only, list) else [only] if only else []
 
 
-def _ready(runs: list[Run], done: set[str], started: set[str]) -> list[Run]:
-    """Runs whose first stage is done, the most expensive first (fewer idle workers at the end)."""
-    ready = [r for r in runs if r.name not in started and (r.after is None or r.after in done)]
-    return sorted(ready, key=lambda r: -_cost(r))
+def _ready(tasks: list[tuple[Run, ...]], done: set[str], started: set[str]) -> list[tuple[Run, ...]]:
+    """Tasks whose runs' first stages are done, the most expensive first (fewer idle workers at the end)."""
+    ready = [t for t in tasks if t[0].name not in started and all(r.after is None or r.after in done for r in t)]
+    return sorted(ready, key=lambda t: -sum(_cost(r) for r in t))
 
 
 def _cost(run: Run) -> float:
@@ -384,48 +475,50 @@ def _cost(run: Run) -> float:
     return c.get("k", 1) * c.get("m", 1) * c.get("layers", 1) * (2 if c.get("estimator") == "dreg" else 1)
 
 
-def _execute_local(runs, out, data_dir, threads, workers, progress, evaluation) -> list[dict]:
+def _execute_local(tasks, out, data_dir, threads, workers, progress, evaluation) -> list[dict]:
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     from tqdm.auto import tqdm
 
     results, done, started, pending = [], set(), set(), {}
+    total = sum(len(t) for t in tasks)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool, tqdm(
-        total=len(runs), disable=not progress, desc="runs", unit="run"
+        total=total, disable=not progress, desc="runs", unit="run"
     ) as bar:
-        while len(done) < len(runs):
-            for run in _ready(runs, done, started):
-                pending[pool.submit(run_one, asdict(run), out, data_dir, threads, *evaluation)] = run
-                started.add(run.name)
+        while len(done) < total:
+            for task in _ready(tasks, done, started):
+                pending[pool.submit(run_group, [asdict(r) for r in task], out, data_dir, threads, *evaluation)] = task
+                started.update(r.name for r in task)
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in finished:
-                run = pending.pop(future)
-                results.append(future.result())  # a failed run raises here, after the others stop
-                done.add(run.name)
-                bar.update(1)
-                bar.set_postfix_str(f"{run.name}: {results[-1]['status']}")
+                task = pending.pop(future)
+                results += future.result()  # a failed run raises here, after the others stop
+                done.update(r.name for r in task)
+                bar.update(len(task))
+                bar.set_postfix_str(f"{'+'.join(r.name for r in task)}: {results[-1]['status']}")
     return results
 
 
-def _execute_ray(runs, out, data_dir, threads, workers, progress, evaluation) -> list[dict]:
+def _execute_ray(tasks, out, data_dir, threads, workers, progress, evaluation) -> list[dict]:
     try:
         import ray
     except ModuleNotFoundError:
         raise IwaeError("the ray backend needs Ray: pip install 'iwae[ray]'") from None
     if not ray.is_initialized():
         ray.init()  # connects to RAY_ADDRESS or a running cluster, else starts a local one
-    remote = ray.remote(num_cpus=threads)(run_one)
+    remote = ray.remote(num_cpus=threads)(run_group)
     results, done, started, pending = [], set(), set(), {}
-    while len(done) < len(runs):
-        for run in _ready(runs, done, started):
-            pending[remote.remote(asdict(run), out, data_dir, threads, *evaluation)] = run
-            started.add(run.name)
+    total = sum(len(t) for t in tasks)
+    while len(done) < total:
+        for task in _ready(tasks, done, started):
+            pending[remote.remote([asdict(r) for r in task], out, data_dir, threads, *evaluation)] = task
+            started.update(r.name for r in task)
         finished, _ = ray.wait(list(pending), num_returns=1)
         for ref in finished:
-            run = pending.pop(ref)
-            results.append(ray.get(ref))
-            done.add(run.name)
+            task = pending.pop(ref)
+            results += ray.get(ref)
+            done.update(r.name for r in task)
             if progress:
-                print(f"[{len(done)}/{len(runs)}] {run.name}: {results[-1]['status']}", flush=True)
+                print(f"[{len(done)}/{total}] {'+'.join(r.name for r in task)}: {results[-1]['status']}", flush=True)
     return results

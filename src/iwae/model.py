@@ -120,23 +120,51 @@ class Tanh(nn.Module):
         return _sigmoid_form_tanh(x)
 
 
-def _mlp(d_in: int, hidden: tuple[int, ...]) -> tuple[nn.Sequential, int]:
+class StackedLinear(nn.Module):
+    """``models`` affine layers of the same shape applied side by side: y[g] = x[g] W[g]^T + b[g]
+    for x of shape [models, ..., in_features], with one batched matmul (``torch.baddbmm``).
+
+    The parameters are named as :class:`torch.nn.Linear`'s, with a leading model dimension:
+    ``weight`` [models, out, in] and ``bias`` [models, out], so that ``weight[g]`` is the
+    weight of model g's ``nn.Linear``."""
+
+    def __init__(self, models: int, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(models, out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(models, out_features))
+        for g in range(models):
+            nn.init.xavier_uniform_(self.weight.data[g])
+        nn.init.zeros_(self.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        g = x.shape[0]
+        y = torch.baddbmm(self.bias.unsqueeze(1), x.reshape(g, -1, x.shape[-1]), self.weight.transpose(1, 2))
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _linear(d_in: int, d_out: int, models: int | None) -> nn.Module:
+    """An affine layer: ``nn.Linear`` for one model, :class:`StackedLinear` for ``models`` side by side."""
+    return nn.Linear(d_in, d_out) if models is None else StackedLinear(models, d_in, d_out)
+
+
+def _mlp(d_in: int, hidden: tuple[int, ...], models: int | None = None) -> tuple[nn.Sequential, int]:
     layers: list[nn.Module] = []
     for h in hidden:
-        layers += [nn.Linear(d_in, h), Tanh()]
+        layers += [_linear(d_in, h, models), Tanh()]
         d_in = h
     return nn.Sequential(*layers), d_in
 
 
 class GaussianLayer(nn.Module):
     """A conditional diagonal Gaussian N(mu(u), diag sigma(u)^2): mu = linear,
-    sigma = exp(linear) or softplus(linear) of a tanh MLP of u."""
+    sigma = exp(linear) or softplus(linear) of a tanh MLP of u (``models`` of them side
+    by side with a leading model dimension, see :class:`VAE`)."""
 
-    def __init__(self, d_in: int, hidden: tuple[int, ...], d_out: int, scale: str = "exp"):
+    def __init__(self, d_in: int, hidden: tuple[int, ...], d_out: int, scale: str = "exp", models: int | None = None):
         super().__init__()
-        self.net, d = _mlp(d_in, hidden)
-        self.mean = nn.Linear(d, d_out)
-        self.scale = nn.Linear(d, d_out)
+        self.net, d = _mlp(d_in, hidden, models)
+        self.mean = _linear(d, d_out, models)
+        self.scale = _linear(d, d_out, models)
         self.scale_kind = scale
 
     def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
@@ -155,13 +183,16 @@ class GaussianLayer(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """Reparameterized sample h = mean + sigma * eps and its log-density.
 
-        With ``k`` the parameters (shape [B, d]) are shared by k samples of shape
-        [k, B, d]. eps ~ N(0, I) comes from ``noise(shape, dtype, device)`` when given
-        (e.g. :class:`BatchShard`), else from ``torch.randn`` with ``generator``. The
-        log-density is computed from eps, which is the same value and the same gradient as
-        log N(h; mean, sigma) since (h - mean)/sigma = eps.
+        With ``k`` the parameters (shape [..., B, d]) are shared by k samples of shape
+        [..., k, B, d] (the sample dimension goes just before the batch dimension, after a
+        model dimension if there is one). eps ~ N(0, I) comes from ``noise(shape, dtype,
+        device)`` when given (e.g. :class:`BatchShard`), else from ``torch.randn`` with
+        ``generator``. The log-density is computed from eps, which is the same value and
+        the same gradient as log N(h; mean, sigma) since (h - mean)/sigma = eps.
         """
-        shape = mean.shape if k is None else (k, *mean.shape)
+        if k is not None:
+            mean, log_std = mean.unsqueeze(-3), log_std.unsqueeze(-3)
+        shape = mean.shape if k is None else (*mean.shape[:-3], k, *mean.shape[-2:])
         if noise is not None:
             eps = noise(shape, mean.dtype, mean.device)
         else:
@@ -189,7 +220,10 @@ class BatchShard:
 
 
 def gaussian_log_prob(h: Tensor, mean: Tensor, log_std: Tensor) -> Tensor:
-    """log N(h; mean, diag exp(log_std)^2) summed over the last dimension."""
+    """log N(h; mean, diag exp(log_std)^2) summed over the last dimension; parameters of
+    shape [..., B, d] are shared by samples h of shape [..., k, B, d]."""
+    if mean.dim() < h.dim():
+        mean, log_std = mean.unsqueeze(-3), log_std.unsqueeze(-3)
     z = (h - mean) * torch.exp(-log_std)
     return -0.5 * z.square().sum(-1) - log_std.sum(-1) - 0.5 * LOG_2PI * h.shape[-1]
 
@@ -211,23 +245,44 @@ class VAE(nn.Module):
     for l >= 1 and ``decoder[0]`` the Bernoulli network p(x | h_1) giving logits.
     """
 
-    def __init__(self, config: ModelConfig = ModelConfig(), pixel_mean: Tensor | None = None):
+    def __init__(self, config: ModelConfig = ModelConfig(), pixel_mean: Tensor | None = None, models: int | None = None):
         super().__init__()
-        self.config = config
+        self.config, self.models = config, models
         sizes = (config.x_dim, *config.latent)
         self.encoder = nn.ModuleList(
-            GaussianLayer(sizes[l], config.hidden[l], sizes[l + 1], config.scale) for l in range(len(config.latent))
+            GaussianLayer(sizes[l], config.hidden[l], sizes[l + 1], config.scale, models)
+            for l in range(len(config.latent))
         )
         decoder: list[nn.Module] = []
         for l in range(len(config.latent)):
             hidden = tuple(reversed(config.hidden[l]))
             if l == 0:
-                net, d = _mlp(sizes[1], hidden)
-                decoder.append(nn.Sequential(*net, nn.Linear(d, config.x_dim)))
+                net, d = _mlp(sizes[1], hidden, models)
+                decoder.append(nn.Sequential(*net, _linear(d, config.x_dim, models)))
             else:
-                decoder.append(GaussianLayer(sizes[l + 1], hidden, sizes[l], config.scale))
+                decoder.append(GaussianLayer(sizes[l + 1], hidden, sizes[l], config.scale, models))
         self.decoder = nn.ModuleList(decoder)
         self.reset_parameters(pixel_mean)
+
+    # -- several models side by side (lockstep training) ------------------------------
+
+    @classmethod
+    def stack(cls, members: list["VAE"]) -> "VAE":
+        """One VAE holding ``members`` (of one architecture) side by side: ``models =
+        len(members)`` and a leading model dimension on every parameter and on every
+        tensor it computes with: x [G, B, D], samples [G, k, B, d], log-weights [G, k, B].
+        Model g computes what ``members[g]`` computes (up to the rounding of batched
+        matmuls), from a copy of its weights."""
+        stacked = cls(members[0].config, models=len(members)).to(next(members[0].parameters()).device)
+        states = [m.state_dict() for m in members]
+        with torch.no_grad():
+            for name, p in stacked.named_parameters():
+                p.copy_(torch.stack([state[name] for state in states]))
+        return stacked
+
+    def member_state(self, g: int) -> dict[str, Tensor]:
+        """The weights of model g of a stacked VAE, as a single VAE's state dict."""
+        return {name: p[g].detach().clone() for name, p in self.named_parameters()}
 
     @property
     def n_layers(self) -> int:
@@ -243,10 +298,10 @@ class VAE(nn.Module):
         if pixel_mean is not None:
             p = torch.as_tensor(pixel_mean, dtype=torch.float32).reshape(-1).clamp(0.001, 0.999)
             with torch.no_grad():
-                self.output_layer.bias.copy_(torch.logit(p))
+                self.output_layer.bias.copy_(torch.logit(p).expand_as(self.output_layer.bias))
 
     @property
-    def output_layer(self) -> nn.Linear:
+    def output_layer(self) -> nn.Module:
         return self.decoder[0][-1]
 
     def encoder_parameters(self) -> list[nn.Parameter]:
@@ -291,9 +346,14 @@ class VAE(nn.Module):
         """
         out = self.output_layer
         a = self.decoder[0][:-1](h1)
-        if h1.dim() < 3 or h1.shape[0] < 10:  # few samples per example: x @ W costs more than it saves
+        if h1.dim() > x.dim():  # samples [..., k, B, d] of examples [..., B, D]
+            x = x.unsqueeze(-3)
+        if h1.dim() < 3 or h1.shape[-3] < 10:  # few samples per example: x @ W costs more than it saves
             return bernoulli_log_prob(out(a), x)
-        return (a * (x @ out.weight)).sum(-1) + x @ out.bias - F.softplus(out(a)).sum(-1)
+        if out.bias.dim() == 1:
+            return (a * (x @ out.weight)).sum(-1) + x @ out.bias - F.softplus(out(a)).sum(-1)
+        w, b = out.weight.unsqueeze(1), out.bias[:, None, :, None]  # stacked: [G, 1, D, H], [G, 1, D, 1]
+        return (a * (x @ w)).sum(-1) + (x @ b).squeeze(-1) - F.softplus(out(a)).sum(-1)
 
     def log_joint(self, x: Tensor, hs: list[Tensor]) -> Tensor:
         """log p(x, h_1..h_L), shape [k, B]."""

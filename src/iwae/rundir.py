@@ -34,6 +34,8 @@ from iwae.errors import RunDirError
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CHECKPOINT_FILE = "checkpoint.safetensors"
+#: a lockstep group's next checkpoint, before every member has one (see iwae.train.settle_group_checkpoint)
+CHECKPOINT_NEXT_FILE = "checkpoint.next.safetensors"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 TENSORBOARD_DIR = "tb"
@@ -152,8 +154,10 @@ class Progress:
     total_seconds: float = 0.0
 
 
-def save_checkpoint(path: Path, model, optimizer, generator, pass_start_rng, progress: Progress) -> None:
-    """Weights, Adam state, RNG states and progress in one safetensors file, atomically."""
+def save_checkpoint(path: Path, model, optimizer, generator, pass_start_rng, progress: Progress,
+                    group: list[str] | None = None) -> None:
+    """Weights, Adam state, RNG states and progress in one safetensors file, atomically
+    (``group``: the run directories of a lockstep group, recorded in the metadata)."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     for i, state in optimizer.state_dict()["state"].items():
         for name, value in state.items():
@@ -169,6 +173,8 @@ def save_checkpoint(path: Path, model, optimizer, generator, pass_start_rng, pro
         "python_rng": random.getstate(),
         "format": 1,
     }
+    if group is not None:
+        meta["group"] = group
     atomic_write(path, lambda f: f.write(safetensors.torch.save(tensors, metadata={"state": json.dumps(meta)})))
 
 
@@ -199,3 +205,13 @@ def load_checkpoint(path: Path, model, optimizer, generator, content=None) -> tu
     except Exception as e:  # a tampered file can break it anywhere
         raise RunDirError(f"{path} is not a valid iwae checkpoint ({type(e).__name__}: {e})") from None
 
+
+
+def checkpoint_meta(path: Path) -> dict | None:
+    """The JSON metadata of a checkpoint (``progress``, ``group``, ...), or None where there
+    is no readable checkpoint."""
+    try:
+        with safetensors.safe_open(path, framework="pt") as f:
+            return json.loads((f.metadata() or {})["state"])
+    except Exception:  # missing, truncated or foreign: no position to compare
+        return None

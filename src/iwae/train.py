@@ -35,6 +35,7 @@ from iwae.errors import IwaeError, RunDirError
 from iwae.model import VAE, ModelConfig
 from iwae.rundir import (  # noqa: F401 (re-exported: iwae.train.load_run's neighbours, used by callers)
     CHECKPOINT_FILE,
+    CHECKPOINT_NEXT_FILE,
     CONFIG_FILE,
     EVALUATION_FILE,
     EVALUATION_IMAGES_FILE,
@@ -43,6 +44,7 @@ from iwae.rundir import (  # noqa: F401 (re-exported: iwae.train.load_run's neig
     TENSORBOARD_DIR,
     WEIGHTS_FILE,
     Progress,
+    checkpoint_meta,
     load_checkpoint,
     load_state,
     prepare_run_dir,
@@ -500,29 +502,36 @@ GUARD_EVERY = 100
 
 
 class _PassTotals:
-    """The pass's running sums, on the device: bound x examples over good steps, good
-    examples, skipped steps, the current and the longest run of consecutive skipped steps."""
+    """The pass's running sums of one run or of a lockstep group's runs ([G] each), on the
+    device: bound x examples over good steps, good examples, skipped steps, the current and
+    the longest run of consecutive skipped steps."""
 
-    def __init__(self, state: Progress, dev: torch.device):
-        def t(v, dtype=torch.float64):
-            return torch.tensor(float(v), dtype=dtype, device=dev)
+    def __init__(self, states: list[Progress], dev: torch.device):
+        def t(field_, dtype=torch.float64):
+            return torch.tensor([float(getattr(st, field_)) for st in states], dtype=dtype, device=dev)
 
-        self.bound_sum, self.good = t(state.bound_sum), t(state.good_examples)
-        self.skipped, self.consecutive = t(state.skipped, torch.float32), t(state.consecutive_bad, torch.float32)
+        self.bound_sum, self.good = t("bound_sum"), t("good_examples")
+        self.skipped, self.consecutive = t("skipped", torch.float32), t("consecutive_bad", torch.float32)
         self.longest = self.consecutive.clone()
 
-    def add(self, value: torch.Tensor, skipped: torch.Tensor, examples: int) -> None:
-        taken = 1.0 - skipped
-        self.bound_sum += torch.where(skipped > 0, 0.0, value.detach().double()) * examples
-        self.good += taken.double() * examples
+    def add(self, values: torch.Tensor, skipped: torch.Tensor, examples: int) -> None:
+        """``values``: the batch-mean bound of each run ([G] or a scalar for one run);
+        ``skipped``: 1.0 when the step was skipped (for every run), else 0.0."""
+        self.bound_sum += torch.where(skipped > 0, 0.0, values.detach().double()) * examples
+        self.good += (1.0 - skipped).double() * examples
         self.skipped += skipped
         self.consecutive.add_(skipped).mul_(skipped)
         torch.maximum(self.longest, self.consecutive, out=self.longest)
 
-    def into(self, state: Progress) -> Progress:
-        state.bound_sum, state.good_examples = self.bound_sum.item(), int(self.good.item())
-        state.skipped, state.consecutive_bad = int(self.skipped.item()), int(self.consecutive.item())
-        return state
+    def into(self, states: list[Progress]) -> None:
+        sums, good = self.bound_sum.tolist(), self.good.tolist()
+        skipped, consecutive = self.skipped.tolist(), self.consecutive.tolist()
+        for g, st in enumerate(states):
+            st.bound_sum, st.good_examples, st.skipped, st.consecutive_bad = sums[g], int(good[g]), int(skipped[g]), \
+                int(consecutive[g])  # fmt: skip
+
+    def stuck(self, max_bad_steps: int) -> bool:
+        return bool((self.longest >= max_bad_steps).any())
 
 
 def _pass_batches(run: _Run) -> torch.Tensor:
@@ -551,7 +560,7 @@ def _run_pass(run: _Run, p: int, bar) -> dict:
     batches = _pass_batches(run)
     bs, steps = config.batch_size, math.ceil(run.train_x.shape[0] / config.batch_size)
     t0 = time.perf_counter() - state.seconds
-    totals = _PassTotals(state, run.train_x.device)
+    totals = _PassTotals([state], run.train_x.device)
     params = run.params
     for step in range(state.step, steps):
         xb = batches[step * bs : (step + 1) * bs]
@@ -561,16 +570,16 @@ def _run_pass(run: _Run, p: int, bar) -> dict:
         if (step + 1) % GUARD_EVERY == 0 or step + 1 == steps:
             _stop_if_stuck(run, totals, p, step)
         if run.lead and time.monotonic() - run.last_checkpoint > config.checkpoint_minutes * 60 and step + 1 < steps:
-            totals.into(state)
+            totals.into([state])
             state.step, state.seconds = step + 1, time.perf_counter() - t0
             _checkpoint(run, run.pass_start_rng)
-    totals.into(state)
+    totals.into([state])
     return {"pass": p + 1, "stage": stage, "lr": lr, "train_bound": state.bound_sum / max(state.good_examples, 1),
             "seconds": time.perf_counter() - t0, "skipped_steps": state.skipped}  # fmt: skip
 
 
 def _stop_if_stuck(run: _Run, totals: _PassTotals, p: int, step: int) -> None:
-    if totals.longest.item() >= run.config.max_bad_steps:
+    if totals.stuck(run.config.max_bad_steps):
         raise IwaeError(
             f"training stopped: at least {run.config.max_bad_steps} consecutive steps with a non-finite bound or "
             f"gradient (pass {p + 1}, by step {step + 1}); the last good checkpoint is {run.out / CHECKPOINT_FILE}"
@@ -585,6 +594,17 @@ def _checkpoint(run: _Run, pass_start_rng: torch.Tensor) -> None:
 def _end_pass(run: _Run, p: int, record: dict, metrics) -> None:
     """The test bounds due after pass ``p``, its metrics line, and at a stage end the weights
     and a checkpoint (else a checkpoint when ``checkpoint_minutes`` have passed)."""
+    _record_pass(run, p, record, metrics)
+    if run.lead and _checkpoint_due(run, p):
+        _checkpoint(run, run.generator.get_state())
+
+
+def _checkpoint_due(run: _Run, p: int) -> bool:
+    return p in run.stage_ends or time.monotonic() - run.last_checkpoint > run.config.checkpoint_minutes * 60
+
+
+def _record_pass(run: _Run, p: int, record: dict, metrics) -> None:
+    """The test bounds due after pass ``p``, its metrics line, and at a stage end the weights."""
     config, stage_end = run.config, p in run.stage_ends
     if run.lead and ((p + 1) % config.eval_every == 0 or stage_end):
         record.update(_test_bounds(run.model, run.test_x, config.curve_k, seed=p + 1))
@@ -598,8 +618,6 @@ def _end_pass(run: _Run, p: int, record: dict, metrics) -> None:
     if run.lead and stage_end:
         save_weights(run.model, run.out / WEIGHTS_FILE)
         _log_stage(run.board, run.model, run.test_x, p + 1)
-    if run.lead and (stage_end or time.monotonic() - run.last_checkpoint > config.checkpoint_minutes * 60):
-        _checkpoint(run, run.generator.get_state())
 
 
 def _finish_run(run: _Run, record: dict) -> dict:
@@ -621,6 +639,214 @@ def _finish_run(run: _Run, record: dict) -> dict:
         write_json(run.out / SUMMARY_FILE, summary)
     _barrier(run.shard)
     return summary
+
+
+# -- lockstep: a group of runs trained side by side in one process ------------------------
+
+#: configuration keys that must agree for runs to share a lockstep group: the data, the
+#: architecture, the samples drawn per example, the schedule and Adam's settings (the
+#: objective, its estimator family aside, the seed and what is logged may differ)
+LOCKSTEP_KEYS = ("dataset", "validation", "n_train", "batch_size", "stages", "epochs", "lr", "beta1", "beta2",
+                 "adam_eps", "model", "init_weights")  # fmt: skip
+
+
+def lockstep_key(config: TrainConfig) -> tuple:
+    """Runs with equal keys can be trained in lockstep (:func:`train_lockstep`)."""
+    spec = config.objective_spec
+    return (*(json.dumps(getattr(config, k), sort_keys=True) for k in LOCKSTEP_KEYS), spec.samples,
+            spec.estimator != "reparam")  # fmt: skip
+
+
+class StackedNoise:
+    """The noise of G runs side by side (a :data:`iwae.model.Noise`): model g's part of a
+    [G, ...] draw comes from ``generators[g]``, in the order and shape the run alone draws it."""
+
+    def __init__(self, generators: list[torch.Generator]):
+        self.generators = generators
+
+    def __call__(self, shape, dtype, device) -> torch.Tensor:
+        return torch.stack([torch.randn(shape[1:], dtype=dtype, device=device, generator=g) for g in self.generators])
+
+
+def train_lockstep(configs: list[TrainConfig], outs: list, dataset: iwae_data.Dataset | None = None,
+                   progress: bool = True, device: str | None = None, resume: bool = False,
+                   overwrite: bool = False) -> list[dict]:
+    """Train the runs ``configs`` in the run directories ``outs`` side by side in this
+    process: one stacked model (:meth:`iwae.model.VAE.stack`), one fused Adam over the
+    stacked parameters, one batched forward and backward per step.
+
+    Each run keeps what makes it itself: its seed's initial weights, its generator (data
+    order, binarization and samples, drawn exactly as the run alone draws them), its
+    objective and estimator, its Adam moments, and its own complete run directory (config,
+    metrics, weights, checkpoints, summary) readable and resumable as a single run's.
+    The runs must share :func:`lockstep_key`. A step whose bound or gradient is not finite
+    for any run is skipped for the whole group and counted in every run's skipped_steps.
+    Checkpoints are written for all runs at once, in two phases (:func:`_group_checkpoint`),
+    so that a killed group resumes (``resume=True``) bit for bit. Returns the summaries.
+    """
+    outs = [Path(o) for o in outs]
+    if len({lockstep_key(c) for c in configs}) != 1:
+        raise IwaeError("runs trained in lockstep must share the data, architecture, samples per example, "
+                        "estimator family, schedule and Adam settings")  # fmt: skip
+    if resume:
+        for out in outs:
+            settle_group_checkpoint(out)
+    if resume and all((o / SUMMARY_FILE).exists() for o in outs):
+        return [read_json(o / SUMMARY_FILE) for o in outs]
+    runs = [_open_run(c, o, dataset, overwrite, device, resume) for c, o in zip(configs, outs)]
+    if len({(r.state.passes, r.state.step) for r in runs}) != 1 or any(r.shard for r in runs):
+        raise IwaeError("runs resumed in lockstep must stand at the same step of their schedule (resume them one by one)")
+    group = _Group(runs)
+    bar, records = None, [{} for _ in runs]
+    metrics = [open(r.out / METRICS_FILE, "a") for r in runs]
+    try:
+        for p in range(runs[0].state.passes, len(runs[0].plan)):
+            bar = _stage_bar(runs[0], p, bar, progress)
+            records = group.run_pass(p, bar)
+            group.to_members()
+            for run, record, f in zip(runs, records, metrics):
+                _record_pass(run, p, record, f)
+            if _checkpoint_due(runs[0], p):
+                _group_checkpoint(runs, [r.generator.get_state() for r in runs])
+    finally:
+        for f in metrics:
+            f.close()
+    if bar is not None:
+        bar.close()
+    for run in runs:
+        run.board.close()
+    return [_finish_run(run, record) for run, record in zip(runs, records)]
+
+
+class _Group:
+    """The stacked model and optimizer of a lockstep group, and its passes."""
+
+    def __init__(self, runs: list[_Run]):
+        self.runs = runs
+        self.model = VAE.stack([r.model for r in runs])
+        c = runs[0].config
+        self.optimizer = adam(self.model.parameters(), c.lr, (c.beta1, c.beta2), c.adam_eps)
+        self.objectives = [r.objective for r in runs]
+        self.stop_q = self.objectives[0].estimator != "reparam"
+        self.noise = StackedNoise([r.generator for r in runs])
+        if runs[0].optimizer.state:  # resumed: the members' Adam moments, stacked
+            self._stack_adam_state()
+
+    def _pairs(self):
+        """(stacked parameter, the members' parameters of the same name)."""
+        members = [dict(r.model.named_parameters()) for r in self.runs]
+        for name, p in self.model.named_parameters():
+            yield p, [m[name] for m in members]
+
+    def _stack_adam_state(self) -> None:
+        for p, ps in self._pairs():
+            states = [r.optimizer.state[q] for r, q in zip(self.runs, ps)]
+            self.optimizer.state[p] = {"step": states[0]["step"].clone(),
+                                       **{k: torch.stack([st[k] for st in states]) for k in ("exp_avg", "exp_avg_sq")}}
+
+    def to_members(self) -> None:
+        """Copy the stacked weights and Adam state into each member's own model and optimizer
+        (before their test bounds, weights and checkpoints are written)."""
+        with torch.no_grad():
+            for p, ps in self._pairs():
+                state = self.optimizer.state.get(p)
+                for g, (run, q) in enumerate(zip(self.runs, ps)):
+                    q.copy_(p[g])
+                    if state:
+                        run.optimizer.state[q] = {"step": state["step"].clone(), "exp_avg": state["exp_avg"][g].clone(),
+                                                  "exp_avg_sq": state["exp_avg_sq"][g].clone()}  # fmt: skip
+        for run in self.runs:
+            for group in run.optimizer.param_groups:
+                group["lr"] = self.optimizer.param_groups[0]["lr"]
+
+    def run_pass(self, p: int, bar) -> list[dict]:
+        """Pass ``p`` of every member, side by side; returns their metrics records."""
+        runs, config = self.runs, self.runs[0].config
+        stage, lr = runs[0].plan[p]
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        batches = [_pass_batches(r) for r in runs]
+        bs, steps = config.batch_size, math.ceil(runs[0].train_x.shape[0] / config.batch_size)
+        start = runs[0].state.step
+        t0 = time.perf_counter() - runs[0].state.seconds
+        totals = _PassTotals([r.state for r in runs], runs[0].train_x.device)
+        for step in range(start, steps):
+            xb = torch.stack([b[step * bs : (step + 1) * bs] for b in batches])
+            values, skipped = self.step(xb)
+            totals.add(values, skipped, xb.shape[1])
+            bar.update(1)
+            if (step + 1) % GUARD_EVERY == 0 or step + 1 == steps:
+                _stop_if_stuck(runs[0], totals, p, step)
+            if time.monotonic() - runs[0].last_checkpoint > config.checkpoint_minutes * 60 and step + 1 < steps:
+                self.to_members()
+                totals.into([r.state for r in runs])
+                for run in runs:
+                    run.state.step, run.state.seconds = step + 1, time.perf_counter() - t0
+                _group_checkpoint(runs, [r.pass_start_rng for r in runs])
+        seconds = time.perf_counter() - t0
+        totals.into([r.state for r in runs])
+        records = []
+        for run in runs:
+            records.append({"pass": p + 1, "stage": stage, "lr": lr, "seconds": seconds,
+                            "train_bound": run.state.bound_sum / max(run.state.good_examples, 1),
+                            "skipped_steps": run.state.skipped})  # fmt: skip
+        return records
+
+    def step(self, xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step of every member on its batch ``xb[g]``: (bounds [G], skipped)."""
+        from iwae.bounds import backward_stacked
+
+        enc, dec = self.model.encoder_parameters(), self.model.decoder_parameters()
+        self.optimizer.zero_grad(set_to_none=True)
+        log_w = self.model.log_weights(xb, self.objectives[0].samples, stop_q=self.stop_q, noise=self.noise)
+        values = backward_stacked(self.objectives, log_w, enc, dec)
+        check = torch.stack([values.sum(), *(p.grad.sum() for p in enc + dec if p.grad is not None)]).sum()
+        skipped = (~torch.isfinite(check)).to(torch.float32)
+        _step_unless(self.optimizer, skipped)
+        return values, skipped
+
+
+def _group_checkpoint(runs: list[_Run], pass_start_rngs: list[torch.Tensor]) -> None:
+    """Checkpoints of every run of a lockstep group, in two phases: each run's new checkpoint
+    goes to ``checkpoint.next.safetensors`` (naming the group), and only when all are written
+    do they replace the current ones. :func:`settle_group_checkpoint` finishes or undoes an
+    interrupted write, so that the runs of a group always resume from one common step."""
+    for run, rng in zip(runs, pass_start_rngs):
+        group = [os.path.relpath(r.out, run.out) for r in runs]  # relative: the directories may move
+        save_checkpoint(run.out / CHECKPOINT_NEXT_FILE, run.model, run.optimizer, run.generator, rng, run.state, group)
+    for run in runs:
+        os.replace(run.out / CHECKPOINT_NEXT_FILE, run.out / CHECKPOINT_FILE)
+        run.last_checkpoint = time.monotonic()
+
+
+def settle_group_checkpoint(out: str | Path) -> None:
+    """Finish or undo a lockstep group's interrupted checkpoint write at run directory ``out``:
+    if every run of the group has its next checkpoint written (or already in place), the
+    next checkpoints replace the current ones; otherwise they are deleted (every run still
+    has the previous common checkpoint)."""
+    out = Path(out)
+    meta = checkpoint_meta(out / CHECKPOINT_NEXT_FILE)
+    if meta is None:
+        (out / CHECKPOINT_NEXT_FILE).unlink(missing_ok=True)
+        return
+    position = (meta["progress"]["passes"], meta["progress"]["step"])
+    members = [out / d for d in meta.get("group", ["."])]
+
+    def ready(d: Path) -> bool:
+        for name in (CHECKPOINT_NEXT_FILE, CHECKPOINT_FILE):
+            m = checkpoint_meta(d / name)
+            if m is not None and (m["progress"]["passes"], m["progress"]["step"]) == position:
+                return True
+        return False
+
+    complete = all(ready(d) for d in members)
+    for d in members:
+        if (d / CHECKPOINT_NEXT_FILE).exists():
+            if complete:
+                os.replace(d / CHECKPOINT_NEXT_FILE, d / CHECKPOINT_FILE)
+            else:
+                (d / CHECKPOINT_NEXT_FILE).unlink()
 
 
 def _barrier(shard) -> None:
@@ -690,7 +916,7 @@ def _log_stage(board, model: VAE, test_x: torch.Tensor, passes: int) -> None:
     if isinstance(board, _NoBoard):
         return
     from iwae.evaluate import active_units  # evaluation imports this module for load_run
-    from iwae.report import tile_images
+    from iwae.data import tile_images
 
     model.eval()
     for layer, count in enumerate(active_units(model, test_x)):
