@@ -46,14 +46,14 @@ FULL = {
     "ks": [1, 5, 50], "layers": [1, 2], "batches": [20, 100],
     "eval_images": 120, "pythae_eval_images": 30, "pythae_eval_batch_sizes": [100, 1000],
     "correct_images": 8, "correct_train_steps": 200, "correct_max_rows": [None, 1000, 48],
-    "matmul_s": 0.6, "n_train_pool": 2000,
+    "matmul_s": 0.6, "n_train_pool": 2000, "grid_n_train": 6000,
 }
 QUICK = {
     "timing": {"warmup_steps": 2, "warmup_s": 0.0, "repeats": 1, "min_s": 0.15},
     "ks": [1, 5, 50], "layers": [1, 2], "batches": [20, 100],
     "eval_images": 6, "pythae_eval_images": 2, "pythae_eval_batch_sizes": [1000],
     "correct_images": 2, "correct_train_steps": 20, "correct_max_rows": [None, 48],
-    "matmul_s": 0.05, "n_train_pool": 400,
+    "matmul_s": 0.05, "n_train_pool": 400, "grid_n_train": 400,
 }
 EVAL_K = 5000
 TOLERANCE_NATS = 1e-3
@@ -175,6 +175,15 @@ def main(argv=None) -> int:
                                                          "timing": cfg["timing"], "n_train": 2000 if args.quick else None,
                                                          "label": "k=50 flushed / not"})  # fmt: skip
 
+        lockstep = runner.run(py_iwae, "worker_iwae.py", {**base, "phase": "lockstep", "ks": cfg["ks"], "threads": 1,
+                                                           "timing": cfg["timing"], "label": "8 models, 1 thread"})
+        grid = None
+        if data_dir is not None:
+            grid = runner.run(py_iwae, "worker_iwae.py", {
+                **base, "phase": "grid", "data_dir": data_dir, "workers": 2, "threads": 1,
+                "overrides": {"n_train": cfg["grid_n_train"], "eval_n": 64, "stage_nll_k": 0},
+                "eval_k": 64, "n_test": 64, "label": "table1 k=5 x 4 seeds"})
+
         eval_ours = []
         for layers in cfg["layers"]:
             r = runner.run(py_iwae, "worker_iwae.py", {**base, "phase": "eval", "layers": layers, "k": EVAL_K,
@@ -232,6 +241,8 @@ def main(argv=None) -> int:
         "eval_vs_pythae": ratio(ev1["images_per_s"], eval_pythae and eval_pythae["images_per_s"]),
         "train_vs_pythae_ftz": ratio(ours50["examples_per_s"], train_pythae_ftz and train_pythae_ftz[0]["examples_per_s"]),
         "ftz_speedup_k50": ftz and ftz["ftz_speedup_k50"],
+        "lockstep_speedup": {k: v["lockstep_speedup"] for k, v in lockstep["by_k"].items()},
+        "grid_speedup": grid and grid["grid_speedup"],
         "train_roofline_fraction": ours50["roofline_fraction"],
         "eval_roofline_fraction": ev1["roofline_fraction"],
         "correctness_passed": correctness["passed"],
@@ -252,6 +263,8 @@ def main(argv=None) -> int:
             "eval_per_sample": "sum over per-sample Linear layers of 2*d_in*d_out "
                                "+ (1/k) * sum over per-example Linear layers of 2*d_in*d_out"}},
         "ftz": ftz,
+        "lockstep": lockstep,
+        "grid": grid,
         "train": {"iwae": train_ours, "pythae": train_pythae or None, "pythae_flushed": train_pythae_ftz or None,
                   "note": "iwae: iwae.train.train_step with iwae.train.adam, as iwae.train.train runs it; "
                           "pythae: BaseTrainer.train_step's body"},
@@ -317,6 +330,18 @@ def print_table(r: dict) -> None:
               f"{f['denormal_values_in_state']} denormal values in weights and Adam state): flushed "
               f"{f['examples_per_s_flushed']:.0f} ex/s, not flushed {f['examples_per_s_not_flushed']:.0f} ex/s, "
               f"speed-up {f['ftz_speedup_k50']:.2f}x")
+    ls = r.get("lockstep")
+    if ls:
+        print(f"\nLOCKSTEP ({ls['models']} models: VAE and IWAE x 4 seeds, 1 layer, batch {ls['batch']}, "
+              f"{ls['threads']} thread): model-steps/s single / lockstep / ratio")
+        for k, v in ls["by_k"].items():
+            print(f"  k={k:<3} {v['single_model_steps_per_s']:8.0f} {v['lockstep_model_steps_per_s']:8.0f}   "
+                  f"{v['lockstep_speedup']:.2f}x")
+    g = r.get("grid")
+    if g:
+        print(f"GRID (table1 MNIST 1 layer k=5 x 4 seeds, n_train={g['overrides']['n_train']}, {g['workers']} workers): "
+              f"one run per process {g['seconds']['one_run_per_process']:.1f} s, lockstep {g['seconds']['lockstep']:.1f} s, "
+              f"{g['grid_speedup']:.2f}x")
     pf = (r["train"].get("pythae_flushed") or [None])[0]
     if pf:
         print(f"pythae L1 k=50 batch=20 with denormals flushed: {pf['examples_per_s']:.0f} ex/s")

@@ -210,6 +210,82 @@ def phase_ftz(spec) -> dict:
             "denormal_values_in_state": denormal, "n_train": config.n_train or 60000}
 
 
+# -- lockstep: 8 models stepped together against one at a time ----------------------------
+
+
+def _eight_models(k: int, pixel_mean):
+    """VAE and IWAE with k samples x seeds 0..3 (1 layer): models, objectives, generators."""
+    from iwae.train import adam
+
+    models, objectives, generators, optimizers = [], [], [], []
+    for seed in range(4):
+        for name in ("vae", "iwae"):
+            torch.manual_seed(seed)
+            models.append(VAE(ModelConfig.preset(1), pixel_mean=pixel_mean))
+            objectives.append(Objective(name, k=k))
+            generators.append(torch.Generator().manual_seed(seed))
+            optimizers.append(adam(models[-1].parameters(), 1e-3, (0.9, 0.999), 1e-4))
+    return models, objectives, generators, optimizers
+
+
+def phase_lockstep(spec) -> dict:
+    """Model-steps/s of 8 MNIST 1-layer models (VAE and IWAE x 4 seeds), batch 20: each
+    stepped alone in turn by iwae.train.train_step, and all 8 by iwae.train.LockstepStep;
+    ``lockstep_speedup`` = lockstep model-steps/s / single model-steps/s, per k."""
+    from iwae.train import LockstepStep, train_step
+
+    train_x, _, pixel_mean = load_data(spec)
+    t, n_batches = spec["timing"], train_x.shape[0] // 20
+    results = {}
+    for k in spec["ks"]:
+        models, objectives, generators, optimizers = _eight_models(k, pixel_mean)
+        params = [(m.encoder_parameters(), m.decoder_parameters()) for m in models]
+        state = {"i": 0}
+
+        def batch(j):
+            i = (state["i"] + j) % n_batches
+            return torch.bernoulli(train_x[i * 20 : (i + 1) * 20], generator=generators[j])
+
+        def single_round():  # one step of each model in turn: 8 model-steps
+            for j, m in enumerate(models):
+                train_step(m, objectives[j], optimizers[j], batch(j), generators[j], params[j])
+            state["i"] += 1
+
+        lock = LockstepStep(models, objectives, generators)
+
+        def lockstep_round():  # one step of all 8 together: 8 model-steps
+            lock.step(torch.stack([batch(j) for j in range(len(models))]))
+            state["i"] += 1
+
+        single = time_steps(single_round, t["warmup_steps"], t["warmup_s"], t["repeats"], t["min_s"])
+        grouped = time_steps(lockstep_round, t["warmup_steps"], t["warmup_s"], t["repeats"], t["min_s"])
+        results[str(k)] = {"single_model_steps_per_s": 8 * single["median_steps_per_s"],
+                           "lockstep_model_steps_per_s": 8 * grouped["median_steps_per_s"],
+                           "lockstep_speedup": grouped["median_steps_per_s"] / single["median_steps_per_s"],
+                           "single": single, "lockstep": grouped}  # fmt: skip
+    return {"models": 8, "batch": 20, "threads": torch.get_num_threads(), "by_k": results}
+
+
+def phase_grid(spec) -> dict:
+    """Wall time of ``iwae reproduce table1 --only dataset=mnist --only layers=1 --only k=5
+    --seeds 4`` (8 runs) at a fixed short budget on ``workers`` worker processes: one run per
+    process, then in lockstep; ``grid_speedup`` = the first / the second."""
+    import tempfile
+
+    from iwae.experiments import reproduce
+
+    walls = {}
+    for lockstep in (False, True):
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            reproduce("table1", tmp, stages=1, seeds=4, workers=spec["workers"], data_dir=spec["data_dir"],
+                      only={"dataset": "mnist", "layers": "1", "k": "5"}, overrides=spec["overrides"],
+                      eval_k=spec["eval_k"], n_test=spec["n_test"], progress=False, lockstep=lockstep)  # fmt: skip
+            walls["lockstep" if lockstep else "one_run_per_process"] = time.perf_counter() - t0
+    return {"seconds": walls, "grid_speedup": walls["one_run_per_process"] / walls["lockstep"],
+            "workers": spec["workers"], "overrides": spec["overrides"], "eval_k": spec["eval_k"], "n_test": spec["n_test"]}
+
+
 # -- evaluation -------------------------------------------------------------------------
 
 
@@ -355,4 +431,4 @@ def phase_correctness(spec) -> dict:
 
 if __name__ == "__main__":
     worker_main({"meta": phase_meta, "train": phase_train, "eval": phase_eval, "correctness": phase_correctness,
-                 "ftz": phase_ftz})
+                 "ftz": phase_ftz, "lockstep": phase_lockstep, "grid": phase_grid})

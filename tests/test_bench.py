@@ -35,6 +35,10 @@ def test_bench_quick(tmp_path):
             r["ftz"]["examples_per_s_flushed"] / r["ftz"]["examples_per_s_not_flushed"])
         assert r["ftz_speedup_k50"] > 0 and r["ftz"]["warm_pass_seconds"] > 0
     assert r["train_vs_pythae_ftz"] is None  # --no-pythae
+    assert set(r["lockstep_speedup"]) == {"1", "5", "50"} and all(v > 0 for v in r["lockstep_speedup"].values())
+    if r["grid"] is not None:
+        assert r["grid_speedup"] == pytest.approx(
+            r["grid"]["seconds"]["one_run_per_process"] / r["grid"]["seconds"]["lockstep"])
     assert r["train_vs_pythae"] is None and r["eval_vs_pythae"] is None  # --no-pythae
     assert 0 < r["train_roofline_fraction"] < 1.5 and 0 < r["eval_roofline_fraction"] < 1.5
     configs = {(t["layers"], t["k"], t["batch"]) for t in r["train"]["iwae"]}

@@ -150,6 +150,7 @@ def test_runner_groups_compatible_runs_only(tmp_path):
     four = [r for r in grid("table1", stages=1, seeds=4) if (r.label["dataset"], r.label["layers"], r.label["k"]) == ("mnist", 1, 1)]
     sizes = sorted(len(t) for t in plan_tasks(four, tmp_path, None, group_size=3))
     assert sizes == [2, 3, 3]  # 8 runs of one key, in groups of at most 3
+    assert sorted(len(t) for t in plan_tasks(four, tmp_path, None, group_size=8, workers=2)) == [4, 4]  # no idle worker
     (tmp_path / "runs" / four[0].name).mkdir(parents=True)
     (tmp_path / "runs" / four[0].name / "summary.json").write_text("{}")  # trained: only evaluated, alone
     assert (four[0],) in plan_tasks(four, tmp_path, None, group_size=8)
@@ -172,3 +173,30 @@ def test_reproduce_in_lockstep_writes_what_single_runs_write(shared_data_dir, tm
         ea, eb = (json.loads((d / "evaluation.json").read_text()) for d in (a, b))
         assert abs(ea["nll"] - eb["nll"]) < 1e-2 and ea["n_test"] == eb["n_test"] == 10
     assert os.path.exists(tmp_path / "lockstep" / "experiment.json")
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_a_stacked_vae_computes_what_each_model_computes(layers):
+    """VAE.stack: model g's log-weights (samples from its own generator) and gradients equal
+    those of the single model it was made from; member_state gives its weights back."""
+    from iwae.bounds import Objective, backward_stacked
+    from iwae.model import VAE, ModelConfig
+    from iwae.train import StackedNoise
+
+    torch.manual_seed(0)
+    config = ModelConfig(x_dim=30, latent=(4, 3)[:layers], hidden=((16,), (8,))[:layers])
+    members = [VAE(config) for _ in range(3)]
+    stacked = VAE.stack(members)
+    assert all(torch.equal(stacked.member_state(g)[n], v) for g, m in enumerate(members) for n, v in m.state_dict().items())
+    x = torch.bernoulli(torch.full((3, 5, 30), 0.3), generator=torch.Generator().manual_seed(1))
+    objectives = [Objective("iwae", k=12), Objective("vae", k=12), Objective("piwae", m=3, k=4)]
+    noise = StackedNoise([torch.Generator().manual_seed(g) for g in range(3)])
+    log_w = stacked.log_weights(x, 12, noise=noise)  # 12 samples: the many-sample likelihood path
+    assert log_w.shape == (3, 12, 5)
+    backward_stacked(objectives, log_w, stacked.encoder_parameters(), stacked.decoder_parameters())
+    for g, (m, o) in enumerate(zip(members, objectives)):
+        single = m.log_weights(x[g], 12, torch.Generator().manual_seed(g))
+        assert torch.allclose(log_w[g], single, atol=1e-5, rtol=1e-6)
+        o.backward(single, m.encoder_parameters(), m.decoder_parameters())
+        for (name, p), q in zip(stacked.named_parameters(), m.parameters()):
+            assert torch.allclose(stacked.member_layout(name, p.grad, g), q.grad, atol=1e-5, rtol=1e-4), name

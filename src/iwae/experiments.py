@@ -357,7 +357,7 @@ def reproduce(
         reuse_runs(runs, out, [Path(d) for d in reuse], data_dir, progress)
     if threads is None:  # never more threads than cores in all: oversubscribed torch threads crawl
         threads = max(1, (os.cpu_count() or 1) // workers) if backend == "local" else 1
-    tasks = plan_tasks(runs, out, data_dir, group_size if lockstep else 1)
+    tasks = plan_tasks(runs, out, data_dir, group_size if lockstep else 1, workers)
     execute = _execute_ray if backend == "ray" else _execute_local
     return execute(tasks, str(out), data_dir, threads, workers, progress, (eval_k, n_test, flush_denormal))
 
@@ -368,13 +368,14 @@ def reproduce(
 LOCKSTEP_MAX_ROWS_CPU = 256
 
 
-def plan_tasks(runs: list[Run], out: Path, data_dir: str | None, group_size: int) -> list[tuple[Run, ...]]:
+def plan_tasks(runs: list[Run], out: Path, data_dir: str | None, group_size: int, workers: int = 1) -> list[tuple[Run, ...]]:
     """The runner's tasks: groups of up to ``group_size`` runs trained in lockstep, and
     single runs. Runs are grouped when their training can share one stacked model
     (:func:`iwae.train.lockstep_key`), they stand at the same step (none started, or all
     checkpointed at one position), they do not continue another run, and lockstep pays on
     this machine (always on a GPU; on the CPU below :data:`LOCKSTEP_MAX_ROWS_CPU` rows per
-    step). Groups are formed in grid order, so a killed group is formed again alike."""
+    step). Groups are formed in grid order, and the largest is halved while there are
+    fewer tasks than ``workers`` (no idle worker), so a killed group is formed again alike."""
     import torch
 
     from iwae.rundir import CHECKPOINT_FILE, SUMMARY_FILE, checkpoint_meta
@@ -396,6 +397,10 @@ def plan_tasks(runs: list[Run], out: Path, data_dir: str | None, group_size: int
             groups.setdefault((lockstep_key(config), position), []).append(run)
     for members in groups.values():
         tasks += [tuple(members[i : i + group_size]) for i in range(0, len(members), group_size)]
+    while len(tasks) < workers and any(len(t) > 1 for t in tasks):
+        largest = max(tasks, key=len)
+        i, half = tasks.index(largest), (len(largest) + 1) // 2
+        tasks[i : i + 1] = [largest[:half], largest[half:]]
     return tasks
 
 

@@ -124,21 +124,22 @@ class StackedLinear(nn.Module):
     """``models`` affine layers of the same shape applied side by side: y[g] = x[g] W[g]^T + b[g]
     for x of shape [models, ..., in_features], with one batched matmul (``torch.baddbmm``).
 
-    The parameters are named as :class:`torch.nn.Linear`'s, with a leading model dimension:
-    ``weight`` [models, out, in] and ``bias`` [models, out], so that ``weight[g]`` is the
-    weight of model g's ``nn.Linear``."""
+    The parameters are named as :class:`torch.nn.Linear`'s, with a leading model dimension,
+    and the weight is stored transposed, ``weight`` [models, in, out] (= W[g]^T), so that
+    the batched matmul and its gradient need no strided copies; ``bias`` is [models, out].
+    :meth:`VAE.stack` and :meth:`VAE.member_state` convert from and to ``nn.Linear``'s layout."""
 
     def __init__(self, models: int, in_features: int, out_features: int):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(models, out_features, in_features))
+        self.weight = nn.Parameter(torch.empty(models, in_features, out_features))
         self.bias = nn.Parameter(torch.empty(models, out_features))
         for g in range(models):
-            nn.init.xavier_uniform_(self.weight.data[g])
+            nn.init.xavier_uniform_(self.weight.data[g])  # symmetric in fan-in and fan-out
         nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         g = x.shape[0]
-        y = torch.baddbmm(self.bias.unsqueeze(1), x.reshape(g, -1, x.shape[-1]), self.weight.transpose(1, 2))
+        y = torch.baddbmm(self.bias.unsqueeze(1), x.reshape(g, -1, x.shape[-1]), self.weight)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -277,12 +278,25 @@ class VAE(nn.Module):
         states = [m.state_dict() for m in members]
         with torch.no_grad():
             for name, p in stacked.named_parameters():
-                p.copy_(torch.stack([state[name] for state in states]))
+                p.copy_(stacked.stacked_layout(name, [state[name] for state in states]))
         return stacked
+
+    def stacked_layout(self, name: str, tensors: list[Tensor]) -> Tensor:
+        """Per-model tensors of parameter ``name`` (weights, or Adam's moments of them) in a
+        single VAE's layout, stacked in this stacked VAE's layout."""
+        return torch.stack([t.T if name in self._transposed else t for t in tensors])
+
+    def member_layout(self, name: str, stacked: Tensor, g: int) -> Tensor:
+        """Model g's part of ``stacked`` (parameter ``name``'s layout) in a single VAE's layout."""
+        return (stacked[g].T if name in self._transposed else stacked[g]).contiguous()
+
+    @property
+    def _transposed(self) -> set[str]:
+        return {f"{n}.weight" for n, m in self.named_modules() if isinstance(m, StackedLinear)}
 
     def member_state(self, g: int) -> dict[str, Tensor]:
         """The weights of model g of a stacked VAE, as a single VAE's state dict."""
-        return {name: p[g].detach().clone() for name, p in self.named_parameters()}
+        return {name: self.member_layout(name, p.detach(), g).clone() for name, p in self.named_parameters()}
 
     @property
     def n_layers(self) -> int:
@@ -352,7 +366,7 @@ class VAE(nn.Module):
             return bernoulli_log_prob(out(a), x)
         if out.bias.dim() == 1:
             return (a * (x @ out.weight)).sum(-1) + x @ out.bias - F.softplus(out(a)).sum(-1)
-        w, b = out.weight.unsqueeze(1), out.bias[:, None, :, None]  # stacked: [G, 1, D, H], [G, 1, D, 1]
+        w, b = out.weight.transpose(1, 2).unsqueeze(1), out.bias[:, None, :, None]  # stacked: [G, 1, D, H], [G, 1, D, 1]
         return (a * (x @ w)).sum(-1) + (x @ b).squeeze(-1) - F.softplus(out(a)).sum(-1)
 
     def log_joint(self, x: Tensor, hs: list[Tensor]) -> Tensor:

@@ -718,43 +718,71 @@ def train_lockstep(configs: list[TrainConfig], outs: list, dataset: iwae_data.Da
     return [_finish_run(run, record) for run, record in zip(runs, records)]
 
 
-class _Group:
-    """The stacked model and optimizer of a lockstep group, and its passes."""
+class LockstepStep:
+    """The training step of G models side by side: ``models[g]`` (copied into one stacked
+    VAE) with objective ``objectives[g]`` and noise from ``generators[g]``, one fused Adam
+    over the stacked parameters. ``step(xb)`` with ``xb`` [G, B, D] is every model's
+    :func:`train_step` on its own batch ``xb[g]`` in one batched forward and backward."""
+
+    def __init__(self, models: list[VAE], objectives: list[Objective], generators: list[torch.Generator],
+                 lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-4):
+        self.model = VAE.stack(models)
+        self.optimizer = adam(self.model.parameters(), lr, betas, eps)
+        self.objectives = objectives
+        self.stop_q = objectives[0].estimator != "reparam"
+        self.noise = StackedNoise(generators)
+        self.params = (self.model.encoder_parameters(), self.model.decoder_parameters())
+
+    def step(self, xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step of every model on its batch ``xb[g]``: (bounds [G], skipped)."""
+        from iwae.bounds import backward_stacked
+
+        enc, dec = self.params
+        self.optimizer.zero_grad(set_to_none=True)
+        log_w = self.model.log_weights(xb, self.objectives[0].samples, stop_q=self.stop_q, noise=self.noise)
+        values = backward_stacked(self.objectives, log_w, enc, dec)
+        check = torch.stack([values.sum(), *(p.grad.sum() for p in enc + dec if p.grad is not None)]).sum()
+        skipped = (~torch.isfinite(check)).to(torch.float32)
+        _step_unless(self.optimizer, skipped)
+        return values, skipped
+
+
+class _Group(LockstepStep):
+    """A lockstep group of open runs: the stacked step, the copies to and from the runs'
+    own models and optimizers, and the group's passes."""
 
     def __init__(self, runs: list[_Run]):
-        self.runs = runs
-        self.model = VAE.stack([r.model for r in runs])
         c = runs[0].config
-        self.optimizer = adam(self.model.parameters(), c.lr, (c.beta1, c.beta2), c.adam_eps)
-        self.objectives = [r.objective for r in runs]
-        self.stop_q = self.objectives[0].estimator != "reparam"
-        self.noise = StackedNoise([r.generator for r in runs])
+        super().__init__([r.model for r in runs], [r.objective for r in runs], [r.generator for r in runs],
+                         c.lr, (c.beta1, c.beta2), c.adam_eps)  # fmt: skip
+        self.runs = runs
         if runs[0].optimizer.state:  # resumed: the members' Adam moments, stacked
             self._stack_adam_state()
 
     def _pairs(self):
-        """(stacked parameter, the members' parameters of the same name)."""
+        """(name, stacked parameter, the members' parameters of that name)."""
         members = [dict(r.model.named_parameters()) for r in self.runs]
         for name, p in self.model.named_parameters():
-            yield p, [m[name] for m in members]
+            yield name, p, [m[name] for m in members]
 
     def _stack_adam_state(self) -> None:
-        for p, ps in self._pairs():
+        for name, p, ps in self._pairs():
             states = [r.optimizer.state[q] for r, q in zip(self.runs, ps)]
-            self.optimizer.state[p] = {"step": states[0]["step"].clone(),
-                                       **{k: torch.stack([st[k] for st in states]) for k in ("exp_avg", "exp_avg_sq")}}
+            self.optimizer.state[p] = {"step": states[0]["step"].clone(), **{
+                k: self.model.stacked_layout(name, [st[k] for st in states]) for k in ("exp_avg", "exp_avg_sq")}}
 
     def to_members(self) -> None:
         """Copy the stacked weights and Adam state into each member's own model and optimizer
         (before their test bounds, weights and checkpoints are written)."""
+        layout = self.model.member_layout
         with torch.no_grad():
-            for p, ps in self._pairs():
+            for name, p, ps in self._pairs():
                 state = self.optimizer.state.get(p)
                 for g, (run, q) in enumerate(zip(self.runs, ps)):
-                    q.copy_(p[g])
+                    q.copy_(layout(name, p, g))
                     if state:
-                        run.optimizer.state[q] = {"step": state["step"].clone(), "exp_avg": state["exp_avg"][g].clone(),
-                                                  "exp_avg_sq": state["exp_avg_sq"][g].clone()}  # fmt: skip
+                        run.optimizer.state[q] = {"step": state["step"].clone(), "exp_avg": layout(name, state["exp_avg"], g),
+                                                  "exp_avg_sq": layout(name, state["exp_avg_sq"], g)}  # fmt: skip
         for run in self.runs:
             for group in run.optimizer.param_groups:
                 group["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -792,20 +820,6 @@ class _Group:
                             "train_bound": run.state.bound_sum / max(run.state.good_examples, 1),
                             "skipped_steps": run.state.skipped})  # fmt: skip
         return records
-
-    def step(self, xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step of every member on its batch ``xb[g]``: (bounds [G], skipped)."""
-        from iwae.bounds import backward_stacked
-
-        enc, dec = self.model.encoder_parameters(), self.model.decoder_parameters()
-        self.optimizer.zero_grad(set_to_none=True)
-        log_w = self.model.log_weights(xb, self.objectives[0].samples, stop_q=self.stop_q, noise=self.noise)
-        values = backward_stacked(self.objectives, log_w, enc, dec)
-        check = torch.stack([values.sum(), *(p.grad.sum() for p in enc + dec if p.grad is not None)]).sum()
-        skipped = (~torch.isfinite(check)).to(torch.float32)
-        _step_unless(self.optimizer, skipped)
-        return values, skipped
-
 
 def _group_checkpoint(runs: list[_Run], pass_start_rngs: list[torch.Tensor]) -> None:
     """Checkpoints of every run of a lockstep group, in two phases: each run's new checkpoint
