@@ -441,7 +441,7 @@ def reuse_runs(runs: list[Run], out: Path, sources: list[Path], data_dir: str | 
             continue
         partial = target.with_name(target.name + ".copying")
         shutil.rmtree(partial, ignore_errors=True)
-        shutil.copytree(match, partial, ignore=shutil.ignore_patterns("checkpoint.safetensors", "tb"))
+        shutil.copytree(match, partial, ignore=shutil.ignore_patterns("checkpoint.safetensors", "checkpoint.next.safetensors", "tb"))
         timing = read_json(partial / "runner.json", required=False) or {}
         timing["reused_from"] = str(match)
         write_json(partial / "runner.json", timing)
