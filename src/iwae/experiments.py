@@ -314,13 +314,8 @@ def reproduce(
     whose finished runs are copied in, instead of trained again, wherever a run here has
     the identical training configuration (:func:`reuse_runs`). ``lockstep``: train runs that
     can share a process side by side, up to ``group_size`` at a time (:func:`plan_tasks`)."""
-    runs = [Run(r.name, {**r.config, **(overrides or {})}, r.after, r.label) for r in grid(name, stages, seeds)]
-    if only:
-        keep = {r.name for r in runs if all(str(r.label.get(k)) == str(v) for k, v in only.items())}
-        keep |= {r.after for r in runs if r.name in keep and r.after}
-        if not keep:
-            raise IwaeError(f"no run of {name} matches {only}")
-        runs = [r for r in runs if r.name in keep]
+    runs = _select([Run(r.name, {**r.config, **(overrides or {})}, r.after, r.label) for r in grid(name, stages, seeds)],
+                   name, only)  # fmt: skip
     if workers < 1:
         raise IwaeError(f"workers must be >= 1, got {workers}")
     if group_size < 1:
@@ -332,19 +327,7 @@ def reproduce(
             "passes_per_run": sum(3**i for i in range(stages)), "eval_k": eval_k, "n_test": n_test,
             "overrides": overrides or {}, "only": only or {}, "reuse": [str(d) for d in reuse or []],
             "runs": [asdict(r) for r in runs]}  # fmt: skip
-    previous = read_json(out / "experiment.json", required=False)
-    if previous is not None and (previous.get("experiment"), previous.get("stages"), previous.get("seeds")) != (
-        name, meta["stages"], meta["seeds"],
-    ):  # fmt: skip
-        raise IwaeError(
-            f"{out} holds experiment {previous.get('experiment')} at stages={previous.get('stages')}, "
-            f"seeds={previous.get('seeds')}: use another --out for a different budget"
-        )
-    if previous is not None:  # runs of earlier invocations (other --only filters) stay listed
-        names = {r["name"] for r in meta["runs"]}
-        meta["runs"] = [r for r in previous.get("runs", []) if r["name"] not in names] + meta["runs"]
-        meta["only"] = [f for f in (*_as_list(previous.get("only")), *_as_list(only)) if f]
-        meta["reuse"] = list(dict.fromkeys([*previous.get("reuse", []), *meta["reuse"]]))
+    meta = _merge_with_previous(out, meta, only)
     if data_dir is None:  # resolve now, so workers and Ray tasks read the same directory
         from iwae.data import resolve_data_dir
 
@@ -360,6 +343,37 @@ def reproduce(
     tasks = plan_tasks(runs, out, data_dir, group_size if lockstep else 1, workers)
     execute = _execute_ray if backend == "ray" else _execute_local
     return execute(tasks, str(out), data_dir, threads, workers, progress, (eval_k, n_test, flush_denormal))
+
+
+def _select(runs: list[Run], name: str, only: dict | None) -> list[Run]:
+    """The runs whose labels match ``only``, with the runs they continue."""
+    if not only:
+        return runs
+    keep = {r.name for r in runs if all(str(r.label.get(k)) == str(v) for k, v in only.items())}
+    keep |= {r.after for r in runs if r.name in keep and r.after}
+    if not keep:
+        raise IwaeError(f"no run of {name} matches {only}")
+    return [r for r in runs if r.name in keep]
+
+
+def _merge_with_previous(out: Path, meta: dict, only: dict | None) -> dict:
+    """``experiment.json``'s new content: a directory holds one experiment at one budget; the
+    runs, ``--only`` filters and ``--reuse`` sources of earlier invocations stay listed."""
+    previous = read_json(out / "experiment.json", required=False)
+    if previous is None:
+        return meta
+    if (previous.get("experiment"), previous.get("stages"), previous.get("seeds")) != (
+        meta["experiment"], meta["stages"], meta["seeds"],
+    ):  # fmt: skip
+        raise IwaeError(
+            f"{out} holds experiment {previous.get('experiment')} at stages={previous.get('stages')}, "
+            f"seeds={previous.get('seeds')}: use another --out for a different budget"
+        )
+    names = {r["name"] for r in meta["runs"]}
+    meta["runs"] = [r for r in previous.get("runs", []) if r["name"] not in names] + meta["runs"]
+    meta["only"] = [f for f in (*_as_list(previous.get("only")), *_as_list(only)) if f]
+    meta["reuse"] = list(dict.fromkeys([*previous.get("reuse", []), *meta["reuse"]]))
+    return meta
 
 
 #: on the CPU lockstep pays for small steps only: at the default batch 20, samples per
