@@ -452,3 +452,31 @@ def test_train_step_skips_on_the_device_without_reading_the_host(monkeypatch):
     assert skipped.item() == 0.0 and torch.isfinite(value)
     assert not torch.equal(before["encoder.0.mean.weight"], model.state_dict()["encoder.0.mean.weight"])
     assert all(optimizer.state[p]["step"].item() == 2 for p in model.parameters())
+
+
+def test_a_checkpoint_from_another_device_kind_continues_with_a_reseeded_stream(tmp_path):
+    """A run checkpointed on a GPU (a 16-byte CUDA generator state) continues on the CPU, and
+    back: the random stream is re-seeded from the saved state, deterministically."""
+    from iwae.rundir import generator_state
+
+    config = small_config(stages=2)
+    train(config, tmp_path / "a", dataset=synthetic(), progress=False)
+    path = tmp_path / "a" / CHECKPOINT_FILE
+    tensors = safetensors.torch.load_file(path)
+    with safetensors.safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+    state = json.loads(metadata["state"])
+    state["progress"].update(passes=1, step=0)  # back to the end of stage 1: 3 passes to go
+    cuda_like = torch.arange(16, dtype=torch.uint8)  # what torch.cuda's generator saves
+    tensors.update({"rng.generator": cuda_like, "rng.pass_start": cuda_like.clone()})
+    for name in ("b", "c"):
+        (tmp_path / name).mkdir()
+        safetensors.torch.save_file(tensors, tmp_path / name / CHECKPOINT_FILE, metadata={"state": json.dumps(state)})
+        (tmp_path / name / "config.json").write_text((tmp_path / "a" / "config.json").read_text())
+        (tmp_path / name / "metrics.jsonl").write_text((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[0] + "\n")
+        resume(tmp_path / name, dataset=synthetic(), progress=False)
+    assert [m["pass"] for m in read_metrics(tmp_path / "b")] == [1, 2, 3, 4]
+    assert_bitwise_equal(weights(tmp_path / "b"), weights(tmp_path / "c"))  # deterministic
+    assert not torch.equal(weights(tmp_path / "a")["encoder.0.mean.weight"], weights(tmp_path / "b")["encoder.0.mean.weight"])
+    g = torch.Generator()
+    assert torch.equal(generator_state(g, g.get_state()), g.get_state())  # the same kind: unchanged

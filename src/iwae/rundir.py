@@ -193,18 +193,32 @@ def load_checkpoint(path: Path, model, optimizer, generator, content=None) -> tu
                 _, i, name = key.split(".", 2)
                 optim_state["state"].setdefault(int(i), {})[name] = value.to(model.output_layer.weight.device)
         optimizer.load_state_dict(optim_state)
-        generator.set_state(tensors["rng.generator"])
+        generator.set_state(generator_state(generator, tensors["rng.generator"]))
         torch.set_rng_state(tensors["rng.torch"])
         kind, pos, has_gauss, cached = meta["numpy_rng"]
         np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
         version, internal, gauss = meta["python_rng"]
         random.setstate((version, tuple(internal), gauss))
-        return progress, tensors["rng.pass_start"]
+        return progress, generator_state(generator, tensors["rng.pass_start"])
     except RunDirError:
         raise
     except Exception as e:  # a tampered file can break it anywhere
         raise RunDirError(f"{path} is not a valid iwae checkpoint ({type(e).__name__}: {e})") from None
 
+
+
+def generator_state(generator: torch.Generator, state: torch.Tensor) -> torch.Tensor:
+    """``state`` as a state of ``generator``. A state saved by a generator of another device
+    kind (a CPU run continued on a GPU, or back) cannot be set: it is replaced by the state of
+    a fresh generator of ``generator``'s device seeded from a hash of the saved state, so the
+    run continues, deterministically, with another random stream (the same weights, Adam
+    state and schedule; a CPU and a GPU never give the same numbers bit for bit anyway)."""
+    if state.numel() == generator.get_state().numel():
+        return state
+    import hashlib
+
+    seed = int.from_bytes(hashlib.sha256(state.cpu().numpy().tobytes()).digest()[:8], "little") >> 1
+    return torch.Generator(device=generator.device).manual_seed(seed).get_state()
 
 
 def checkpoint_meta(path: Path) -> dict | None:
