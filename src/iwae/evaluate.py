@@ -110,16 +110,10 @@ def active_units(model: VAE, x: Tensor, threshold: float = 0.01, **kwargs) -> li
     return [int((a > threshold).sum()) for a in unit_activity(model, x, **kwargs)]
 
 
-def evaluate(
-    model: VAE,
-    x: Tensor,
-    k: int = 5000,
-    seed: int = 0,
-    max_rows: int = MAX_ROWS,
-    progress: bool = False,
-) -> dict:
-    """All test metrics for binarized test images ``x`` [N, D]; the keys of ``iwae evaluate --json``."""
-    return evaluate_images(model, x, k, seed, max_rows, progress)[0]
+def evaluate(model: VAE, x: Tensor, k: int = 5000, **kwargs) -> dict:
+    """All test metrics for binarized test images ``x`` [N, D]; the keys of ``iwae evaluate
+    --json`` (the options of :func:`evaluate_images`: ``seed``, ``max_rows``, ``progress``)."""
+    return evaluate_images(model, x, k, **kwargs)[0]
 
 
 def evaluate_images(
