@@ -296,7 +296,7 @@ def train_step(model: VAE, objective: Objective, optimizer, x: torch.Tensor, gen
     Returns (batch-mean bound, skipped), both 0-dim tensors on the model's device; skipped
     is 1.0 for a skipped step, else 0.0. The check stays on the device (no host sync): the
     fused Adam of :func:`adam` takes it as ``found_inf`` and then leaves the weights, its
-    moments and its step count as they were (:func:`_step_unless`). ``params`` is the pair
+    moments and its step count as they were (:func:`_step_if_finite`). ``params`` is the pair
     (encoder parameters, decoder parameters); pass it to avoid rebuilding the lists.
 
     With ``shard = (rank, world_size)`` (data parallel, under torchrun) every process
@@ -312,16 +312,20 @@ def train_step(model: VAE, objective: Objective, optimizer, x: torch.Tensor, gen
         value = objective.backward(objective.log_weights(model, x, generator), enc, dec)
     else:
         value = _sharded_backward(model, objective, x, generator, enc, dec, *shard)
-    check = torch.stack([value, *(p.grad.sum() for p in enc + dec if p.grad is not None)]).sum()
+    return value, _step_if_finite(optimizer, value, enc + dec)
+
+
+def _step_if_finite(optimizer, value: torch.Tensor, params: list) -> torch.Tensor:
+    """``optimizer.step()`` unless ``value`` or a gradient of ``params`` is not finite;
+    returns skipped, a 0-dim 0/1 tensor on the device. A fused Adam reads it on the device
+    as ``found_inf``, as under ``torch.amp.GradScaler``; any other optimizer on the host."""
+    check = torch.stack([value.sum(), *(p.grad.sum() for p in params if p.grad is not None)]).sum()
     skipped = (~torch.isfinite(check)).to(torch.float32)
     _step_unless(optimizer, skipped)
-    return value, skipped
+    return skipped
 
 
 def _step_unless(optimizer, skipped: torch.Tensor) -> None:
-    """``optimizer.step()`` unless ``skipped`` (a 0-dim 0/1 tensor). A fused Adam reads it
-    on the device as ``found_inf``, as under ``torch.amp.GradScaler``; any other optimizer
-    reads it on the host."""
     if optimizer.defaults.get("fused"):
         optimizer.found_inf = skipped
         optimizer.step()
@@ -574,8 +578,13 @@ def _run_pass(run: _Run, p: int, bar) -> dict:
             state.step, state.seconds = step + 1, time.perf_counter() - t0
             _checkpoint(run, run.pass_start_rng)
     totals.into([state])
+    return _pass_record(p, stage, lr, state, time.perf_counter() - t0)
+
+
+def _pass_record(p: int, stage: int, lr: float, state: Progress, seconds: float) -> dict:
+    """The metrics line of pass ``p`` (before its test bounds are added)."""
     return {"pass": p + 1, "stage": stage, "lr": lr, "train_bound": state.bound_sum / max(state.good_examples, 1),
-            "seconds": time.perf_counter() - t0, "skipped_steps": state.skipped}  # fmt: skip
+            "seconds": seconds, "skipped_steps": state.skipped}  # fmt: skip
 
 
 def _stop_if_stuck(run: _Run, totals: _PassTotals, p: int, step: int) -> None:
@@ -741,10 +750,7 @@ class LockstepStep:
         self.optimizer.zero_grad(set_to_none=True)
         log_w = self.model.log_weights(xb, self.objectives[0].samples, stop_q=self.stop_q, noise=self.noise)
         values = backward_stacked(self.objectives, log_w, enc, dec)
-        check = torch.stack([values.sum(), *(p.grad.sum() for p in enc + dec if p.grad is not None)]).sum()
-        skipped = (~torch.isfinite(check)).to(torch.float32)
-        _step_unless(self.optimizer, skipped)
-        return values, skipped
+        return values, _step_if_finite(self.optimizer, values, enc + dec)
 
 
 class _Group(LockstepStep):
@@ -814,12 +820,7 @@ class _Group(LockstepStep):
                 _group_checkpoint(runs, [r.pass_start_rng for r in runs])
         seconds = time.perf_counter() - t0
         totals.into([r.state for r in runs])
-        records = []
-        for run in runs:
-            records.append({"pass": p + 1, "stage": stage, "lr": lr, "seconds": seconds,
-                            "train_bound": run.state.bound_sum / max(run.state.good_examples, 1),
-                            "skipped_steps": run.state.skipped})  # fmt: skip
-        return records
+        return [_pass_record(p, stage, lr, run.state, seconds) for run in runs]
 
 def _group_checkpoint(runs: list[_Run], pass_start_rngs: list[torch.Tensor]) -> None:
     """Checkpoints of every run of a lockstep group, in two phases: each run's new checkpoint
