@@ -10,7 +10,7 @@ from pathlib import Path
 
 from iwae.bounds import ESTIMATORS, OBJECTIVES
 from iwae.errors import IwaeError
-from iwae.train import DATASETS
+from iwae.train import CUDA_GRAPHS, DATASETS
 
 EPILOG_TRAIN = """\
 examples:
@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     data_help = "data directory holding mnist/ and omniglot/ (default: $IWAE_DATA, else a user cache directory)"
+    cuda_graphs_help = ("on a GPU, capture each training step once as a CUDA graph and replay it (one launch per "
+                        "step; the same random numbers as without, results equal up to rounding): auto = on for a CUDA run, off = never "
+                        "(default: auto)")
 
     t = sub.add_parser(
         "train",
@@ -131,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--flush-denormal", action=argparse.BooleanOptionalAction,
                    help="flush denormal floats to zero on the CPU (default: on; several times faster matmuls on some "
                    "Intel CPUs, results unchanged)")
+    t.add_argument("--cuda-graphs", choices=CUDA_GRAPHS, default=argparse.SUPPRESS, help=cuda_graphs_help)
     t.set_defaults(func=_train)
 
     e = sub.add_parser(
@@ -203,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--flush-denormal", action=argparse.BooleanOptionalAction, default=True,
                    help="flush denormal floats to zero on the CPU (default: on; several times faster matmuls on some "
                    "Intel CPUs, results unchanged)")
+    r.add_argument("--cuda-graphs", choices=CUDA_GRAPHS, default="auto", help=cuda_graphs_help)
     r.set_defaults(func=_reproduce)
 
     p = sub.add_parser("report", help="write REPORT.md: our numbers beside the papers', with figures",
@@ -279,7 +284,7 @@ def _reproduce(args) -> int:
                         backend=args.backend, data_dir=args.data_dir, progress=not args.quiet, n_test=args.n_test,
                         only=only or None, threads=args.threads, reuse=args.reuse or None,
                         flush_denormal=args.flush_denormal, lockstep=args.lockstep,
-                        group_size=args.group_size)  # fmt: skip
+                        group_size=args.group_size, cuda_graphs=args.cuda_graphs)  # fmt: skip
     done = sum(r["status"] == "done" for r in results)
     print(f"{args.experiment}: {done} runs done, {len(results) - done} already finished -> {args.out}; "
           f"next: iwae report {args.out}")  # fmt: skip
@@ -318,7 +323,7 @@ def _version() -> str:
 
 
 _RUNTIME_OPTIONS = {"func", "command", "config", "resume", "device", "overwrite", "quiet", "out", "threads",
-                    "flush_denormal"}
+                    "flush_denormal", "cuda_graphs"}
 
 
 def _train(args) -> int:
@@ -336,12 +341,14 @@ def _train_run(args) -> int:
 
     given = {key: value for key, value in vars(args).items() if key not in _RUNTIME_OPTIONS}
     progress, device = not getattr(args, "quiet", False), getattr(args, "device", "auto")
+    cuda_graphs = getattr(args, "cuda_graphs", "auto")
     if getattr(args, "resume", None):
         if given or hasattr(args, "config") or hasattr(args, "out"):
-            raise IwaeError("--resume takes the run's own configuration: give only --resume RUN_DIR [--device] [--threads] [--quiet]")
+            raise IwaeError("--resume takes the run's own configuration: give only --resume RUN_DIR [--device] "
+                            "[--threads] [--cuda-graphs] [--quiet]")
         config = load_config(args.resume)
         _set_threads(getattr(args, "threads", "auto"), config)
-        summary = resume(args.resume, progress=progress, device=device)
+        summary = resume(args.resume, progress=progress, device=device, cuda_graphs=cuda_graphs)
         out = args.resume
     else:
         keys = read_config_file(args.config) if hasattr(args, "config") else {}
@@ -358,7 +365,8 @@ def _train_run(args) -> int:
             raise IwaeError("give --out RUN_DIR (or --resume RUN_DIR)")
         config = TrainConfig.from_dict({**keys, **given})
         _set_threads(getattr(args, "threads", "auto"), config)
-        summary = train(config, out, progress=progress, overwrite=getattr(args, "overwrite", False), device=device)
+        summary = train(config, out, progress=progress, overwrite=getattr(args, "overwrite", False), device=device,
+                        cuda_graphs=cuda_graphs)  # fmt: skip
     test = summary["final_test_iwae64"]
     if test is None:  # a torchrun process other than rank 0: rank 0 reports
         return 0

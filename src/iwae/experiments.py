@@ -166,9 +166,10 @@ def grid(name: str, stages: int, seeds: int | None = None) -> list[Run]:
 
 
 def run_one(run: dict, exp_dir: str, data_dir: str | None, threads: int, eval_k: int = EVAL_K,
-            n_test: int | None = None, flush_denormal: bool = True) -> dict:
+            n_test: int | None = None, flush_denormal: bool = True, cuda_graphs: str = "auto") -> dict:
     """Train (or resume) and evaluate one run in ``exp_dir/runs/NAME``; a finished run is
-    skipped. Runs in a worker process (local backend) or a Ray task."""
+    skipped. Runs in a worker process (local backend) or a Ray task. ``cuda_graphs``: as
+    :func:`iwae.train.train`."""
     from iwae.rundir import CHECKPOINT_FILE, SUMMARY_FILE
     from iwae.train import TrainConfig, resume, train
 
@@ -177,17 +178,17 @@ def run_one(run: dict, exp_dir: str, data_dir: str | None, threads: int, eval_k:
         return {"name": run.name, "status": "skipped"}
     started = time.perf_counter()
     if (out / CHECKPOINT_FILE).exists():  # interrupted (or finished: then resume does nothing)
-        resume(out, progress=False)
+        resume(out, progress=False, cuda_graphs=cuda_graphs)
     elif not (out / SUMMARY_FILE).exists():
         keys = dict(run.config, data_dir=data_dir)
         if run.after is not None:
             keys["init_weights"] = str(Path(exp_dir) / "runs" / run.after / "model.safetensors")
-        train(TrainConfig(**keys), out, progress=False, overwrite=True)
+        train(TrainConfig(**keys), out, progress=False, overwrite=True, cuda_graphs=cuda_graphs)
     return _evaluate_run(run, out, data_dir, threads, eval_k, n_test, time.perf_counter() - started)
 
 
 def run_group(runs: list[dict], exp_dir: str, data_dir: str | None, threads: int, eval_k: int = EVAL_K,
-              n_test: int | None = None, flush_denormal: bool = True) -> list[dict]:
+              n_test: int | None = None, flush_denormal: bool = True, cuda_graphs: str = "auto") -> list[dict]:
     """Train (or resume) the runs ``runs`` in lockstep (:func:`iwae.train.train_lockstep`),
     then evaluate each as :func:`run_one` does. The runner groups runs that share a
     lockstep key and stand at the same step (:func:`plan_tasks`)."""
@@ -195,15 +196,15 @@ def run_group(runs: list[dict], exp_dir: str, data_dir: str | None, threads: int
     from iwae.train import TrainConfig, load_config, train_lockstep
 
     if len(runs) == 1:
-        return [run_one(runs[0], exp_dir, data_dir, threads, eval_k, n_test, flush_denormal)]
+        return [run_one(runs[0], exp_dir, data_dir, threads, eval_k, n_test, flush_denormal, cuda_graphs)]
     members = [_worker_setup(r, exp_dir, threads, flush_denormal) for r in runs]
     outs = [out for _, out in members]
     started = time.perf_counter()
     if all((out / CHECKPOINT_FILE).exists() for out in outs):
-        train_lockstep([load_config(out) for out in outs], outs, progress=False, resume=True)
+        train_lockstep([load_config(out) for out in outs], outs, progress=False, resume=True, cuda_graphs=cuda_graphs)
     else:
         configs = [TrainConfig(**dict(run.config, data_dir=data_dir)) for run, _ in members]
-        train_lockstep(configs, outs, progress=False, overwrite=True)
+        train_lockstep(configs, outs, progress=False, overwrite=True, cuda_graphs=cuda_graphs)
     seconds = time.perf_counter() - started
     names = [run.name for run, _ in members]
     return [_evaluate_run(run, out, data_dir, threads, eval_k, n_test, seconds, lockstep=names) for run, out in members]
@@ -302,6 +303,7 @@ def reproduce(
     flush_denormal: bool = True,
     lockstep: bool = True,
     group_size: int = 8,
+    cuda_graphs: str = "auto",
 ) -> list[dict]:
     """Run experiment ``name`` in ``out`` with ``workers`` parallel runs; finished runs are
     skipped and interrupted ones resumed. Returns one status per run.
@@ -313,7 +315,8 @@ def reproduce(
     per run defaults to the cores divided by ``workers``. ``reuse``: experiment directories
     whose finished runs are copied in, instead of trained again, wherever a run here has
     the identical training configuration (:func:`reuse_runs`). ``lockstep``: train runs that
-    can share a process side by side, up to ``group_size`` at a time (:func:`plan_tasks`)."""
+    can share a process side by side, up to ``group_size`` at a time (:func:`plan_tasks`).
+    ``cuda_graphs``: "auto" replays training steps from CUDA graphs on a GPU, "off" never."""
     runs = _select([Run(r.name, {**r.config, **(overrides or {})}, r.after, r.label) for r in grid(name, stages, seeds)],
                    name, only)  # fmt: skip
     if workers < 1:
@@ -342,7 +345,7 @@ def reproduce(
         threads = max(1, (os.cpu_count() or 1) // workers) if backend == "local" else 1
     tasks = plan_tasks(runs, out, data_dir, group_size if lockstep else 1, workers)
     execute = _execute_ray if backend == "ray" else _execute_local
-    return execute(tasks, str(out), data_dir, threads, workers, progress, (eval_k, n_test, flush_denormal))
+    return execute(tasks, str(out), data_dir, threads, workers, progress, (eval_k, n_test, flush_denormal, cuda_graphs))
 
 
 def _select(runs: list[Run], name: str, only: dict | None) -> list[Run]:

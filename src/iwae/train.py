@@ -279,18 +279,42 @@ def flush_denormals(enabled: bool = True) -> bool:
     return bool(torch.set_flush_denormal(enabled))
 
 
-def adam(params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-4) -> torch.optim.Adam:
+def adam(params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-4, capturable: bool = False
+         ) -> torch.optim.Adam:
     """Adam, fused into one kernel where this torch supports it for the parameters' device
-    (CPU from torch 2.4): 1.2x faster training steps at batch 20, k=5 (bench/README.md)."""
+    (CPU from torch 2.4): 1.2x faster training steps at batch 20, k=5 (bench/README.md).
+
+    ``capturable=True`` (CUDA, for a step captured as a CUDA graph: :mod:`iwae.cudagraph`):
+    fused and capturable, with the learning rate a device tensor (:func:`set_lr` changes it
+    in place), so that a replayed step reads the current rate."""
     params = list(params)
+    if capturable:
+        lr_tensor = torch.tensor(float(lr), dtype=torch.float32, device=params[0].device)
+        return torch.optim.Adam(params, lr=lr_tensor, betas=betas, eps=eps, fused=True, capturable=True)
     try:
         return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, fused=True)
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, foreach=True)
 
 
+def set_lr(optimizer, lr: float) -> None:
+    """Set every parameter group's learning rate to ``lr``: in place where it is a tensor
+    (a capturable Adam, whose captured steps read that tensor)."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+def learning_rate(optimizer) -> float:
+    """The learning rate of the first parameter group, as a float."""
+    lr = optimizer.param_groups[0]["lr"]
+    return float(lr) if isinstance(lr, torch.Tensor) else lr
+
+
 def train_step(model: VAE, objective: Objective, optimizer, x: torch.Tensor, generator=None, params=None,
-               shard: tuple[int, int] | None = None):
+               shard: tuple[int, int] | None = None, noise=None):
     """One optimizer step on the batch ``x``; skipped if the bound or a gradient is not finite.
 
     Returns (batch-mean bound, skipped), both 0-dim tensors on the model's device; skipped
@@ -298,6 +322,8 @@ def train_step(model: VAE, objective: Objective, optimizer, x: torch.Tensor, gen
     fused Adam of :func:`adam` takes it as ``found_inf`` and then leaves the weights, its
     moments and its step count as they were (:func:`_step_if_finite`). ``params`` is the pair
     (encoder parameters, decoder parameters); pass it to avoid rebuilding the lists.
+    ``noise``: an explicit source of the samples' noise (:data:`iwae.model.Noise`) in place
+    of ``generator`` (a CUDA graph's static noise, :class:`iwae.cudagraph.ReplayedNoise`).
 
     With ``shard = (rank, world_size)`` (data parallel, under torchrun) every process
     gets the whole batch ``x`` and the same ``generator``, computes the examples
@@ -309,7 +335,7 @@ def train_step(model: VAE, objective: Objective, optimizer, x: torch.Tensor, gen
     enc, dec = params or (model.encoder_parameters(), model.decoder_parameters())
     optimizer.zero_grad(set_to_none=True)
     if shard is None:
-        value = objective.backward(objective.log_weights(model, x, generator), enc, dec)
+        value = objective.backward(objective.log_weights(model, x, generator, noise=noise), enc, dec)
     else:
         value = _sharded_backward(model, objective, x, generator, enc, dec, *shard)
     return value, _step_if_finite(optimizer, value, enc + dec)
@@ -378,18 +404,20 @@ def train(
     overwrite: bool = False,
     device: str | None = None,
     resume: bool = False,
+    cuda_graphs: str = "auto",
 ) -> dict:
     """Train a model as ``config`` says in the run directory ``out``, or with
     ``resume=True`` continue the run there from its checkpoint.
 
     ``dataset`` may be given directly (tests use small synthetic sets); otherwise it
-    is loaded from ``config.data_dir``. Returns the summary that is also written to
-    ``summary.json``.
+    is loaded from ``config.data_dir``. ``cuda_graphs``: "auto" replays each step from a
+    CUDA graph on a (single-process) CUDA run, "off" never (:mod:`iwae.cudagraph`; the same
+    numbers either way). Returns the summary that is also written to ``summary.json``.
     """
     out = Path(out)
     if resume and (out / SUMMARY_FILE).exists():
         return read_json(out / SUMMARY_FILE)
-    run = _open_run(config, out, dataset, overwrite, device, resume)
+    run = _open_run(config, out, dataset, overwrite, device, resume, cuda_graphs)
     bar, record = None, {}
     with open(out / METRICS_FILE if run.lead else os.devnull, "a") as metrics:
         for p in range(run.state.passes, len(run.plan)):
@@ -422,16 +450,56 @@ class _Run:
     plan: list[tuple[int, float]]  # (stage, learning rate) of every pass
     stage_ends: set[int]  # passes that end a stage
     last_checkpoint: float = field(default_factory=time.monotonic)
+    graphs: bool = False  # steps replayed from CUDA graphs (:mod:`iwae.cudagraph`)
+    _steps: object = None
 
     @property
     def params(self) -> tuple[list, list]:
         return self.model.encoder_parameters(), self.model.decoder_parameters()
 
+    def step(self, xb: torch.Tensor, params) -> tuple[torch.Tensor, torch.Tensor]:
+        """One training step on the batch ``xb``: :func:`train_step`, or where the run uses
+        CUDA graphs the same step replayed from a graph (the same noise, drawn from the
+        same generator: :class:`iwae.cudagraph.GraphedSteps`)."""
+        if not self.graphs:
+            return train_step(self.model, self.objective, self.optimizer, xb, self.generator, params, self.shard)
+        if self._steps is None:
+            from iwae.cudagraph import GraphedSteps
 
-def _open_run(config: TrainConfig, out: Path, dataset, overwrite: bool, device, resume: bool) -> _Run:
+            def body(x, noise):
+                return train_step(self.model, self.objective, self.optimizer, x, params=params, noise=noise)
+
+            self._steps = GraphedSteps(body, xb.device, _generator_noise(self.generator), xb.device.type == "cuda")
+        return self._steps(xb)
+
+
+def _generator_noise(generator: torch.Generator):
+    """The noise a step draws with ``generator`` (as :meth:`iwae.model.GaussianLayer.rsample`
+    does), as a :data:`iwae.model.Noise`."""
+
+    def draw(shape, dtype, device) -> torch.Tensor:
+        return torch.randn(shape, dtype=dtype, device=device, generator=generator)
+
+    return draw
+
+
+#: ``--cuda-graphs`` choices: auto (on for a single-process CUDA run), off
+CUDA_GRAPHS = ("auto", "off")
+
+
+def use_cuda_graphs(cuda_graphs: str, dev: torch.device, shard) -> bool:
+    """Whether a run on ``dev`` replays its steps from CUDA graphs (``--cuda-graphs``)."""
+    if cuda_graphs not in CUDA_GRAPHS:
+        raise IwaeError(f"unknown --cuda-graphs {cuda_graphs!r}: choose one of {', '.join(CUDA_GRAPHS)}")
+    return cuda_graphs == "auto" and dev.type == "cuda" and shard is None
+
+
+def _open_run(config: TrainConfig, out: Path, dataset, overwrite: bool, device, resume: bool,
+              cuda_graphs: str = "auto") -> _Run:
     """Check the run directory, load the data, build the model and optimizer, and start the
     run's files, or restore all of it from the checkpoint."""
     shard, dev = distributed_setup(pick_device(device))
+    graphs = use_cuda_graphs(cuda_graphs, dev, shard)
     lead = shard is None or shard[0] == 0
     if not resume and lead:
         prepare_run_dir(out, overwrite)
@@ -439,7 +507,7 @@ def _open_run(config: TrainConfig, out: Path, dataset, overwrite: bool, device, 
         raise RunDirError(f"{out / CHECKPOINT_FILE} is missing: nothing to resume (start the run again without --resume)")
     checkpoint = read_safetensors(out / CHECKPOINT_FILE) if resume else None  # a bad file fails before the data loads
     train_x, test_x = _images(config, dataset, dev)
-    model, optimizer, generator = _fresh_state(config, train_x, dev)
+    model, optimizer, generator = _fresh_state(config, train_x, dev, capturable=graphs)
     state, pass_start_rng = Progress(), None
     if resume:
         state, pass_start_rng = load_checkpoint(out / CHECKPOINT_FILE, model, optimizer, generator, checkpoint)
@@ -452,7 +520,7 @@ def _open_run(config: TrainConfig, out: Path, dataset, overwrite: bool, device, 
     plan = [(stage, lr) for stage, passes, lr in config.schedule() for _ in range(passes)]
     stage_ends = {i for i in range(len(plan)) if i + 1 == len(plan) or plan[i + 1][0] != plan[i][0]}
     return _Run(config, out, lead, shard, model, config.objective_spec, optimizer, generator, train_x, test_x, state,
-                pass_start_rng, board, plan, stage_ends)  # fmt: skip
+                pass_start_rng, board, plan, stage_ends, graphs=graphs)  # fmt: skip
 
 
 def _images(config: TrainConfig, dataset, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -468,8 +536,9 @@ def _images(config: TrainConfig, dataset, dev: torch.device) -> tuple[torch.Tens
     return train_x.to(dev), test_x.to(dev)
 
 
-def _fresh_state(config: TrainConfig, train_x: torch.Tensor, dev: torch.device):
-    """Seeded model (or another run's weights, ``init_weights``), Adam and the run's generator."""
+def _fresh_state(config: TrainConfig, train_x: torch.Tensor, dev: torch.device, capturable: bool = False):
+    """Seeded model (or another run's weights, ``init_weights``), Adam (``capturable`` for
+    CUDA graphs: :func:`adam`) and the run's generator."""
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -477,7 +546,7 @@ def _fresh_state(config: TrainConfig, train_x: torch.Tensor, dev: torch.device):
     if config.init_weights is not None:  # continue from another run's weights (fresh optimizer)
         path = Path(config.init_weights)
         load_state(model, read_safetensors(path)[0], path)
-    optimizer = adam(model.parameters(), config.lr, (config.beta1, config.beta2), config.adam_eps)
+    optimizer = adam(model.parameters(), config.lr, (config.beta1, config.beta2), config.adam_eps, capturable=capturable)
     return model, optimizer, torch.Generator(device=dev).manual_seed(config.seed)
 
 
@@ -558,8 +627,7 @@ def _run_pass(run: _Run, p: int, bar) -> dict:
     checkpoints every ``checkpoint_minutes``; returns the pass's metrics record."""
     config, state = run.config, run.state
     stage, lr = run.plan[p]
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
+    set_lr(run.optimizer, lr)
     run.model.train()
     batches = _pass_batches(run)
     bs, steps = config.batch_size, math.ceil(run.train_x.shape[0] / config.batch_size)
@@ -568,7 +636,7 @@ def _run_pass(run: _Run, p: int, bar) -> dict:
     params = run.params
     for step in range(state.step, steps):
         xb = batches[step * bs : (step + 1) * bs]
-        value, skipped = train_step(run.model, run.objective, run.optimizer, xb, run.generator, params, run.shard)
+        value, skipped = run.step(xb, params)
         totals.add(value, skipped, xb.shape[0])
         bar.update(1)
         if (step + 1) % GUARD_EVERY == 0 or step + 1 == steps:
@@ -642,6 +710,7 @@ def _finish_run(run: _Run, record: dict) -> dict:
         "device": str(dev),
         "processes": 1 if run.shard is None else run.shard[1],
         "torch_threads": torch.get_num_threads() if dev.type == "cpu" else None,
+        "cuda_graphs": run.graphs,
         "torch": torch.__version__,
     }
     if run.lead:
@@ -679,7 +748,7 @@ class StackedNoise:
 
 def train_lockstep(configs: list[TrainConfig], outs: list, dataset: iwae_data.Dataset | None = None,
                    progress: bool = True, device: str | None = None, resume: bool = False,
-                   overwrite: bool = False) -> list[dict]:
+                   overwrite: bool = False, cuda_graphs: str = "auto") -> list[dict]:
     """Train the runs ``configs`` in the run directories ``outs`` side by side in this
     process: one stacked model (:meth:`iwae.model.VAE.stack`), one fused Adam over the
     stacked parameters, one batched forward and backward per step.
@@ -702,7 +771,7 @@ def train_lockstep(configs: list[TrainConfig], outs: list, dataset: iwae_data.Da
             settle_group_checkpoint(out)
     if resume and all((o / SUMMARY_FILE).exists() for o in outs):
         return [read_json(o / SUMMARY_FILE) for o in outs]
-    runs = [_open_run(c, o, dataset, overwrite, device, resume) for c, o in zip(configs, outs)]
+    runs = [_open_run(c, o, dataset, overwrite, device, resume, cuda_graphs) for c, o in zip(configs, outs)]
     if len({(r.state.passes, r.state.step) for r in runs}) != 1 or any(r.shard for r in runs):
         raise IwaeError("runs resumed in lockstep must stand at the same step of their schedule (resume them one by one)")
     group = _Group(runs)
@@ -734,21 +803,30 @@ class LockstepStep:
     :func:`train_step` on its own batch ``xb[g]`` in one batched forward and backward."""
 
     def __init__(self, models: list[VAE], objectives: list[Objective], generators: list[torch.Generator],
-                 lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-4):
+                 lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-4, graphs: bool = False):
         self.model = VAE.stack(models)
-        self.optimizer = adam(self.model.parameters(), lr, betas, eps)
+        self.optimizer = adam(self.model.parameters(), lr, betas, eps, capturable=graphs)
         self.objectives = objectives
         self.stop_q = objectives[0].estimator != "reparam"
         self.noise = StackedNoise(generators)
         self.params = (self.model.encoder_parameters(), self.model.decoder_parameters())
+        self.graphed = None
+        if graphs:  # the same steps replayed from CUDA graphs (:mod:`iwae.cudagraph`)
+            from iwae.cudagraph import GraphedSteps
+
+            device = self.model.output_layer.weight.device
+            self.graphed = GraphedSteps(self._step, device, self.noise, capture=device.type == "cuda")
 
     def step(self, xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step of every model on its batch ``xb[g]``: (bounds [G], skipped)."""
+        return self._step(xb, self.noise) if self.graphed is None else self.graphed(xb)
+
+    def _step(self, xb: torch.Tensor, noise) -> tuple[torch.Tensor, torch.Tensor]:
         from iwae.bounds import backward_stacked
 
         enc, dec = self.params
         self.optimizer.zero_grad(set_to_none=True)
-        log_w = self.model.log_weights(xb, self.objectives[0].samples, stop_q=self.stop_q, noise=self.noise)
+        log_w = self.model.log_weights(xb, self.objectives[0].samples, stop_q=self.stop_q, noise=noise)
         values = backward_stacked(self.objectives, log_w, enc, dec)
         return values, _step_if_finite(self.optimizer, values, enc + dec)
 
@@ -760,7 +838,7 @@ class _Group(LockstepStep):
     def __init__(self, runs: list[_Run]):
         c = runs[0].config
         super().__init__([r.model for r in runs], [r.objective for r in runs], [r.generator for r in runs],
-                         c.lr, (c.beta1, c.beta2), c.adam_eps)  # fmt: skip
+                         c.lr, (c.beta1, c.beta2), c.adam_eps, graphs=runs[0].graphs)  # fmt: skip
         self.runs = runs
         if runs[0].optimizer.state:  # resumed: the members' Adam moments, stacked
             self._stack_adam_state()
@@ -790,15 +868,13 @@ class _Group(LockstepStep):
                         run.optimizer.state[q] = {"step": state["step"].clone(), "exp_avg": layout(name, state["exp_avg"], g),
                                                   "exp_avg_sq": layout(name, state["exp_avg_sq"], g)}  # fmt: skip
         for run in self.runs:
-            for group in run.optimizer.param_groups:
-                group["lr"] = self.optimizer.param_groups[0]["lr"]
+            set_lr(run.optimizer, learning_rate(self.optimizer))
 
     def run_pass(self, p: int, bar) -> list[dict]:
         """Pass ``p`` of every member, side by side; returns their metrics records."""
         runs, config = self.runs, self.runs[0].config
         stage, lr = runs[0].plan[p]
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)
         self.model.train()
         batches = [_pass_batches(r) for r in runs]
         bs, steps = config.batch_size, math.ceil(runs[0].train_x.shape[0] / config.batch_size)
@@ -892,9 +968,11 @@ def _stage_nll(model: VAE, test_x: torch.Tensor, k: int, seed: int) -> dict:
             "test_nll_subset_n": int(test_x.shape[0])}  # fmt: skip
 
 
-def resume(run_dir: str | Path, dataset=None, progress: bool = True, device: str | None = None) -> dict:
+def resume(run_dir: str | Path, dataset=None, progress: bool = True, device: str | None = None,
+           cuda_graphs: str = "auto") -> dict:
     """Continue an interrupted run from its checkpoint (``iwae train --resume``)."""
-    return train(load_config(run_dir), run_dir, dataset=dataset, progress=progress, device=device, resume=True)
+    return train(load_config(run_dir), run_dir, dataset=dataset, progress=progress, device=device, resume=True,
+                 cuda_graphs=cuda_graphs)  # fmt: skip
 
 
 def _stage_name(config: TrainConfig, stage: int, lr: float) -> str:
