@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--config", metavar="FILE", help="TOML, YAML or JSON file with the same keys as these options "
                    "(a run's config.json works); options given here override it")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint (a run stopped "
+                   "before its first checkpoint starts again from its config.json: the same run)")
     t.add_argument("--dataset", choices=DATASETS, help="training data (default: mnist)")
     t.add_argument("--layers", type=int, choices=(1, 2), help="stochastic layers, Burda et al.'s architectures (default: 1)")
     t.add_argument("--objective", choices=OBJECTIVES, help="bound to maximize (default: iwae)")
@@ -332,6 +333,7 @@ def _train(args) -> int:
 
 
 def _train_run(args) -> int:
+    from iwae.rundir import checkpoint_exists
     from iwae.train import TrainConfig, load_config, read_config_file, resume, train
 
     given = {key: value for key, value in vars(args).items() if key not in _RUNTIME_OPTIONS}
@@ -341,6 +343,9 @@ def _train_run(args) -> int:
             raise IwaeError("--resume takes the run's own configuration: give only --resume RUN_DIR [--device] [--threads] [--quiet]")
         config = load_config(args.resume)
         _set_threads(getattr(args, "threads", "auto"), config)
+        if not checkpoint_exists(args.resume):
+            print(f"note: {args.resume} has no checkpoint (stopped before its first): the run starts again from its "
+                  f"config.json", file=sys.stderr)
         summary = resume(args.resume, progress=progress, device=device)
         out = args.resume
     else:

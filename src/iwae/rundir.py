@@ -221,6 +221,11 @@ def generator_state(generator: torch.Generator, state: torch.Tensor) -> torch.Te
     return torch.Generator(device=generator.device).manual_seed(seed).get_state()
 
 
+def checkpoint_exists(run_dir: str | Path) -> bool:
+    """Whether the run in ``run_dir`` has a checkpoint to resume from."""
+    return (Path(run_dir) / CHECKPOINT_FILE).exists()
+
+
 def checkpoint_meta(path: Path) -> dict | None:
     """The JSON metadata of a checkpoint (``progress``, ``group``, ...), or None where there
     is no readable checkpoint."""
