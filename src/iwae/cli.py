@@ -24,6 +24,9 @@ bounds of the same K samples. The schedule of Burda et al.: stage i runs 3^i pas
 learning rate 1e-3 * 10^(-i/7); --stages 8 is the paper's 3,280 passes.
 """
 
+QUIET_HELP = ("no progress report (otherwise: a progress bar on a terminal, and where stderr is not a terminal one "
+              "plain line every 30 s: done/total, rate, ETA)")
+
 
 class _Parser(argparse.ArgumentParser):
     """Argument errors as one line on stderr, exit code 2."""
@@ -127,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads, or auto: 1 when batch size x samples per example < 256 (small steps run faster "
                    "on one thread), else all cores; auto leaves an OMP_NUM_THREADS setting alone (default: auto)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     t.add_argument("--out", help="run directory to create")
     t.add_argument("--flush-denormal", action=argparse.BooleanOptionalAction,
                    help="flush denormal floats to zero on the CPU (default: on; several times faster matmuls on some "
@@ -151,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-dir", help=data_help + "; default: the one the run was trained with")
     e.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
-    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     e.add_argument("--flush-denormal", action=argparse.BooleanOptionalAction, default=True,
                    help="flush denormal floats to zero on the CPU (default: on; several times faster matmuls on some "
                    "Intel CPUs, results unchanged)")
@@ -200,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: on; on the CPU only where a step has under 256 rows, e.g. k <= 5 at batch 20)")
     r.add_argument("--group-size", type=_positive_int, default=8, help="most runs in one lockstep group (default: 8)")
     r.add_argument("--data-dir", help=data_help)
-    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     r.add_argument("--flush-denormal", action=argparse.BooleanOptionalAction, default=True,
                    help="flush denormal floats to zero on the CPU (default: on; several times faster matmuls on some "
                    "Intel CPUs, results unchanged)")
@@ -239,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--seed", type=int, default=0, help="seed of the batch's binarization, the preset's weights and the samples (default: 0)")
     n.add_argument("--data-dir", help=data_help + "; default for RUN_DIR: the one the run was trained with")
     n.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
-    n.add_argument("--quiet", action="store_true", help="no progress bar")
+    n.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     n.add_argument("--out", required=True, help="directory to write snr.json and snr.png into")
     n.add_argument("--flush-denormal", action=argparse.BooleanOptionalAction, default=True,
                    help="flush denormal floats to zero on the CPU (default: on; several times faster matmuls on some "
@@ -441,11 +444,10 @@ def _snr(args) -> int:
     import time
 
     import torch
-    from tqdm.auto import tqdm
-
     from iwae import data as iwae_data
     from iwae.evaluate import gradient_snr_curve
     from iwae.model import VAE, ModelConfig
+    from iwae.progress import progress_bar
     from iwae.report import save_snr_plot
     from iwae.rundir import write_json
     from iwae.train import load_run, pick_device
@@ -472,7 +474,7 @@ def _snr(args) -> int:
 
     curves = []
     total = args.reps * len(args.k) * len(args.estimator)
-    with tqdm(total=total, disable=args.quiet, desc="SNR", unit="grad", dynamic_ncols=True) as bar:
+    with progress_bar(total, "SNR", "grad", enabled=not args.quiet) as bar:
         for est in args.estimator:
             started = time.perf_counter()
             c = gradient_snr_curve(model, x, args.k, est, reps=args.reps, seed=args.seed, bar=bar)

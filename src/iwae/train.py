@@ -909,9 +909,9 @@ def _stage_name(config: TrainConfig, stage: int, lr: float) -> str:
 
 
 def _progress(total: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
+    from iwae.progress import progress_bar
 
-    return tqdm(total=total, disable=not enabled, desc=desc, unit="step", dynamic_ncols=True, mininterval=0.5)
+    return progress_bar(total, desc, "step", enabled=enabled, mininterval=0.5)
 
 
 class _NoBoard:
