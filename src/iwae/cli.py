@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "on one thread), else all cores; auto leaves an OMP_NUM_THREADS setting alone (default: auto)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     t.add_argument("--quiet", action="store_true", help=QUIET_HELP)
-    t.add_argument("--out", help="run directory to create")
+    t.add_argument("--out", help="run directory to create (with its missing parents)")
     t.add_argument("--flush-denormal", action=argparse.BooleanOptionalAction,
                    help="flush denormal floats to zero on the CPU (default: on; several times faster matmuls on some "
                    "Intel CPUs, results unchanged)")
@@ -154,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-dir", help=data_help + "; default: the one the run was trained with")
     e.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.add_argument("--per-example", metavar="FILE",
+                   help="also write each test image's log p-hat(x) = L_k, IWAE-64 and ELBO, in test-set order, to FILE: "
+                   ".csv (header index,log_px,iwae64,elbo) or .npy (a structured array with those fields); index is "
+                   "the image's index in the test set (the subset's with --n-test); missing directories are made")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --per-example FILE")
     e.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     e.add_argument("--flush-denormal", action=argparse.BooleanOptionalAction, default=True,
                    help="flush denormal floats to zero on the CPU (default: on; several times faster matmuls on some "
@@ -166,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Draw images from p(x) by ancestral sampling and save a PNG grid of their pixel probabilities.",
     )
     s.add_argument("run_dir", metavar="RUN_DIR", type=_existing_run, help="a directory written by `iwae train`")
-    s.add_argument("--out", required=True, help="PNG file to write")
+    s.add_argument("--out", required=True, help="PNG file to write (missing directories are made)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     s.add_argument("--n", type=_positive_int, default=100, help="number of images (default: 100)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     s.add_argument("--binary", action="store_true", help="show Bernoulli samples instead of probabilities")
@@ -181,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Then `iwae report OUT` writes the tables against the paper.",
     )
     r.add_argument("experiment", choices=("table1", "two-stage", "variants", "dreg"), help="the experiment")
-    r.add_argument("--out", required=True, help="experiment directory")
+    r.add_argument("--out", required=True, help="experiment directory, made if missing (run again on it: finished runs "
+                   "are kept, interrupted ones resumed)")
     r.add_argument("--stages", type=_stages, default=4, help="stages of the 3^i schedule per run (default: 4 = 40 passes; the paper: 8)")
     r.add_argument("--seeds", type=_positive_int, help="seeds per configuration (default: 1; variants: 2)")
     r.add_argument("--workers", type=_positive_int, default=1, help="runs in parallel (local backend; default: 1)")
@@ -221,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     y.add_argument("--a", type=float, default=1.0, help="first value of X (default: 1)")
     y.add_argument("--b", type=float, default=10.0, help="second value of X (default: 10)")
     y.add_argument("--k-max", type=_positive_int, default=200, help="largest k (default: 200)")
-    y.add_argument("--out", default=".", help="directory for toy.json and toy.png (default: .)")
+    y.add_argument("--out", default=".", help="directory for toy.json and toy.png, made if missing (default: .)")
+    y.add_argument("--overwrite", action="store_true", help="replace toy.json and toy.png in --out")
     y.set_defaults(func=_toy)
 
     n = sub.add_parser(
@@ -243,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--data-dir", help=data_help + "; default for RUN_DIR: the one the run was trained with")
     n.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     n.add_argument("--quiet", action="store_true", help=QUIET_HELP)
-    n.add_argument("--out", required=True, help="directory to write snr.json and snr.png into")
+    n.add_argument("--out", required=True, help="directory to write snr.json and snr.png into, made if missing")
+    n.add_argument("--overwrite", action="store_true", help="replace snr.json and snr.png in --out")
     n.add_argument("--flush-denormal", action=argparse.BooleanOptionalAction, default=True,
                    help="flush denormal floats to zero on the CPU (default: on; several times faster matmuls on some "
                    "Intel CPUs, results unchanged)")
@@ -300,12 +309,11 @@ def _report(args) -> int:
 def _toy(args) -> int:
     from iwae.experiments import toy
     from iwae.report import plot_toy
-    from iwae.rundir import write_json
+    from iwae.rundir import check_output_dir, write_json
 
-    out = Path(args.out)
-    if not out.is_dir():
-        raise IwaeError(f"directory {out} does not exist")
+    out = check_output_dir(args.out, ("toy.json", "toy.png"), args.overwrite)
     result = toy(args.a, args.b, args.k_max)
+    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "toy.json", result)
     plot_toy(result, out / "toy.png")
     bias = result["bias"]
@@ -397,16 +405,22 @@ def _evaluate(args) -> int:
 
     from iwae import data as iwae_data
     from iwae.evaluate import evaluate_images
-    from iwae.rundir import SUMMARY_FILE, write_evaluation
+    from iwae.rundir import PER_EXAMPLE_FORMATS, SUMMARY_FILE, check_output_file, write_evaluation, write_per_example
     from iwae.train import load_run, pick_device
 
+    per_example = None
+    if args.per_example:  # checked before any work
+        per_example = check_output_file(args.per_example, args.overwrite, "--per-example", PER_EXAMPLE_FORMATS)
     device = pick_device(args.device)
     config, model = load_run(args.run_dir, device)
     dataset = iwae_data.load_dataset(config.dataset, args.data_dir or config.data_dir)
     x = torch.from_numpy(iwae_data.binarized_test(dataset, args.n_test)).to(device)
     result, per_image = evaluate_images(model, x, k=args.k, seed=args.seed, progress=not args.quiet)
     result.update(iwae_data.test_subset_record(dataset.test.shape[0], args.n_test))
-    write_evaluation(args.run_dir, result, per_image, iwae_data.test_subset_indices(dataset.test.shape[0], args.n_test))
+    test_index = iwae_data.test_subset_indices(dataset.test.shape[0], args.n_test)
+    write_evaluation(args.run_dir, result, per_image, test_index)
+    if per_example is not None:
+        write_per_example(per_example, per_image, test_index)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -423,19 +437,16 @@ def _sample(args) -> int:
     import torch
 
     from iwae.report import save_image_grid
+    from iwae.rundir import check_output_file, make_parents
     from iwae.train import load_run
 
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise IwaeError(f"--out must name a .png file, got {out}")
-    if not out.parent.is_dir():
-        raise IwaeError(f"directory {out.parent} does not exist")
+    out = check_output_file(args.out, args.overwrite, "--out", (".png",))
     _, model = load_run(args.run_dir)
     generator = torch.Generator().manual_seed(args.seed)
     images = model.sample_images(args.n, generator)
     if args.binary:
         images = torch.bernoulli(images, generator=generator)
-    save_image_grid(images.numpy(), out)
+    save_image_grid(images.numpy(), make_parents(out))
     print(f"wrote {args.n} samples to {out}")
     return 0
 
@@ -449,16 +460,14 @@ def _snr(args) -> int:
     from iwae.model import VAE, ModelConfig
     from iwae.progress import progress_bar
     from iwae.report import save_snr_plot
-    from iwae.rundir import write_json
+    from iwae.rundir import check_output_dir, write_json
     from iwae.train import load_run, pick_device
 
-    out = Path(args.out)
     if (args.run_dir is None) == (args.preset is None):
         raise IwaeError("give either RUN_DIR or --preset")
     if args.reps < 2:
         raise IwaeError(f"--reps must be >= 2 to estimate a standard deviation, got {args.reps}")
-    if out.exists() and not out.is_dir():
-        raise IwaeError(f"--out {out} exists and is not a directory")
+    out = check_output_dir(args.out, ("snr.json", "snr.png"), args.overwrite)
     device = pick_device(args.device)
     if args.run_dir is not None:
         config, model = load_run(args.run_dir, device)
