@@ -135,3 +135,16 @@ def test_per_example_errors_come_before_any_work(trained, tmp_path, capsys, synt
     assert main(["evaluate", str(trained), "--k", "2", "--n-test", "5", "--quiet", "--per-example", str(existing),
                  "--overwrite"]) == 0  # fmt: skip
     assert existing.read_text().splitlines()[0] == "index,log_px,iwae64,elbo" and len(existing.read_text().splitlines()) == 6
+
+
+def test_help_names_the_new_options():
+    from iwae.cli import build_parser
+
+    sub = build_parser()._subparsers._group_actions[0].choices
+    for command, options in {"evaluate": ["--per-example", "--overwrite"], "sample": ["--overwrite"],
+                             "toy": ["--overwrite"], "snr": ["--overwrite"], "train": ["--resume"]}.items():  # fmt: skip
+        text = sub[command].format_help()
+        assert all(option in text for option in options), command
+    text = {name: " ".join(sub[name].format_help().split()) for name in ("evaluate", "train")}  # unwrapped
+    assert "index,log_px,iwae64,elbo" in text["evaluate"]
+    assert "one plain line every 30 s" in text["train"] and "starts again from its config.json" in text["train"]

@@ -264,7 +264,7 @@ def test_table1_curves_are_small_multiples_coloured_by_k_styled_by_objective():
     panels = _panels(fig)
     assert list(panels) == ["MNIST, 1 stochastic layer", "MNIST, 2 stochastic layers", "OMNIGLOT, 1 stochastic layer",
                             "OMNIGLOT, 2 stochastic layers"]  # fmt: skip
-    for title, lines in panels.items():
+    for lines in panels.values():
         assert [label for _, _, label in lines] == ["k=1 VAE", "k=1 IWAE", "k=5 VAE", "k=5 IWAE", "k=50 VAE", "k=50 IWAE"]
         colours = {label.split()[0]: colour for colour, _, label in lines}
         assert colours == {"k=1": "#1f77b4", "k=5": "#ff7f0e", "k=50": "#2ca02c"}  # tab:blue, orange, green

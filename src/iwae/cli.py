@@ -455,6 +455,7 @@ def _snr(args) -> int:
     import time
 
     import torch
+
     from iwae import data as iwae_data
     from iwae.evaluate import gradient_snr_curve
     from iwae.model import VAE, ModelConfig

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Callable, TextIO
+from collections.abc import Callable
+from typing import TextIO
 
 #: seconds between two lines of a :class:`LineProgress`
 INTERVAL = 30.0
@@ -77,7 +78,7 @@ class LineProgress:
         now = self.clock()
         self._write(f"{self._count()} in {_clock(now - self.started)} ({self._rate(now)})")
 
-    def __enter__(self) -> "LineProgress":
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
@@ -104,7 +105,7 @@ class LineProgress:
 
 def _clock(seconds: float) -> str:
     """``m:ss``, or ``h:mm:ss`` from an hour on."""
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
