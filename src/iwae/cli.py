@@ -428,6 +428,8 @@ def _evaluate(args) -> int:
         print(f"test NLL (L_{result['k']}, {result['n_test']} images): {result['nll']:.2f} +- {result['nll_stderr']:.2f} nats")
         print(f"IWAE-64 {result['iwae64']:.2f}   log p-hat(x) {result['log_px']:.2f}   "
               f"-KL(Q||P) {result['neg_kl_q_p']:.2f}   ELBO {result['elbo']:.2f}   active units {units}")
+        if per_example is not None:
+            print(f"per-image values ({result['n_test']} images) -> {per_example}")
     if not (args.run_dir / SUMMARY_FILE).exists():
         print(f"note: {args.run_dir} has no {SUMMARY_FILE}: its training did not finish", file=sys.stderr)
     return 0

@@ -12,6 +12,10 @@ A run directory (``iwae train --out RUN_DIR``) holds
 - ``evaluation.json``   the means of ``iwae evaluate`` and ``evaluation.safetensors`` the
   per-image values behind them.
 
+It also checks and writes the result files that commands put outside a run directory
+(``--out``, ``iwae evaluate --per-example``): missing parents are made, an existing result
+is replaced only with ``--overwrite``.
+
 Every file is written atomically (temporary file, fsync, rename), so a run killed at any
 moment keeps its previous files. Nothing in a run directory is executed when it is
 loaded: tensors are safetensors, the rest is JSON.
