@@ -242,7 +242,7 @@ def test_snr_command_on_a_run_directory(shared_data_dir, tmp_path, capsys):
     assert "slope" in capsys.readouterr().out
 
     assert main(["snr", "--preset", "burda2", "--k", "2", "--reps", "2", "--batch-size", "4",
-                 "--data-dir", str(shared_data_dir), "--out", str(out), "--quiet"]) == 0  # fmt: skip
+                 "--data-dir", str(shared_data_dir), "--out", str(out), "--quiet", "--overwrite"]) == 0  # fmt: skip
     single = json.loads((out / "snr.json").read_text())
     assert single["estimator"] == "reparam" and single["k"] == [2] and single["encoder_slope"] is None
 

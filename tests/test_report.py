@@ -236,3 +236,73 @@ def test_variants_and_dreg_differences_are_paired(tmp_path):
     assert "the VAE lowest in log p̂(x), the worst generative model (paper: −86.21 vs −84.40 to −85.24) — **holds**" in text
     assert "VAE − CIWAE beta=0.5 = -1.75 ± 0.14 (holds)" in text
     assert "| 1 | 5 | 90.50† | 89.75† | -0.75 ± 0.14 |" in text
+
+
+# -- the learning-curve figure -------------------------------------------------------------
+
+
+def _curve_runs(runs, bound=lambda label, p: -100.0 - p):
+    """RunResults of ``runs`` (experiments.Run) with a test IWAE-64 logged at passes 1, 4 and 13."""
+    from iwae.report import RunResult
+
+    return [RunResult(r.name, r.label, r.config, {"nll": 90.0}, None, None,
+                      [{"pass": p, "test_iwae64": bound(r.label, p)} for p in (1, 4, 13)], None) for r in runs]  # fmt: skip
+
+
+def _panels(fig):
+    """Per panel of ``fig`` (legend aside): its title and its lines' (colour, style, label)."""
+    from matplotlib.colors import to_hex
+
+    return {ax.get_title(): [(to_hex(line.get_color()), line.get_linestyle(), line.get_label()) for line in ax.get_lines()]
+            for ax in fig.axes}  # fmt: skip
+
+
+def test_table1_curves_are_small_multiples_coloured_by_k_styled_by_objective():
+    from iwae.report import curves_figure
+
+    fig = curves_figure(_curve_runs(grid("table1", 3)))
+    panels = _panels(fig)
+    assert list(panels) == ["MNIST, 1 stochastic layer", "MNIST, 2 stochastic layers", "OMNIGLOT, 1 stochastic layer",
+                            "OMNIGLOT, 2 stochastic layers"]  # fmt: skip
+    for lines in panels.values():
+        assert [label for _, _, label in lines] == ["k=1 VAE", "k=1 IWAE", "k=5 VAE", "k=5 IWAE", "k=50 VAE", "k=50 IWAE"]
+        colours = {label.split()[0]: colour for colour, _, label in lines}
+        assert colours == {"k=1": "#1f77b4", "k=5": "#ff7f0e", "k=50": "#2ca02c"}  # tab:blue, orange, green
+        assert [style for _, style, _ in lines] == ["--", "-"] * 3
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "passes over the training set" and ax.get_ylabel().startswith("test IWAE-64")
+    assert [t.get_text() for t in fig.axes[-1].get_legend().get_texts()] == [label for _, _, label in lines]
+    _plt_close(fig)
+
+
+def test_curves_never_repeat_a_colour_within_a_panel():
+    """Twelve values of k in one panel (more than matplotlib's ten-colour cycle), and
+    Rainforth et al.'s eight variants with two seeds each (averaged: eight lines)."""
+    from iwae.experiments import Run
+    from iwae.report import curves_figure
+
+    ks = [1, 2, 3, 5, 8, 10, 20, 50, 64, 100, 500, 1000]
+    runs = [Run(f"k{k}", {"dataset": "mnist"}, label={"dataset": "mnist", "layers": 1, "k": k, "objective": "iwae",
+                                                      "seed": 0}) for k in ks]  # fmt: skip
+    runs.append(Run("vae", {"dataset": "mnist"}, label={"dataset": "mnist", "layers": 1, "k": 1, "objective": "vae",
+                                                        "seed": 0}))  # fmt: skip
+    fig = curves_figure(_curve_runs(runs))
+    (lines,) = _panels(fig).values()
+    iwae = [(colour, label) for colour, style, label in lines if style == "-"]
+    assert [label for _, label in iwae] == [f"k={k} IWAE" for k in ks]
+    assert len({colour for colour, _ in iwae}) == 12
+    assert [label for _, _, label in lines][:2] == ["k=1 VAE", "k=1 IWAE"] and lines[0][0] == lines[1][0] == "#1f77b4"
+    _plt_close(fig)
+
+    fig = curves_figure(_curve_runs(grid("variants", 1, seeds=2), bound=lambda label, p: -100.0 - label["seed"]))
+    (lines,) = _panels(fig).values()
+    assert len(lines) == 8 and len({colour for colour, _, _ in lines}) == 8
+    assert {style for _, style, _ in lines} == {"-"} and lines[0][2] == "CIWAE beta=0.05"
+    assert all(list(line.get_ydata()) == [-100.5] * 3 for line in fig.axes[0].get_lines())  # the two seeds' mean
+    _plt_close(fig)
+
+
+def _plt_close(fig):
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)

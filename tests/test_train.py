@@ -162,6 +162,48 @@ def test_resume_after_sigkill_is_bitwise_equal(tmp_path):
         torch.set_num_threads(threads)
 
 
+_CHILD_BEFORE_CHECKPOINT = """
+import sys, time, torch
+sys.path.insert(0, {tests!r})
+import iwae.train
+from test_train import small_config, synthetic
+torch.set_num_threads(1)
+def block(*args, **kwargs):  # the first checkpoint never comes: the parent kills the child here
+    open(sys.argv[1] + ".blocked", "w").close()
+    time.sleep(600)
+iwae.train.save_checkpoint = block
+iwae.train.train(small_config(stages=2), sys.argv[1], dataset=synthetic(), progress=False)
+"""
+
+
+def test_resume_before_the_first_checkpoint_starts_the_run_again(tmp_path, monkeypatch, capsys):
+    """Killed with SIGKILL after its first pass (config.json, a metrics line, model.safetensors
+    and TensorBoard events written) but before its first checkpoint: --resume starts the run
+    again from config.json and ends with the uninterrupted run's weights, bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reference = tmp_path / "reference"
+        train(small_config(stages=2), reference, dataset=synthetic(), progress=False)
+        run = tmp_path / "killed"
+        code = _CHILD_BEFORE_CHECKPOINT.format(tests=str(Path(__file__).parent))
+        proc = subprocess.Popen([sys.executable, "-c", code, str(run)])
+        blocked, deadline = Path(str(run) + ".blocked"), time.monotonic() + 120
+        while not blocked.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+        assert not (run / CHECKPOINT_FILE).exists() and not (run / "summary.json").exists()
+        assert [m["pass"] for m in read_metrics(run)] == [1] and (run / "model.safetensors").exists()
+        monkeypatch.setattr("iwae.data.load_dataset", lambda *args, **kwargs: synthetic())
+        assert main(["train", "--resume", str(run), "--quiet"]) == 0
+        assert "no checkpoint" in capsys.readouterr().err
+        assert_bitwise_equal(weights(reference), weights(run))
+        assert [m["train_bound"] for m in read_metrics(run)] == [m["train_bound"] for m in read_metrics(reference)]
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_resume_of_a_finished_run_does_nothing(tmp_path):
     run = tmp_path / "run"
     first = train(small_config(stages=1), run, dataset=synthetic(), progress=False)

@@ -24,6 +24,9 @@ bounds of the same K samples. The schedule of Burda et al.: stage i runs 3^i pas
 learning rate 1e-3 * 10^(-i/7); --stages 8 is the paper's 3,280 passes.
 """
 
+QUIET_HELP = ("no progress report (otherwise: a progress bar on a terminal, and where stderr is not a terminal one "
+              "plain line every 30 s: done/total, rate, ETA)")
+
 
 class _Parser(argparse.ArgumentParser):
     """Argument errors as one line on stderr, exit code 2."""
@@ -96,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--config", metavar="FILE", help="TOML, YAML or JSON file with the same keys as these options "
                    "(a run's config.json works); options given here override it")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint (a run stopped "
+                   "before its first checkpoint starts again from its config.json: the same run)")
     t.add_argument("--dataset", choices=DATASETS, help="training data (default: mnist)")
     t.add_argument("--layers", type=int, choices=(1, 2), help="stochastic layers, Burda et al.'s architectures (default: 1)")
     t.add_argument("--objective", choices=OBJECTIVES, help="bound to maximize (default: iwae)")
@@ -129,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads, or auto: 1 when batch size x samples per example < 256 (small steps run faster "
                    "on one thread), else all cores; auto leaves an OMP_NUM_THREADS setting alone (default: auto)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
-    t.add_argument("--out", help="run directory to create")
+    t.add_argument("--quiet", action="store_true", help=QUIET_HELP)
+    t.add_argument("--out", help="run directory to create (with its missing parents)")
     t.add_argument("--flush-denormal", action=argparse.BooleanOptionalAction,
                    help="flush denormal floats to zero on the CPU (default: on; several times faster matmuls on some "
                    "Intel CPUs, results unchanged)")
@@ -154,7 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-dir", help=data_help + "; default: the one the run was trained with")
     e.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
-    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.add_argument("--per-example", metavar="FILE",
+                   help="also write each test image's log p-hat(x) = L_k, IWAE-64 and ELBO, in test-set order, to FILE: "
+                   ".csv (header index,log_px,iwae64,elbo) or .npy (a structured array with those fields); index is "
+                   "the image's index in the test set (the subset's with --n-test); missing directories are made")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --per-example FILE")
+    e.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     e.add_argument("--flush-denormal", action=argparse.BooleanOptionalAction, default=True,
                    help="flush denormal floats to zero on the CPU (default: on; several times faster matmuls on some "
                    "Intel CPUs, results unchanged)")
@@ -166,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Draw images from p(x) by ancestral sampling and save a PNG grid of their pixel probabilities.",
     )
     s.add_argument("run_dir", metavar="RUN_DIR", type=_existing_run, help="a directory written by `iwae train`")
-    s.add_argument("--out", required=True, help="PNG file to write")
+    s.add_argument("--out", required=True, help="PNG file to write (missing directories are made)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     s.add_argument("--n", type=_positive_int, default=100, help="number of images (default: 100)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     s.add_argument("--binary", action="store_true", help="show Bernoulli samples instead of probabilities")
@@ -181,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Then `iwae report OUT` writes the tables against the paper.",
     )
     r.add_argument("experiment", choices=("table1", "two-stage", "variants", "dreg"), help="the experiment")
-    r.add_argument("--out", required=True, help="experiment directory")
+    r.add_argument("--out", required=True, help="experiment directory, made if missing (run again on it: finished runs "
+                   "are kept, interrupted ones resumed)")
     r.add_argument("--stages", type=_stages, default=4, help="stages of the 3^i schedule per run (default: 4 = 40 passes; the paper: 8)")
     r.add_argument("--seeds", type=_positive_int, help="seeds per configuration (default: 1; variants: 2)")
     r.add_argument("--workers", type=_positive_int, default=1, help="runs in parallel (local backend; default: 1)")
@@ -203,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: on; on the CPU only where a step has under 256 rows, e.g. k <= 5 at batch 20)")
     r.add_argument("--group-size", type=_positive_int, default=8, help="most runs in one lockstep group (default: 8)")
     r.add_argument("--data-dir", help=data_help)
-    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     r.add_argument("--flush-denormal", action=argparse.BooleanOptionalAction, default=True,
                    help="flush denormal floats to zero on the CPU (default: on; several times faster matmuls on some "
                    "Intel CPUs, results unchanged)")
@@ -222,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     y.add_argument("--a", type=float, default=1.0, help="first value of X (default: 1)")
     y.add_argument("--b", type=float, default=10.0, help="second value of X (default: 10)")
     y.add_argument("--k-max", type=_positive_int, default=200, help="largest k (default: 200)")
-    y.add_argument("--out", default=".", help="directory for toy.json and toy.png (default: .)")
+    y.add_argument("--out", default=".", help="directory for toy.json and toy.png, made if missing (default: .)")
+    y.add_argument("--overwrite", action="store_true", help="replace toy.json and toy.png in --out")
     y.set_defaults(func=_toy)
 
     n = sub.add_parser(
@@ -243,8 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--seed", type=int, default=0, help="seed of the batch's binarization, the preset's weights and the samples (default: 0)")
     n.add_argument("--data-dir", help=data_help + "; default for RUN_DIR: the one the run was trained with")
     n.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
-    n.add_argument("--quiet", action="store_true", help="no progress bar")
-    n.add_argument("--out", required=True, help="directory to write snr.json and snr.png into")
+    n.add_argument("--quiet", action="store_true", help=QUIET_HELP)
+    n.add_argument("--out", required=True, help="directory to write snr.json and snr.png into, made if missing")
+    n.add_argument("--overwrite", action="store_true", help="replace snr.json and snr.png in --out")
     n.add_argument("--flush-denormal", action=argparse.BooleanOptionalAction, default=True,
                    help="flush denormal floats to zero on the CPU (default: on; several times faster matmuls on some "
                    "Intel CPUs, results unchanged)")
@@ -301,12 +314,11 @@ def _report(args) -> int:
 def _toy(args) -> int:
     from iwae.experiments import toy
     from iwae.report import plot_toy
-    from iwae.rundir import write_json
+    from iwae.rundir import check_output_dir, write_json
 
-    out = Path(args.out)
-    if not out.is_dir():
-        raise IwaeError(f"directory {out} does not exist")
+    out = check_output_dir(args.out, ("toy.json", "toy.png"), args.overwrite)
     result = toy(args.a, args.b, args.k_max)
+    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "toy.json", result)
     plot_toy(result, out / "toy.png")
     bias = result["bias"]
@@ -337,6 +349,7 @@ def _train(args) -> int:
 
 
 def _train_run(args) -> int:
+    from iwae.rundir import checkpoint_exists
     from iwae.train import TrainConfig, load_config, read_config_file, resume, train
 
     given = {key: value for key, value in vars(args).items() if key not in _RUNTIME_OPTIONS}
@@ -348,6 +361,9 @@ def _train_run(args) -> int:
                             "[--threads] [--cuda-graphs] [--quiet]")
         config = load_config(args.resume)
         _set_threads(getattr(args, "threads", "auto"), config)
+        if not checkpoint_exists(args.resume):
+            print(f"note: {args.resume} has no checkpoint (stopped before its first): the run starts again from its "
+                  f"config.json", file=sys.stderr)
         summary = resume(args.resume, progress=progress, device=device, cuda_graphs=cuda_graphs)
         out = args.resume
     else:
@@ -397,16 +413,22 @@ def _evaluate(args) -> int:
 
     from iwae import data as iwae_data
     from iwae.evaluate import evaluate_images
-    from iwae.rundir import SUMMARY_FILE, write_evaluation
+    from iwae.rundir import PER_EXAMPLE_FORMATS, SUMMARY_FILE, check_output_file, write_evaluation, write_per_example
     from iwae.train import load_run, pick_device
 
+    per_example = None
+    if args.per_example:  # checked before any work
+        per_example = check_output_file(args.per_example, args.overwrite, "--per-example", PER_EXAMPLE_FORMATS)
     device = pick_device(args.device)
     config, model = load_run(args.run_dir, device)
     dataset = iwae_data.load_dataset(config.dataset, args.data_dir or config.data_dir)
     x = torch.from_numpy(iwae_data.binarized_test(dataset, args.n_test)).to(device)
     result, per_image = evaluate_images(model, x, k=args.k, seed=args.seed, progress=not args.quiet)
     result.update(iwae_data.test_subset_record(dataset.test.shape[0], args.n_test))
-    write_evaluation(args.run_dir, result, per_image, iwae_data.test_subset_indices(dataset.test.shape[0], args.n_test))
+    test_index = iwae_data.test_subset_indices(dataset.test.shape[0], args.n_test)
+    write_evaluation(args.run_dir, result, per_image, test_index)
+    if per_example is not None:
+        write_per_example(per_example, per_image, test_index)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -414,6 +436,8 @@ def _evaluate(args) -> int:
         print(f"test NLL (L_{result['k']}, {result['n_test']} images): {result['nll']:.2f} +- {result['nll_stderr']:.2f} nats")
         print(f"IWAE-64 {result['iwae64']:.2f}   log p-hat(x) {result['log_px']:.2f}   "
               f"-KL(Q||P) {result['neg_kl_q_p']:.2f}   ELBO {result['elbo']:.2f}   active units {units}")
+        if per_example is not None:
+            print(f"per-image values ({result['n_test']} images) -> {per_example}")
     if not (args.run_dir / SUMMARY_FILE).exists():
         print(f"note: {args.run_dir} has no {SUMMARY_FILE}: its training did not finish", file=sys.stderr)
     return 0
@@ -423,19 +447,16 @@ def _sample(args) -> int:
     import torch
 
     from iwae.report import save_image_grid
+    from iwae.rundir import check_output_file, make_parents
     from iwae.train import load_run
 
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise IwaeError(f"--out must name a .png file, got {out}")
-    if not out.parent.is_dir():
-        raise IwaeError(f"directory {out.parent} does not exist")
+    out = check_output_file(args.out, args.overwrite, "--out", (".png",))
     _, model = load_run(args.run_dir)
     generator = torch.Generator().manual_seed(args.seed)
     images = model.sample_images(args.n, generator)
     if args.binary:
         images = torch.bernoulli(images, generator=generator)
-    save_image_grid(images.numpy(), out)
+    save_image_grid(images.numpy(), make_parents(out))
     print(f"wrote {args.n} samples to {out}")
     return 0
 
@@ -444,22 +465,20 @@ def _snr(args) -> int:
     import time
 
     import torch
-    from tqdm.auto import tqdm
 
     from iwae import data as iwae_data
     from iwae.evaluate import gradient_snr_curve
     from iwae.model import VAE, ModelConfig
+    from iwae.progress import progress_bar
     from iwae.report import save_snr_plot
-    from iwae.rundir import write_json
+    from iwae.rundir import check_output_dir, write_json
     from iwae.train import load_run, pick_device
 
-    out = Path(args.out)
     if (args.run_dir is None) == (args.preset is None):
         raise IwaeError("give either RUN_DIR or --preset")
     if args.reps < 2:
         raise IwaeError(f"--reps must be >= 2 to estimate a standard deviation, got {args.reps}")
-    if out.exists() and not out.is_dir():
-        raise IwaeError(f"--out {out} exists and is not a directory")
+    out = check_output_dir(args.out, ("snr.json", "snr.png"), args.overwrite)
     device = pick_device(args.device)
     if args.run_dir is not None:
         config, model = load_run(args.run_dir, device)
@@ -475,7 +494,7 @@ def _snr(args) -> int:
 
     curves = []
     total = args.reps * len(args.k) * len(args.estimator)
-    with tqdm(total=total, disable=args.quiet, desc="SNR", unit="grad", dynamic_ncols=True) as bar:
+    with progress_bar(total, "SNR", "grad", enabled=not args.quiet) as bar:
         for est in args.estimator:
             started = time.perf_counter()
             c = gradient_snr_curve(model, x, args.k, est, reps=args.reps, seed=args.seed, bar=bar)

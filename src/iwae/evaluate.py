@@ -22,6 +22,7 @@ from torch import Tensor
 
 from iwae.errors import IwaeError
 from iwae.model import VAE
+from iwae.progress import progress_bar
 
 #: (example, sample) rows alive at once. Each [rows, 784] float32 buffer (12.8 MB) stays
 #: under glibc's mmap threshold, so buffers are reused rather than page-faulted in afresh
@@ -56,9 +57,7 @@ def log_weight_reductions(
     examples_per_chunk = max(1, max_rows // samples_per_chunk)
     n = x.shape[0]
     out = {name: torch.empty(n, device=x.device) for name in ("log_px", "small", "elbo")}
-    from tqdm.auto import tqdm
-
-    with tqdm(total=n, disable=not progress, desc=f"L_{k}", unit="ex", dynamic_ncols=True) as bar:
+    with progress_bar(n, f"L_{k}", "ex", enabled=progress) as bar:
         for e0, ne in _chunks(n, examples_per_chunk):
             xb = x[e0 : e0 + ne]
             lse = torch.full((ne,), -math.inf, device=x.device)

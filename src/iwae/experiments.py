@@ -501,13 +501,12 @@ def _execute_local(tasks, out, data_dir, threads, workers, progress, evaluation)
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    from tqdm.auto import tqdm
+    from iwae.progress import progress_bar
 
     results, done, started, pending = [], set(), set(), {}
     total = sum(len(t) for t in tasks)
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool, tqdm(
-        total=total, disable=not progress, desc="runs", unit="run"
-    ) as bar:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool, \
+            progress_bar(total, "runs", "run", enabled=progress, interval=0) as bar:
         while len(done) < total:
             for task in _ready(tasks, done, started):
                 pending[pool.submit(run_group, [asdict(r) for r in task], out, data_dir, threads, *evaluation)] = task
@@ -517,8 +516,8 @@ def _execute_local(tasks, out, data_dir, threads, workers, progress, evaluation)
                 task = pending.pop(future)
                 results += future.result()  # a failed run raises here, after the others stop
                 done.update(r.name for r in task)
+                bar.set_postfix_str(f"{'+'.join(r.name for r in task)}: {results[-1]['status']}", refresh=False)
                 bar.update(len(task))
-                bar.set_postfix_str(f"{'+'.join(r.name for r in task)}: {results[-1]['status']}")
     return results
 
 

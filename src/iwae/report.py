@@ -756,39 +756,146 @@ def _figures(meta, results, fig_dir: Path, exp: str) -> list[str]:
     return lines
 
 
+CURVE_KEYS = [("test_iwae64", "test IWAE-64"), ("test_log_px", "test log p̂(x)"), ("test_neg_kl_q_p", "test −KL(Q‖P)")]
+#: line styles of the label that tells lines apart by style (the objective, else the estimator)
+LINE_STYLES = {"objective": OBJECTIVE_STYLES, "estimator": {"reparam": "-", "dreg": "--", "stl": ":"}}
+#: label keys that never tell curves apart: seeds are averaged, dataset and layers make the panels
+_NOT_CURVE_KEYS = ("seed", "dataset", "layers")
+
+
 def _plot_curves(results: list[RunResult], path: Path) -> bool:
-    """Test bounds logged during training against passes; False if no run logged any."""
-    plt = _plt()
-    keys = [("test_iwae64", "test IWAE-64"), ("test_log_px", "test log p̂(x)"), ("test_neg_kl_q_p", "test −KL(Q‖P)")]
-    keys = [k for k in keys if any(k[0] in m for r in results for m in r.metrics)]
-    if not keys:
+    """The learning-curve figure (:func:`curves_figure`) saved to ``path``; False if no run
+    logged a test bound."""
+    fig = curves_figure(results)
+    if fig is None:
         return False
-    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 4), squeeze=False)
-    varying = {k for k in results[0].label if k != "seed" and len({str(r.label.get(k)) for r in results}) > 1}
-    by_label: dict[str, list[RunResult]] = {}
-    for r in results:
-        name = r.label.get("method") or " ".join(f"{k}={v}" for k, v in r.label.items() if k in varying)
-        by_label.setdefault(name, []).append(r)
-    for ax, (key, title) in zip(axes[0], keys):
-        for label, runs in by_label.items():
-            points: dict[int, list[float]] = {}
-            for r in runs:
-                logged = [(r.offset + m["pass"], m[key]) for m in r.metrics if key in m]
-                if r.after is not None and logged:  # a second stage: its line starts where the first ended
-                    first = [(r.after.offset + m["pass"], m[key]) for m in r.after.metrics if key in m]
-                    logged = first[-1:] + logged
-                for x, value in logged:
-                    points.setdefault(x, []).append(value)
-            if points:
-                xs = sorted(points)
-                ax.plot(xs, [np.mean(points[x]) for x in xs], marker="o", ms=3, label=label)
-        ax.set_xscale("log")
-        ax.set_xlabel("passes over the training set")
-        ax.set_title(title + " (test subset)")
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     _save(fig, path)
     return True
+
+
+def curves_figure(results: list[RunResult]):
+    """Test bounds logged during training against passes, as small multiples: one column per
+    dataset x stochastic layers, one row per logged bound (IWAE-64; with ``curve_k`` also
+    log p̂(x) and −KL(Q‖P)). Within a panel the colour tells k apart (or whatever else
+    varies: the variant, the stage), never repeated, and the line style the objective (or
+    the estimator); seeds are averaged. The legend lists the lines in a fixed order. None if
+    no run logged any bound."""
+    keys = [k for k in CURVE_KEYS if any(k[0] in m for r in results for m in r.metrics)]
+    if not keys:
+        return None
+    plt = _plt()
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter
+
+    style_key, colour_keys = _curve_keys(results)
+    panels = sorted({_panel(r) for r in results}, key=str)
+    order = _style_order(style_key)
+    lines = sorted({_curve_line(r, style_key, colour_keys) for r in results}, key=lambda l: (_value_order(l[0]), order(l[1])))
+    colours = _curve_colours(sorted({colour for colour, _ in lines}, key=_value_order), colour_keys)
+    styles = _curve_styles(sorted({style for _, style in lines}, key=order), style_key)
+    single = len(panels) == 1  # one panel per bound, side by side
+    shape = (1, len(keys)) if single else (len(keys), len(panels))
+    fig, axes = plt.subplots(*shape, figsize=(4.8 * shape[1], 3.4 * shape[0]), squeeze=False)
+    for row, (key, title) in enumerate(keys):
+        for col, panel in enumerate(panels):
+            ax = axes[0][row] if single else axes[row][col]
+            for colour, style in lines:
+                runs = [r for r in results if _panel(r) == panel and _curve_line(r, style_key, colour_keys) == (colour, style)]
+                xs, ys = _mean_curve(runs, key)
+                if xs:
+                    ax.plot(xs, ys, marker="o", ms=3, color=colours[colour], ls=styles[style],
+                            label=_line_label(colour, style, colour_keys, style_key))  # fmt: skip
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
+            ax.grid(alpha=0.3, which="both")
+            if single or row == 0:
+                ax.set_title(_panel_title(panel))
+            if single or row == len(keys) - 1:
+                ax.set_xlabel("passes over the training set")
+            if single or col == 0:
+                ax.set_ylabel(f"{title} (nats, test subset)")
+    handles = [Line2D([], [], color=colours[c], ls=styles[s], marker="o", ms=3,
+                      label=_line_label(c, s, colour_keys, style_key)) for c, s in lines]  # fmt: skip
+    axes[0][-1].legend(handles=handles, fontsize=7, handlelength=3, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.tight_layout()
+    return fig
+
+
+def _curve_keys(results: list[RunResult]) -> tuple[str | None, tuple[str, ...]]:
+    """The label key drawn as line style (the objective, else the estimator, where it varies)
+    and the label keys drawn as colour (the others that vary, e.g. k)."""
+    varying = [k for k in results[0].label if k not in _NOT_CURVE_KEYS and len({str(r.label.get(k)) for r in results}) > 1]
+    style_key = next((k for k in LINE_STYLES if k in varying), None)
+    return style_key, tuple(k for k in varying if k != style_key)
+
+
+def _panel(r: RunResult) -> tuple:
+    return r.label.get("dataset", r.config.get("dataset", "mnist")), r.label.get("layers", r.config.get("layers", 1))
+
+
+def _panel_title(panel: tuple) -> str:
+    dataset, layers = panel
+    return f"{str(dataset).upper()}, {layers} stochastic layer{'s' if layers != 1 else ''}"
+
+
+def _curve_line(r: RunResult, style_key: str | None, colour_keys: tuple[str, ...]) -> tuple:
+    """``(colour value, style value)`` of a run's line: runs with equal values are averaged."""
+    return tuple(r.label.get(k) for k in colour_keys), r.label.get(style_key) if style_key else None
+
+
+def _value_order(value):
+    """Numbers in numeric order, then the rest in text order (k=5 before k=50)."""
+    items = value if isinstance(value, tuple) else (value,)
+    return tuple((0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v)) for v in items)
+
+
+def _style_order(style_key: str | None):
+    """Sort key of style values: those of :data:`LINE_STYLES` in its order (VAE before IWAE), then the rest."""
+    known = list(LINE_STYLES.get(style_key, {}))
+    return lambda v: (known.index(v), ()) if v in known else (len(known), _value_order(v))
+
+
+def _curve_colours(values: list[tuple], colour_keys: tuple[str, ...]) -> dict:
+    """One colour per colour value, never two alike: k in :data:`K_COLOURS` keeps its colour
+    (as in the budget-ladder figure), the other values take the next unused colours of
+    tab10 (tab20 beyond ten values, then evenly spaced hues)."""
+    import matplotlib
+
+    fixed = {(k,): c for k, c in K_COLOURS.items()} if colour_keys == ("k",) else {}
+    palette = list(matplotlib.colormaps["tab10" if len(values) <= 10 else "tab20"].colors)
+    if len(values) > len(palette):
+        palette = [matplotlib.colormaps["hsv"](i / len(values)) for i in range(len(values))]
+    named = {matplotlib.colors.to_rgba(c) for v, c in fixed.items() if v in values}
+    free = iter(c for c in palette if matplotlib.colors.to_rgba(c) not in named)
+    return {v: fixed[v] if v in fixed else next(free) for v in values}
+
+
+def _curve_styles(values: list, style_key: str | None) -> dict:
+    fixed = LINE_STYLES.get(style_key, {})
+    spare = iter(s for s in ("-", "--", ":", "-.") if s not in {fixed.get(v) for v in values})
+    return {v: fixed[v] if v in fixed else next(spare, "-") for v in values}
+
+
+def _line_label(colour: tuple, style, colour_keys: tuple[str, ...], style_key: str | None) -> str:
+    parts = [str(v) if k == "method" else f"{k}={v}" for k, v in zip(colour_keys, colour)]
+    if style_key is not None:
+        parts.append(str(style).upper() if style_key == "objective" else str(style))
+    return " ".join(parts) or "all runs"
+
+
+def _mean_curve(runs: list[RunResult], key: str) -> tuple[list[int], list[float]]:
+    """``key`` against passes, averaged over ``runs`` (seeds) at each logged pass; a second
+    stage's line starts where its first stage ended."""
+    points: dict[int, list[float]] = {}
+    for r in runs:
+        logged = [(r.offset + m["pass"], m[key]) for m in r.metrics if key in m]
+        if r.after is not None and logged:
+            first = [(r.after.offset + m["pass"], m[key]) for m in r.after.metrics if key in m]
+            logged = first[-1:] + logged
+        for x, value in logged:
+            points.setdefault(x, []).append(value)
+    xs = sorted(points)
+    return xs, [float(np.mean(points[x])) for x in xs]
 
 
 def _plot_activity(results: list[RunResult], path: Path) -> None:

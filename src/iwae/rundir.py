@@ -12,6 +12,10 @@ A run directory (``iwae train --out RUN_DIR``) holds
 - ``evaluation.json``   the means of ``iwae evaluate`` and ``evaluation.safetensors`` the
   per-image values behind them.
 
+It also checks and writes the result files that commands put outside a run directory
+(``--out``, ``iwae evaluate --per-example``): missing parents are made, an existing result
+is replaced only with ``--overwrite``.
+
 Every file is written atomically (temporary file, fsync, rename), so a run killed at any
 moment keeps its previous files. Nothing in a run directory is executed when it is
 loaded: tensors are safetensors, the rest is JSON.
@@ -29,7 +33,7 @@ import safetensors.torch
 import torch
 
 from iwae.data import atomic_write
-from iwae.errors import RunDirError
+from iwae.errors import IwaeError, RunDirError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -108,6 +112,86 @@ def load_state(model, state: dict[str, torch.Tensor], path: Path) -> None:
 
 
 
+# -- result files outside a run directory (--out, --per-example) ------------------------------
+
+#: the columns of ``iwae evaluate --per-example FILE``, in order
+PER_EXAMPLE_COLUMNS = ("index", "log_px", "iwae64", "elbo")
+PER_EXAMPLE_FORMATS = (".npy", ".csv")
+
+
+def check_output_file(path: str | Path, overwrite: bool, flag: str = "--out", suffixes: tuple[str, ...] = ()) -> Path:
+    """Check, before any work, that ``path`` can receive a result file: its suffix is one of
+    ``suffixes`` (any if empty), it is no directory, it does not exist unless ``overwrite``,
+    and its missing parent directories can be made (by :func:`make_parents`). Creates nothing."""
+    path = Path(path)
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise IwaeError(f"{flag} must name a {' or '.join(suffixes)} file, got {path}")
+    if path.is_dir():
+        raise IwaeError(f"{flag} {path} is a directory, not a file")
+    if path.exists() and not overwrite:
+        raise IwaeError(f"{flag} {path} exists: choose another path or pass --overwrite to replace it")
+    _check_parents(path, flag)
+    return path
+
+
+def check_output_dir(path: str | Path, names: tuple[str, ...], overwrite: bool, flag: str = "--out") -> Path:
+    """Check, before any work, that directory ``path`` can receive the result files ``names``:
+    it is no file, none of them exists unless ``overwrite``, and it can be made. Creates nothing."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise IwaeError(f"{flag} {path} exists and is not a directory")
+    existing = [name for name in names if (path / name).exists()]
+    if existing and not overwrite:
+        raise IwaeError(f"{flag} {path} already holds {', '.join(existing)}: choose another directory or pass "
+                        f"--overwrite to replace them")  # fmt: skip
+    _check_parents(path / names[0], flag)
+    return path
+
+
+def _check_parents(path: Path, flag: str) -> None:
+    for parent in path.parents:  # the nearest existing ancestor must be a directory
+        if parent.exists():
+            if not parent.is_dir():
+                raise IwaeError(f"{flag} {path}: {parent} is not a directory")
+            return
+
+
+def make_parents(path: str | Path) -> Path:
+    """Create the missing parent directories of the file ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_per_example(path: str | Path, per_image: dict[str, torch.Tensor], test_index) -> None:
+    """The per-image values of an evaluation (:func:`iwae.evaluate.evaluate_images`), one
+    row per test image in test-set order, atomically (missing parent directories are made):
+
+    - ``.csv``: a header ``index,log_px,iwae64,elbo``, then one row per image;
+    - ``.npy``: a structured array [N] with the fields ``index`` (int64), ``log_px``,
+      ``iwae64`` and ``elbo`` (float32), e.g. ``np.load(path)["log_px"]``.
+
+    ``index`` is the image's index in the test set (with ``--n-test``, the random subset's,
+    :func:`iwae.data.test_subset_indices`); ``log_px`` is log p-hat(x) = L_k(x), ``iwae64`` the
+    IWAE bound with 64 samples, ``elbo`` the mean log-weight over the k samples."""
+    path = check_output_file(path, overwrite=True, flag="--per-example", suffixes=PER_EXAMPLE_FORMATS)
+    index = np.asarray(test_index, dtype=np.int64)
+    columns = {name: per_image[name].detach().cpu().numpy().astype(np.float32) for name in PER_EXAMPLE_COLUMNS[1:]}
+    if any(len(c) != len(index) for c in columns.values()):
+        raise ValueError(f"per-image values of {[len(c) for c in columns.values()]} images for {len(index)} indices")
+    table = np.empty(len(index), dtype=[("index", np.int64)] + [(name, np.float32) for name in columns])
+    table["index"] = index
+    for name, values in columns.items():
+        table[name] = values
+    make_parents(path)
+    if path.suffix.lower() == ".npy":
+        atomic_write(path, lambda f: np.save(f, table, allow_pickle=False))
+        return
+    rows = [",".join(PER_EXAMPLE_COLUMNS)]
+    rows += [",".join([str(int(row[0]))] + [str(v) for v in row.tolist()[1:]]) for row in table]
+    atomic_write(path, lambda f: f.write(("\n".join(rows) + "\n").encode()))
+
+
 # -- metrics and the directory itself --------------------------------------------------------
 
 
@@ -125,10 +209,12 @@ def write_metrics(run_dir: str | Path, records: list[dict]) -> None:
 
 
 def prepare_run_dir(out: str | Path, overwrite: bool = False) -> Path:
-    """Check that ``out`` can hold a new run (without creating it)."""
+    """Check that ``out`` can hold a new run (without creating it; training makes it and its
+    missing parents)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise RunDirError(f"{out} exists and is not a directory")
+    _check_parents(out, "--out")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise RunDirError(
             f"{out} is not empty: choose another --out, continue it with --resume, or pass --overwrite to replace it"
@@ -219,6 +305,11 @@ def generator_state(generator: torch.Generator, state: torch.Tensor) -> torch.Te
 
     seed = int.from_bytes(hashlib.sha256(state.cpu().numpy().tobytes()).digest()[:8], "little") >> 1
     return torch.Generator(device=generator.device).manual_seed(seed).get_state()
+
+
+def checkpoint_exists(run_dir: str | Path) -> bool:
+    """Whether the run in ``run_dir`` has a checkpoint to resume from."""
+    return (Path(run_dir) / CHECKPOINT_FILE).exists()
 
 
 def checkpoint_meta(path: Path) -> dict | None:

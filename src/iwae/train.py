@@ -497,14 +497,18 @@ def use_cuda_graphs(cuda_graphs: str, dev: torch.device, shard) -> bool:
 def _open_run(config: TrainConfig, out: Path, dataset, overwrite: bool, device, resume: bool,
               cuda_graphs: str = "auto") -> _Run:
     """Check the run directory, load the data, build the model and optimizer, and start the
-    run's files, or restore all of it from the checkpoint."""
+    run's files, or restore all of it from the checkpoint. A run resumed before its first
+    checkpoint (a ``config.json`` and no checkpoint) starts again from the beginning: with
+    the same configuration it is the same run, and its partial files are replaced."""
     shard, dev = distributed_setup(pick_device(device))
     graphs = use_cuda_graphs(cuda_graphs, dev, shard)
     lead = shard is None or shard[0] == 0
+    if resume and not (out / CHECKPOINT_FILE).exists():
+        if not (out / CONFIG_FILE).exists():
+            raise RunDirError(f"{out / CHECKPOINT_FILE} is missing: nothing to resume (start the run again without --resume)")
+        resume, overwrite = False, True  # killed before its first checkpoint: the same run, started again
     if not resume and lead:
         prepare_run_dir(out, overwrite)
-    if resume and not (out / CHECKPOINT_FILE).exists():
-        raise RunDirError(f"{out / CHECKPOINT_FILE} is missing: nothing to resume (start the run again without --resume)")
     checkpoint = read_safetensors(out / CHECKPOINT_FILE) if resume else None  # a bad file fails before the data loads
     train_x, test_x = _images(config, dataset, dev)
     model, optimizer, generator = _fresh_state(config, train_x, dev, capturable=graphs)
@@ -970,7 +974,9 @@ def _stage_nll(model: VAE, test_x: torch.Tensor, k: int, seed: int) -> dict:
 
 def resume(run_dir: str | Path, dataset=None, progress: bool = True, device: str | None = None,
            cuda_graphs: str = "auto") -> dict:
-    """Continue an interrupted run from its checkpoint (``iwae train --resume``)."""
+    """Continue an interrupted run from its checkpoint (``iwae train --resume``); a run killed
+    before its first checkpoint starts again from its ``config.json`` (the same weights, bit
+    for bit, as a run never interrupted)."""
     return train(load_config(run_dir), run_dir, dataset=dataset, progress=progress, device=device, resume=True,
                  cuda_graphs=cuda_graphs)  # fmt: skip
 
@@ -981,9 +987,9 @@ def _stage_name(config: TrainConfig, stage: int, lr: float) -> str:
 
 
 def _progress(total: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
+    from iwae.progress import progress_bar
 
-    return tqdm(total=total, disable=not enabled, desc=desc, unit="step", dynamic_ncols=True, mininterval=0.5)
+    return progress_bar(total, desc, "step", enabled=enabled, mininterval=0.5)
 
 
 class _NoBoard:
