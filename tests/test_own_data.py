@@ -2,12 +2,15 @@
 the content hash, and the image shape in tiles."""
 
 import hashlib
+import json
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
 from iwae import data
+from iwae.cli import main
 from iwae.errors import DataError, IwaeError
 
 
@@ -213,3 +216,230 @@ def test_png_order_is_the_order_of_the_names(tmp_path):
     ds = data.load_files(tmp_path)
     by_name = [names.index(n) * 40 / np.float32(255) for n in sorted(names)]  # a10 before a2: plain string order
     assert np.array_equal(ds.train[:, 0], np.array(by_name, dtype=np.float32))
+
+
+# --------------------------------------------------------------------------- architectures and configurations
+
+OLD_CONFIG = {  # a config.json written before image_shape, latent, hidden, binarize and the dataset hash existed
+    "dataset": "omniglot", "layers": 2, "objective": "iwae", "k": 5, "m": 1, "beta": 0.5, "estimator": "reparam",
+    "stages": 3, "epochs": None, "seed": 0, "batch_size": 20, "lr": 0.001, "beta1": 0.9, "beta2": 0.999,
+    "adam_eps": 0.0001, "scale": "exp", "validation": False, "n_train": None, "eval_every": 10, "eval_n": 1000,
+    "curve_k": None, "checkpoint_minutes": 5.0, "max_bad_steps": 20, "init_weights": None, "data_dir": "d",
+    "model": {"x_dim": 784, "latent": [100, 50], "hidden": [[200, 200], [100, 100]], "scale": "exp"},
+}
+
+
+def test_old_configs_load_as_28x28(tmp_path):
+    from iwae.experiments import _as_written
+    from iwae.train import TrainConfig, load_config
+
+    (tmp_path / "config.json").write_text(json.dumps(OLD_CONFIG))
+    config = load_config(tmp_path)
+    assert config.image_shape == [28, 28] and config.model == OLD_CONFIG["model"] and config.layers == 2
+    assert config.latent is None and config.dataset_sha256 is None and config.binarize is None
+    # --reuse sees an old run and a new one of the same training as the same run
+    new = TrainConfig(**{k: v for k, v in OLD_CONFIG.items() if k != "model"}).to_dict()
+    assert _as_written(OLD_CONFIG) == json.loads(json.dumps(new))
+
+
+def test_latent_and_hidden_choose_the_architecture():
+    from iwae.train import TrainConfig
+
+    c = TrainConfig(latent=[30, 20], hidden=[[60, 50], [40]], scale="softplus", stages=1)
+    assert c.layers == 2 and c.model == {"x_dim": 784, "latent": [30, 20], "hidden": [[60, 50], [40]],
+                                         "scale": "softplus"}  # fmt: skip
+    assert TrainConfig(latent="30,20", hidden="60x50,40", layers=2, scale="softplus", stages=1).model == c.model
+    assert TrainConfig(layers=2).model == {"x_dim": 784, "latent": [100, 50], "hidden": [[200, 200], [100, 100]],
+                                           "scale": "exp"}  # fmt: skip
+    assert TrainConfig().layers == 1
+    for bad, message in [
+        (dict(latent=[30, 20], hidden=[[60]]), "--latent has 2 entries and --hidden 1"),
+        (dict(latent=[30]), "--latent and --hidden go together"),
+        (dict(hidden="60"), "--latent and --hidden go together"),
+        (dict(latent=[30], hidden=[[60]], layers=2), "--layers 2 disagrees with --latent 30"),
+        (dict(latent=[0], hidden=[[60]]), "layer sizes must be positive"),
+        (dict(latent="30,x", hidden="60"), "--latent: expected positive integers"),
+        (dict(latent=[30], hidden=[60]), "latent must be a list of sizes"),
+        (dict(binarize="always"), "binarize must be one of dynamic, none"),
+        (dict(image_shape=[0, 4]), "image_shape must be"),
+    ]:
+        with pytest.raises(IwaeError, match=message):
+            TrainConfig(**bad)
+
+
+def test_a_config_for_data_from_files(tmp_path):
+    from iwae.train import TrainConfig
+
+    np.savez(tmp_path / "d.npz", train=np.full((3, 5, 4), 0.5), test=np.ones((2, 5, 4)))
+    ds = data.load_files(tmp_path / "d.npz")
+    c = TrainConfig(dataset=str(tmp_path / "d.npz"), latent="3", hidden="7", stages=1)
+    assert c.model == {} and c.image_shape is None  # the input size comes with the data
+    with pytest.raises(IwaeError, match="not known before the data"):
+        c.model_config
+    bound = c.for_data(ds)
+    assert bound.image_shape == [5, 4] and bound.model["x_dim"] == 20 and bound.dataset_path == ds.path
+    assert bound.dataset_sha256 == ds.sha256 and c.model == {}  # a new configuration; the old one is unchanged
+    with pytest.raises(IwaeError, match="takes 784 pixels"):
+        TrainConfig(dataset=str(tmp_path / "d.npz"), layers=1, model={"x_dim": 784, "latent": [2], "hidden": [[3]]},
+                    stages=1).for_data(ds)  # fmt: skip
+    with pytest.raises(IwaeError, match="--binarize none: the training images of .*d.npz are grey"):
+        TrainConfig(dataset=str(tmp_path / "d.npz"), binarize="none", stages=1).for_data(ds)
+
+
+# --------------------------------------------------------------------------- the command line, end to end
+
+
+def grey_npz(path, n=(60, 20), side=(20, 20), seed=0):
+    """Grey images around three prototypes: ``n`` train and test images of size ``side``."""
+    rng = np.random.default_rng(seed)
+    protos = rng.random((3, *side)) ** 2
+    splits = {s: np.clip(protos[rng.integers(0, 3, k)] + rng.normal(0, 0.05, (k, *side)), 0, 1).astype(np.float32)
+              for s, k in zip(("train", "test"), n)}  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **splits)
+    return path
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+TRAIN_SMALL = ["-k", "2", "--epochs", "1", "--eval-n", "10", "--stage-nll-k", "0", "--quiet"]
+
+
+def test_train_evaluate_sample_on_20x20_images(tmp_path, capsys):
+    import safetensors.torch
+    from PIL import Image
+
+    npz = grey_npz(tmp_path / "data" / "d.npz")
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--dataset", npz, "--latent", "4,3", "--hidden", "16,8x8", *TRAIN_SMALL,
+                           "--out", run)  # fmt: skip
+    assert code == 0, err
+    config = json.loads((run / "config.json").read_text())
+    assert config["dataset"] == str(npz) and config["dataset_path"] == str(npz.resolve())
+    assert config["dataset_sha256"] == data.load_files(npz).sha256 and config["image_shape"] == [20, 20]
+    assert config["layers"] == 2 and config["latent"] == [4, 3] and config["hidden"] == [[16], [8, 8]]
+    assert config["model"] == {"x_dim": 400, "latent": [4, 3], "hidden": [[16], [8, 8]], "scale": "exp"}
+    weights = safetensors.torch.load_file(run / "model.safetensors")
+    assert weights["encoder.0.net.0.weight"].shape == (16, 400) and weights["decoder.0.2.weight"].shape == (400, 16)
+
+    code, out, err = run_cli(capsys, "evaluate", run, "--k", "100", "--json", "--quiet")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["n_test"] == result["test_set_size"] == 20 and len(result["active_units"]) == 2
+    assert result["elbo"] < result["iwae64"] <= result["log_px"] + 1.0 and 0 < result["nll"] < 400 * np.log(2)
+
+    assert run_cli(capsys, "sample", run, "--out", tmp_path / "s.png", "--n", "6")[0] == 0
+    assert np.asarray(Image.open(tmp_path / "s.png")).shape[:2] == (2 * 21 + 1, 3 * 21 + 1)  # 2 x 3 tiles of 20x20
+
+    # the same content elsewhere is accepted; other content is refused unless told otherwise
+    moved = grey_npz(tmp_path / "elsewhere" / "copy.npz")
+    assert run_cli(capsys, "evaluate", run, "--k", "10", "--quiet", "--dataset", moved)[0] == 0
+    evaluation = (run / "evaluation.json").read_bytes()
+    grey_npz(npz, seed=1)  # the file changes under the run
+    code, _, err = run_cli(capsys, "evaluate", run, "--k", "10", "--quiet")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"{npz.resolve()}: not the data the run was trained on" in err and "--ignore-dataset-hash" in err
+    assert (run / "evaluation.json").read_bytes() == evaluation  # nothing written
+    assert run_cli(capsys, "evaluate", run, "--k", "10", "--quiet", "--ignore-dataset-hash")[0] == 0
+    small = grey_npz(tmp_path / "small.npz", side=(10, 10))
+    code, _, err = run_cli(capsys, "evaluate", run, "--k", "10", "--dataset", small, "--ignore-dataset-hash")
+    assert code == 2 and "images of 100 pixels (10x10), but the run's model takes 400" in err
+
+    # nor does an interrupted run resume on changed data
+    (run / "summary.json").unlink()
+    metrics = (run / "metrics.jsonl").read_bytes()
+    code, _, err = run_cli(capsys, "train", "--resume", run, "--quiet")
+    assert code == 2 and "is not the data" in err and "cannot be resumed" in err
+    assert (run / "metrics.jsonl").read_bytes() == metrics
+
+
+def test_a_runs_config_repeats_it_on_its_data(tmp_path, capsys):
+    import safetensors.torch
+
+    npz = grey_npz(tmp_path / "d.npz", side=(6, 5))
+    assert run_cli(capsys, "train", "--dataset", npz, "--latent", "3", "--hidden", "8", *TRAIN_SMALL,
+                   "--out", tmp_path / "a")[0] == 0  # fmt: skip
+    assert run_cli(capsys, "train", "--config", tmp_path / "a" / "config.json", "--out", tmp_path / "b", "--quiet")[0] == 0
+    a, b = (safetensors.torch.load_file(tmp_path / r / "model.safetensors") for r in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # another dataset, or another architecture, from the command line replaces the recorded one
+    other = grey_npz(tmp_path / "e.npz", side=(4, 4))
+    assert run_cli(capsys, "train", "--config", tmp_path / "a" / "config.json", "--dataset", other,
+                   "--out", tmp_path / "c", "--quiet")[0] == 0  # fmt: skip
+    c = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert c["image_shape"] == [4, 4] and c["dataset_sha256"] == data.load_files(other).sha256
+    assert c["latent"] == [3] and c["model"] == {"x_dim": 16, "latent": [3], "hidden": [[8]], "scale": "exp"}
+    assert run_cli(capsys, "train", "--config", tmp_path / "a" / "config.json", "--layers", "1",
+                   "--out", tmp_path / "d", "--quiet")[0] == 0  # fmt: skip
+    d = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert d["latent"] is None and d["model"] == {"x_dim": 30, "latent": [50], "hidden": [[200, 200]], "scale": "exp"}
+
+
+def test_binary_images_are_used_as_they_are(tmp_path, capsys):
+    """On 0/1 images --binarize dynamic is --binarize none, bit for bit, and the default."""
+    import safetensors.torch
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "b.npz", train=rng.random((40, 5, 5)) < 0.3, test=rng.random((10, 5, 5)) < 0.3)
+    runs = {}
+    for choice in ([], ["--binarize", "dynamic"], ["--binarize", "none"]):
+        out = tmp_path / f"run{len(runs)}"
+        assert run_cli(capsys, "train", "--dataset", tmp_path / "b.npz", *choice, "--latent", "2", "--hidden", "8",
+                       *TRAIN_SMALL, "--out", out)[0] == 0  # fmt: skip
+        runs[out] = safetensors.torch.load_file(out / "model.safetensors")
+    first, *others = runs.values()
+    assert all(torch.equal(first[k], other[k]) for other in others for k in first)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--latent", "0", "--hidden", "8"], "argument --latent: layer sizes must be positive"),
+        (["--latent", "4", "--hidden", "8x"], "argument --hidden: expected positive integers"),
+        (["--latent", "4,3", "--hidden", "8"], "--latent has 2 entries and --hidden 1"),
+        (["--latent", "4"], "--latent and --hidden go together"),
+        (["--latent", "4", "--hidden", "8", "--layers", "2"], "--layers 2 disagrees with --latent 4"),
+        (["--binarize", "none"], "--binarize none: the training images of"),
+        (["--binarize", "sometimes"], "argument --binarize: invalid choice"),
+        (["--validation"], "--validation holds out MNIST's"),
+    ],
+)
+def test_bad_own_data_arguments_exit_2_and_write_nothing(tmp_path, capsys, argv, message):
+    npz = grey_npz(tmp_path / "d.npz", n=(4, 2), side=(3, 3))
+    with pytest.raises(SystemExit) as e:
+        raise SystemExit(main(["train", "--dataset", str(npz), *argv, "--epochs", "1", "--out", str(tmp_path / "run")]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_dataset_that_is_neither_a_name_nor_a_file(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", "--dataset", tmp_path / "no.npz", "--epochs", "1", "--out", tmp_path / "r")
+    assert code == 2 and f"--dataset {tmp_path / 'no.npz'}: neither a built-in dataset (mnist, omniglot)" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_snr_on_own_data_and_architectures(tmp_path, capsys):
+    npz = grey_npz(tmp_path / "d.npz", n=(8, 2), side=(5, 5))
+    out = tmp_path / "snr"
+    common = ["--k", "1,2", "--reps", "3", "--batch-size", "4", "--quiet"]
+    code, _, err = run_cli(capsys, "snr", "--latent", "2", "--hidden", "4x3", "--dataset", npz, *common, "--out", out)
+    assert code == 0, err
+    assert json.loads((out / "snr.json").read_text())["source"] == "latent [2] hidden [[4, 3]], seed 0"
+    for bad in (["--latent", "2"], ["--latent", "2,2", "--hidden", "4"], ["--latent", "2", "--hidden", "4", "--preset",
+                                                                            "burda1"]):  # fmt: skip
+        code, _, err = run_cli(capsys, "snr", *bad, "--dataset", npz, *common, "--out", tmp_path / "bad")
+        assert code == 2 and len(err.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+
+    run = tmp_path / "run"
+    assert run_cli(capsys, "train", "--dataset", npz, "--latent", "2", "--hidden", "4", *TRAIN_SMALL, "--out", run)[0] == 0
+    assert run_cli(capsys, "snr", run, *common, "--out", out)[0] == 0
+    assert json.loads((out / "snr.json").read_text())["source"] == str(run)
+    code, _, err = run_cli(capsys, "snr", run, "--dataset", grey_npz(tmp_path / "e.npz", n=(8, 2), side=(5, 5), seed=3),
+                           *common, "--out", out)  # fmt: skip
+    assert code == 2 and "not the data the run was trained on" in err
