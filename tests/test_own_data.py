@@ -5,8 +5,8 @@ import hashlib
 import json
 
 import numpy as np
-import torch
 import pytest
+import torch
 from PIL import Image
 
 from iwae import data
@@ -14,10 +14,10 @@ from iwae.cli import main
 from iwae.errors import DataError, IwaeError
 
 
-def save_png(path, array, mode="L"):
+def save_png(path, array, mode=None):
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).convert(mode).save(path) if mode != Image.fromarray(array).mode else \
-        Image.fromarray(array).save(path)  # fmt: skip
+    image = Image.fromarray(array)
+    (image.convert(mode) if mode else image).save(path)
 
 
 def png_dir(root, sizes=None, n=(3, 2), seed=0):
@@ -157,8 +157,7 @@ def test_png_modes_are_converted_to_grey(tmp_path):
     rgb[0, 0] = (255, 0, 0)  # luminance of red: 299/1000 * 255 = 76.245 -> 76
     save_png(tmp_path / "train" / "a.png", rgb, "RGB")
     save_png(tmp_path / "train" / "b.png", np.array([[0, 255, 0], [255, 0, 0]], np.uint8), "1")
-    Image.fromarray(np.array([[0, 65535, 32768], [1, 2, 3]], np.uint16)).save(tmp_path / "test" / "c.png") \
-        if (tmp_path / "test").mkdir() is None else None  # fmt: skip
+    save_png(tmp_path / "test" / "c.png", np.array([[0, 65535, 32768], [1, 2, 3]], np.uint16))  # 16-bit grey
     ds = data.load_files(tmp_path)
     assert ds.train[0, 0] == np.float32(76) / np.float32(255) and ds.train[0, 1:].max() == 0
     assert ds.train[1].tolist() == [0, 1, 0, 1, 0, 0]
