@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from iwae.evaluate import active_units, evaluate, log_weight_reductions, unit_activity
-from iwae.model import VAE, ModelConfig, bernoulli_log_prob, gaussian_log_prob
+from iwae.errors import IwaeError
+from iwae.model import VAE, ModelConfig, bernoulli_log_prob, gaussian_log_prob, parse_hidden, parse_latent
 
 
 def test_presets_are_burda_architectures():
@@ -146,3 +147,14 @@ def test_fast_tanh_matches_torch_tanh_in_value_and_gradient():
     # small tensors are torch.tanh itself, bit for bit
     s = torch.randn(100)
     assert torch.equal(tanh(s), torch.tanh(s))
+
+
+def test_architectures_from_text():
+    assert parse_latent("100,50") == (100, 50) and parse_latent(" 7 ") == (7,)
+    assert parse_hidden("200x200,100x100") == ((200, 200), (100, 100)) and parse_hidden("5") == ((5,),)
+    for text in ("", "0", "-3", "a", "100,,50", "1.5", "100;50"):
+        with pytest.raises(IwaeError, match="--latent"):
+            parse_latent(text)
+    for text in ("", "200x", "x200", "200x0", "200*200", "200x200,"):
+        with pytest.raises(IwaeError, match="--hidden"):
+            parse_hidden(text)

@@ -10,13 +10,14 @@ from pathlib import Path
 
 from iwae.bounds import ESTIMATORS, OBJECTIVES
 from iwae.errors import IwaeError
-from iwae.train import CUDA_GRAPHS, DATASETS
+from iwae.train import BINARIZE, CUDA_GRAPHS
 
 EPILOG_TRAIN = """\
 examples:
   iwae train --dataset mnist --layers 1 --objective iwae -k 5 --stages 3 --out runs/iwae-k5
   iwae train --dataset mnist --objective piwae -m 4 -k 16 --stages 4 --out runs/piwae-4-16
   iwae train --dataset omniglot --layers 2 --objective vae -k 50 --epochs 10 --out runs/vae
+  iwae train --dataset my_images.npz --latent 20 --hidden 100x100 -k 5 --epochs 50 --out runs/mine
 
 Each example uses M*K importance samples: MIWAE(M,K) and PIWAE(M,K) as in Rainforth et
 al. (2018); VAE with -k K averages K log-weights; CIWAE(beta) mixes the VAE and IWAE
@@ -66,6 +67,24 @@ def _stages(text: str) -> int:
     return value
 
 
+def _latent(text: str) -> list[int]:
+    from iwae.model import parse_latent
+
+    try:
+        return list(parse_latent(text))
+    except IwaeError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--latent: ")) from None
+
+
+def _hidden(text: str) -> list[list[int]]:
+    from iwae.model import parse_hidden
+
+    try:
+        return [list(h) for h in parse_hidden(text)]
+    except IwaeError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--hidden: ")) from None
+
+
 def _existing_run(text: str) -> Path:
     path = Path(text)
     if not path.is_dir():
@@ -85,8 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     data_help = "data directory holding mnist/ and omniglot/ (default: $IWAE_DATA, else a user cache directory)"
     cuda_graphs_help = ("on a GPU, capture each training step once as a CUDA graph and replay it (one launch per "
-                        "step; the same random numbers as without, results equal up to rounding): auto = on for a CUDA run, off = never "
-                        "(default: auto)")
+                        "step; the same random numbers as without, results equal up to rounding): auto = on for a "
+                        "CUDA run, off = never (default: auto)")
+    dataset_help = ("mnist, omniglot, or PATH to your own images: an .npz file with arrays train and test (optionally "
+                    "validation) of shape [N, H, W] or [N, D] and values in [0, 1], or a directory with train/ and "
+                    "test/ (optionally validation/) of PNG images of one size (pixel / 255, white = 1)")
 
     t = sub.add_parser(
         "train",
@@ -101,8 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "(a run's config.json works); options given here override it")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint (a run stopped "
                    "before its first checkpoint starts again from its config.json: the same run)")
-    t.add_argument("--dataset", choices=DATASETS, help="training data (default: mnist)")
-    t.add_argument("--layers", type=int, choices=(1, 2), help="stochastic layers, Burda et al.'s architectures (default: 1)")
+    t.add_argument("--dataset", metavar="{mnist,omniglot,PATH}", help=f"training data: {dataset_help} (default: mnist)")
+    t.add_argument("--binarize", choices=BINARIZE,
+                   help="training images: dynamic draws binary images afresh (pixel ~ Bernoulli(grey value)) every "
+                   "time they are used; none uses them as they are and needs images that are all 0 or 1 (the "
+                   "Bernoulli decoder models binary pixels). On 0/1 images dynamic is the same as none. Default: none "
+                   "for 0/1 images, dynamic for grey ones. Test images are binarized once, with a fixed seed")
+    t.add_argument("--layers", type=int, choices=(1, 2),
+                   help="stochastic layers, Burda et al.'s architectures (default: 1); or --latent with --hidden")
+    t.add_argument("--latent", type=_latent, metavar="SIZES",
+                   help="any architecture: units of each stochastic layer from x up, e.g. 100,50 (with --hidden; "
+                   "--layers, if also given, must equal the number of entries)")
+    t.add_argument("--hidden", type=_hidden, metavar="SIZES",
+                   help="the tanh hidden layers before each stochastic layer, one x-separated list per --latent "
+                   "entry, e.g. 200x200,100x100 (the decoder mirrors them)")
     t.add_argument("--objective", choices=OBJECTIVES, help="bound to maximize (default: iwae)")
     t.add_argument("-k", type=_positive_int, help="importance samples per group (default: 1)")
     t.add_argument("-m", type=_positive_int, help="groups of k samples, for miwae and piwae (default: 1)")
@@ -156,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(the same subset for every run of a dataset; its seed is in evaluation.json; default: all)")
     e.add_argument("--seed", type=int, default=0, help="seed of the importance samples (default: 0)")
     e.add_argument("--data-dir", help=data_help + "; default: the one the run was trained with")
+    e.add_argument("--dataset", metavar="{mnist,omniglot,PATH}",
+                   help="evaluate on this data instead of the run's own (its recorded dataset_path, or the built-in "
+                   "set); it must have the content hash recorded in config.json (dataset_sha256), e.g. the same "
+                   "file moved elsewhere")
+    e.add_argument("--ignore-dataset-hash", action="store_true",
+                   help="evaluate even if the data is not the data the run was trained on (another content hash, "
+                   "or another built-in set); its images must still have the model's number of pixels")
     e.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.add_argument("--per-example", metavar="FILE",
@@ -246,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
         "estimators snr.json is a list of one object per estimator.",
     )
     n.add_argument("run_dir", metavar="RUN_DIR", nargs="?", type=_existing_run, help="a directory written by `iwae train`")
+    n.add_argument("--latent", type=_latent, metavar="SIZES",
+                   help="instead, a freshly initialized model of this architecture (with --hidden, as in iwae train)")
+    n.add_argument("--hidden", type=_hidden, metavar="SIZES", help="the hidden layers of --latent's model, e.g. 200x200")
     n.add_argument("--preset", choices=("burda1", "burda2"),
                    help="instead, a freshly initialized Burda et al. 1- or 2-layer model (seeded by --seed) on MNIST")
     n.add_argument("--k", "-k", type=_k_list, default=[1, 5, 10, 50, 100, 500], help="comma-separated K values (default: 1,5,10,50,100,500)")
@@ -254,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--batch-size", type=_positive_int, default=20, help="the fixed batch: the first N training images (default: 20)")
     n.add_argument("--seed", type=int, default=0, help="seed of the batch's binarization, the preset's weights and the samples (default: 0)")
     n.add_argument("--data-dir", help=data_help + "; default for RUN_DIR: the one the run was trained with")
+    n.add_argument("--dataset", metavar="{mnist,omniglot,PATH}",
+                   help=f"the data of the fixed batch: {dataset_help} (default: mnist for --preset; for RUN_DIR the "
+                   "run's own data, and another must have the content hash recorded in its config.json)")
     n.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     n.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     n.add_argument("--out", required=True, help="directory to write snr.json and snr.png into, made if missing")
@@ -375,8 +422,14 @@ def _train_run(args) -> int:
             keys.pop("stages", None)
         if "stages" in given:
             keys.pop("epochs", None)
-        if {"layers", "scale"} & given.keys():
+        for key in ("image_shape", "dataset_path", "dataset_sha256"):
+            keys.pop(key, None)  # a run's config.json: records of its data, taken afresh from the data
+        if {"layers", "scale", "latent", "hidden", "dataset"} & given.keys():
             keys.pop("model", None)  # a run's config.json: rebuild the architecture from the new options
+        if {"latent", "hidden"} & given.keys():
+            keys.pop("layers", None)
+        if "layers" in given:
+            keys.pop("latent", None), keys.pop("hidden", None)
         if out is None:
             raise IwaeError("give --out RUN_DIR (or --resume RUN_DIR)")
         config = TrainConfig.from_dict({**keys, **given})
@@ -414,14 +467,14 @@ def _evaluate(args) -> int:
     from iwae import data as iwae_data
     from iwae.evaluate import evaluate_images
     from iwae.rundir import PER_EXAMPLE_FORMATS, SUMMARY_FILE, check_output_file, write_evaluation, write_per_example
-    from iwae.train import load_run, pick_device
+    from iwae.train import load_run, pick_device, run_dataset
 
     per_example = None
     if args.per_example:  # checked before any work
         per_example = check_output_file(args.per_example, args.overwrite, "--per-example", PER_EXAMPLE_FORMATS)
     device = pick_device(args.device)
     config, model = load_run(args.run_dir, device)
-    dataset = iwae_data.load_dataset(config.dataset, args.data_dir or config.data_dir)
+    dataset = run_dataset(config, args.dataset, args.data_dir, check_hash=not args.ignore_dataset_hash)
     x = torch.from_numpy(iwae_data.binarized_test(dataset, args.n_test)).to(device)
     result, per_image = evaluate_images(model, x, k=args.k, seed=args.seed, progress=not args.quiet)
     result.update(iwae_data.test_subset_record(dataset.test.shape[0], args.n_test))
@@ -451,12 +504,12 @@ def _sample(args) -> int:
     from iwae.train import load_run
 
     out = check_output_file(args.out, args.overwrite, "--out", (".png",))
-    _, model = load_run(args.run_dir)
+    config, model = load_run(args.run_dir)
     generator = torch.Generator().manual_seed(args.seed)
     images = model.sample_images(args.n, generator)
     if args.binary:
         images = torch.bernoulli(images, generator=generator)
-    save_image_grid(images.numpy(), make_parents(out))
+    save_image_grid(images.numpy(), make_parents(out), shape=config.image_shape)
     print(f"wrote {args.n} samples to {out}")
     return 0
 
@@ -472,24 +525,33 @@ def _snr(args) -> int:
     from iwae.progress import progress_bar
     from iwae.report import save_snr_plot
     from iwae.rundir import check_output_dir, write_json
-    from iwae.train import load_run, pick_device
+    from iwae.train import load_run, pick_device, run_dataset
 
-    if (args.run_dir is None) == (args.preset is None):
-        raise IwaeError("give either RUN_DIR or --preset")
+    fresh = args.latent is not None or args.hidden is not None
+    if (args.run_dir is not None) + (args.preset is not None) + fresh != 1:
+        raise IwaeError("give one of RUN_DIR, --preset, or --latent with --hidden")
+    if fresh and (args.latent is None or args.hidden is None or len(args.latent) != len(args.hidden)):
+        raise IwaeError("--latent and --hidden go together, one hidden-layer list per stochastic layer "
+                        "(e.g. --latent 100,50 --hidden 200x200,100x100)")  # fmt: skip
     if args.reps < 2:
         raise IwaeError(f"--reps must be >= 2 to estimate a standard deviation, got {args.reps}")
     out = check_output_dir(args.out, ("snr.json", "snr.png"), args.overwrite)
     device = pick_device(args.device)
     if args.run_dir is not None:
         config, model = load_run(args.run_dir, device)
-        dataset = iwae_data.load_dataset(config.dataset, args.data_dir or config.data_dir)
+        dataset = run_dataset(config, args.dataset, args.data_dir)
         source = str(args.run_dir)
     else:
-        dataset = iwae_data.load_dataset("mnist", args.data_dir)
+        dataset = iwae_data.load_dataset(args.dataset or "mnist", args.data_dir)
         torch.manual_seed(args.seed)
         pixel_mean = torch.from_numpy(dataset.train.mean(0))
-        model = VAE(ModelConfig.preset(int(args.preset[-1])), pixel_mean=pixel_mean).to(device)
-        source = f"preset {args.preset}, seed {args.seed}"
+        if fresh:
+            architecture = ModelConfig(x_dim=dataset.x_dim, latent=args.latent, hidden=args.hidden)
+            source = f"latent {args.latent} hidden {args.hidden}, seed {args.seed}"
+        else:
+            architecture = ModelConfig.preset(int(args.preset[-1]), x_dim=dataset.x_dim)
+            source = f"preset {args.preset}, seed {args.seed}"
+        model = VAE(architecture, pixel_mean=pixel_mean).to(device)
     x = torch.from_numpy(iwae_data.binarize_fixed(dataset.train[: args.batch_size], seed=args.seed)).to(device)
 
     curves = []

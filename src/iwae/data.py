@@ -1,4 +1,13 @@
-"""Datasets: MNIST and OMNIGLOT 28x28, as float32 arrays of shape [N, 784] in [0, 1].
+"""Datasets: MNIST and OMNIGLOT 28x28, or the user's own images from files, as float32
+arrays of shape [N, D] in [0, 1] (D = 784 for the built-in sets).
+
+Own data (``--dataset PATH``, :func:`load_files`) is either an ``.npz`` file with arrays
+``train`` and ``test`` (and optionally ``validation``) of shape [N, H, W] or [N, D], or a
+directory with ``train/`` and ``test/`` (optionally ``validation/``) holding PNG images of
+one size (pixel value / 255 is the grey value: white = 1, as in MNIST's files; colour is
+converted to grey). Values must lie in [0, 1]; training images that are all 0 or 1 are
+used as they are, grey ones are binarized dynamically as MNIST's are. A dataset read from
+files carries its image shape and a content hash (:func:`content_sha256`).
 
 Layout of the data directory (``--data-dir``, else ``$IWAE_DATA``, else
 ``platformdirs.user_cache_dir("iwae")/data``)::
@@ -72,6 +81,9 @@ __all__ = [
     "VALIDATION_SIZE",
     "Dataset",
     "binarize_fixed",
+    "content_sha256",
+    "display_shape",
+    "load_files",
     "binarized_test",
     "test_subset_indices",
     "test_subset_record",
@@ -560,12 +572,27 @@ def load_omniglot(data_dir: str | os.PathLike[str] | None = None) -> dict[str, n
 
 @dataclass(frozen=True)
 class Dataset:
-    """Images as float32 [N, 784] in [0, 1] (read-only arrays, shared between loads)."""
+    """Images as float32 [N, D] in [0, 1] (read-only arrays, shared between loads).
+
+    ``image_shape`` is the shape of one image (``(H, W)``, or ``(D,)`` for flat data);
+    ``binary``: the training images are all 0 or 1, and are used as they are (binarizing
+    them again would give the same images); ``path`` and ``sha256``: for a dataset read
+    from files, its absolute path and :func:`content_sha256`.
+    """
 
     name: str
     train: np.ndarray
     test: np.ndarray
     validation: np.ndarray | None = None
+    image_shape: tuple[int, ...] = (IMAGE_SIDE, IMAGE_SIDE)
+    binary: bool = False
+    path: str | None = None
+    sha256: str | None = None
+
+    @property
+    def x_dim(self) -> int:
+        """Pixels per image, D."""
+        return int(self.train.shape[1])
 
 
 @functools.lru_cache(maxsize=4)
@@ -582,11 +609,181 @@ def _load_dataset_cached(name: str, data_dir: Path, validation: bool) -> Dataset
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike[str] | None = None, validation: bool = False) -> Dataset:
-    """Load ``"mnist"`` or ``"omniglot"``; the result is cached in-process per resolved data dir."""
+    """Load ``"mnist"`` or ``"omniglot"`` (cached in-process per resolved data dir), or
+    anything else as the path of the user's own data (:func:`load_files`, not cached;
+    ``validation`` does not apply: a ``validation`` split in the files is always held out)."""
     key = name.lower()
-    if key not in DATASETS:
-        raise IwaeError(f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)}")
-    return _load_dataset_cached(key, resolve_data_dir(data_dir), bool(validation))
+    if key in DATASETS:
+        return _load_dataset_cached(key, resolve_data_dir(data_dir), bool(validation))
+    if validation:
+        raise IwaeError("--validation holds out MNIST's last 400 training images; a dataset read from files "
+                        "keeps its own validation split apart instead")  # fmt: skip
+    return load_files(name)
+
+
+# --------------------------------------------------------------------------- own data from files
+
+#: the splits of a dataset read from files; ``validation`` is optional
+FILE_SPLITS = ("train", "validation", "test")
+_REQUIRED_SPLITS = ("train", "test")
+
+
+def load_files(path: str | os.PathLike[str]) -> Dataset:
+    """The user's own images: an ``.npz`` file (:func:`read_npz_images`) or a directory of
+    PNG images (:func:`read_png_dir`), checked (:func:`_checked_splits`) and hashed.
+
+    Raises :class:`DataError` naming the file and what is wrong: not found, unreadable, a
+    missing or empty split, images of different sizes, values outside [0, 1].
+    """
+    given = str(path)
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise IwaeError(f"--dataset {given}: neither a built-in dataset ({', '.join(DATASETS)}) "
+                        "nor an existing .npz file or directory")  # fmt: skip
+    path = path.resolve()
+    if path.is_dir():
+        arrays = read_png_dir(path)
+    elif path.suffix.lower() == ".npz":
+        arrays = read_npz_images(path)
+    else:
+        raise DataError(f"{path}: expected an .npz file or a directory with train/ and test/ of PNG images")
+    splits, image_shape = _checked_splits(path, arrays)
+    binary = all(_is_binary(splits[s]) for s in ("train", "validation") if s in splits)
+    for array in splits.values():
+        array.flags.writeable = False
+    return Dataset(name=str(path), image_shape=image_shape, binary=binary, path=str(path),
+                   sha256=content_sha256(splits, image_shape), **splits)  # fmt: skip
+
+
+def read_npz_images(path: Path) -> dict[str, np.ndarray]:
+    """The arrays ``train``, ``test`` and (if present) ``validation`` of an ``.npz`` file,
+    as stored (other arrays in the file are ignored)."""
+    try:
+        with path.open("rb") as f, np.load(f, allow_pickle=False) as npz:  # own file: closed on errors too
+            missing = [s for s in _REQUIRED_SPLITS if s not in npz.files]
+            if missing:
+                raise DataError(f"{path}: missing split {', '.join(repr(m) for m in missing)} (found arrays "
+                                f"{sorted(npz.files)}; expected 'train' and 'test', optionally 'validation')")  # fmt: skip
+            return {s: npz[s] for s in FILE_SPLITS if s in npz.files}
+    except DataError:
+        raise
+    except Exception as e:  # numpy and zipfile raise many types on corrupted files (found by fuzzing)
+        raise DataError(f"{path}: cannot read npz file (not an .npz, truncated or corrupted?): "
+                        f"{type(e).__name__}: {e}") from e  # fmt: skip
+
+
+def read_png_dir(path: Path) -> dict[str, np.ndarray]:
+    """The PNG images (``*.png``, in the order of their names) of ``path/train``,
+    ``path/test`` and, if present, ``path/validation``, as float32 [N, H, W] grey values
+    (:func:`read_png`); other files are ignored."""
+    missing = [s for s in _REQUIRED_SPLITS if not (path / s).is_dir()]
+    if missing:
+        raise DataError(f"{path}: missing split {', '.join(f'{m}/' for m in missing)} "
+                        "(expected train/ and test/ of PNG images, optionally validation/)")  # fmt: skip
+    out = {}
+    for split in FILE_SPLITS:
+        folder = path / split
+        if not folder.is_dir():
+            continue
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".png" and p.is_file())
+        if not files:
+            raise DataError(f"{folder}: empty split: no .png images")
+        images = [read_png(f) for f in files]
+        for f, image in zip(files, images):
+            if image.shape != images[0].shape:
+                raise DataError(f"{f}: image of size {_size(image.shape)}, but {files[0].name} is "
+                                f"{_size(images[0].shape)}: all images must have one size")  # fmt: skip
+        out[split] = np.stack(images)
+    return out
+
+
+def _size(shape: tuple[int, ...]) -> str:
+    """``(H, W)`` as ``WxH`` (width first, as image viewers say it), ``(D,)`` as ``D``."""
+    return f"{shape[1]}x{shape[0]}" if len(shape) == 2 else "x".join(map(str, shape))
+
+
+def read_png(path: Path) -> np.ndarray:
+    """One PNG image as float32 [H, W] grey values in [0, 1]: 8-bit pixels / 255, 16-bit
+    ones / 65535, 1-bit ones 0 or 1; colour (and palette) images converted to grey
+    (luminance), transparency ignored."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            if image.format != "PNG":
+                raise DataError(f"{path}: not a PNG image (found {image.format})")
+            image.load()
+            if image.mode == "1":
+                return np.asarray(image, dtype=np.float32)
+            if image.mode.startswith("I"):  # 16-bit grey
+                return (np.asarray(image, dtype=np.float64) / 65535.0).astype(np.float32)
+            return np.asarray(image.convert("L"), dtype=np.float32) / np.float32(255.0)
+    except DataError:
+        raise
+    except Exception as e:  # Pillow raises many types on corrupted files
+        raise DataError(f"{path}: cannot read PNG image (truncated or corrupted?): {type(e).__name__}: {e}") from e
+
+
+def _checked_splits(path: Path, arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], tuple[int, ...]]:
+    """Each split as float32 [N, D] (:func:`_checked_images`), and the shape of one image,
+    the same in every split: ``(H, W)`` from [N, H, W] arrays, ``(D,)`` from [N, D] ones."""
+    splits = {split: _checked_images(path, split, array) for split, array in arrays.items()}
+    shapes = {split: array.shape[1:] for split, array in splits.items()}
+    if len(set(shapes.values())) > 1:
+        sizes = ", ".join(f"{split} {list(shape)}" for split, shape in shapes.items())
+        raise DataError(f"{path}: the splits hold images of different sizes ({sizes}); all must have one size")
+    image_shape = tuple(int(d) for d in shapes["train"])
+    return {split: np.ascontiguousarray(a.reshape(a.shape[0], -1)) for split, a in splits.items()}, image_shape
+
+
+def _checked_images(path: Path, split: str, array: np.ndarray) -> np.ndarray:
+    """One split as float32, checked: real numbers, shape [N, H, W] or [N, D] with N >= 1
+    and no empty dimension, every value finite and in [0, 1]."""
+    if array.dtype != np.bool_ and not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise DataError(f"{path}: '{split}' has dtype {array.dtype}, expected real numbers in [0, 1]")
+    if array.ndim not in (2, 3):
+        raise DataError(f"{path}: '{split}' has shape {list(array.shape)}, expected [N, H, W] or [N, D]")
+    if array.shape[0] == 0:
+        raise DataError(f"{path}: empty split: '{split}' holds no images (shape {list(array.shape)})")
+    if 0 in array.shape[1:]:
+        raise DataError(f"{path}: '{split}' has images of size 0 (shape {list(array.shape)})")
+    if array.dtype != np.bool_:
+        finite = bool(np.isfinite(array).all()) if np.issubdtype(array.dtype, np.floating) else True
+        if not finite or array.min() < 0 or array.max() > 1:
+            found = "NaN or infinite values" if not finite else f"values from {array.min()} to {array.max()}"
+            raise DataError(f"{path}: '{split}' has values outside [0, 1] ({found}); grey images must be "
+                            "scaled to [0, 1] (8-bit pixels: divide by 255)")  # fmt: skip
+    return array.astype(np.float32)
+
+
+def _is_binary(x: np.ndarray) -> bool:
+    """Every value is 0 or 1."""
+    return bool(((x == 0) | (x == 1)).all())
+
+
+def content_sha256(splits: dict[str, np.ndarray], image_shape: Sequence[int]) -> str:
+    """sha256 of a dataset's content: for each split present, in the order train,
+    validation, test, a line ``"<split> <N> <image shape>"`` then its images as
+    little-endian float32 bytes. It depends on the values and shapes only, not on the
+    file: an ``.npz`` saved again (another dtype, compression, array order in the file)
+    with the same images has the same hash."""
+    h = hashlib.sha256(b"iwae dataset v1\n")
+    for split in FILE_SPLITS:
+        if split in splits:
+            images = np.ascontiguousarray(splits[split], dtype="<f4")
+            h.update(f"{split} {images.shape[0]} {list(image_shape)}\n".encode())
+            h.update(images.tobytes())
+    return h.hexdigest()
+
+
+def display_shape(image_shape: Sequence[int]) -> tuple[int, int]:
+    """The 2-D shape in which images of ``image_shape`` are drawn: ``(H, W)`` itself; flat
+    ``(D,)`` data as a square if D is one, else as one row of D pixels."""
+    if len(image_shape) == 2:
+        return int(image_shape[0]), int(image_shape[1])
+    d = int(np.prod(image_shape))
+    side = math.isqrt(d)
+    return (side, side) if side * side == d else (1, d)
 
 
 def binarize_fixed(x: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -640,15 +837,18 @@ def binarized_test(dataset: Dataset, n: int | None = None) -> np.ndarray:
     return binarize_fixed(dataset.test, seed=0)[test_subset_indices(dataset.test.shape[0], n)]
 
 
-def tile_images(images: np.ndarray, side: int = 28, cols: int | None = None, pad: int = 1) -> np.ndarray:
-    """Arrange ``images`` [n, side*side] in a grid with ``pad`` pixels of border."""
-    images = np.asarray(images, dtype=np.float32).reshape(-1, side, side)
+def tile_images(images: np.ndarray, side: int = 28, cols: int | None = None, pad: int = 1,
+                shape: Sequence[int] | None = None) -> np.ndarray:
+    """Arrange ``images`` [n, H*W] in a grid with ``pad`` pixels of border: tiles of
+    ``shape`` (an image shape, drawn as :func:`display_shape` says), else side x side."""
+    h, w = display_shape(shape) if shape is not None else (side, side)
+    images = np.asarray(images, dtype=np.float32).reshape(-1, h, w)
     n = images.shape[0]
     cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    grid = np.ones((rows * (side + pad) + pad, cols * (side + pad) + pad), dtype=np.float32)
+    grid = np.ones((rows * (h + pad) + pad, cols * (w + pad) + pad), dtype=np.float32)
     for i, img in enumerate(images):
         r, c = divmod(i, cols)
-        y, x = pad + r * (side + pad), pad + c * (side + pad)
-        grid[y : y + side, x : x + side] = img
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        grid[y : y + h, x : x + w] = img
     return grid

@@ -444,7 +444,9 @@ def reuse_runs(runs: list[Run], out: Path, sources: list[Path], data_dir: str | 
         for run_dir in sorted((source / "runs").iterdir()):
             config = read_json(run_dir / CONFIG_FILE, required=False)
             if isinstance(config, dict) and (run_dir / SUMMARY_FILE).exists() and (run_dir / WEIGHTS_FILE).exists():
-                finished.append((_training_key(config, exact=True), _training_key(config), run_dir))
+                config = _as_written(config)
+                if config is not None:
+                    finished.append((_training_key(config, exact=True), _training_key(config), run_dir))
     copied = []
     for run in runs:
         target = out / "runs" / run.name
@@ -467,6 +469,18 @@ def reuse_runs(runs: list[Run], out: Path, sources: list[Path], data_dir: str | 
         if progress:
             print(f"{run.name}: reused from {match}", flush=True)
     return copied
+
+
+def _as_written(config: dict) -> dict | None:
+    """The keys of ``config`` as this version writes them into ``config.json`` (lists, and
+    the keys an older version did not write at the values they stand for), or None if it is
+    not a valid configuration."""
+    from iwae.train import TrainConfig
+
+    try:
+        return json.loads(json.dumps(TrainConfig.from_dict(config).to_dict()))
+    except (IwaeError, TypeError, ValueError):  # a hand-edited config.json can hold anything
+        return None
 
 
 def _training_key(config: dict, exact: bool = False) -> dict:

@@ -82,6 +82,30 @@ class ModelConfig:
         return d
 
 
+def parse_latent(text: str) -> tuple[int, ...]:
+    """Stochastic layer sizes written ``"100,50"`` (``iwae train --latent``): one positive
+    integer per stochastic layer, from x up."""
+    return tuple(_positive_sizes(text, ",", "--latent", "100,50"))
+
+
+def parse_hidden(text: str) -> tuple[tuple[int, ...], ...]:
+    """Deterministic hidden layers written ``"200x200,100x100"`` (``iwae train --hidden``):
+    one ``x``-separated list of positive sizes per stochastic layer, in the order of
+    ``--latent``. The decoder mirrors them (see :data:`PRESETS`)."""
+    return tuple(tuple(_positive_sizes(part, "x", "--hidden", "200x200,100x100")) for part in text.split(","))
+
+
+def _positive_sizes(text: str, sep: str, flag: str, example: str) -> list[int]:
+    parts = [part.strip() for part in str(text).split(sep)]
+    try:
+        sizes = [int(part) for part in parts]
+    except ValueError:
+        raise IwaeError(f"{flag}: expected positive integers written like {example}, got {text!r}") from None
+    if any(size < 1 for size in sizes):
+        raise IwaeError(f"{flag}: layer sizes must be positive integers, got {text!r}")
+    return sizes
+
+
 #: below this many elements torch.tanh is used as it is (the saving would not pay for the
 #: extra calls)
 FAST_TANH_MIN = 65536

@@ -14,14 +14,16 @@ import numpy as np
 from iwae.data import TEST_SIZES, atomic_write, tile_images
 
 
-def save_image_grid(images: np.ndarray, path: str | Path, side: int = 28, cols: int | None = None) -> None:
-    """Save images (pixel values in [0, 1], ink = 1) as a PNG grid, black ink on white, atomically."""
+def save_image_grid(images: np.ndarray, path: str | Path, side: int = 28, cols: int | None = None,
+                    shape=None) -> None:
+    """Save images (pixel values in [0, 1], ink = 1) as a PNG grid, black ink on white, atomically;
+    tiles of the image shape ``shape`` (see :func:`iwae.data.tile_images`), else side x side."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid = tile_images(images, side, cols)
+    grid = tile_images(images, side, cols, shape=shape)
     atomic_write(Path(path), lambda f: plt.imsave(f, 1.0 - grid, cmap="gray", vmin=0.0, vmax=1.0, format="png"))
 
 
@@ -931,11 +933,11 @@ def _save_samples(r: RunResult, meta, fig_dir: Path, name: str) -> bool:
     if path.exists() and weights.exists() and path.stat().st_mtime >= weights.stat().st_mtime:
         return True  # drawn from these weights already
     try:
-        _, model = load_run(Path(meta["_dir"]) / "runs" / r.name)
+        config, model = load_run(Path(meta["_dir"]) / "runs" / r.name)
     except IwaeError:
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image_grid(model.sample_images(64, torch.Generator().manual_seed(0)).numpy(), path)
+    save_image_grid(model.sample_images(64, torch.Generator().manual_seed(0)).numpy(), path, shape=config.image_shape)
     return True
 
 

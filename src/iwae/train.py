@@ -32,7 +32,7 @@ import torch
 from iwae import data as iwae_data
 from iwae.bounds import Objective
 from iwae.errors import IwaeError, RunDirError
-from iwae.model import VAE, ModelConfig
+from iwae.model import VAE, ModelConfig, parse_hidden, parse_latent
 from iwae.rundir import (  # noqa: F401 (re-exported: iwae.train.load_run's neighbours, used by callers)
     CHECKPOINT_FILE,
     CHECKPOINT_NEXT_FILE,
@@ -61,17 +61,23 @@ from iwae.rundir import (  # noqa: F401 (re-exported: iwae.train.load_run's neig
 
 
 DATASETS = ("mnist", "omniglot")
+BINARIZE = ("dynamic", "none")
 
 
 @dataclass
 class TrainConfig:
     """Everything that determines a training run; stored as ``config.json``.
 
-    The keys are the long options of ``iwae train`` with ``-`` written ``_``.
+    The keys are the long options of ``iwae train`` with ``-`` written ``_``. ``dataset``
+    is ``mnist``, ``omniglot`` or the path of the user's own data; ``image_shape``,
+    ``dataset_path`` (absolute) and ``dataset_sha256`` record the data the run was
+    trained on (filled in by :meth:`for_data`; 28x28 and None for the built-in sets).
+    The architecture is ``layers`` (Burda et al.'s presets) or ``latent`` and ``hidden``
+    (any sizes; ``layers`` then is their length), resolved into ``model``.
     """
 
     dataset: str = "mnist"
-    layers: int = 1
+    layers: int | None = None
     objective: str = "iwae"
     k: int = 1
     m: int = 1
@@ -97,11 +103,21 @@ class TrainConfig:
     init_weights: str | None = None
     data_dir: str | None = None
     model: dict = field(default_factory=dict)
+    latent: list | str | None = None
+    hidden: list | str | None = None
+    binarize: str | None = None
+    image_shape: list | None = None
+    dataset_path: str | None = None
+    dataset_sha256: str | None = None
 
     def __post_init__(self):
         self._check_types()
-        if self.dataset not in DATASETS:
-            raise IwaeError(f"unknown dataset {self.dataset!r}: choose one of {', '.join(DATASETS)}")
+        if not self.dataset:
+            raise IwaeError("dataset must be mnist, omniglot or the path of a dataset, got an empty name")
+        if self.dataset.lower() in DATASETS:
+            self.dataset = self.dataset.lower()
+        if self.binarize is not None and self.binarize not in BINARIZE:
+            raise IwaeError(f"binarize must be one of {', '.join(BINARIZE)}, got {self.binarize!r}")
         if self.epochs is not None:
             self.stages = None
         if self.stages is not None and not 1 <= self.stages <= 8:
@@ -124,9 +140,74 @@ class TrainConfig:
         if not (self.lr > 0 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.adam_eps > 0):
             raise IwaeError("Adam needs lr > 0, 0 <= beta1, beta2 < 1 and eps > 0")
         self.objective_spec  # validates objective, k, m, beta, estimator
-        if not self.model:
-            self.model = ModelConfig.preset(self.layers, scale=self.scale).to_dict()
-        self.model_config  # validates the architecture
+        self._resolve_architecture()
+
+    def _resolve_architecture(self) -> None:
+        """``latent``/``hidden`` and ``layers`` (:meth:`_resolve_layers`); ``image_shape``
+        28x28 for the built-in sets; ``model`` built from them once the image shape is known
+        (for a dataset from files, by :meth:`for_data`), and checked."""
+        self._resolve_layers()
+        if self.image_shape is None and self.dataset in DATASETS:
+            self.image_shape = [iwae_data.IMAGE_SIDE, iwae_data.IMAGE_SIDE]
+        if self.image_shape is not None:
+            if not (1 <= len(self.image_shape) <= 2 and all(isinstance(d, int) and d >= 1 for d in self.image_shape)):
+                raise IwaeError(f"image_shape must be [H, W] or [D] of positive integers, got {self.image_shape!r}")
+            self.image_shape = list(self.image_shape)
+        if not self.model and self.image_shape is not None:
+            self.model = self.architecture(math.prod(self.image_shape)).to_dict()
+        if self.model:
+            self.model_config  # validates the architecture
+        else:
+            self.architecture(1)  # validates the layers; the input size comes with the data
+
+    def _resolve_layers(self) -> None:
+        """``latent`` and ``hidden`` (lists, or text as on the command line) parsed and
+        checked; ``layers`` their number (an explicit ``layers`` must agree), else 1."""
+        if (self.latent is None) != (self.hidden is None):
+            raise IwaeError("--latent and --hidden go together: give both (e.g. --latent 100,50 "
+                            "--hidden 200x200,100x100) or neither (--layers 1|2)")  # fmt: skip
+        if self.latent is None:
+            self.layers = 1 if self.layers is None else self.layers
+            return
+        latent = parse_latent(self.latent) if isinstance(self.latent, str) else self.latent
+        hidden = parse_hidden(self.hidden) if isinstance(self.hidden, str) else self.hidden
+        if isinstance(latent, (list, tuple)) and isinstance(hidden, (list, tuple)) and len(latent) != len(hidden):
+            raise IwaeError(f"--latent has {len(latent)} entries and --hidden {len(hidden)}: give one list of "
+                            "hidden layers per stochastic layer, e.g. --latent 100,50 --hidden 200x200,100x100")  # fmt: skip
+        try:
+            checked = ModelConfig(x_dim=1, latent=latent, hidden=hidden, scale=self.scale)  # sizes and counts
+        except (TypeError, ValueError):
+            raise IwaeError(f"latent must be a list of sizes and hidden a list of lists of sizes, got latent="
+                            f"{self.latent!r} hidden={self.hidden!r}") from None  # fmt: skip
+        self.latent, self.hidden = list(checked.latent), [list(h) for h in checked.hidden]
+        if self.layers is not None and self.layers != len(self.latent):
+            plural = "s" if len(self.latent) > 1 else ""
+            raise IwaeError(f"--layers {self.layers} disagrees with --latent {','.join(map(str, self.latent))} "
+                            f"({len(self.latent)} stochastic layer{plural}): give one or the other")  # fmt: skip
+        self.layers = len(self.latent)
+
+    def architecture(self, x_dim: int) -> ModelConfig:
+        """The model of ``latent``/``hidden`` (or of the ``layers`` preset) for ``x_dim`` pixels."""
+        if self.latent is not None:
+            return ModelConfig(x_dim=x_dim, latent=self.latent, hidden=self.hidden, scale=self.scale)
+        return ModelConfig.preset(self.layers, x_dim=x_dim, scale=self.scale)
+
+    def for_data(self, dataset: iwae_data.Dataset) -> "TrainConfig":
+        """This configuration with ``dataset``'s image shape, path and content hash recorded
+        (and ``model`` built for its pixels if it was not given); checks that ``model``'s
+        input size fits the images and that ``binarize`` suits them."""
+        if math.prod(dataset.image_shape) != dataset.x_dim:
+            raise IwaeError(f"dataset {dataset.name}: image_shape {list(dataset.image_shape)} does not hold its "
+                            f"{dataset.x_dim} pixels per image")  # fmt: skip
+        if self.binarize == "none" and not dataset.binary:
+            raise IwaeError(f"--binarize none: the training images of {dataset.name} are grey (not all 0 or 1), "
+                            "and the Bernoulli decoder needs binary images: use --binarize dynamic")  # fmt: skip
+        config = TrainConfig.from_dict({**self.to_dict(), "image_shape": list(dataset.image_shape),
+                                        "dataset_path": dataset.path, "dataset_sha256": dataset.sha256})  # fmt: skip
+        if config.model_config.x_dim != dataset.x_dim:
+            raise IwaeError(f"the model takes {config.model_config.x_dim} pixels (model.x_dim), but the images of "
+                            f"{dataset.name} have {dataset.x_dim} ({'x'.join(map(str, dataset.image_shape))})")  # fmt: skip
+        return config
 
     def _check_types(self) -> None:
         for f in fields(self):
@@ -143,6 +224,8 @@ class TrainConfig:
                 ok = isinstance(value, str)
             elif kind == "bool":
                 ok = isinstance(value, bool)
+            elif kind.startswith("list"):
+                ok = isinstance(value, (list, tuple)) or ("str" in kind and isinstance(value, str))
             else:
                 ok = isinstance(value, dict)
             if not ok:
@@ -154,6 +237,8 @@ class TrainConfig:
 
     @property
     def model_config(self) -> ModelConfig:
+        if not self.model:
+            raise IwaeError(f"the model's input size is not known before the data of {self.dataset} is read")
         return ModelConfig.from_dict(self.model)
 
     def schedule(self) -> list[tuple[int, int, float]]:
@@ -223,6 +308,30 @@ def load_config(run_dir: str | Path) -> TrainConfig:
         raise
     except IwaeError as e:
         raise RunDirError(f"{run_dir / CONFIG_FILE}: {e}") from None
+
+
+def run_dataset(config: TrainConfig, dataset: str | None = None, data_dir: str | None = None,
+                check_hash: bool = True) -> iwae_data.Dataset:
+    """The data of a trained run: ``dataset`` (a built-in name or a path) if given, else the
+    one it was trained on (``dataset_path``, or the built-in set from ``data_dir``, else the
+    run's own data directory). With ``check_hash`` it must be that data: the same content
+    hash for data from files, the same name for a built-in set; otherwise an
+    :class:`IwaeError` (``iwae evaluate --ignore-dataset-hash`` skips this check). Its
+    images must have the model's number of pixels in any case."""
+    source = dataset or config.dataset_path or config.dataset
+    data = iwae_data.load_dataset(source, data_dir or config.data_dir)
+    if check_hash:
+        if config.dataset_sha256 is not None and data.sha256 != config.dataset_sha256:
+            raise IwaeError(f"{source}: not the data the run was trained on: its content sha256 is {data.sha256}, "
+                            f"config.json records {config.dataset_sha256} (from {config.dataset_path}); pass "
+                            "--ignore-dataset-hash to use it anyway")  # fmt: skip
+        if config.dataset_sha256 is None and data.name != config.dataset:
+            raise IwaeError(f"{source}: the run was trained on {config.dataset}; pass --ignore-dataset-hash "
+                            "to use other data anyway")  # fmt: skip
+    if data.x_dim != config.model_config.x_dim:
+        raise IwaeError(f"{source}: images of {data.x_dim} pixels ({'x'.join(map(str, data.image_shape))}), "
+                        f"but the run's model takes {config.model_config.x_dim}")  # fmt: skip
+    return data
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[TrainConfig, VAE]:
@@ -450,6 +559,7 @@ class _Run:
     plan: list[tuple[int, float]]  # (stage, learning rate) of every pass
     stage_ends: set[int]  # passes that end a stage
     last_checkpoint: float = field(default_factory=time.monotonic)
+    binarize: bool = True  # draw binary training images afresh (False: the images are 0/1 already)
     graphs: bool = False  # steps replayed from CUDA graphs (:mod:`iwae.cudagraph`)
     _steps: object = None
 
@@ -510,6 +620,13 @@ def _open_run(config: TrainConfig, out: Path, dataset, overwrite: bool, device, 
     if not resume and lead:
         prepare_run_dir(out, overwrite)
     checkpoint = read_safetensors(out / CHECKPOINT_FILE) if resume else None  # a bad file fails before the data loads
+    if dataset is None:  # resumed: from the recorded absolute path, whatever the working directory
+        dataset = iwae_data.load_dataset(config.dataset_path or config.dataset, config.data_dir,
+                                         validation=config.validation)  # fmt: skip
+    if resume and config.dataset_sha256 != dataset.sha256:
+        raise RunDirError(f"{dataset.name} is not the data {out} was trained on (content sha256 {dataset.sha256}, "
+                          f"{out / CONFIG_FILE} records {config.dataset_sha256}): the run cannot be resumed on it")  # fmt: skip
+    config = config.for_data(dataset)
     train_x, test_x = _images(config, dataset, dev)
     model, optimizer, generator = _fresh_state(config, train_x, dev, capturable=graphs)
     state, pass_start_rng = Progress(), None
@@ -524,13 +641,11 @@ def _open_run(config: TrainConfig, out: Path, dataset, overwrite: bool, device, 
     plan = [(stage, lr) for stage, passes, lr in config.schedule() for _ in range(passes)]
     stage_ends = {i for i in range(len(plan)) if i + 1 == len(plan) or plan[i + 1][0] != plan[i][0]}
     return _Run(config, out, lead, shard, model, config.objective_spec, optimizer, generator, train_x, test_x, state,
-                pass_start_rng, board, plan, stage_ends, graphs=graphs)  # fmt: skip
+                pass_start_rng, board, plan, stage_ends, binarize=not dataset.binary, graphs=graphs)  # fmt: skip
 
 
-def _images(config: TrainConfig, dataset, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _images(config: TrainConfig, dataset: iwae_data.Dataset, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The grey training images (checked) and the binarized test subset of the logged bounds."""
-    if dataset is None:
-        dataset = iwae_data.load_dataset(config.dataset, config.data_dir, validation=config.validation)
     train_x = torch.tensor(dataset.train, dtype=torch.float32)  # a copy: the loaded arrays are read-only
     if config.n_train is not None:
         train_x = train_x[: config.n_train]
@@ -613,14 +728,16 @@ class _PassTotals:
 
 def _pass_batches(run: _Run) -> torch.Tensor:
     """This pass's training batches: a random order of the images, each binarized afresh
-    (pixel ~ Bernoulli(grey value)), drawn from the generator's state at the pass start."""
+    (pixel ~ Bernoulli(grey value); images already 0/1 are used as they are), drawn from
+    the generator's state at the pass start."""
     generator, n = run.generator, run.train_x.shape[0]
     if run.state.step == 0:
         run.pass_start_rng = generator.get_state()
     current_rng = generator.get_state()
     generator.set_state(run.pass_start_rng)  # the pass's data comes from its starting state
-    batches = torch.bernoulli(run.train_x[torch.randperm(n, device=run.train_x.device, generator=generator)],
-                              generator=generator)  # fmt: skip
+    batches = run.train_x[torch.randperm(n, device=run.train_x.device, generator=generator)]
+    if run.binarize:
+        batches = torch.bernoulli(batches, generator=generator)
     if run.state.step > 0:
         generator.set_state(current_rng)  # resumed mid-pass: continue the sample stream
     return batches
@@ -698,7 +815,7 @@ def _record_pass(run: _Run, p: int, record: dict, metrics) -> None:
                          total_seconds=run.state.total_seconds + record["seconds"])  # fmt: skip
     if run.lead and stage_end:
         save_weights(run.model, run.out / WEIGHTS_FILE)
-        _log_stage(run.board, run.model, run.test_x, p + 1)
+        _log_stage(run.board, run.model, run.test_x, p + 1, run.config.image_shape)
 
 
 def _finish_run(run: _Run, record: dict) -> dict:
@@ -729,7 +846,7 @@ def _finish_run(run: _Run, record: dict) -> dict:
 #: architecture, the samples drawn per example, the schedule and Adam's settings (the
 #: objective, its estimator family aside, the seed and what is logged may differ)
 LOCKSTEP_KEYS = ("dataset", "validation", "n_train", "batch_size", "stages", "epochs", "lr", "beta1", "beta2",
-                 "adam_eps", "model", "init_weights")  # fmt: skip
+                 "adam_eps", "model", "init_weights", "binarize")  # fmt: skip
 
 
 def lockstep_key(config: TrainConfig) -> tuple:
@@ -1011,7 +1128,7 @@ def _log_pass(board, record: dict) -> None:
             board.add_scalar(key, record[key], record["pass"])
 
 
-def _log_stage(board, model: VAE, test_x: torch.Tensor, passes: int) -> None:
+def _log_stage(board, model: VAE, test_x: torch.Tensor, passes: int, image_shape=None) -> None:
     if isinstance(board, _NoBoard):
         return
     from iwae.evaluate import active_units  # evaluation imports this module for load_run
@@ -1021,5 +1138,5 @@ def _log_stage(board, model: VAE, test_x: torch.Tensor, passes: int) -> None:
     for layer, count in enumerate(active_units(model, test_x)):
         board.add_scalar(f"active_units/layer{layer + 1}", count, passes)
     images = model.sample_images(64, torch.Generator(device=test_x.device).manual_seed(0)).cpu().numpy()
-    board.add_image("samples", tile_images(images), passes, dataformats="HW")
+    board.add_image("samples", tile_images(images, shape=image_shape), passes, dataformats="HW")
     board.flush()
