@@ -437,8 +437,9 @@ def test_snr_on_own_data_and_architectures(tmp_path, capsys):
 
     run = tmp_path / "run"
     assert run_cli(capsys, "train", "--dataset", npz, "--latent", "2", "--hidden", "4", *TRAIN_SMALL, "--out", run)[0] == 0
-    assert run_cli(capsys, "snr", run, *common, "--out", out)[0] == 0
+    assert run_cli(capsys, "snr", run, *common, "--out", out)[0] == 2  # an existing result: refused
+    assert run_cli(capsys, "snr", run, *common, "--out", out, "--overwrite")[0] == 0
     assert json.loads((out / "snr.json").read_text())["source"] == str(run)
     code, _, err = run_cli(capsys, "snr", run, "--dataset", grey_npz(tmp_path / "e.npz", n=(8, 2), side=(5, 5), seed=3),
-                           *common, "--out", out)  # fmt: skip
+                           *common, "--out", out, "--overwrite")  # fmt: skip
     assert code == 2 and "not the data the run was trained on" in err

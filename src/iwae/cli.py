@@ -442,7 +442,7 @@ def _train_run(args) -> int:
     print(
         f"trained {config.objective_spec} on {config.dataset} for {summary['passes']} passes "
         f"in {summary['train_seconds']:.0f} s: train bound {summary['final_train_bound']:.2f}, "
-        f"test IWAE-64 {test:.2f} (first {summary['test_iwae64_n']} test images) -> {out}"
+        f"test IWAE-64 {test:.2f} ({summary['test_iwae64_n']} test images) -> {out}"
     )
     return 0
 

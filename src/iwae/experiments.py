@@ -33,7 +33,7 @@ from iwae.errors import IwaeError
 from iwae.rundir import read_json
 
 EVAL_K = 5000
-CURVE_K = 1000  # samples of log p-hat(x) in learning curves (on the first eval_n test images)
+CURVE_K = 1000  # samples of log p-hat(x) in learning curves (on the seeded random subset of eval_n test images)
 
 
 @dataclass(frozen=True)
@@ -310,7 +310,7 @@ def reproduce(
 
     ``only`` keeps the runs whose labels match (e.g. ``{"dataset": "mnist"}``; a run's
     first stage is kept with it). ``overrides`` (training options applied to every run),
-    ``eval_k`` and ``n_test`` (evaluate on the first N test images) shrink an experiment
+    ``eval_k`` and ``n_test`` (evaluate on a seeded random subset of N test images) shrink an experiment
     for tests and smoke runs. All of them are recorded in ``experiment.json``. ``threads``
     per run defaults to the cores divided by ``workers``. ``reuse``: experiment directories
     whose finished runs are copied in, instead of trained again, wherever a run here has
