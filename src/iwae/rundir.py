@@ -10,7 +10,9 @@ A run directory (``iwae train --out RUN_DIR``) holds
 - ``tb/``               TensorBoard event files,
 - ``summary.json``      written last by training: a run with it is finished,
 - ``evaluation.json``   the means of ``iwae evaluate`` and ``evaluation.safetensors`` the
-  per-image values behind them.
+  per-image values behind them,
+- ``ais.json`` / ``ais.safetensors`` (``iwae evaluate --method ais``) and ``bdmc.json`` /
+  ``bdmc.safetensors`` / ``bdmc.png`` (``iwae bdmc``), here or in their ``--out`` directory.
 
 Every file is written atomically (temporary file, fsync, rename), so a run killed at any
 moment keeps its previous files. Nothing in a run directory is executed when it is
