@@ -7,7 +7,6 @@ import torch
 
 from iwae.bounds import Objective, ciwae, elbo, iwae, miwae
 from iwae.errors import IwaeError
-from iwae.model import VAE
 from tiny import exact_log_px, fit_encoder, tiny_data, tiny_model
 
 
