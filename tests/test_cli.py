@@ -147,6 +147,7 @@ def test_end_to_end_on_a_subset(shared_data_dir, tmp_path, capsys, monkeypatch, 
     assert math.isclose(ais["ais_gap"], ais["log_px_ais"] - ais["log_px_iwae"], rel_tol=1e-6, abs_tol=1e-6)
     assert 0.0 < ais["ais_acceptance"] <= 1.0 and (ais["ais_steps"], ais["chains"], ais["hmc_leapfrog"]) == (20, 2, 2)
     assert abs(ais["ais_gap"]) < 20.0
+    assert ais["cpu"] and ais["torch"] and ais["torch_threads"] >= 1  # where the time was measured
 
     assert main(["bdmc", str(run), "--n", "8", "--ais-steps", "2,20", "--chains", "2", "--hmc-leapfrog", "2", "--quiet",
                  "--out", str(ais_dir)]) == 0  # fmt: skip

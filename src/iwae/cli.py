@@ -468,7 +468,7 @@ def _evaluate_ais(args) -> int:
     )  # fmt: skip
     result["iwae_source"] = "evaluation.safetensors" if stored is not None else "computed"
     result.update(iwae_data.test_subset_record(dataset.test.shape[0], args.n_test))
-    result["torch_threads"] = torch.get_num_threads()
+    result.update(_machine())
     out.mkdir(parents=True, exist_ok=True)
     write_ais(out, result, per_image, test_index)
     if args.json:
@@ -483,9 +483,16 @@ def _evaluate_ais(args) -> int:
     return 0
 
 
-def _bdmc(args) -> int:
+def _machine() -> dict:
+    """Where a timing was measured: CPU model, torch version and threads."""
     import torch
 
+    from iwae.experiments import _cpu_name
+
+    return {"cpu": _cpu_name(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+
+
+def _bdmc(args) -> int:
     from iwae.ais import bdmc
     from iwae.report import save_bdmc_plot
     from iwae.rundir import BDMC_FIGURE, BDMC_FILE, write_bdmc
@@ -498,7 +505,7 @@ def _bdmc(args) -> int:
                   seed=args.seed, progress=not args.quiet)  # fmt: skip
     per_image = result.pop("per_image")
     result.update(n=args.n, chains=args.chains, hmc_leapfrog=args.hmc_leapfrog, ais_init=args.ais_init,
-                  seed=args.seed, source=str(args.run_dir), torch_threads=torch.get_num_threads())  # fmt: skip
+                  seed=args.seed, source=str(args.run_dir), **_machine())  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     write_bdmc(out, result, {k: v.float() for k, v in per_image.items()})
     save_bdmc_plot(result, out / BDMC_FIGURE)
