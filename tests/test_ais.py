@@ -68,9 +68,10 @@ def test_hmc_leaves_a_gaussian_invariant():
     assert 0.2 < sum(accepted[50:]) / 100 < 0.95  # really rejects, really moves
 
 
-def test_hmc_rejects_non_finite_proposals():
-    def broken(h):
-        return Point(h, torch.full(h.shape[:2], math.nan, dtype=h.dtype), torch.full_like(h, math.nan))
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_hmc_rejects_non_finite_proposals(value):
+    def broken(h):  # a density of nan or +inf (whose energy -inf would look like a certain accept)
+        return Point(h, torch.full(h.shape[:2], value, dtype=h.dtype), torch.zeros_like(h))
 
     start = _gaussian(torch.zeros(5, 2, 3, dtype=torch.float64))
     end, accept = hmc_transition(start, broken, torch.tensor(0.1, dtype=torch.float64), 2, torch.Generator())

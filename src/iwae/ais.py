@@ -139,7 +139,8 @@ def hmc_transition(
 ) -> tuple[Point, Tensor]:
     """One HMC transition (unit mass, ``steps`` leapfrog steps of size ``step_size``), which
     leaves f = exp(log f) invariant: draw p ~ N(0, I), integrate, accept the end point with
-    probability min(1, exp(H(start) - H(end))) (a non-finite end is rejected).
+    probability min(1, exp(H(start) - H(end))); an end with a non-finite density (even +inf),
+    gradient or momentum is rejected.
 
     Returns the new point (the start where rejected) and the acceptance probability [C, B]."""
     momentum = torch.randn(start.h.shape, dtype=start.h.dtype, device=start.h.device, generator=generator)
@@ -147,7 +148,8 @@ def hmc_transition(
     h_start = -start.log_f + 0.5 * momentum.square().sum(-1)
     h_end = -end.log_f + 0.5 * p_end.square().sum(-1)
     log_accept = (h_start - h_end).clamp(max=0.0)
-    log_accept = torch.where(torch.isfinite(log_accept) & torch.isfinite(end.grad).all(-1), log_accept, -math.inf)
+    finite = torch.isfinite(end.log_f) & torch.isfinite(end.grad).all(-1) & torch.isfinite(p_end).all(-1)
+    log_accept = torch.where(finite & torch.isfinite(log_accept), log_accept, -math.inf)
     u = torch.rand(log_accept.shape, dtype=log_accept.dtype, device=log_accept.device, generator=generator)
     accept = u.log() < log_accept
     return start.where(accept, end), log_accept.exp()
