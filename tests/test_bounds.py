@@ -7,17 +7,7 @@ import torch
 
 from iwae.bounds import Objective, ciwae, elbo, iwae, miwae
 from iwae.errors import IwaeError
-from iwae.model import VAE
-from tiny import tiny_data, tiny_model
-
-
-def exact_log_px(model: VAE, x: torch.Tensor, half_width=7.0, step=0.02) -> torch.Tensor:
-    """log p(x) = log of the integral of p(x|h) N(h; 0, I) over a 2-D grid (midpoint rule)."""
-    ticks = torch.arange(-half_width + step / 2, half_width, step, dtype=torch.float64)
-    h = torch.cartesian_prod(ticks, ticks)  # [G, 2]
-    with torch.no_grad():
-        log_joint = model.log_joint(x, [h[:, None, :].expand(-1, x.shape[0], -1)])  # [G, B]
-    return torch.logsumexp(log_joint, 0) + 2 * math.log(step)
+from tiny import exact_log_px, fit_encoder, tiny_data, tiny_model
 
 
 # -- closed forms and identities on log-weight tensors ----------------------------------
@@ -67,17 +57,6 @@ def test_objective_validation():
 
 
 # -- the model's bounds against exact log p(x) -------------------------------------------
-
-
-def fit_encoder(model, x, steps=300):
-    """Fit q(h|x) to the posterior (ELBO ascent on the encoder alone), as training would."""
-    opt = torch.optim.Adam(model.encoder_parameters(), lr=0.02)
-    g = torch.Generator().manual_seed(2)
-    for _ in range(steps):
-        opt.zero_grad()
-        (-elbo(model.log_weights(x, 16, generator=g)).mean()).backward()
-        opt.step()
-    return model
 
 
 def test_l5000_matches_quadrature():

@@ -46,6 +46,29 @@ def test_missing_run_directory(command, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["evaluate", "--chains", "3"], ["--chains", "--method ais"]),
+        (["evaluate", "--ais-steps", "10", "--hmc-leapfrog", "2"], ["--ais-steps", "--hmc-leapfrog"]),
+        (["evaluate", "--method", "ais", "--ais-steps", "0"], ["--ais-steps"]),
+        (["evaluate", "--method", "mcmc"], ["--method"]),
+        (["bdmc", "--ais-steps", "10,0"], ["--ais-steps"]),
+        (["bdmc", "--n", "0"], ["--n"]),
+        (["bdmc", "--ais-init", "uniform"], ["--ais-init"]),
+    ],
+)
+def test_bad_ais_arguments_exit_2_and_write_nothing(argv, words, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(SystemExit) as e:
+        raise SystemExit(main([argv[0], str(run), *argv[1:]]))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and all(w in err for w in words), err
+    assert not any(run.iterdir())
+
+
 def test_missing_data_is_a_clear_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("iwae.data.MNIST_MIRRORS", [])  # offline
     code = main(["train", "--epochs", "1", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run"), "--quiet"])
@@ -55,7 +78,7 @@ def test_missing_data_is_a_clear_error(tmp_path, capsys, monkeypatch):
 
 
 def test_every_command_has_help():
-    for command in ([], ["train"], ["evaluate"], ["sample"]):
+    for command in ([], ["train"], ["evaluate"], ["sample"], ["bdmc"]):
         r = subprocess.run([sys.executable, "-m", "iwae.cli", *command, "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "usage: iwae" in r.stdout and len(r.stdout) > 300
 
@@ -109,9 +132,51 @@ def test_end_to_end_on_a_subset(shared_data_dir, tmp_path, capsys, monkeypatch, 
     assert result["elbo"] < result["iwae64"] <= result["log_px"] + 1.0
     assert math.isclose(result["neg_kl_q_p"], result["iwae64"] - result["log_px"], rel_tol=1e-9)
 
+    # AIS on 50 of those images (the 50-image subset lies inside the 300-image one, so L_200
+    # is read from evaluation.safetensors, not computed again), into --out; evaluation.json untouched
+    ais_dir = tmp_path / "ais"
+    assert main(["evaluate", str(run), "--method", "ais", "--ais-steps", "20", "--chains", "2", "--hmc-leapfrog", "2",
+                 "--n-test", "50", "--json", "--quiet", "--out", str(ais_dir)]) == 0  # fmt: skip
+    ais = json.loads(capsys.readouterr().out)
+    assert ais == json.loads((ais_dir / "ais.json").read_text())
+    assert json.loads((run / "evaluation.json").read_text()) == result
+    assert ais["iwae_source"] == "evaluation.safetensors" and ais["iwae_k"] == 200 and ais["n_test"] == 50
+    sub50 = test_subset_indices(data.test.shape[0], 50)
+    l200 = per_image["log_px"].double()[np.searchsorted(subset, sub50)]
+    assert math.isclose(ais["log_px_iwae"], l200.mean().item(), rel_tol=1e-6)
+    assert math.isclose(ais["ais_gap"], ais["log_px_ais"] - ais["log_px_iwae"], rel_tol=1e-6, abs_tol=1e-6)
+    assert 0.0 < ais["ais_acceptance"] <= 1.0 and (ais["ais_steps"], ais["chains"], ais["hmc_leapfrog"]) == (20, 2, 2)
+    assert abs(ais["ais_gap"]) < 20.0
+    assert ais["cpu"] and ais["torch"] and ais["torch_threads"] >= 1  # where the time was measured
+
+    assert main(["bdmc", str(run), "--n", "8", "--ais-steps", "2,20", "--chains", "2", "--hmc-leapfrog", "2", "--quiet",
+                 "--out", str(ais_dir)]) == 0  # fmt: skip
+    bdmc = json.loads((ais_dir / "bdmc.json").read_text())
+    assert bdmc["steps"] == [2, 20] and bdmc["n"] == 8
+    assert all(lo < up for lo, up in zip(bdmc["lower"], bdmc["upper"]))
+    assert matplotlib_image_shape(ais_dir / "bdmc.png")[2] in (3, 4)
+    # existing results are replaced only with --overwrite (refused before any work, nothing touched)
+    before = {f: (ais_dir / f).read_bytes() for f in ("ais.json", "bdmc.json")}
+    for argv in (["evaluate", str(run), "--method", "ais", "--ais-steps", "2", "--n-test", "5"], ["bdmc", str(run), "--n", "2"]):
+        capsys.readouterr()
+        assert main([*argv, "--quiet", "--out", str(ais_dir)]) == 2
+        assert "--overwrite" in capsys.readouterr().err
+    assert before == {f: (ais_dir / f).read_bytes() for f in before}
+    assert main(["bdmc", str(run), "--n", "2", "--ais-steps", "2", "--chains", "2", "--hmc-leapfrog", "2", "--quiet",
+                 "--out", str(ais_dir), "--overwrite"]) == 0  # fmt: skip
+    assert json.loads((ais_dir / "bdmc.json").read_text())["n"] == 2
+    assert main(["evaluate", str(run), "--method", "ais", "--per-example", str(tmp_path / "p.csv")]) == 2
+    assert "--per-example is for --method iwae" in capsys.readouterr().err
+
     grid = tmp_path / "grid.png"
     assert main(["sample", str(run), "--out", str(grid), "--n", "16"]) == 0
     import matplotlib.image
 
     image = matplotlib.image.imread(grid)
     assert image.shape[:2] == (4 * 29 + 1, 4 * 29 + 1)
+
+
+def matplotlib_image_shape(path):
+    import matplotlib.image
+
+    return matplotlib.image.imread(path).shape

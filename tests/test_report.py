@@ -238,6 +238,33 @@ def test_variants_and_dreg_differences_are_paired(tmp_path):
     assert "| 1 | 5 | 90.50† | 89.75† | -0.75 ± 0.14 |" in text
 
 
+def test_ais_section_reads_committed_ais_and_bdmc_results(tmp_path):
+    """results/ais/RUN/ais.json and bdmc.json give a table each and the figure's link; without
+    them the report has no such section."""
+    _paired_experiment(tmp_path / "table1")
+    assert "annealed importance sampling" not in write_report(tmp_path).read_text()
+
+    d = tmp_path / "ais" / "mnist-l1-iwae-k50-s0"
+    d.mkdir(parents=True)
+    (d / "ais.json").write_text(json.dumps({
+        "method": "ais", "log_px_ais": -91.25, "log_px_ais_stderr": 0.5, "ais_acceptance": 0.7, "log_px_iwae": -92.5,
+        "iwae_k": 5000, "ais_gap": 1.25, "ais_gap_stderr": 0.03, "ais_steps": 400, "chains": 4, "hmc_leapfrog": 10,
+        "ais_init": "q", "n_test": 1000, "ais_seconds": 600.0}))  # fmt: skip
+    (d / "bdmc.json").write_text(json.dumps({
+        "steps": [10, 100], "lower": [-95.0, -92.0], "upper": [-80.0, -91.0], "gap": [15.0, 1.0],
+        "seconds": [3.0, 30.0], "n": 100, "chains": 4}))  # fmt: skip
+    (d / "bdmc.png").write_bytes(b"")
+    (tmp_path / "ais" / "broken").mkdir()
+    (tmp_path / "ais" / "broken" / "ais.json").write_text("{not json")
+    text = write_report(tmp_path).read_text()
+    assert "## log p(x) beyond L_5000: annealed importance sampling and BDMC" in text
+    assert "| mnist-l1-iwae-k50-s0 | 1,000 | 400 | 4 | 10 | q | 0.70 | -92.50 | -91.25 ± 0.50 | +1.25 ± 0.03 | 600 s |" in text
+    assert "| mnist-l1-iwae-k50-s0 | 100 | 4 | 10 | -95.00 | -80.00 | 15.00 | 3 s |" in text
+    assert "| mnist-l1-iwae-k50-s0 | 100 | 4 | 100 | -92.00 | -91.00 | 1.00 | 30 s |" in text
+    assert "![BDMC mnist-l1-iwae-k50-s0](ais/mnist-l1-iwae-k50-s0/bdmc.png)" in text
+    assert "broken" not in text
+
+
 # -- the learning-curve figure -------------------------------------------------------------
 
 

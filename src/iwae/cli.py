@@ -29,6 +29,10 @@ QUIET_HELP = ("no progress report (otherwise: a progress bar on a terminal, and 
               "plain line every 30 s: done/total, rate, ETA)")
 
 
+#: iwae evaluate --method ais: annealing steps, chains per image, leapfrog steps per HMC transition
+AIS_DEFAULTS = {"steps": 1000, "chains": 16, "leapfrog": 10}
+
+
 class _Parser(argparse.ArgumentParser):
     """Argument errors as one line on stderr, exit code 2."""
 
@@ -203,8 +207,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write each test image's log p-hat(x) = L_k, IWAE-64 and ELBO, in test-set order, to FILE: "
                    ".csv (header index,log_px,iwae64,elbo) or .npy (a structured array with those fields); index is "
                    "the image's index in the test set (the subset's with --n-test); missing directories are made")
-    e.add_argument("--overwrite", action="store_true", help="replace an existing --per-example FILE")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --per-example FILE (--method ais: ais.json and ais.safetensors in --out)")
     e.add_argument("--quiet", action="store_true", help=QUIET_HELP)
+    e.add_argument("--method", choices=("iwae", "ais"), default="iwae",
+                   help="iwae: L_k and the metrics above (default); ais: log p(x) by annealed importance sampling with "
+                   "HMC transitions, beside L_k on the same images (read from RUN_DIR/evaluation.safetensors where it "
+                   "holds them, else computed with --k), written to ais.json and ais.safetensors in --out")
+    e.add_argument("--ais-steps", type=_positive_int, help=f"--method ais: annealing steps T (default: {AIS_DEFAULTS['steps']})")
+    e.add_argument("--chains", type=_positive_int, help=f"--method ais: AIS chains per image (default: {AIS_DEFAULTS['chains']})")
+    e.add_argument("--hmc-leapfrog", type=_positive_int,
+                   help=f"--method ais: leapfrog steps per HMC transition (default: {AIS_DEFAULTS['leapfrog']})")
+    e.add_argument("--ais-init", choices=("q", "prior"),
+                   help="--method ais: the annealing path starts from the encoder's q(h|x) or the prior p(h) (default: q)")
+    e.add_argument("--out", help="--method ais: directory for ais.json and ais.safetensors (default: RUN_DIR)")
     e.add_argument("--flush-denormal", action=argparse.BooleanOptionalAction, default=True,
                    help="flush denormal floats to zero on the CPU (default: on; several times faster matmuls on some "
                    "Intel CPUs, results unchanged)")
@@ -309,6 +325,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flush denormal floats to zero on the CPU (default: on; several times faster matmuls on some "
                    "Intel CPUs, results unchanged)")
     n.set_defaults(func=_snr)
+
+    b = sub.add_parser(
+        "bdmc",
+        help="bidirectional Monte Carlo: AIS lower and upper bounds on log p(x) of images simulated from the model",
+        description="Simulate N images from the model with their exact latents (h ~ p(h), x ~ p(x|h)); for each "
+        "number of annealing steps T, forward AIS from q(h|x) (or the prior) gives a stochastic lower bound on "
+        "log p(x) and reverse AIS from the exact latents a stochastic upper bound (Grosse et al. 2015, 2016). "
+        "Writes OUT/bdmc.json (the mean bounds and their gap per T), OUT/bdmc.safetensors (per image) and "
+        "OUT/bdmc.png (the two bounds against T).",
+    )
+    b.add_argument("run_dir", metavar="RUN_DIR", type=_existing_run, help="a directory written by `iwae train`")
+    b.add_argument("--n", type=_positive_int, default=100, help="images simulated from the model (default: 100)")
+    b.add_argument("--ais-steps", type=_k_list, default=[10, 100, 1000],
+                   help="comma-separated numbers of annealing steps T (default: 10,100,1000)")
+    b.add_argument("--chains", type=_positive_int, default=4, help="AIS chains per image and direction (default: 4)")
+    b.add_argument("--hmc-leapfrog", type=_positive_int, default=AIS_DEFAULTS["leapfrog"],
+                   help=f"leapfrog steps per HMC transition (default: {AIS_DEFAULTS['leapfrog']})")
+    b.add_argument("--ais-init", choices=("q", "prior"), default="q",
+                   help="forward AIS starts from (and reverse AIS ends at) q(h|x) or the prior p(h) (default: q)")
+    b.add_argument("--seed", type=int, default=0, help="seed of the simulated images and of the chains (default: 0)")
+    b.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    b.add_argument("--out", help="directory for bdmc.json, bdmc.safetensors and bdmc.png (default: RUN_DIR; missing "
+                   "directories are made)")
+    b.add_argument("--overwrite", action="store_true", help="replace bdmc.json, bdmc.safetensors and bdmc.png in --out")
+    b.add_argument("--json", action="store_true", help="print the result as JSON")
+    b.add_argument("--quiet", action="store_true", help=QUIET_HELP)
+    b.add_argument("--flush-denormal", action=argparse.BooleanOptionalAction, default=True,
+                   help="flush denormal floats to zero on the CPU (default: on)")
+    b.set_defaults(func=_bdmc)
     return parser
 
 
@@ -461,7 +506,101 @@ def _set_threads(threads: int | str, config) -> None:
     torch.set_num_threads(threads)
 
 
+def _out_dir(args, names: tuple[str, ...]) -> Path:
+    """--out (created when needed), else RUN_DIR; checked before any work is done: result
+    files ``names`` already there are replaced only with --overwrite."""
+    from iwae.rundir import check_output_dir
+
+    return check_output_dir(Path(args.out) if args.out else args.run_dir, names, args.overwrite)
+
+
 def _evaluate(args) -> int:
+    ais_flags = {"--ais-steps": args.ais_steps, "--chains": args.chains, "--hmc-leapfrog": args.hmc_leapfrog,
+                 "--ais-init": args.ais_init, "--out": args.out}  # fmt: skip
+    if args.method == "ais":
+        if args.per_example:
+            raise IwaeError("--per-example is for --method iwae (AIS writes its per-image values to ais.safetensors)")
+        return _evaluate_ais(args)
+    given = [flag for flag, value in ais_flags.items() if value is not None]
+    if given:
+        raise IwaeError(f"{', '.join(given)} given without --method ais: these options are for AIS only")
+    return _evaluate_iwae(args)
+
+
+def _evaluate_ais(args) -> int:
+    import torch
+
+    from iwae import data as iwae_data
+    from iwae.evaluate import evaluate_ais
+    from iwae.rundir import AIS_FILE, AIS_IMAGES_FILE, read_evaluation_log_px, write_ais
+    from iwae.train import load_run, pick_device, run_dataset
+
+    out = _out_dir(args, (AIS_FILE, AIS_IMAGES_FILE))
+    device = pick_device(args.device)
+    config, model = load_run(args.run_dir, device)
+    dataset = run_dataset(config, args.dataset, args.data_dir, check_hash=not args.ignore_dataset_hash)
+    x = torch.from_numpy(iwae_data.binarized_test(dataset, args.n_test)).to(device)
+    test_index = iwae_data.test_subset_indices(dataset.test.shape[0], args.n_test)
+    stored = read_evaluation_log_px(args.run_dir, test_index)
+    reference, k = (stored[0].to(device), stored[1]) if stored is not None else (None, args.k)
+    result, per_image = evaluate_ais(
+        model, x, steps=args.ais_steps or AIS_DEFAULTS["steps"], chains=args.chains or AIS_DEFAULTS["chains"],
+        leapfrog_steps=args.hmc_leapfrog or AIS_DEFAULTS["leapfrog"], init=args.ais_init or "q", seed=args.seed,
+        reference=reference, k=k, progress=not args.quiet,
+    )  # fmt: skip
+    result["iwae_source"] = "evaluation.safetensors" if stored is not None else "computed"
+    result.update(iwae_data.test_subset_record(dataset.test.shape[0], args.n_test))
+    result.update(_machine())
+    out.mkdir(parents=True, exist_ok=True)
+    write_ais(out, result, per_image, test_index)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        acc = "n/a" if result["ais_acceptance"] is None else f"{result['ais_acceptance']:.2f}"
+        print(f"log p(x) by AIS (T={result['ais_steps']}, {result['chains']} chains, {result['hmc_leapfrog']} leapfrog "
+              f"steps, from {result['ais_init']}; {result['n_test']} images): {result['log_px_ais']:.2f} "
+              f"+- {result['log_px_ais_stderr']:.2f} nats, HMC acceptance {acc}")
+        print(f"L_{k} on the same images {result['log_px_iwae']:.2f}; AIS - L_{k} = {result['ais_gap']:+.3f} "
+              f"+- {result['ais_gap_stderr']:.3f} nats ({result['ais_seconds']:.0f} s) -> {out / AIS_FILE}")
+    return 0
+
+
+def _machine() -> dict:
+    """Where a timing was measured: CPU model, torch version and threads."""
+    import torch
+
+    from iwae.experiments import _cpu_name
+
+    return {"cpu": _cpu_name(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+
+
+def _bdmc(args) -> int:
+    from iwae.ais import bdmc
+    from iwae.report import save_bdmc_plot
+    from iwae.rundir import BDMC_FIGURE, BDMC_FILE, BDMC_IMAGES_FILE, write_bdmc
+    from iwae.train import load_run, pick_device
+
+    out = _out_dir(args, (BDMC_FILE, BDMC_IMAGES_FILE, BDMC_FIGURE))
+    device = pick_device(args.device)
+    _, model = load_run(args.run_dir, device)
+    result = bdmc(model, args.n, sorted(args.ais_steps), args.chains, args.hmc_leapfrog, init=args.ais_init,
+                  seed=args.seed, progress=not args.quiet)  # fmt: skip
+    per_image = result.pop("per_image")
+    result.update(n=args.n, chains=args.chains, hmc_leapfrog=args.hmc_leapfrog, ais_init=args.ais_init,
+                  seed=args.seed, source=str(args.run_dir), **_machine())  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    write_bdmc(out, result, {k: v.float() for k, v in per_image.items()})
+    save_bdmc_plot(result, out / BDMC_FIGURE)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for t, lo, up, gap in zip(result["steps"], result["lower"], result["upper"], result["gap"]):
+            print(f"T={t}: {lo:.3f} <= log p(x) <= {up:.3f}  (gap {gap:.3f} nats, mean over {args.n} simulated images)")
+        print(f"wrote {out / BDMC_FILE} and {out / BDMC_FIGURE} ({sum(result['seconds']):.0f} s)")
+    return 0
+
+
+def _evaluate_iwae(args) -> int:
     import torch
 
     from iwae import data as iwae_data
@@ -576,7 +715,7 @@ def _snr(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command in ("train", "evaluate", "snr", "reproduce"):
+    if args.command in ("train", "evaluate", "snr", "reproduce", "bdmc"):
         from iwae.train import flush_denormals
 
         flush_denormals(getattr(args, "flush_denormal", True))

@@ -234,3 +234,76 @@ def gradient_snr_curve(
     result["encoder_slope"] = loglog_slope(result["k"], result["encoder"])
     result["decoder_slope"] = loglog_slope(result["k"], result["decoder"])
     return result
+
+
+# -- annealed importance sampling (iwae evaluate --method ais) ------------------------------
+
+
+def evaluate_ais(
+    model: VAE,
+    x: Tensor,
+    steps: int,
+    chains: int,
+    leapfrog_steps: int,
+    init: str = "q",
+    seed: int = 0,
+    reference: Tensor | None = None,
+    k: int = 5000,
+    max_rows: int = MAX_ROWS,
+    progress: bool = False,
+) -> tuple[dict, dict[str, Tensor]]:
+    """log p(x) by annealed importance sampling (:func:`iwae.ais.forward_ais`) for binarized
+    images ``x`` [N, D], beside L_k on the same images: ``reference`` [N], the per-image L_k
+    of an earlier evaluation, or, where None, L_k computed here (seed ``seed``).
+
+    Returns the keys of ``iwae evaluate --method ais --json`` and the per-image values
+    (``log_px_ais``, ``acceptance``, ``log_px_iwae``; float32 [N]):
+
+    - ``log_px_ais``, ``log_px_ais_stderr``: mean over images of the AIS estimate (log-mean-exp
+      over chains, a stochastic lower bound on log p(x)) and its standard error;
+    - ``ais_acceptance``: mean acceptance probability of the HMC transitions;
+    - ``log_px_iwae``, ``iwae_k``: mean L_k on the same images and k;
+    - ``ais_gap``, ``ais_gap_stderr``: mean of log_px_ais - L_k per image and its paired standard error;
+    - ``ais_steps``, ``chains``, ``hmc_leapfrog``, ``ais_init``, ``n_test``, ``ais_seconds``.
+    """
+    import time
+
+    from iwae.ais import forward_ais
+
+    if not bool(((x == 0) | (x == 1)).all()):
+        raise IwaeError("test images must be binarized (every pixel 0 or 1): binarize them once with iwae.data.binarized_test")
+    if reference is not None and reference.shape != (x.shape[0],):
+        raise IwaeError(f"reference L_k must hold one value per image ({x.shape[0]}), got shape {tuple(reference.shape)}")
+    if reference is None:
+        was_training = model.training
+        model.eval()
+        reference = log_weight_reductions(model, x, k, k_small=1, seed=seed, max_rows=max_rows, progress=progress)["log_px"]
+        model.train(was_training)
+    started = time.perf_counter()
+    r = forward_ais(model, x, steps, chains, leapfrog_steps, init=init, seed=seed, max_rows=max_rows, progress=progress)
+    seconds = time.perf_counter() - started
+    ais, ref = r["log_px"].double().cpu(), reference.double().cpu()
+    n = x.shape[0]
+
+    def stderr(v: Tensor) -> float:
+        return v.std().item() / math.sqrt(n) if n > 1 else float("nan")
+
+    acceptance = r["acceptance"].double().nanmean().item()
+    result = {
+        "method": "ais",
+        "log_px_ais": ais.mean().item(),
+        "log_px_ais_stderr": stderr(ais),
+        "ais_acceptance": None if math.isnan(acceptance) else acceptance,
+        "log_px_iwae": ref.mean().item(),
+        "iwae_k": k,
+        "ais_gap": (ais - ref).mean().item(),
+        "ais_gap_stderr": stderr(ais - ref),
+        "ais_steps": steps,
+        "chains": chains,
+        "hmc_leapfrog": leapfrog_steps,
+        "ais_init": init,
+        "n_test": n,
+        "ais_seconds": seconds,
+    }
+    per_image = {"log_px_ais": ais.float(), "acceptance": r["acceptance"].float().cpu(), "log_px_iwae": ref.float()}
+    return result, per_image

@@ -10,7 +10,9 @@ A run directory (``iwae train --out RUN_DIR``) holds
 - ``tb/``               TensorBoard event files,
 - ``summary.json``      written last by training: a run with it is finished,
 - ``evaluation.json``   the means of ``iwae evaluate`` and ``evaluation.safetensors`` the
-  per-image values behind them.
+  per-image values behind them,
+- ``ais.json`` / ``ais.safetensors`` (``iwae evaluate --method ais``) and ``bdmc.json`` /
+  ``bdmc.safetensors`` / ``bdmc.png`` (``iwae bdmc``), here or in their ``--out`` directory.
 
 It also checks and writes the result files that commands put outside a run directory
 (``--out``, ``iwae evaluate --per-example``): missing parents are made, an existing result
@@ -45,6 +47,13 @@ SUMMARY_FILE = "summary.json"
 TENSORBOARD_DIR = "tb"
 EVALUATION_FILE = "evaluation.json"
 EVALUATION_IMAGES_FILE = "evaluation.safetensors"
+#: ``iwae evaluate --method ais``: the means and the per-image values (in RUN_DIR or --out)
+AIS_FILE = "ais.json"
+AIS_IMAGES_FILE = "ais.safetensors"
+#: ``iwae bdmc``: the bounds per number of steps, the per-image bounds, and the figure
+BDMC_FILE = "bdmc.json"
+BDMC_IMAGES_FILE = "bdmc.safetensors"
+BDMC_FIGURE = "bdmc.png"
 
 
 # -- JSON and weights --------------------------------------------------------------------------
@@ -67,6 +76,39 @@ def read_evaluation_images(run_dir: str | Path) -> dict[str, torch.Tensor] | Non
     """The per-image values of a run's evaluation, or None where it has none."""
     path = Path(run_dir) / EVALUATION_IMAGES_FILE
     return read_safetensors(path)[0] if path.exists() else None
+
+
+def write_ais(out_dir: Path, result: dict, per_image: dict[str, torch.Tensor], test_index) -> None:
+    """``ais.safetensors`` (per-image ``log_px_ais``, ``acceptance``, ``log_px_iwae`` and each
+    image's ``test_index``), then ``ais.json`` (the means)."""
+    _write_tensors(Path(out_dir) / AIS_IMAGES_FILE, {**per_image, "test_index": torch.as_tensor(np.asarray(test_index), dtype=torch.int32)})
+    write_json(Path(out_dir) / AIS_FILE, result)
+
+
+def write_bdmc(out_dir: Path, result: dict, per_image: dict[str, torch.Tensor]) -> None:
+    """``bdmc.safetensors`` (per-image ``lower`` and ``upper`` bounds, [len(steps), n]), then
+    ``bdmc.json`` (the means per number of steps)."""
+    _write_tensors(Path(out_dir) / BDMC_IMAGES_FILE, per_image)
+    write_json(Path(out_dir) / BDMC_FILE, result)
+
+
+def read_evaluation_log_px(run_dir: str | Path, test_index) -> tuple[torch.Tensor, int] | None:
+    """The per-image L_k of a run's evaluation on the test images ``test_index`` (in that
+    order) and its k, or None where the run has no per-image values for all of them."""
+    images = read_evaluation_images(run_dir)
+    evaluation = read_json(Path(run_dir) / EVALUATION_FILE, required=False)
+    if images is None or not isinstance(evaluation, dict) or "k" not in evaluation:
+        return None
+    position = {int(i): p for p, i in enumerate(images["test_index"].tolist())}
+    wanted = [int(i) for i in np.asarray(test_index)]
+    if any(i not in position for i in wanted):
+        return None
+    return images["log_px"][[position[i] for i in wanted]], int(evaluation["k"])
+
+
+def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda f: f.write(safetensors.torch.save(tensors)))
 
 
 def save_weights(model, path: Path) -> None:
