@@ -56,7 +56,12 @@ timeout --signal=INT "$TRAIN_S" $PY -m iwae.cli reproduce table1 --stages 5 --on
 stamp "reproduce ended with $?"
 
 stamp "pack"
-tar --exclude='*/tb' -czf /tmp/runs.tgz results/table1-mnist-s5
+# every run's files but TensorBoard logs, and checkpoints only of unfinished runs (no summary.json)
+find results/table1-mnist-s5 -type f ! -path '*/tb/*' | while read -r f; do
+    case "$f" in */checkpoint*.safetensors) [ -e "$(dirname "$f")/summary.json" ] && continue ;; esac
+    echo "$f"
+done > /tmp/runs.list
+tar -czf /tmp/runs.tgz -T /tmp/runs.list
 split -b 15m -d /tmp/runs.tgz "$OUT/runs.tgz.part"
 ls -la "$OUT"
 stamp "done"
