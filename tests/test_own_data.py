@@ -76,6 +76,9 @@ def test_binary_means_the_training_images(tmp_path):
     assert data.load_files(tmp_path / "d.npz").binary  # grey test images are binarized once, as always
     np.savez(tmp_path / "e.npz", train=np.array([[0.0, 0.999]]), test=np.array([[0.0, 1.0]]))
     assert not data.load_files(tmp_path / "e.npz").binary
+    # a grey validation split is held out of training: it does not make the training images grey
+    np.savez(tmp_path / "f.npz", train=np.array([[0.0]]), test=np.array([[0.0]]), validation=np.array([[0.5]]))
+    assert data.load_files(tmp_path / "f.npz").binary
 
 
 def test_hash_is_of_the_content_not_the_file(tmp_path):

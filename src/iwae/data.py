@@ -648,7 +648,7 @@ def load_files(path: str | os.PathLike[str]) -> Dataset:
     else:
         raise DataError(f"{path}: expected an .npz file or a directory with train/ and test/ of PNG images")
     splits, image_shape = _checked_splits(path, arrays)
-    binary = all(_is_binary(splits[s]) for s in ("train", "validation") if s in splits)
+    binary = _is_binary(splits["train"])  # what training uses as it is (validation is held out)
     for array in splits.values():
         array.flags.writeable = False
     return Dataset(name=str(path), image_shape=image_shape, binary=binary, path=str(path),
