@@ -311,6 +311,24 @@ def _progress(total: int, desc: str, progress: bool):
     return progress_bar(total, desc, "ex·step", enabled=progress, unit_scale=True)
 
 
+def _anneal_in_chunks(model: VAE, x: Tensor, betas: Tensor, chains: int, leapfrog_steps: int, init: str,
+                      generator: torch.Generator, adapt: bool, max_rows: int, desc: str, progress: bool,
+                      start: Callable[["_Path", int, int], Tensor]) -> tuple[Tensor, Tensor]:
+    """:func:`_anneal` along ``betas`` for the images ``x`` [N, D], in chunks of at most
+    ``max_rows`` chain x image rows, each chunk's C chains starting from ``start(path, e0, ne)``
+    (images e0 .. e0 + ne - 1). Returns the log-weights [C, N] and the acceptance [N]."""
+    steps = betas.numel() - 1
+    per_chunk = max(1, max_rows // chains)
+    log_w, acceptance = [], []
+    with _frozen(model), _progress(x.shape[0] * steps, desc, progress) as bar:
+        for e0, ne in _chunks(x.shape[0], per_chunk):
+            path = _Path(model, x[e0 : e0 + ne], init)
+            run = _anneal(path, start(path, e0, ne), betas, leapfrog_steps, generator, adapt, bar)
+            log_w.append(run.log_w)
+            acceptance.append(run.acceptance)
+    return torch.cat(log_w, 1), torch.cat(acceptance)
+
+
 def forward_ais(
     model: VAE,
     x: Tensor,
@@ -328,17 +346,11 @@ def forward_ais(
     a stochastic lower bound on log p(x). Deterministic given ``seed`` and ``max_rows``."""
     _check(steps, chains, leapfrog_steps)
     generator = torch.Generator(device=x.device).manual_seed(seed)
-    betas = sigmoid_schedule(steps)
-    per_chunk = max(1, max_rows // chains)
-    log_w, acceptance = [], []
-    with _frozen(model), _progress(x.shape[0] * steps, f"AIS T={steps}", progress) as bar:
-        for e0, ne in _chunks(x.shape[0], per_chunk):
-            path = _Path(model, x[e0 : e0 + ne], init)
-            run = _anneal(path, path.initial(chains, generator), betas, leapfrog_steps, generator, adapt, bar)
-            log_w.append(run.log_w)
-            acceptance.append(run.acceptance)
-    log_w = torch.cat(log_w, 1)
-    return {"log_w": log_w, "log_px": iwae(log_w), "acceptance": torch.cat(acceptance)}
+    log_w, acceptance = _anneal_in_chunks(
+        model, x, sigmoid_schedule(steps), chains, leapfrog_steps, init, generator, adapt, max_rows,
+        f"AIS T={steps}", progress, lambda path, e0, ne: path.initial(chains, generator),
+    )  # fmt: skip
+    return {"log_w": log_w, "log_px": iwae(log_w), "acceptance": acceptance}
 
 
 def reverse_ais(
@@ -360,19 +372,16 @@ def reverse_ais(
     a stochastic upper bound on log p(x)."""
     _check(steps, chains, leapfrog_steps)
     generator = torch.Generator(device=x.device).manual_seed(seed)
-    betas = sigmoid_schedule(steps).flip(0)
     h_all = torch.cat([h.detach() for h in latents], -1).to(x.dtype)
-    per_chunk = max(1, max_rows // chains)
-    log_w, acceptance = [], []
-    with _frozen(model), _progress(x.shape[0] * steps, f"reverse AIS T={steps}", progress) as bar:
-        for e0, ne in _chunks(x.shape[0], per_chunk):
-            path = _Path(model, x[e0 : e0 + ne], init)
-            h = h_all[e0 : e0 + ne].unsqueeze(0).expand(chains, -1, -1).contiguous()
-            run = _anneal(path, h, betas, leapfrog_steps, generator, adapt, bar)
-            log_w.append(run.log_w)
-            acceptance.append(run.acceptance)
-    log_w = torch.cat(log_w, 1)
-    return {"log_w": log_w, "log_px": -iwae(log_w), "acceptance": torch.cat(acceptance)}
+
+    def start(path, e0: int, ne: int) -> Tensor:  # every chain of an image from its exact latents
+        return h_all[e0 : e0 + ne].unsqueeze(0).expand(chains, -1, -1).contiguous()
+
+    log_w, acceptance = _anneal_in_chunks(
+        model, x, sigmoid_schedule(steps).flip(0), chains, leapfrog_steps, init, generator, adapt, max_rows,
+        f"reverse AIS T={steps}", progress, start,
+    )  # fmt: skip
+    return {"log_w": log_w, "log_px": -iwae(log_w), "acceptance": acceptance}
 
 
 # -- simulated data and bidirectional Monte Carlo --------------------------------------------

@@ -30,6 +30,21 @@ from iwae.progress import progress_bar
 MAX_ROWS = 4096
 
 
+def _check_binarized(x: Tensor) -> None:
+    """Test images must be 0/1 (binarized once, as in Burda et al.), never grey."""
+    if not bool(((x == 0) | (x == 1)).all()):
+        raise IwaeError(
+            "test images must be binarized (every pixel 0 or 1), as in Burda et al.; these have grey values: "
+            "binarize them once with iwae.data.binarized_test (or binarize_fixed)"
+        )
+
+
+def _standard_error(values: Tensor) -> float:
+    """Standard error of the mean of ``values`` [N] (NaN for a single value)."""
+    n = values.numel()
+    return values.std().item() / math.sqrt(n) if n > 1 else float("nan")
+
+
 def _chunks(n: int, size: int):
     for start in range(0, n, size):
         yield start, min(size, n - start)
@@ -129,20 +144,15 @@ def evaluate_images(
 
     ``x`` must hold binarized images (every pixel 0 or 1): a grey test set is refused,
     never evaluated as it is (binarize it once with :func:`iwae.data.binarized_test`)."""
-    if not bool(((x == 0) | (x == 1)).all()):
-        raise IwaeError(
-            "test images must be binarized (every pixel 0 or 1), as in Burda et al.; these have grey values: "
-            "binarize them once with iwae.data.binarized_test (or binarize_fixed)"
-        )
+    _check_binarized(x)
     was_training = model.training
     model.eval()
     r = log_weight_reductions(model, x, k, k_small=64, seed=seed, max_rows=max_rows, progress=progress)
     n = x.shape[0]
     log_px = r["log_px"].double()
-    stderr = log_px.std().item() / math.sqrt(n) if n > 1 else float("nan")
     result = {
         "nll": -log_px.mean().item(),
-        "nll_stderr": stderr,
+        "nll_stderr": _standard_error(log_px),
         "iwae64": r["small"].double().mean().item(),
         "log_px": log_px.mean().item(),
         "neg_kl_q_p": (r["small"].double() - log_px).mean().item(),
@@ -270,8 +280,7 @@ def evaluate_ais(
 
     from iwae.ais import forward_ais
 
-    if not bool(((x == 0) | (x == 1)).all()):
-        raise IwaeError("test images must be binarized (every pixel 0 or 1): binarize them once with iwae.data.binarized_test")
+    _check_binarized(x)
     if reference is not None and reference.shape != (x.shape[0],):
         raise IwaeError(f"reference L_k must hold one value per image ({x.shape[0]}), got shape {tuple(reference.shape)}")
     if reference is None:
@@ -284,20 +293,16 @@ def evaluate_ais(
     seconds = time.perf_counter() - started
     ais, ref = r["log_px"].double().cpu(), reference.double().cpu()
     n = x.shape[0]
-
-    def stderr(v: Tensor) -> float:
-        return v.std().item() / math.sqrt(n) if n > 1 else float("nan")
-
     acceptance = r["acceptance"].double().nanmean().item()
     result = {
         "method": "ais",
         "log_px_ais": ais.mean().item(),
-        "log_px_ais_stderr": stderr(ais),
+        "log_px_ais_stderr": _standard_error(ais),
         "ais_acceptance": None if math.isnan(acceptance) else acceptance,
         "log_px_iwae": ref.mean().item(),
         "iwae_k": k,
         "ais_gap": (ais - ref).mean().item(),
-        "ais_gap_stderr": stderr(ais - ref),
+        "ais_gap_stderr": _standard_error(ais - ref),
         "ais_steps": steps,
         "chains": chains,
         "hmc_leapfrog": leapfrog_steps,

@@ -60,7 +60,7 @@ from iwae.rundir import (  # noqa: F401 (re-exported: iwae.train.load_run's neig
 )
 
 
-DATASETS = ("mnist", "omniglot")
+DATASETS = iwae_data.DATASETS  # the built-in sets
 BINARIZE = ("dynamic", "none")
 
 
