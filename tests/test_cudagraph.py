@@ -6,6 +6,7 @@ eager step. On CUDA (``cuda`` marker, skipped without a GPU): the captured step 
 the eager one, skipped non-finite steps inside the graph, and resuming across the two.
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -189,6 +190,88 @@ def test_a_graphed_run_resumes_eagerly(tmp_path, monkeypatch):
         assert torch.equal(*rng)
 
 
+class _HostTraffic:
+    """Records the operations that, on a GPU, copy Python data to the device (``lift_fresh``:
+    a tensor built from a list or number, e.g. a list index) or wait for the device to read
+    a value back (``_local_scalar_dense``: ``.item()``, ``bool()``)."""
+
+    OPS = ("aten.lift_fresh", "aten._local_scalar_dense")
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        seen = self.seen = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if str(func).startswith(_HostTraffic.OPS):
+                    seen.append(str(func))
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+@pytest.mark.parametrize("objectives", [("iwae", "vae", "iwae"), ("dreg", "stl"), ("piwae", "miwae")])
+def test_training_steps_send_nothing_between_host_and_device(objectives):
+    """A step that a CUDA graph can hold, and that never waits for the device: the single and
+    the lockstep step (mixed objectives, both gradient routes) build no tensor from Python
+    data and read no value back. Found on an H100: a list index in the lockstep bound
+    reduction copied to the device in every step, so capture failed and every step waited."""
+    from iwae.bounds import Objective
+    from iwae.model import VAE, ModelConfig
+    from iwae.train import LockstepStep
+
+    def objective(name):
+        if name in ("dreg", "stl"):
+            return Objective("iwae", k=4, estimator=name)
+        return Objective(name, m=2, k=2) if name in ("piwae", "miwae") else Objective(name, k=4)
+
+    torch.manual_seed(0)
+    config = ModelConfig(x_dim=30, latent=(4, 3), hidden=((16,), (8,)))
+    members = [VAE(config) for _ in objectives]
+    x = torch.bernoulli(torch.full((len(objectives), 5, 30), 0.3), generator=torch.Generator().manual_seed(1))
+    group = LockstepStep(members, [objective(o) for o in objectives],
+                         [torch.Generator().manual_seed(g) for g in range(len(objectives))], graphs=False)  # fmt: skip
+    single, single_opt, g = members[0], adam(members[0].parameters()), torch.Generator().manual_seed(0)
+    with _HostTraffic() as traffic:
+        for _ in range(2):
+            group.step(x)
+            train_step(single, objective(objectives[0]), single_opt, x[0], noise=_randn(g))
+    assert traffic.seen == []
+    with _HostTraffic() as traffic:  # the check sees what it looks for
+        x[[0, 1]].sum().item()
+    assert traffic.seen == ["aten.lift_fresh.default", "aten._local_scalar_dense.default"]
+
+
+@pytest.mark.parametrize("lockstep", [False, True], ids=["single", "lockstep"])
+def test_a_failed_capture_is_reported_in_the_summary(tmp_path, monkeypatch, lockstep):
+    """Where capture fails the run still finishes (eagerly), and ``summary.json`` says so:
+    ``cuda_graphs`` false and ``cuda_graph_failure`` the reason, not the path asked for."""
+    import iwae.cudagraph as cg
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Cannot copy between CPU and CUDA tensors during CUDA graph capture")
+
+    _force_graphs(monkeypatch)
+    monkeypatch.setattr(cg, "GraphedStep", refuse)
+    configs = [small_config(stages=1, k=4, seed=s) for s in (0, 1)]
+    outs = [tmp_path / f"r{i}" for i in range(2)]
+    with pytest.warns(UserWarning, match="capture failed"):
+        if lockstep:
+            summaries = train_lockstep(configs, outs, dataset=synthetic(n=50), progress=False)
+        else:
+            summaries = [train(c, o, dataset=synthetic(n=50), progress=False) for c, o in zip(configs, outs)]
+    for summary, out in zip(summaries, outs):
+        assert summary["cuda_graphs"] is False
+        assert "Cannot copy between CPU and CUDA" in summary["cuda_graph_failure"]
+        assert summary == json.loads((out / "summary.json").read_text())
+
+
 def test_cuda_graphs_flag_is_checked():
     from iwae.errors import IwaeError
 
@@ -227,6 +310,7 @@ def test_cli_passes_cuda_graphs_on(monkeypatch, tmp_path):
 
 @cuda
 @needs_gpu
+@pytest.mark.filterwarnings("error:CUDA graph capture failed")
 @pytest.mark.parametrize("lockstep", [False, True], ids=["single", "lockstep"])
 def test_captured_runs_match_eager_runs_on_cuda(tmp_path, lockstep):
     """On CUDA, runs whose steps are replayed from captured graphs follow the eager runs: the

@@ -311,3 +311,33 @@ def test_reuse_takes_vae_k1_for_iwae_k1_and_nothing_else(tmp_path):
     assert (tmp_path / "out" / "runs" / "mnist-l1-vae-k1-s0" / "model.safetensors").read_text() == "mnist-l1-iwae-k1-s0"
     dreg = [Run("x", dict(dataset="mnist", layers=1, objective="vae", k=1, estimator="dreg", stages=2))]
     assert reuse_runs(dreg, tmp_path / "out2", [source], data_dir=None, progress=False) == []
+
+
+def test_runs_resume_where_their_data_has_moved(shared_data_dir, tmp_path, capsys):
+    """A run directory records the data directory it was trained with; continued on another
+    machine (found on a GPU machine: the data elsewhere) the runner reads the data from its own
+    --data-dir, for single runs and lockstep groups alike, and ``iwae train --resume`` takes
+    --data-dir. Without it, the error names the recorded directory."""
+    import shutil
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    shutil.copytree(shared_data_dir / "mnist", old / "mnist")
+    out = tmp_path / "exp"
+    only = {"dataset": "mnist", "layers": 1}
+    kw = dict(stages=1, overrides=TINY, eval_k=16, n_test=20, progress=False)
+    for k in (1, 50):  # k=1: the VAE and IWAE in one lockstep group; k=50: single runs on the CPU
+        reproduce("table1", out, data_dir=str(old), only={**only, "k": k}, **kw)
+    runs = sorted((out / "runs").iterdir())
+    assert len(runs) == 4 and all((r / "checkpoint.safetensors").exists() for r in runs)
+    for r in runs:  # interrupted at their last checkpoint
+        for name in ("summary.json", "evaluation.json"):
+            (r / name).unlink()
+    old.rename(new)
+    cli_run = out / "runs" / "mnist-l1-iwae-k50-s0"
+    assert main(["train", "--resume", str(cli_run), "--quiet"]) == 2
+    assert str(old / "mnist") in capsys.readouterr().err
+    assert main(["train", "--resume", str(cli_run), "--data-dir", str(new), "--quiet"]) == 0
+    for k in (1, 50):
+        results = reproduce("table1", out, data_dir=str(new), only={**only, "k": k}, **kw)
+        assert {r["status"] for r in results} == {"done"}
+    assert all((r / "evaluation.json").exists() for r in runs)

@@ -250,12 +250,15 @@ def _accumulate(params, grads) -> None:
 def _per_model(objectives: list[Objective], log_w: Tensor, reduce) -> Tensor:
     """[G] batch means of ``reduce(objective, log_w)`` per model, computed once for all the
     models that share an objective: every reduction works column by column on [S, B], so
-    their log-weights are laid side by side as one [S, n * B] tensor."""
+    their log-weights are laid side by side as one [S, n * B] tensor. Models are picked by
+    integer views, never by a list index: that would build an index tensor from Python data
+    in every step, on a GPU a host-to-device copy that waits for the device and cannot be
+    captured in a CUDA graph."""
     G, S, B = log_w.shape
     out: list[Tensor | None] = [None] * G
     for objective in dict.fromkeys(objectives):
         index = [g for g, o in enumerate(objectives) if o == objective]
-        columns = log_w[index].permute(1, 0, 2).reshape(S, len(index) * B)
+        columns = torch.cat([log_w[g] for g in index], dim=1)  # [S, n * B], model by model
         means = reduce(objective, columns).reshape(len(index), B).mean(1)
         for j, g in enumerate(index):
             out[g] = means[j]

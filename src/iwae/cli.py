@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(metrics.jsonl: test_nll_subset; 0: off; default: 5000)")
     t.add_argument("--checkpoint-minutes", type=float, help="minutes between checkpoints, besides each stage end (default: 5)")
     t.add_argument("--max-bad-steps", type=_positive_int, help="stop after N consecutive steps with a non-finite bound or gradient (default: 20)")
-    t.add_argument("--data-dir", help=data_help)
+    t.add_argument("--data-dir", help=data_help + "; with --resume: where the run's data is now, if it moved "
+                   "(default: the one the run was trained with)")
     t.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: auto)")
     t.add_argument("--threads", type=_threads,
                    help="CPU threads, or auto: 1 when batch size x samples per example < 256 (small steps run faster "
@@ -448,15 +449,16 @@ def _train_run(args) -> int:
     progress, device = not getattr(args, "quiet", False), getattr(args, "device", "auto")
     cuda_graphs = getattr(args, "cuda_graphs", "auto")
     if getattr(args, "resume", None):
+        data_dir = given.pop("data_dir", None)
         if given or hasattr(args, "config") or hasattr(args, "out"):
-            raise IwaeError("--resume takes the run's own configuration: give only --resume RUN_DIR [--device] "
-                            "[--threads] [--cuda-graphs] [--quiet]")
+            raise IwaeError("--resume takes the run's own configuration: give only --resume RUN_DIR [--data-dir] "
+                            "[--device] [--threads] [--cuda-graphs] [--quiet]")
         config = load_config(args.resume)
         _set_threads(getattr(args, "threads", "auto"), config)
         if not checkpoint_exists(args.resume):
             print(f"note: {args.resume} has no checkpoint (stopped before its first): the run starts again from its "
                   f"config.json", file=sys.stderr)
-        summary = resume(args.resume, progress=progress, device=device, cuda_graphs=cuda_graphs)
+        summary = resume(args.resume, progress=progress, device=device, cuda_graphs=cuda_graphs, data_dir=data_dir)
         out = args.resume
     else:
         keys = read_config_file(args.config) if hasattr(args, "config") else {}

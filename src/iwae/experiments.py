@@ -178,7 +178,7 @@ def run_one(run: dict, exp_dir: str, data_dir: str | None, threads: int, eval_k:
         return {"name": run.name, "status": "skipped"}
     started = time.perf_counter()
     if (out / CHECKPOINT_FILE).exists():  # interrupted (or finished: then resume does nothing)
-        resume(out, progress=False, cuda_graphs=cuda_graphs)
+        resume(out, progress=False, cuda_graphs=cuda_graphs, data_dir=data_dir)
     elif not (out / SUMMARY_FILE).exists():
         keys = dict(run.config, data_dir=data_dir)
         if run.after is not None:
@@ -193,7 +193,7 @@ def run_group(runs: list[dict], exp_dir: str, data_dir: str | None, threads: int
     then evaluate each as :func:`run_one` does. The runner groups runs that share a
     lockstep key and stand at the same step (:func:`plan_tasks`)."""
     from iwae.rundir import CHECKPOINT_FILE
-    from iwae.train import TrainConfig, load_config, train_lockstep
+    from iwae.train import TrainConfig, resume_config, train_lockstep
 
     if len(runs) == 1:
         return [run_one(runs[0], exp_dir, data_dir, threads, eval_k, n_test, flush_denormal, cuda_graphs)]
@@ -201,7 +201,8 @@ def run_group(runs: list[dict], exp_dir: str, data_dir: str | None, threads: int
     outs = [out for _, out in members]
     started = time.perf_counter()
     if all((out / CHECKPOINT_FILE).exists() for out in outs):
-        train_lockstep([load_config(out) for out in outs], outs, progress=False, resume=True, cuda_graphs=cuda_graphs)
+        train_lockstep([resume_config(out, data_dir) for out in outs], outs, progress=False, resume=True,
+                       cuda_graphs=cuda_graphs)  # fmt: skip
     else:
         configs = [TrainConfig(**dict(run.config, data_dir=data_dir)) for run, _ in members]
         train_lockstep(configs, outs, progress=False, overwrite=True, cuda_graphs=cuda_graphs)

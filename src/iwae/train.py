@@ -23,7 +23,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -564,6 +564,11 @@ class _Run:
     _steps: object = None
 
     @property
+    def graph_failure(self) -> str | None:
+        """Why the run's CUDA-graph capture failed (its steps then ran eagerly), else None."""
+        return getattr(self._steps, "failed", None)
+
+    @property
     def params(self) -> tuple[list, list]:
         return self.model.encoder_parameters(), self.model.decoder_parameters()
 
@@ -831,9 +836,11 @@ def _finish_run(run: _Run, record: dict) -> dict:
         "device": str(dev),
         "processes": 1 if run.shard is None else run.shard[1],
         "torch_threads": torch.get_num_threads() if dev.type == "cpu" else None,
-        "cuda_graphs": run.graphs,
+        "cuda_graphs": run.graphs and run.graph_failure is None,
         "torch": torch.__version__,
     }
+    if run.graph_failure is not None:  # the steps ran eagerly: say why
+        summary["cuda_graph_failure"] = run.graph_failure
     if run.lead:
         write_json(run.out / SUMMARY_FILE, summary)
     _barrier(run.shard)
@@ -914,6 +921,8 @@ def train_lockstep(configs: list[TrainConfig], outs: list, dataset: iwae_data.Da
         bar.close()
     for run in runs:
         run.board.close()
+    for run in runs:  # the group's graphs are the members' graphs
+        run._steps = group.graphed
     return [_finish_run(run, record) for run, record in zip(runs, records)]
 
 
@@ -1090,12 +1099,20 @@ def _stage_nll(model: VAE, test_x: torch.Tensor, k: int, seed: int) -> dict:
 
 
 def resume(run_dir: str | Path, dataset=None, progress: bool = True, device: str | None = None,
-           cuda_graphs: str = "auto") -> dict:
+           cuda_graphs: str = "auto", data_dir: str | None = None) -> dict:
     """Continue an interrupted run from its checkpoint (``iwae train --resume``); a run killed
     before its first checkpoint starts again from its ``config.json`` (the same weights, bit
-    for bit, as a run never interrupted)."""
-    return train(load_config(run_dir), run_dir, dataset=dataset, progress=progress, device=device, resume=True,
-                 cuda_graphs=cuda_graphs)  # fmt: skip
+    for bit, as a run never interrupted). ``data_dir``: where the data is now, if not where
+    the run was trained (another machine); a file dataset is still checked by its hash."""
+    return train(resume_config(run_dir, data_dir), run_dir, dataset=dataset, progress=progress, device=device,
+                 resume=True, cuda_graphs=cuda_graphs)  # fmt: skip
+
+
+def resume_config(run_dir: str | Path, data_dir: str | None = None) -> TrainConfig:
+    """The configuration a run continues with: its own, read from the data directory
+    ``data_dir`` where one is given (the data directory is not part of what a run computes)."""
+    config = load_config(run_dir)
+    return config if data_dir is None else replace(config, data_dir=str(data_dir))
 
 
 def _stage_name(config: TrainConfig, stage: int, lr: float) -> str:
