@@ -6,10 +6,11 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from iwae.bounds import ESTIMATORS, OBJECTIVES
-from iwae.errors import IwaeError
+from iwae.errors import IwaeError, TimeLimitReached
 from iwae.train import BINARIZE, CUDA_GRAPHS
 
 EPILOG_TRAIN = """\
@@ -48,6 +49,23 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+#: ``--time-limit``'s help; the exit code of a command stopped there
+TIME_LIMIT_HELP = ("stop training after this many minutes (wall clock), every run in training checkpointed at the "
+                   "step it reached, and exit with code 3: the same command continues (for batch-system jobs and "
+                   "lent machines; default: no limit)")  # fmt: skip
+EXIT_TIME_LIMIT = 3
 
 
 def _unit_float(text: str) -> float:
@@ -178,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flush denormal floats to zero on the CPU (default: on; several times faster matmuls on some "
                    "Intel CPUs, results unchanged)")
     t.add_argument("--cuda-graphs", choices=CUDA_GRAPHS, default=argparse.SUPPRESS, help=cuda_graphs_help)
+    t.add_argument("--time-limit", type=_positive_float, default=argparse.SUPPRESS, metavar="MINUTES",
+                   help=TIME_LIMIT_HELP.replace("the same command continues", "iwae train --resume RUN continues"))
     t.set_defaults(func=_train)
 
     e = sub.add_parser(
@@ -277,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flush denormal floats to zero on the CPU (default: on; several times faster matmuls on some "
                    "Intel CPUs, results unchanged)")
     r.add_argument("--cuda-graphs", choices=CUDA_GRAPHS, default="auto", help=cuda_graphs_help)
+    r.add_argument("--time-limit", type=_positive_float, metavar="MINUTES",
+                   help=TIME_LIMIT_HELP + "; runs not started by then are not started, and a run whose training "
+                   "finished in time is still evaluated")
     r.set_defaults(func=_reproduce)
 
     p = sub.add_parser("report", help="write REPORT.md: our numbers beside the papers', with figures",
@@ -390,11 +413,14 @@ def _reproduce(args) -> int:
                         backend=args.backend, data_dir=args.data_dir, progress=not args.quiet, n_test=args.n_test,
                         only=only or None, threads=args.threads, reuse=args.reuse or None,
                         flush_denormal=args.flush_denormal, lockstep=args.lockstep,
-                        group_size=args.group_size, cuda_graphs=args.cuda_graphs)  # fmt: skip
+                        group_size=args.group_size, cuda_graphs=args.cuda_graphs,
+                        time_limit=args.time_limit)  # fmt: skip
     done = sum(r["status"] == "done" for r in results)
-    print(f"{args.experiment}: {done} runs done, {len(results) - done} already finished -> {args.out}; "
-          f"next: iwae report {args.out}")  # fmt: skip
-    return 0
+    stopped = sum(r["status"] == "stopped" for r in results)
+    print(f"{args.experiment}: {done} runs done, {len(results) - done - stopped} already finished"
+          + (f", {stopped} stopped at the time limit (run the same command again to continue them)" if stopped else "")
+          + f" -> {args.out}; next: iwae report {args.out}")  # fmt: skip
+    return EXIT_TIME_LIMIT if stopped else 0
 
 
 def _report(args) -> int:
@@ -428,7 +454,7 @@ def _version() -> str:
 
 
 _RUNTIME_OPTIONS = {"func", "command", "config", "resume", "device", "overwrite", "quiet", "out", "threads",
-                    "flush_denormal", "cuda_graphs"}
+                    "flush_denormal", "cuda_graphs", "time_limit"}
 
 
 def _train(args) -> int:
@@ -448,17 +474,20 @@ def _train_run(args) -> int:
     given = {key: value for key, value in vars(args).items() if key not in _RUNTIME_OPTIONS}
     progress, device = not getattr(args, "quiet", False), getattr(args, "device", "auto")
     cuda_graphs = getattr(args, "cuda_graphs", "auto")
+    limit = getattr(args, "time_limit", None)
+    stop_at = None if limit is None else time.time() + 60 * limit
     if getattr(args, "resume", None):
         data_dir = given.pop("data_dir", None)
         if given or hasattr(args, "config") or hasattr(args, "out"):
             raise IwaeError("--resume takes the run's own configuration: give only --resume RUN_DIR [--data-dir] "
-                            "[--device] [--threads] [--cuda-graphs] [--quiet]")
+                            "[--device] [--threads] [--cuda-graphs] [--time-limit] [--quiet]")
         config = load_config(args.resume)
         _set_threads(getattr(args, "threads", "auto"), config)
         if not checkpoint_exists(args.resume):
             print(f"note: {args.resume} has no checkpoint (stopped before its first): the run starts again from its "
                   f"config.json", file=sys.stderr)
-        summary = resume(args.resume, progress=progress, device=device, cuda_graphs=cuda_graphs, data_dir=data_dir)
+        summary = resume(args.resume, progress=progress, device=device, cuda_graphs=cuda_graphs, data_dir=data_dir,
+                         stop_at=stop_at)  # fmt: skip
         out = args.resume
     else:
         keys = read_config_file(args.config) if hasattr(args, "config") else {}
@@ -482,7 +511,7 @@ def _train_run(args) -> int:
         config = TrainConfig.from_dict({**keys, **given})
         _set_threads(getattr(args, "threads", "auto"), config)
         summary = train(config, out, progress=progress, overwrite=getattr(args, "overwrite", False), device=device,
-                        cuda_graphs=cuda_graphs)  # fmt: skip
+                        cuda_graphs=cuda_graphs, stop_at=stop_at)  # fmt: skip
     test = summary["final_test_iwae64"]
     if test is None:  # a torchrun process other than rank 0: rank 0 reports
         return 0
@@ -726,6 +755,9 @@ def main(argv: list[str] | None = None) -> int:
     except IwaeError as e:
         print(f"iwae {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except TimeLimitReached as e:
+        print(f"iwae {args.command}: {e}", file=sys.stderr)
+        return EXIT_TIME_LIMIT
     except KeyboardInterrupt:
         print("iwae: interrupted", file=sys.stderr)
         return 130

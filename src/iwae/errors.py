@@ -15,3 +15,9 @@ class DataError(IwaeError):
 
 class RunDirError(IwaeError):
     """A run directory is missing, incomplete or inconsistent."""
+
+
+class TimeLimitReached(Exception):
+    """Training stopped at its time limit (``--time-limit``) after checkpointing every run it
+    was training: the same command (or ``iwae train --resume``) continues them. Not an
+    error: the CLI says so and exits with code 3."""

@@ -29,7 +29,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from iwae.errors import IwaeError
+from iwae.errors import IwaeError, TimeLimitReached
 from iwae.rundir import read_json
 
 EVAL_K = 5000
@@ -166,29 +166,37 @@ def grid(name: str, stages: int, seeds: int | None = None) -> list[Run]:
 
 
 def run_one(run: dict, exp_dir: str, data_dir: str | None, threads: int, eval_k: int = EVAL_K,
-            n_test: int | None = None, flush_denormal: bool = True, cuda_graphs: str = "auto") -> dict:
+            n_test: int | None = None, flush_denormal: bool = True, cuda_graphs: str = "auto",
+            stop_at: float | None = None) -> dict:
     """Train (or resume) and evaluate one run in ``exp_dir/runs/NAME``; a finished run is
-    skipped. Runs in a worker process (local backend) or a Ray task. ``cuda_graphs``: as
-    :func:`iwae.train.train`."""
+    skipped. Runs in a worker process (local backend) or a Ray task. ``cuda_graphs`` and
+    ``stop_at`` (a wall-clock time): as :func:`iwae.train.train`; a run stopped there (or
+    not started, the time being past) has status "stopped"."""
     from iwae.rundir import CHECKPOINT_FILE, SUMMARY_FILE
     from iwae.train import TrainConfig, resume, train
 
     run, out = _worker_setup(run, exp_dir, threads, flush_denormal)
     if _evaluated(run, out, eval_k, n_test):
         return {"name": run.name, "status": "skipped"}
+    if _past(stop_at):  # not started
+        return _stopped([run])[0]
     started = time.perf_counter()
-    if (out / CHECKPOINT_FILE).exists():  # interrupted (or finished: then resume does nothing)
-        resume(out, progress=False, cuda_graphs=cuda_graphs, data_dir=data_dir)
-    elif not (out / SUMMARY_FILE).exists():
-        keys = dict(run.config, data_dir=data_dir)
-        if run.after is not None:
-            keys["init_weights"] = str(Path(exp_dir) / "runs" / run.after / "model.safetensors")
-        train(TrainConfig(**keys), out, progress=False, overwrite=True, cuda_graphs=cuda_graphs)
+    try:
+        if (out / CHECKPOINT_FILE).exists():  # interrupted (or finished: then resume does nothing)
+            resume(out, progress=False, cuda_graphs=cuda_graphs, data_dir=data_dir, stop_at=stop_at)
+        elif not (out / SUMMARY_FILE).exists():
+            keys = dict(run.config, data_dir=data_dir)
+            if run.after is not None:
+                keys["init_weights"] = str(Path(exp_dir) / "runs" / run.after / "model.safetensors")
+            train(TrainConfig(**keys), out, progress=False, overwrite=True, cuda_graphs=cuda_graphs, stop_at=stop_at)
+    except TimeLimitReached:
+        return _stopped([run], [out], time.perf_counter() - started)[0]
     return _evaluate_run(run, out, data_dir, threads, eval_k, n_test, time.perf_counter() - started)
 
 
 def run_group(runs: list[dict], exp_dir: str, data_dir: str | None, threads: int, eval_k: int = EVAL_K,
-              n_test: int | None = None, flush_denormal: bool = True, cuda_graphs: str = "auto") -> list[dict]:
+              n_test: int | None = None, flush_denormal: bool = True, cuda_graphs: str = "auto",
+              stop_at: float | None = None) -> list[dict]:
     """Train (or resume) the runs ``runs`` in lockstep (:func:`iwae.train.train_lockstep`),
     then evaluate each as :func:`run_one` does. The runner groups runs that share a
     lockstep key and stand at the same step (:func:`plan_tasks`)."""
@@ -196,19 +204,41 @@ def run_group(runs: list[dict], exp_dir: str, data_dir: str | None, threads: int
     from iwae.train import TrainConfig, resume_config, train_lockstep
 
     if len(runs) == 1:
-        return [run_one(runs[0], exp_dir, data_dir, threads, eval_k, n_test, flush_denormal, cuda_graphs)]
+        return [run_one(runs[0], exp_dir, data_dir, threads, eval_k, n_test, flush_denormal, cuda_graphs, stop_at)]
     members = [_worker_setup(r, exp_dir, threads, flush_denormal) for r in runs]
     outs = [out for _, out in members]
+    if _past(stop_at):  # not started
+        return _stopped([run for run, _ in members])
     started = time.perf_counter()
-    if all((out / CHECKPOINT_FILE).exists() for out in outs):
-        train_lockstep([resume_config(out, data_dir) for out in outs], outs, progress=False, resume=True,
-                       cuda_graphs=cuda_graphs)  # fmt: skip
-    else:
-        configs = [TrainConfig(**dict(run.config, data_dir=data_dir)) for run, _ in members]
-        train_lockstep(configs, outs, progress=False, overwrite=True, cuda_graphs=cuda_graphs)
+    try:
+        if all((out / CHECKPOINT_FILE).exists() for out in outs):
+            train_lockstep([resume_config(out, data_dir) for out in outs], outs, progress=False, resume=True,
+                           cuda_graphs=cuda_graphs, stop_at=stop_at)  # fmt: skip
+        else:
+            configs = [TrainConfig(**dict(run.config, data_dir=data_dir)) for run, _ in members]
+            train_lockstep(configs, outs, progress=False, overwrite=True, cuda_graphs=cuda_graphs, stop_at=stop_at)
+    except TimeLimitReached:
+        return _stopped([run for run, _ in members], outs, time.perf_counter() - started)
     seconds = time.perf_counter() - started
     names = [run.name for run, _ in members]
     return [_evaluate_run(run, out, data_dir, threads, eval_k, n_test, seconds, lockstep=names) for run, out in members]
+
+
+def _past(stop_at: float | None) -> bool:
+    """The time limit ``stop_at`` (a wall-clock time) has passed."""
+    return stop_at is not None and time.time() >= stop_at
+
+
+def _stopped(runs: list[Run], outs: list[Path] = (), train_s: float = 0.0) -> list[dict]:
+    """The "stopped" statuses of runs at their time limit; the wall time ``train_s`` they
+    trained before it is added to the ``runner.json`` of their directories ``outs``."""
+    from iwae.rundir import write_json
+
+    for out in outs:
+        if out.is_dir():
+            timing = read_json(out / "runner.json", required=False) or {}
+            write_json(out / "runner.json", {**timing, "train_wall_s": timing.get("train_wall_s", 0.0) + train_s})
+    return [{"name": run.name, "status": "stopped"} for run in runs]
 
 
 def _worker_setup(run: dict, exp_dir: str, threads: int, flush_denormal: bool) -> tuple[Run, Path]:
@@ -305,6 +335,7 @@ def reproduce(
     lockstep: bool = True,
     group_size: int = 8,
     cuda_graphs: str = "auto",
+    time_limit: float | None = None,
 ) -> list[dict]:
     """Run experiment ``name`` in ``out`` with ``workers`` parallel runs; finished runs are
     skipped and interrupted ones resumed. Returns one status per run.
@@ -317,13 +348,18 @@ def reproduce(
     whose finished runs are copied in, instead of trained again, wherever a run here has
     the identical training configuration (:func:`reuse_runs`). ``lockstep``: train runs that
     can share a process side by side, up to ``group_size`` at a time (:func:`plan_tasks`).
-    ``cuda_graphs``: "auto" replays training steps from CUDA graphs on a GPU, "off" never."""
+    ``cuda_graphs``: "auto" replays training steps from CUDA graphs on a GPU, "off" never.
+    ``time_limit``: minutes after which training stops, every run in training checkpointed
+    (status "stopped"; runs not yet started are not started): the same call continues."""
     runs = _select([Run(r.name, {**r.config, **(overrides or {})}, r.after, r.label) for r in grid(name, stages, seeds)],
                    name, only)  # fmt: skip
     if workers < 1:
         raise IwaeError(f"workers must be >= 1, got {workers}")
     if group_size < 1:
         raise IwaeError(f"group size must be >= 1, got {group_size}")
+    if time_limit is not None and not time_limit > 0:
+        raise IwaeError(f"time limit must be > 0 minutes, got {time_limit}")
+    stop_at = None if time_limit is None else time.time() + 60 * time_limit
     if backend not in ("local", "ray"):
         raise IwaeError(f"unknown backend {backend!r}: choose local or ray")
     out = Path(out)
@@ -346,7 +382,8 @@ def reproduce(
         threads = max(1, (os.cpu_count() or 1) // workers) if backend == "local" else 1
     tasks = plan_tasks(runs, out, data_dir, group_size if lockstep else 1, workers)
     execute = _execute_ray if backend == "ray" else _execute_local
-    return execute(tasks, str(out), data_dir, threads, workers, progress, (eval_k, n_test, flush_denormal, cuda_graphs))
+    return execute(tasks, str(out), data_dir, threads, workers, progress,
+                   (eval_k, n_test, flush_denormal, cuda_graphs, stop_at))  # fmt: skip
 
 
 def _select(runs: list[Run], name: str, only: dict | None) -> list[Run]:

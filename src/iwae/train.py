@@ -31,7 +31,7 @@ import torch
 
 from iwae import data as iwae_data
 from iwae.bounds import Objective
-from iwae.errors import IwaeError, RunDirError
+from iwae.errors import IwaeError, RunDirError, TimeLimitReached
 from iwae.model import VAE, ModelConfig, parse_hidden, parse_latent
 from iwae.rundir import (  # noqa: F401 (re-exported: iwae.train.load_run's neighbours, used by callers)
     CHECKPOINT_FILE,
@@ -514,6 +514,7 @@ def train(
     device: str | None = None,
     resume: bool = False,
     cuda_graphs: str = "auto",
+    stop_at: float | None = None,
 ) -> dict:
     """Train a model as ``config`` says in the run directory ``out``, or with
     ``resume=True`` continue the run there from its checkpoint.
@@ -521,22 +522,49 @@ def train(
     ``dataset`` may be given directly (tests use small synthetic sets); otherwise it
     is loaded from ``config.data_dir``. ``cuda_graphs``: "auto" replays each step from a
     CUDA graph on a (single-process) CUDA run, "off" never (:mod:`iwae.cudagraph`; the same
-    numbers either way). Returns the summary that is also written to ``summary.json``.
+    numbers either way). ``stop_at``: a wall-clock time (``time.time()``) at which training
+    stops, after the step or pass in progress, with a checkpoint (:class:`TimeLimitReached`).
+    Returns the summary that is also written to ``summary.json``.
     """
     out = Path(out)
     if resume and (out / SUMMARY_FILE).exists():
         return read_json(out / SUMMARY_FILE)
     run = _open_run(config, out, dataset, overwrite, device, resume, cuda_graphs)
+    run.stop_at = _check_stop_at(stop_at, run.shard)
     bar, record = None, {}
-    with open(out / METRICS_FILE if run.lead else os.devnull, "a") as metrics:
-        for p in range(run.state.passes, len(run.plan)):
-            bar = _stage_bar(run, p, bar, progress)
-            record = _run_pass(run, p, bar)
-            _end_pass(run, p, record, metrics)
-    if bar is not None:
-        bar.close()
-    run.board.close()
+    try:
+        with open(out / METRICS_FILE if run.lead else os.devnull, "a") as metrics:
+            for p in range(run.state.passes, len(run.plan)):
+                bar = _stage_bar(run, p, bar, progress)
+                record = _run_pass(run, p, bar)
+                up = _time_up(run)
+                _end_pass(run, p, record, metrics, checkpoint=up)
+                if up and p + 1 < len(run.plan):
+                    raise TimeLimitReached(_stopped_message([run]))
+    finally:
+        if bar is not None:
+            bar.close()
+        run.board.close()
     return _finish_run(run, record)
+
+
+def _check_stop_at(stop_at: float | None, shard) -> float | None:
+    if stop_at is not None and shard is not None:
+        raise IwaeError("--time-limit is not supported under torchrun (the processes would stop at different steps)")
+    return stop_at
+
+
+def _time_up(run: "_Run") -> bool:
+    """The run's time limit has passed (:func:`train`'s ``stop_at``)."""
+    return run.stop_at is not None and time.time() >= run.stop_at
+
+
+def _stopped_message(runs: list["_Run"]) -> str:
+    s = runs[0].state
+    where = f"pass {s.passes + 1}, step {s.step}" if s.step else f"the end of pass {s.passes}"
+    names = ", ".join(str(r.out) for r in runs)
+    return (f"time limit reached: {names} checkpointed at {where} of {len(runs[0].plan)}; "
+            f"the same command (or iwae train --resume RUN) continues")  # fmt: skip
 
 
 @dataclass
@@ -561,6 +589,7 @@ class _Run:
     last_checkpoint: float = field(default_factory=time.monotonic)
     binarize: bool = True  # draw binary training images afresh (False: the images are 0/1 already)
     graphs: bool = False  # steps replayed from CUDA graphs (:mod:`iwae.cudagraph`)
+    stop_at: float | None = None  # wall-clock time at which training stops (train's stop_at)
     _steps: object = None
 
     @property
@@ -767,10 +796,14 @@ def _run_pass(run: _Run, p: int, bar) -> dict:
         bar.update(1)
         if (step + 1) % GUARD_EVERY == 0 or step + 1 == steps:
             _stop_if_stuck(run, totals, p, step)
-        if run.lead and time.monotonic() - run.last_checkpoint > config.checkpoint_minutes * 60 and step + 1 < steps:
+        up = _time_up(run)
+        if run.lead and (up or time.monotonic() - run.last_checkpoint > config.checkpoint_minutes * 60) \
+                and step + 1 < steps:
             totals.into([state])
             state.step, state.seconds = step + 1, time.perf_counter() - t0
             _checkpoint(run, run.pass_start_rng)
+            if up:
+                raise TimeLimitReached(_stopped_message([run]))
     totals.into([state])
     return _pass_record(p, stage, lr, state, time.perf_counter() - t0)
 
@@ -794,11 +827,12 @@ def _checkpoint(run: _Run, pass_start_rng: torch.Tensor) -> None:
     run.last_checkpoint = time.monotonic()
 
 
-def _end_pass(run: _Run, p: int, record: dict, metrics) -> None:
+def _end_pass(run: _Run, p: int, record: dict, metrics, checkpoint: bool = False) -> None:
     """The test bounds due after pass ``p``, its metrics line, and at a stage end the weights
-    and a checkpoint (else a checkpoint when ``checkpoint_minutes`` have passed)."""
+    and a checkpoint (else a checkpoint when ``checkpoint_minutes`` have passed, or when
+    ``checkpoint`` asks for one)."""
     _record_pass(run, p, record, metrics)
-    if run.lead and _checkpoint_due(run, p):
+    if run.lead and (checkpoint or _checkpoint_due(run, p)):
         _checkpoint(run, run.generator.get_state())
 
 
@@ -876,7 +910,7 @@ class StackedNoise:
 
 def train_lockstep(configs: list[TrainConfig], outs: list, dataset: iwae_data.Dataset | None = None,
                    progress: bool = True, device: str | None = None, resume: bool = False,
-                   overwrite: bool = False, cuda_graphs: str = "auto") -> list[dict]:
+                   overwrite: bool = False, cuda_graphs: str = "auto", stop_at: float | None = None) -> list[dict]:
     """Train the runs ``configs`` in the run directories ``outs`` side by side in this
     process: one stacked model (:meth:`iwae.model.VAE.stack`), one fused Adam over the
     stacked parameters, one batched forward and backward per step.
@@ -888,7 +922,8 @@ def train_lockstep(configs: list[TrainConfig], outs: list, dataset: iwae_data.Da
     The runs must share :func:`lockstep_key`. A step whose bound or gradient is not finite
     for any run is skipped for the whole group and counted in every run's skipped_steps.
     Checkpoints are written for all runs at once, in two phases (:func:`_group_checkpoint`),
-    so that a killed group resumes (``resume=True``) bit for bit. Returns the summaries.
+    so that a killed group resumes (``resume=True``) bit for bit. ``stop_at``: as
+    :func:`train`'s, for the whole group. Returns the summaries.
     """
     outs = [Path(o) for o in outs]
     if len({lockstep_key(c) for c in configs}) != 1:
@@ -902,6 +937,8 @@ def train_lockstep(configs: list[TrainConfig], outs: list, dataset: iwae_data.Da
     runs = [_open_run(c, o, dataset, overwrite, device, resume, cuda_graphs) for c, o in zip(configs, outs)]
     if len({(r.state.passes, r.state.step) for r in runs}) != 1 or any(r.shard for r in runs):
         raise IwaeError("runs resumed in lockstep must stand at the same step of their schedule (resume them one by one)")
+    for run in runs:
+        run.stop_at = stop_at
     group = _Group(runs)
     bar, records = None, [{} for _ in runs]
     metrics = [open(r.out / METRICS_FILE, "a") for r in runs]
@@ -912,15 +949,18 @@ def train_lockstep(configs: list[TrainConfig], outs: list, dataset: iwae_data.Da
             group.to_members()
             for run, record, f in zip(runs, records, metrics):
                 _record_pass(run, p, record, f)
-            if _checkpoint_due(runs[0], p):
+            up = _time_up(runs[0])
+            if up or _checkpoint_due(runs[0], p):
                 _group_checkpoint(runs, [r.generator.get_state() for r in runs])
+            if up and p + 1 < len(runs[0].plan):
+                raise TimeLimitReached(_stopped_message(runs))
     finally:
         for f in metrics:
             f.close()
-    if bar is not None:
-        bar.close()
-    for run in runs:
-        run.board.close()
+        if bar is not None:
+            bar.close()
+        for run in runs:
+            run.board.close()
     for run in runs:  # the group's graphs are the members' graphs
         run._steps = group.graphed
     return [_finish_run(run, record) for run, record in zip(runs, records)]
@@ -1018,12 +1058,15 @@ class _Group(LockstepStep):
             bar.update(1)
             if (step + 1) % GUARD_EVERY == 0 or step + 1 == steps:
                 _stop_if_stuck(runs[0], totals, p, step)
-            if time.monotonic() - runs[0].last_checkpoint > config.checkpoint_minutes * 60 and step + 1 < steps:
+            up = _time_up(runs[0])
+            if (up or time.monotonic() - runs[0].last_checkpoint > config.checkpoint_minutes * 60) and step + 1 < steps:
                 self.to_members()
                 totals.into([r.state for r in runs])
                 for run in runs:
                     run.state.step, run.state.seconds = step + 1, time.perf_counter() - t0
                 _group_checkpoint(runs, [r.pass_start_rng for r in runs])
+                if up:
+                    raise TimeLimitReached(_stopped_message(runs))
         seconds = time.perf_counter() - t0
         totals.into([r.state for r in runs])
         return [_pass_record(p, stage, lr, run.state, seconds) for run in runs]
@@ -1099,13 +1142,13 @@ def _stage_nll(model: VAE, test_x: torch.Tensor, k: int, seed: int) -> dict:
 
 
 def resume(run_dir: str | Path, dataset=None, progress: bool = True, device: str | None = None,
-           cuda_graphs: str = "auto", data_dir: str | None = None) -> dict:
+           cuda_graphs: str = "auto", data_dir: str | None = None, stop_at: float | None = None) -> dict:
     """Continue an interrupted run from its checkpoint (``iwae train --resume``); a run killed
     before its first checkpoint starts again from its ``config.json`` (the same weights, bit
     for bit, as a run never interrupted). ``data_dir``: where the data is now, if not where
     the run was trained (another machine); a file dataset is still checked by its hash."""
     return train(resume_config(run_dir, data_dir), run_dir, dataset=dataset, progress=progress, device=device,
-                 resume=True, cuda_graphs=cuda_graphs)  # fmt: skip
+                 resume=True, cuda_graphs=cuda_graphs, stop_at=stop_at)  # fmt: skip
 
 
 def resume_config(run_dir: str | Path, data_dir: str | None = None) -> TrainConfig:
