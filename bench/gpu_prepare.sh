@@ -9,6 +9,8 @@ DATA=${1:-../shared/data}
 cd "$(dirname "$0")/.."
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
 rm -rf .gpu && mkdir -p .gpu/data/mnist .gpu/whl
+mkdir -p .gpu/data/omniglot
 cp "$DATA"/mnist/*-ubyte* .gpu/data/mnist/
+cp "$DATA"/omniglot/images_*.npz "$DATA"/omniglot/characters.csv "$DATA"/omniglot/omniglot28_split*.npz .gpu/data/omniglot/
 python3 -m pip download -q --no-deps --only-binary=:all: -d .gpu/whl "platformdirs>=3"
 du -sh .gpu
