@@ -333,3 +333,26 @@ def _plt_close(fig):
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+
+
+def test_the_budget_line_names_runs_trained_on_a_gpu_and_lost_metrics(tmp_path):
+    """A run trained on a GPU (summary.json ``device`` cuda) is named with the GPU and its
+    training minutes, the hours are no longer called CPU hours, and a run whose per-pass
+    metrics were lost (``recovered``) is named too."""
+    runs = _table1(dataset="omniglot")
+    _experiment(tmp_path, "table1", runs, stages=5)
+    for name, device in (("omniglot-l1-iwae-k50-s0", "cuda:0"), ("omniglot-l1-vae-k50-s0", "cpu")):
+        _run(tmp_path, name, nll=110.0, size=8070)
+        d = tmp_path / "runs" / name
+        (d / "runner.json").write_text(json.dumps({"train_wall_s": 1800.0, "eval_wall_s": 1800.0}))
+        summary = {"passes": 121, "train_seconds": 240.0, "device": device}
+        if device != "cpu":
+            summary |= {"gpu": "NVIDIA H100 80GB HBM3", "recovered": "metrics lost"}
+        (d / "summary.json").write_text(json.dumps(summary))
+    text = write_report(tmp_path).read_text()
+    assert ", 2.0 process hours in all (train + evaluate); trained on a GPU (NVIDIA H100 80GB HBM3): " \
+           "omniglot-l1-iwae-k50-s0, 4 GPU minutes of training in all; per-pass metrics lost (`recovered` in " \
+           "`summary.json`): omniglot-l1-iwae-k50-s0." in text  # fmt: skip
+    (tmp_path / "runs" / "omniglot-l1-iwae-k50-s0" / "summary.json").write_text(json.dumps({"device": "cpu"}))
+    text = write_report(tmp_path).read_text()
+    assert ", 2.0 CPU-process hours in all (train + evaluate)." in text and "GPU" not in text

@@ -309,8 +309,17 @@ def _budget(meta: dict, results: list[RunResult]) -> str:
         total = len(grid(meta["experiment"], meta["stages"], meta["seeds"]))
         if total > len(results):
             text += f" (selected with --only: {len(results)} of the grid's {total} runs)"
+    gpu = [r for r in results if r.summary and str(r.summary.get("device", "cpu")).startswith("cuda")]
     if walls:
-        text += f", {sum(walls) / 3600:.1f} CPU-process hours in all (train + evaluate)"
+        text += f", {sum(walls) / 3600:.1f} {'' if gpu else 'CPU-'}process hours in all (train + evaluate)"
+    if gpu:
+        names = sorted({r.summary.get("gpu") or r.summary["device"] for r in gpu})
+        minutes = sum(r.summary["train_seconds"] for r in gpu) / 60
+        text += (f"; trained on a GPU ({', '.join(names)}): {', '.join(r.name for r in gpu)}, "
+                 f"{minutes:.0f} GPU minutes of training in all")  # fmt: skip
+    lost = [r.name for r in results if r.summary and r.summary.get("recovered")]
+    if lost:
+        text += f"; per-pass metrics lost (`recovered` in `summary.json`): {', '.join(lost)}"
     if meta.get("overrides"):
         text += f". Every run with {json.dumps(meta['overrides'])}"
     return text + "."
