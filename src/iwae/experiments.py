@@ -173,12 +173,12 @@ def run_one(run: dict, exp_dir: str, data_dir: str | None, threads: int, eval_k:
     ``stop_at`` (a wall-clock time): as :func:`iwae.train.train`; a run stopped there (or
     not started, the time being past) has status "stopped"."""
     from iwae.rundir import CHECKPOINT_FILE, SUMMARY_FILE
-    from iwae.train import TrainConfig, resume, train
+    from iwae.train import TrainConfig, resume, time_limit_passed, train
 
     run, out = _worker_setup(run, exp_dir, threads, flush_denormal)
     if _evaluated(run, out, eval_k, n_test):
         return {"name": run.name, "status": "skipped"}
-    if _past(stop_at):  # not started
+    if time_limit_passed(stop_at):  # not started
         return _stopped([run])[0]
     started = time.perf_counter()
     try:
@@ -201,13 +201,13 @@ def run_group(runs: list[dict], exp_dir: str, data_dir: str | None, threads: int
     then evaluate each as :func:`run_one` does. The runner groups runs that share a
     lockstep key and stand at the same step (:func:`plan_tasks`)."""
     from iwae.rundir import CHECKPOINT_FILE
-    from iwae.train import TrainConfig, resume_config, train_lockstep
+    from iwae.train import TrainConfig, resume_config, time_limit_passed, train_lockstep
 
     if len(runs) == 1:
         return [run_one(runs[0], exp_dir, data_dir, threads, eval_k, n_test, flush_denormal, cuda_graphs, stop_at)]
     members = [_worker_setup(r, exp_dir, threads, flush_denormal) for r in runs]
     outs = [out for _, out in members]
-    if _past(stop_at):  # not started
+    if time_limit_passed(stop_at):  # not started
         return _stopped([run for run, _ in members])
     started = time.perf_counter()
     try:
@@ -222,11 +222,6 @@ def run_group(runs: list[dict], exp_dir: str, data_dir: str | None, threads: int
     seconds = time.perf_counter() - started
     names = [run.name for run, _ in members]
     return [_evaluate_run(run, out, data_dir, threads, eval_k, n_test, seconds, lockstep=names) for run, out in members]
-
-
-def _past(stop_at: float | None) -> bool:
-    """The time limit ``stop_at`` (a wall-clock time) has passed."""
-    return stop_at is not None and time.time() >= stop_at
 
 
 def _stopped(runs: list[Run], outs: list[Path] = (), train_s: float = 0.0) -> list[dict]:

@@ -554,9 +554,21 @@ def _check_stop_at(stop_at: float | None, shard) -> float | None:
     return stop_at
 
 
+def time_limit_passed(stop_at: float | None) -> bool:
+    """The wall-clock time ``stop_at`` (``time.time()``; None: no limit) has passed."""
+    return stop_at is not None and time.time() >= stop_at
+
+
 def _time_up(run: "_Run") -> bool:
     """The run's time limit has passed (:func:`train`'s ``stop_at``)."""
-    return run.stop_at is not None and time.time() >= run.stop_at
+    return time_limit_passed(run.stop_at)
+
+
+def _mid_pass_checkpoint(run: "_Run") -> tuple[bool, bool]:
+    """(the time limit has passed, a checkpoint is due): at the limit, or when
+    ``checkpoint_minutes`` have passed since the last checkpoint."""
+    up = _time_up(run)
+    return up, up or time.monotonic() - run.last_checkpoint > run.config.checkpoint_minutes * 60
 
 
 def _stopped_message(runs: list["_Run"]) -> str:
@@ -796,9 +808,8 @@ def _run_pass(run: _Run, p: int, bar) -> dict:
         bar.update(1)
         if (step + 1) % GUARD_EVERY == 0 or step + 1 == steps:
             _stop_if_stuck(run, totals, p, step)
-        up = _time_up(run)
-        if run.lead and (up or time.monotonic() - run.last_checkpoint > config.checkpoint_minutes * 60) \
-                and step + 1 < steps:
+        up, due = _mid_pass_checkpoint(run)
+        if run.lead and due and step + 1 < steps:
             totals.into([state])
             state.step, state.seconds = step + 1, time.perf_counter() - t0
             _checkpoint(run, run.pass_start_rng)
@@ -1058,8 +1069,8 @@ class _Group(LockstepStep):
             bar.update(1)
             if (step + 1) % GUARD_EVERY == 0 or step + 1 == steps:
                 _stop_if_stuck(runs[0], totals, p, step)
-            up = _time_up(runs[0])
-            if (up or time.monotonic() - runs[0].last_checkpoint > config.checkpoint_minutes * 60) and step + 1 < steps:
+            up, due = _mid_pass_checkpoint(runs[0])
+            if due and step + 1 < steps:
                 self.to_members()
                 totals.into([r.state for r in runs])
                 for run in runs:
