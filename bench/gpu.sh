@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main command on a lent GPU machine (the `device` tool): the CUDA tests, the training
-# rates of one run and of lockstep groups (bench/gpu_probe.py), then Table 1 at --stages 5
-# continued from the committed checkpoints, MNIST and OMNIGLOT side by side with one process
-# per lockstep group, stopped cleanly by --time-limit, and packed IN THIS SAME CALL: before
+# rates of one run and of lockstep groups (bench/gpu_probe.py), then what issue 12 still needs,
+# continued from the committed checkpoints, side by side: Table 1 at --stages 5 (MNIST and
+# OMNIGLOT), two-stage and DReG (1 layer) at --stages 5, the variants at --stages 4 (2 seeds),
+# stopped cleanly by --time-limit, and packed IN THIS SAME CALL: before
 # each call the device tool makes its copy of the working tree match this checkout again,
 # deleting files that git here does not know (a first try, 2026-11-26, lost all run files but
 # the checkpoints that way: results/README.md).
@@ -27,8 +28,12 @@ if ! $PY -c "import platformdirs" 2>/dev/null; then
     $PY -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 SMOKE=${IWAE_GPU_SMOKE:-0}
-DEVICE=cuda; N=4000; ONLY=(); WORKERS=4
-if [ "$SMOKE" = 1 ]; then DEVICE=cpu; N=200; ONLY=(--only k=1 --only layers=1); WORKERS=1; MINUTES=0.3; fi
+DEVICE=cuda; N=4000; ONLY=(); ONLY2=(); ONLYD=(); ONLYV=(); WORKERS=4
+if [ "$SMOKE" = 1 ]; then  # the cheapest run of each experiment, for a few seconds
+    DEVICE=cpu; N=200; ONLY=(--only k=1 --only layers=1); ONLY2=(--only experiment=1 --only stage=first); ONLYD=(--only k=5)
+    ONLYV=(--only method=VAE --only seed=0); WORKERS=1; MINUTES=0.3
+fi
+RESULTS="results/table1-mnist-s5 results/table1-omniglot-s5 results/two-stage-s5 results/dreg-s5 results/variants-s4"
 stamp() { echo "== $(date -u +%T) $*"; }
 touch /tmp/gpu-start
 
@@ -45,18 +50,30 @@ for args in "--layers 1 --k 50 --group 1" "--layers 1 --k 50 --group 2" "--layer
     IWAE_DATA="$DATA" timeout 60 $PY bench/gpu_probe.py $args --n-train "$N" --device "$DEVICE" 2>>"$OUT/probe.err"
 done | tee "$OUT/probe.jsonl"
 
-stamp "Table 1 at --stages 5 for ${MINUTES} minutes, MNIST and OMNIGLOT side by side"
+stamp "issue 12 for ${MINUTES} minutes, side by side: Table 1 (MNIST, OMNIGLOT), two-stage, DReG k=50, variants"
+# Every command continues its runs from the committed checkpoints and skips finished ones;
+# --reuse copies the finished Table 1 runs that two-stage and DReG share with it.
+S5=(--stages 5 --data-dir "$DATA" --time-limit "$MINUTES" --quiet)
 pids=()
 for ds in mnist omniglot; do
-    $PY -m iwae.cli reproduce table1 --stages 5 --only dataset=$ds "${ONLY[@]}" --workers "$WORKERS" --data-dir "$DATA" \
-        --time-limit "$MINUTES" --quiet --out "results/table1-$ds-s5" &
+    $PY -m iwae.cli reproduce table1 "${S5[@]}" --only dataset=$ds "${ONLY[@]}" --workers "$WORKERS" \
+        --out "results/table1-$ds-s5" &
     pids+=($!)
 done
-wait "${pids[@]}"  # these two only: a bare `wait` also waits for the log's tee, which never ends
+$PY -m iwae.cli reproduce two-stage "${S5[@]}" "${ONLY2[@]}" --workers 2 --reuse results/table1-mnist-s5 \
+    --out results/two-stage-s5 &
+pids+=($!)
+$PY -m iwae.cli reproduce dreg "${S5[@]}" --only layers=1 "${ONLYD[@]}" --workers 2 --reuse results/table1-mnist-s5 \
+    --out results/dreg-s5 &
+pids+=($!)
+$PY -m iwae.cli reproduce variants --stages 4 --data-dir "$DATA" --time-limit "$MINUTES" --quiet "${ONLYV[@]}" \
+    --workers 2 --out results/variants-s4 &
+pids+=($!)
+wait "${pids[@]}"  # these only: a bare `wait` also waits for the log's tee, which never ends
 stamp "training ended"
 
 stamp "pack: the files written in this call but TensorBoard logs (checkpoints of finished runs left out)"
-find results/table1-mnist-s5 results/table1-omniglot-s5 -type f -newer /tmp/gpu-start ! -path '*/tb/*' 2>/dev/null |
+find $RESULTS -type f -cnewer /tmp/gpu-start ! -path '*/tb/*' 2>/dev/null |
 while read -r f; do
     case "$f" in */checkpoint*.safetensors) [ -e "$(dirname "$f")/summary.json" ] && continue ;; esac
     echo "$f"
