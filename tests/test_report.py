@@ -356,3 +356,18 @@ def test_the_budget_line_names_runs_trained_on_a_gpu_and_lost_metrics(tmp_path):
     (tmp_path / "runs" / "omniglot-l1-iwae-k50-s0" / "summary.json").write_text(json.dumps({"device": "cpu"}))
     text = write_report(tmp_path).read_text()
     assert ", 2.0 CPU-process hours in all (train + evaluate)." in text and "GPU" not in text
+
+
+def test_the_budget_line_counts_runs_stopped_at_a_time_limit(tmp_path):
+    """A run stopped by ``--time-limit`` has a ``runner.json`` with its training time but no
+    evaluation time (nor an evaluation): the report is still written and counts its hours."""
+    runs = _table1(dataset="omniglot")
+    _experiment(tmp_path, "table1", runs, stages=5)
+    _run(tmp_path, "omniglot-l1-vae-k50-s0", nll=110.0, size=8070)
+    (tmp_path / "runs" / "omniglot-l1-vae-k50-s0" / "runner.json").write_text(
+        json.dumps({"train_wall_s": 1800.0, "eval_wall_s": 1800.0}))
+    stopped = tmp_path / "runs" / "omniglot-l1-iwae-k50-s0"
+    stopped.mkdir(parents=True)
+    (stopped / "runner.json").write_text(json.dumps({"train_wall_s": 3600.0}))
+    text = write_report(tmp_path).read_text()
+    assert ", 2.0 CPU-process hours in all (train + evaluate)." in text

@@ -296,7 +296,7 @@ def _claim_line(claim: str, detail: str, pairs: list[tuple[str, Margin, int]]) -
 
 def _budget(meta: dict, results: list[RunResult]) -> str:
     done = sum(r.evaluation is not None for r in results)
-    walls = [r.runner["train_wall_s"] + r.runner["eval_wall_s"] for r in results if r.runner]
+    walls = [r.runner["train_wall_s"] + r.runner.get("eval_wall_s", 0.0) for r in results if r.runner]
     text = (
         f"Budget: `--stages {meta['stages']}` ({meta['passes_per_run']} passes per run; the paper: 8 stages, "
         f"3,280 passes), {meta['seeds']} seed(s); NLL = −L_{meta['eval_k']} on {_images_text(meta, results)}. "
