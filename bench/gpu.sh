@@ -15,6 +15,8 @@
 # MINUTES (default 7) is the training time limit; tests and probes take about 1.5 minutes
 # before it, evaluation and packing well under a minute after it (on an H100).
 # IWAE_GPU_SMOKE=1 runs every step on the CPU with a tiny budget: a check of the script itself.
+# IWAE_GPU_EXPERIMENTS picks what trains (default: all five), e.g. "table1-mnist dreg variants"
+# when the CPU here continues the others meanwhile (the same run must not train in two places).
 set -uo pipefail
 OUT=${1:?usage: bench/gpu.sh OUT [MINUTES]}
 MINUTES=${2:-7}
@@ -34,6 +36,11 @@ if [ "$SMOKE" = 1 ]; then  # the cheapest run of each experiment, for a few seco
     ONLYV=(--only method=VAE --only seed=0); WORKERS=1; MINUTES=0.3
 fi
 RESULTS="results/table1-mnist-s5 results/table1-omniglot-s5 results/two-stage-s5 results/dreg-s5 results/variants-s4"
+EXPERIMENTS=${IWAE_GPU_EXPERIMENTS:-table1-mnist table1-omniglot two-stage dreg variants}
+for e in $EXPERIMENTS; do
+    case "$e" in table1-mnist|table1-omniglot|two-stage|dreg|variants) ;; *) echo "unknown experiment: $e" >&2; exit 2 ;; esac
+done
+wanted() { case " $EXPERIMENTS " in *" $1 "*) return 0 ;; esac; return 1; }
 stamp() { echo "== $(date -u +%T) $*"; }
 touch /tmp/gpu-start
 
@@ -50,25 +57,32 @@ for args in "--layers 1 --k 50 --group 1" "--layers 1 --k 50 --group 2" "--layer
     IWAE_DATA="$DATA" timeout 60 $PY bench/gpu_probe.py $args --n-train "$N" --device "$DEVICE" 2>>"$OUT/probe.err"
 done | tee "$OUT/probe.jsonl"
 
-stamp "issue 12 for ${MINUTES} minutes, side by side: Table 1 (MNIST, OMNIGLOT), two-stage, DReG k=50, variants"
+stamp "issue 12 for ${MINUTES} minutes, side by side: $EXPERIMENTS"
 # Every command continues its runs from the committed checkpoints and skips finished ones;
 # --reuse copies the finished Table 1 runs that two-stage and DReG share with it.
 S5=(--stages 5 --data-dir "$DATA" --time-limit "$MINUTES" --quiet)
 pids=()
 for ds in mnist omniglot; do
+    wanted table1-$ds || continue
     $PY -m iwae.cli reproduce table1 "${S5[@]}" --only dataset=$ds "${ONLY[@]}" --workers "$WORKERS" \
         --out "results/table1-$ds-s5" &
     pids+=($!)
 done
-$PY -m iwae.cli reproduce two-stage "${S5[@]}" "${ONLY2[@]}" --workers 2 --reuse results/table1-mnist-s5 \
-    --out results/two-stage-s5 &
-pids+=($!)
-$PY -m iwae.cli reproduce dreg "${S5[@]}" --only layers=1 "${ONLYD[@]}" --workers 2 --reuse results/table1-mnist-s5 \
-    --out results/dreg-s5 &
-pids+=($!)
-$PY -m iwae.cli reproduce variants --stages 4 --data-dir "$DATA" --time-limit "$MINUTES" --quiet "${ONLYV[@]}" \
-    --workers 2 --out results/variants-s4 &
-pids+=($!)
+if wanted two-stage; then
+    $PY -m iwae.cli reproduce two-stage "${S5[@]}" "${ONLY2[@]}" --workers 2 --reuse results/table1-mnist-s5 \
+        --out results/two-stage-s5 &
+    pids+=($!)
+fi
+if wanted dreg; then
+    $PY -m iwae.cli reproduce dreg "${S5[@]}" --only layers=1 "${ONLYD[@]}" --workers 2 --reuse results/table1-mnist-s5 \
+        --out results/dreg-s5 &
+    pids+=($!)
+fi
+if wanted variants; then
+    $PY -m iwae.cli reproduce variants --stages 4 --data-dir "$DATA" --time-limit "$MINUTES" --quiet "${ONLYV[@]}" \
+        --workers 2 --out results/variants-s4 &
+    pids+=($!)
+fi
 wait "${pids[@]}"  # these only: a bare `wait` also waits for the log's tee, which never ends
 stamp "training ended"
 
