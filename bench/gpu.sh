@@ -12,13 +12,42 @@
 #   device: run(command='bash bench/gpu.sh "$OUT" 7', carry=[".gpu"], timeout_s=600)
 #   then:   bash bench/gpu_unpack.sh FILES_AT      (puts the runs back into results/)
 #
+# At most 64 MiB come back from one call (8 files of 16 MiB), and 16 variants checkpoints alone
+# are 82 MB: the pack goes out in 15 MiB parts, four per call. When more remain the log says
+# so; call at once, before the machine goes back (30 s idle), `bash bench/gpu.sh --rest "$OUT"`
+# for the next four, and unpack all the calls' folders together:
+#   bash bench/gpu_unpack.sh FILES_AT FILES_AT_OF_THE_REST ...
+# (2026-11-27: a 118 MiB pack came back as its first four parts; the rest was saved this way.)
+#
 # MINUTES (default 7) is the training time limit; tests and probes take about 1.5 minutes
 # before it, evaluation and packing well under a minute after it (on an H100).
 # IWAE_GPU_SMOKE=1 runs every step on the CPU with a tiny budget: a check of the script itself.
 # IWAE_GPU_EXPERIMENTS picks what trains (default: all five), e.g. "table1-mnist dreg variants"
 # when the CPU here continues the others meanwhile (the same run must not train in two places).
 set -uo pipefail
-OUT=${1:?usage: bench/gpu.sh OUT [MINUTES]}
+PARTS=/tmp/runs.parts
+send_parts() {  # copy the next four unsent parts of the pack into $1; say what is left
+    local n=0 f
+    for f in "$PARTS"/runs.tgz.part*; do
+        [ -e "$f" ] || continue
+        if [ $n -lt 4 ]; then mv "$f" "$1/"; n=$((n + 1)); fi
+    done
+    local left
+    left=$(ls "$PARTS" | wc -l)
+    if [ "$left" -gt 0 ]; then
+        echo "PACK INCOMPLETE: $left more part(s) of 15 MiB wait on the machine; call at once: bash bench/gpu.sh --rest \"\$OUT\""
+    else
+        echo "pack complete"
+    fi
+}
+if [ "${1:-}" = "--rest" ]; then
+    OUT=${2:?usage: bench/gpu.sh --rest OUT}
+    mkdir -p "$OUT"
+    send_parts "$OUT"
+    ls -la "$OUT"
+    exit 0
+fi
+OUT=${1:?usage: bench/gpu.sh OUT [MINUTES]   or   bench/gpu.sh --rest OUT}
 MINUTES=${2:-7}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
@@ -86,13 +115,21 @@ fi
 wait "${pids[@]}"  # these only: a bare `wait` also waits for the log's tee, which never ends
 stamp "training ended"
 
-stamp "pack: the files written in this call but TensorBoard logs (checkpoints of finished runs left out)"
+stamp "pack: the files written in this call but TensorBoard logs and, for runs not finished, the stage-end weights (their checkpoint holds them); checkpoints of finished runs left out"
 find $RESULTS -type f -cnewer /tmp/gpu-start ! -path '*/tb/*' 2>/dev/null |
 while read -r f; do
-    case "$f" in */checkpoint*.safetensors) [ -e "$(dirname "$f")/summary.json" ] && continue ;; esac
+    finished=0; [ -e "$(dirname "$f")/summary.json" ] && finished=1
+    case "$f" in
+        */checkpoint*.safetensors) [ $finished = 1 ] && continue ;;
+        */model.safetensors) [ $finished = 0 ] && continue ;;
+    esac
     echo "$f"
 done > /tmp/runs.list
+cp /tmp/runs.list "$OUT/runs.list"
 tar -czf /tmp/runs.tgz -T /tmp/runs.list
-split -b 15m -d /tmp/runs.tgz "$OUT/runs.tgz.part"
+echo "pack: $(wc -l < /tmp/runs.list) files, $(du -m /tmp/runs.tgz | cut -f1) MiB"
+rm -rf "$PARTS" && mkdir -p "$PARTS"
+split -b 15m -d -a 3 /tmp/runs.tgz "$PARTS/runs.tgz.part"
+send_parts "$OUT"
 ls -la "$OUT"
 stamp "done"
