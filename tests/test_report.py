@@ -358,6 +358,29 @@ def test_the_budget_line_names_runs_trained_on_a_gpu_and_lost_metrics(tmp_path):
     assert ", 2.0 CPU-process hours in all (train + evaluate)." in text and "GPU" not in text
 
 
+def test_the_budget_line_counts_gpu_time_by_machine_for_runs_that_moved(tmp_path):
+    """runner.json's ``train_wall_s_by_device`` decides: a run trained on a GPU and finished on
+    a CPU is named "(in part)" and only its GPU seconds count as GPU minutes; one stopped on
+    the GPU (no summary.json yet) is named too; a run trained on the CPU only is not."""
+    runs = _table1(dataset="omniglot")
+    _experiment(tmp_path, "table1", runs, stages=5)
+    gpu = "cuda (NVIDIA H100 80GB HBM3)"
+    by_device = {"omniglot-l1-iwae-k50-s0": {gpu: 600.0, "cpu (AMD EPYC)": 1200.0},
+                 "omniglot-l1-vae-k50-s0": {"cpu (AMD EPYC)": 1800.0}, "omniglot-l1-iwae-k5-s0": {gpu: 1800.0}}
+    for name, seconds in by_device.items():
+        d = tmp_path / "runs" / name
+        if name.endswith("k50-s0"):
+            _run(tmp_path, name, nll=110.0, size=8070)
+            (d / "summary.json").write_text(json.dumps({"passes": 121, "train_seconds": 1700.0, "device": "cpu"}))
+        else:
+            d.mkdir(parents=True)
+        (d / "runner.json").write_text(json.dumps({"train_wall_s": 1800.0, "train_wall_s_by_device": seconds}))
+    text = write_report(tmp_path).read_text()
+    assert ", 1.5 process hours in all (train + evaluate); trained on a GPU (NVIDIA H100 80GB HBM3): " \
+           "omniglot-l1-iwae-k5-s0, omniglot-l1-iwae-k50-s0 (in part), 40 GPU minutes of training in all." in text
+    assert "omniglot-l1-vae-k50-s0," not in text
+
+
 def test_the_budget_line_counts_runs_stopped_at_a_time_limit(tmp_path):
     """A run stopped by ``--time-limit`` has a ``runner.json`` with its training time but no
     evaluation time (nor an evaluation): the report is still written and counts its hours."""

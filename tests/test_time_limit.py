@@ -111,8 +111,12 @@ def test_the_runner_stops_and_continues_runs(shared_data_dir, tmp_path, monkeypa
         assert [r["status"] for r in run_group(runs, str(cut), *args, 8, 10, stop_at=time.time() + 3600)] == ["stopped"] * 2
         _limit_after(m, 10)
         assert run_one(runs[0], str(cut / "single"), *args, 8, 10, stop_at=time.time() + 3600)["status"] == "stopped"
+    from iwae.experiments import _device_label
+
+    here = _device_label()
     for d in (cut / "runs" / "r0", cut / "runs" / "r1", cut / "single" / "runs" / "r0"):
-        assert json.loads((d / "runner.json").read_text())["train_wall_s"] > 0
+        timing = json.loads((d / "runner.json").read_text())
+        assert timing["train_wall_s"] > 0 and timing["train_wall_s_by_device"] == {here: timing["train_wall_s"]}
         assert not (d / "evaluation.json").exists()
     assert run_one(vars(Run("new", tiny)), str(cut), *args, 8, 10, stop_at=time.time() - 1)["status"] == "stopped"
     assert not (cut / "runs" / "new").exists()
@@ -120,6 +124,23 @@ def test_the_runner_stops_and_continues_runs(shared_data_dir, tmp_path, monkeypa
     assert run_one(runs[0], str(cut / "single"), *args, eval_k=8, n_test=10)["status"] == "done"
     for name in ("runs/r0", "runs/r1", "single/runs/r0"):
         assert_bitwise_equal(weights(cut / name), weights(ref / name))
+        timing = json.loads((cut / name / "runner.json").read_text())  # both parts of the training counted
+        assert list(timing["train_wall_s_by_device"]) == [here]
+        assert timing["train_wall_s_by_device"][here] == pytest.approx(timing["train_wall_s"])
+
+
+def test_training_time_is_kept_by_machine_when_a_run_moves(monkeypatch):
+    """A run trained on a lent GPU and continued on a CPU keeps both machines' seconds."""
+    import iwae.experiments as experiments
+
+    timing = {}
+    for label, seconds in (("cuda (NVIDIA H100 80GB HBM3)", 300.0), ("cpu (AMD EPYC)", 60.0), ("cpu (AMD EPYC)", 40.0)):
+        monkeypatch.setattr(experiments, "_device_label", lambda label=label: label)
+        timing = experiments._add_train_time(timing, seconds)
+    assert timing == {"train_wall_s": 400.0,
+                      "train_wall_s_by_device": {"cuda (NVIDIA H100 80GB HBM3)": 300.0, "cpu (AMD EPYC)": 100.0}}
+    monkeypatch.undo()  # the real one names this machine
+    assert experiments._device_label().startswith("cuda (" if torch.cuda.is_available() else "cpu (")
 
 
 def test_cli_time_limit(tmp_path, capsys):

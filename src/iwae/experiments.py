@@ -15,8 +15,8 @@ The budget is ``stages`` (the first N stages of the 3^i schedule; 8 = the paper'
 passes) and ``seeds``. An experiment directory holds ``experiment.json`` (the grid and the
 budget) and ``runs/NAME/``, one run directory per run, each finished with
 ``evaluation.json`` (``iwae evaluate``), ``activity.json`` (per-unit activity) and
-``runner.json`` (wall times). Running an experiment again skips finished runs and resumes
-interrupted ones from their checkpoints.
+``runner.json`` (wall times; training's also by machine). Running an experiment again skips
+finished runs and resumes interrupted ones from their checkpoints.
 """
 
 from __future__ import annotations
@@ -232,8 +232,29 @@ def _stopped(runs: list[Run], outs: list[Path] = (), train_s: float = 0.0) -> li
     for out in outs:
         if out.is_dir():
             timing = read_json(out / "runner.json", required=False) or {}
-            write_json(out / "runner.json", {**timing, "train_wall_s": timing.get("train_wall_s", 0.0) + train_s})
+            write_json(out / "runner.json", _add_train_time(timing, train_s))
     return [{"name": run.name, "status": "stopped"} for run in runs]
+
+
+def _add_train_time(timing: dict, seconds: float) -> dict:
+    """Add ``seconds`` of training to ``timing`` (a ``runner.json``): to ``train_wall_s``
+    and, under the machine that trained them (:func:`_device_label`), to
+    ``train_wall_s_by_device``: a run may train on a lent GPU, then continue on a CPU."""
+    timing["train_wall_s"] = timing.get("train_wall_s", 0.0) + seconds
+    by_device = timing.setdefault("train_wall_s_by_device", {})
+    label = _device_label()
+    by_device[label] = by_device.get(label, 0.0) + seconds
+    return timing
+
+
+def _device_label() -> str:
+    """Where this process trains (as :func:`iwae.train.pick_device` picks by default), e.g.
+    ``cuda (NVIDIA H100 80GB HBM3)`` or ``cpu (AMD EPYC)``."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda ({torch.cuda.get_device_name(0)})"
+    return f"cpu ({_cpu_name()})"
 
 
 def _worker_setup(run: dict, exp_dir: str, threads: int, flush_denormal: bool) -> tuple[Run, Path]:
@@ -266,8 +287,7 @@ def _evaluate_run(run: Run, out: Path, data_dir, threads: int, eval_k: int, n_te
     from iwae.rundir import write_evaluation, write_json
     from iwae.train import load_run
 
-    timing = read_json(out / "runner.json", required=False) or {}
-    timing["train_wall_s"] = timing.get("train_wall_s", 0.0) + train_s
+    timing = _add_train_time(read_json(out / "runner.json", required=False) or {}, train_s)
     if lockstep:
         timing["lockstep"] = lockstep
     started = time.perf_counter()

@@ -294,6 +294,19 @@ def _claim_line(claim: str, detail: str, pairs: list[tuple[str, Margin, int]]) -
     return line + f"; margin ± paired standard error{over}: " + ", ".join(parts)
 
 
+def _gpu_training(r: RunResult) -> tuple[dict[str, float], bool]:
+    """Seconds of a run's training on each GPU, and whether it trained on a CPU too: from
+    ``runner.json``'s ``train_wall_s_by_device`` (keys such as ``cuda (NVIDIA H100 80GB
+    HBM3)``), else, for runs trained before it was recorded, from ``summary.json``."""
+    by_device = (r.runner or {}).get("train_wall_s_by_device")
+    if by_device:
+        gpus = {key.partition(" (")[2].rstrip(")") or key: s for key, s in by_device.items() if key.startswith("cuda")}
+        return gpus, any(not key.startswith("cuda") and s > 0 for key, s in by_device.items())
+    if r.summary and str(r.summary.get("device", "cpu")).startswith("cuda"):
+        return {r.summary.get("gpu") or r.summary["device"]: r.summary["train_seconds"]}, False
+    return {}, False
+
+
 def _budget(meta: dict, results: list[RunResult]) -> str:
     done = sum(r.evaluation is not None for r in results)
     walls = [r.runner["train_wall_s"] + r.runner.get("eval_wall_s", 0.0) for r in results if r.runner]
@@ -309,14 +322,14 @@ def _budget(meta: dict, results: list[RunResult]) -> str:
         total = len(grid(meta["experiment"], meta["stages"], meta["seeds"]))
         if total > len(results):
             text += f" (selected with --only: {len(results)} of the grid's {total} runs)"
-    gpu = [r for r in results if r.summary and str(r.summary.get("device", "cpu")).startswith("cuda")]
+    gpu = {r.name: (seconds, cpu_too) for r in results for seconds, cpu_too in [_gpu_training(r)] if seconds}
     if walls:
         text += f", {sum(walls) / 3600:.1f} {'' if gpu else 'CPU-'}process hours in all (train + evaluate)"
     if gpu:
-        names = sorted({r.summary.get("gpu") or r.summary["device"] for r in gpu})
-        minutes = sum(r.summary["train_seconds"] for r in gpu) / 60
-        text += (f"; trained on a GPU ({', '.join(names)}): {', '.join(r.name for r in gpu)}, "
-                 f"{minutes:.0f} GPU minutes of training in all")  # fmt: skip
+        names = sorted({name for seconds, _ in gpu.values() for name in seconds})
+        minutes = sum(sum(seconds.values()) for seconds, _ in gpu.values()) / 60
+        runs = ", ".join(name + (" (in part)" if cpu_too else "") for name, (_, cpu_too) in gpu.items())
+        text += f"; trained on a GPU ({', '.join(names)}): {runs}, {minutes:.0f} GPU minutes of training in all"
     lost = [r.name for r in results if r.summary and r.summary.get("recovered")]
     if lost:
         text += f"; per-pass metrics lost (`recovered` in `summary.json`): {', '.join(lost)}"
