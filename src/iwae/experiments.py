@@ -248,13 +248,14 @@ def _add_train_time(timing: dict, seconds: float) -> dict:
 
 
 def _device_label() -> str:
-    """Where this process trains (as :func:`iwae.train.pick_device` picks by default), e.g.
-    ``cuda (NVIDIA H100 80GB HBM3)`` or ``cpu (AMD EPYC)``."""
+    """Where this process trains (the device :func:`iwae.train.pick_device` picks by
+    default), e.g. ``cuda (NVIDIA H100 80GB HBM3)`` or ``cpu (AMD EPYC)``."""
     import torch
 
-    if torch.cuda.is_available():
-        return f"cuda ({torch.cuda.get_device_name(0)})"
-    return f"cpu ({_cpu_name()})"
+    from iwae.train import pick_device
+
+    dev = pick_device()
+    return f"cuda ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else f"cpu ({_cpu_name()})"
 
 
 def _worker_setup(run: dict, exp_dir: str, threads: int, flush_denormal: bool) -> tuple[Run, Path]:
