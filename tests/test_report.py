@@ -381,6 +381,31 @@ def test_the_budget_line_counts_gpu_time_by_machine_for_runs_that_moved(tmp_path
     assert "omniglot-l1-vae-k50-s0," not in text
 
 
+def test_the_budget_line_counts_a_lockstep_group_s_time_once(tmp_path):
+    """Runs trained together in one lockstep group share its time: four runs that trained
+    side by side for 600 s on a GPU took 10 GPU minutes, not 40 (``train_share_s_by_device``),
+    and a CPU pair from before shares were recorded (a ``lockstep`` key naming both) took
+    its wall time once."""
+    runs = _table1(dataset="omniglot")
+    _experiment(tmp_path, "table1", runs, stages=5)
+    gpu = "cuda (NVIDIA H100 80GB HBM3)"
+    group = [r.name for r in runs[:4]]
+    for name in group:
+        d = tmp_path / "runs" / name
+        d.mkdir(parents=True)
+        (d / "runner.json").write_text(json.dumps(
+            {"train_wall_s": 600.0, "train_wall_s_by_device": {gpu: 600.0}, "train_share_s_by_device": {gpu: 150.0}}))
+    pair = [r.name for r in runs[4:6]]
+    for name in pair:
+        _run(tmp_path, name, nll=110.0, size=8070)
+        (tmp_path / "runs" / name / "runner.json").write_text(
+            json.dumps({"train_wall_s": 7200.0, "eval_wall_s": 900.0, "lockstep": pair}))
+    text = write_report(tmp_path).read_text()
+    # 4 x 150 s on the GPU, 7,200 s of the pair's process and 2 x 900 s of evaluation: 2.7 hours
+    assert ", 2.7 process hours in all (train + evaluate); trained on a GPU (NVIDIA H100 80GB HBM3): " in text
+    assert ", 10 GPU minutes of training in all." in text
+
+
 def test_the_budget_line_counts_runs_stopped_at_a_time_limit(tmp_path):
     """A run stopped by ``--time-limit`` has a ``runner.json`` with its training time but no
     evaluation time (nor an evaluation): the report is still written and counts its hours."""

@@ -114,31 +114,36 @@ def test_the_runner_stops_and_continues_runs(shared_data_dir, tmp_path, monkeypa
     from iwae.experiments import _device_label
 
     here = _device_label()
-    for d in (cut / "runs" / "r0", cut / "runs" / "r1", cut / "single" / "runs" / "r0"):
+    for d, group in ((cut / "runs" / "r0", 2), (cut / "runs" / "r1", 2), (cut / "single" / "runs" / "r0", 1)):
         timing = json.loads((d / "runner.json").read_text())
         assert timing["train_wall_s"] > 0 and timing["train_wall_s_by_device"] == {here: timing["train_wall_s"]}
+        assert timing["train_share_s_by_device"] == {here: pytest.approx(timing["train_wall_s"] / group)}
         assert not (d / "evaluation.json").exists()
     assert run_one(vars(Run("new", tiny)), str(cut), *args, 8, 10, stop_at=time.time() - 1)["status"] == "stopped"
     assert not (cut / "runs" / "new").exists()
     assert {r["status"] for r in run_group(runs, str(cut), *args, eval_k=8, n_test=10)} == {"done"}
     assert run_one(runs[0], str(cut / "single"), *args, eval_k=8, n_test=10)["status"] == "done"
-    for name in ("runs/r0", "runs/r1", "single/runs/r0"):
+    for name, group in (("runs/r0", 2), ("runs/r1", 2), ("single/runs/r0", 1)):
         assert_bitwise_equal(weights(cut / name), weights(ref / name))
         timing = json.loads((cut / name / "runner.json").read_text())  # both parts of the training counted
         assert list(timing["train_wall_s_by_device"]) == [here]
         assert timing["train_wall_s_by_device"][here] == pytest.approx(timing["train_wall_s"])
+        assert timing["train_share_s_by_device"][here] == pytest.approx(timing["train_wall_s"] / group)
 
 
 def test_training_time_is_kept_by_machine_when_a_run_moves(monkeypatch):
-    """A run trained on a lent GPU and continued on a CPU keeps both machines' seconds."""
+    """A run trained on a lent GPU and continued on a CPU keeps both machines' seconds, and
+    its share of them where it trained in a lockstep group."""
     import iwae.experiments as experiments
 
     timing = {}
-    for label, seconds in (("cuda (NVIDIA H100 80GB HBM3)", 300.0), ("cpu (AMD EPYC)", 60.0), ("cpu (AMD EPYC)", 40.0)):
+    steps = (("cuda (NVIDIA H100 80GB HBM3)", 300.0, 4), ("cpu (AMD EPYC)", 60.0, 1), ("cpu (AMD EPYC)", 40.0, 2))
+    for label, seconds, group in steps:  # 300 s in a lockstep group of 4 runs, then 60 s alone, 40 s in a pair
         monkeypatch.setattr(experiments, "_device_label", lambda label=label: label)
-        timing = experiments._add_train_time(timing, seconds)
+        timing = experiments._add_train_time(timing, seconds, group)
     assert timing == {"train_wall_s": 400.0,
-                      "train_wall_s_by_device": {"cuda (NVIDIA H100 80GB HBM3)": 300.0, "cpu (AMD EPYC)": 100.0}}
+                      "train_wall_s_by_device": {"cuda (NVIDIA H100 80GB HBM3)": 300.0, "cpu (AMD EPYC)": 100.0},
+                      "train_share_s_by_device": {"cuda (NVIDIA H100 80GB HBM3)": 75.0, "cpu (AMD EPYC)": 80.0}}
     monkeypatch.undo()  # the real one names this machine
     assert experiments._device_label().startswith("cuda (" if torch.cuda.is_available() else "cpu (")
 

@@ -226,24 +226,31 @@ def run_group(runs: list[dict], exp_dir: str, data_dir: str | None, threads: int
 
 def _stopped(runs: list[Run], outs: list[Path] = (), train_s: float = 0.0) -> list[dict]:
     """The "stopped" statuses of runs at their time limit; the wall time ``train_s`` they
-    trained before it is added to the ``runner.json`` of their directories ``outs``."""
+    trained before it is added to the ``runner.json`` of their directories ``outs`` (one
+    lockstep group: each is charged its share of those seconds, :func:`_add_train_time`)."""
     from iwae.rundir import write_json
 
     for out in outs:
         if out.is_dir():
             timing = read_json(out / "runner.json", required=False) or {}
-            write_json(out / "runner.json", _add_train_time(timing, train_s))
+            write_json(out / "runner.json", _add_train_time(timing, train_s, len(outs)))
     return [{"name": run.name, "status": "stopped"} for run in runs]
 
 
-def _add_train_time(timing: dict, seconds: float) -> dict:
+def _add_train_time(timing: dict, seconds: float, group_size: int = 1) -> dict:
     """Add ``seconds`` of training to ``timing`` (a ``runner.json``): to ``train_wall_s``
     and, under the machine that trained them (:func:`_device_label`), to
-    ``train_wall_s_by_device``: a run may train on a lent GPU, then continue on a CPU."""
+    ``train_wall_s_by_device``: a run may train on a lent GPU, then continue on a CPU.
+
+    ``group_size``: how many runs trained in those ``seconds`` in one lockstep group (one
+    process). ``train_share_s_by_device`` gets this run's share, ``seconds / group_size``,
+    so that its sum over runs counts each machine's time once (8 runs trained together for
+    386 s took 386 s of the GPU, not 8 × 386)."""
     timing["train_wall_s"] = timing.get("train_wall_s", 0.0) + seconds
-    by_device = timing.setdefault("train_wall_s_by_device", {})
     label = _device_label()
-    by_device[label] = by_device.get(label, 0.0) + seconds
+    for key, value in (("train_wall_s_by_device", seconds), ("train_share_s_by_device", seconds / group_size)):
+        by_device = timing.setdefault(key, {})
+        by_device[label] = by_device.get(label, 0.0) + value
     return timing
 
 
@@ -288,7 +295,7 @@ def _evaluate_run(run: Run, out: Path, data_dir, threads: int, eval_k: int, n_te
     from iwae.rundir import write_evaluation, write_json
     from iwae.train import load_run
 
-    timing = _add_train_time(read_json(out / "runner.json", required=False) or {}, train_s)
+    timing = _add_train_time(read_json(out / "runner.json", required=False) or {}, train_s, len(lockstep or [run]))
     if lockstep:
         timing["lockstep"] = lockstep
     started = time.perf_counter()

@@ -294,11 +294,33 @@ def _claim_line(claim: str, detail: str, pairs: list[tuple[str, Margin, int]]) -
     return line + f"; margin ± paired standard error{over}: " + ", ".join(parts)
 
 
+def _training_by_device(r: RunResult) -> dict[str, float] | None:
+    """Seconds of each machine that a run's training took, as its share where it trained in
+    a lockstep group of n runs (one process: 1/n of the group's time each): ``runner.json``'s
+    ``train_share_s_by_device``; else ``train_wall_s_by_device``, divided by n where a
+    ``lockstep`` key names the group (files written before shares were recorded); None when
+    neither was recorded."""
+    runner = r.runner or {}
+    if runner.get("train_share_s_by_device"):
+        return dict(runner["train_share_s_by_device"])
+    n = len(runner.get("lockstep") or ()) or 1
+    by_device = runner.get("train_wall_s_by_device")
+    return {key: s / n for key, s in by_device.items()} if by_device else None
+
+
+def _process_seconds(r: RunResult) -> float:
+    """A run's share of process time, training (:func:`_training_by_device`) and evaluation."""
+    by_device = _training_by_device(r)
+    n = len(r.runner.get("lockstep") or ()) or 1
+    train = sum(by_device.values()) if by_device else r.runner["train_wall_s"] / n
+    return train + r.runner.get("eval_wall_s", 0.0)
+
+
 def _gpu_training(r: RunResult) -> tuple[dict[str, float], bool]:
-    """Seconds of a run's training on each GPU, and whether it trained on a CPU too: from
-    ``runner.json``'s ``train_wall_s_by_device`` (keys such as ``cuda (NVIDIA H100 80GB
-    HBM3)``), else, for runs trained before it was recorded, from ``summary.json``."""
-    by_device = (r.runner or {}).get("train_wall_s_by_device")
+    """Seconds of a run's training on each GPU (its share: :func:`_training_by_device`), and
+    whether it trained on a CPU too; for runs trained before ``runner.json`` recorded the
+    machine (keys such as ``cuda (NVIDIA H100 80GB HBM3)``), from ``summary.json``."""
+    by_device = _training_by_device(r)
     if by_device:
         gpus = {key.partition(" (")[2].rstrip(")") or key: s for key, s in by_device.items() if key.startswith("cuda")}
         return gpus, any(not key.startswith("cuda") and s > 0 for key, s in by_device.items())
@@ -309,7 +331,7 @@ def _gpu_training(r: RunResult) -> tuple[dict[str, float], bool]:
 
 def _budget(meta: dict, results: list[RunResult]) -> str:
     done = sum(r.evaluation is not None for r in results)
-    walls = [r.runner["train_wall_s"] + r.runner.get("eval_wall_s", 0.0) for r in results if r.runner]
+    walls = [_process_seconds(r) for r in results if r.runner]
     text = (
         f"Budget: `--stages {meta['stages']}` ({meta['passes_per_run']} passes per run; the paper: 8 stages, "
         f"3,280 passes), {meta['seeds']} seed(s); NLL = −L_{meta['eval_k']} on {_images_text(meta, results)}. "
