@@ -294,6 +294,11 @@ def _claim_line(claim: str, detail: str, pairs: list[tuple[str, Margin, int]]) -
     return line + f"; margin ± paired standard error{over}: " + ", ".join(parts)
 
 
+def _lockstep_size(runner: dict) -> int:
+    """How many runs trained in the run's lockstep group, by the ``lockstep`` key (1: alone)."""
+    return len(runner.get("lockstep") or ()) or 1
+
+
 def _training_by_device(r: RunResult) -> dict[str, float] | None:
     """Seconds of each machine that a run's training took, as its share where it trained in
     a lockstep group of n runs (one process: 1/n of the group's time each): ``runner.json``'s
@@ -303,16 +308,14 @@ def _training_by_device(r: RunResult) -> dict[str, float] | None:
     runner = r.runner or {}
     if runner.get("train_share_s_by_device"):
         return dict(runner["train_share_s_by_device"])
-    n = len(runner.get("lockstep") or ()) or 1
     by_device = runner.get("train_wall_s_by_device")
-    return {key: s / n for key, s in by_device.items()} if by_device else None
+    return {key: s / _lockstep_size(runner) for key, s in by_device.items()} if by_device else None
 
 
 def _process_seconds(r: RunResult) -> float:
     """A run's share of process time, training (:func:`_training_by_device`) and evaluation."""
     by_device = _training_by_device(r)
-    n = len(r.runner.get("lockstep") or ()) or 1
-    train = sum(by_device.values()) if by_device else r.runner["train_wall_s"] / n
+    train = sum(by_device.values()) if by_device else r.runner["train_wall_s"] / _lockstep_size(r.runner)
     return train + r.runner.get("eval_wall_s", 0.0)
 
 
