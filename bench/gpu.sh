@@ -24,6 +24,11 @@
 # IWAE_GPU_SMOKE=1 runs every step on the CPU with a tiny budget: a check of the script itself.
 # IWAE_GPU_EXPERIMENTS picks what trains (default: all five), e.g. "table1-mnist dreg variants"
 # when the CPU here continues the others meanwhile (the same run must not train in two places).
+# IWAE_GPU_VARIANTS_METHODS="IWAE;VAE;..." trains those variants only (--only method=..., ';'
+# between methods), the others being trained elsewhere. IWAE_GPU_CHECKS=0 skips the CUDA tests
+# and the rate probes (1.5 minutes) when an earlier call ran them on the same code.
+# Checkpoints too large to travel (64 MiB a call) go packed in .gpu/ckpt (bench/gpu_ckpt.py);
+# they are unpacked into results/ before training.
 set -uo pipefail
 PARTS=/tmp/runs.parts
 send_parts() {  # copy the next four unsent parts of the pack into $1; say what is left
@@ -64,6 +69,10 @@ if [ "$SMOKE" = 1 ]; then  # the cheapest run of each experiment, for a few seco
     DEVICE=cpu; N=200; ONLY=(--only k=1 --only layers=1); ONLY2=(--only experiment=1 --only stage=first); ONLYD=(--only k=5)
     ONLYV=(--only method=VAE --only seed=0); WORKERS=1; MINUTES=0.3
 fi
+if [ -n "${IWAE_GPU_VARIANTS_METHODS:-}" ]; then
+    IFS=';' read -ra methods <<< "$IWAE_GPU_VARIANTS_METHODS"
+    for m in "${methods[@]}"; do ONLYV+=(--only "method=$m"); done
+fi
 RESULTS="results/table1-mnist-s5 results/table1-omniglot-s5 results/two-stage-s5 results/dreg-s5 results/variants-s4"
 EXPERIMENTS=${IWAE_GPU_EXPERIMENTS:-table1-mnist table1-omniglot two-stage dreg variants}
 for e in $EXPERIMENTS; do
@@ -77,6 +86,11 @@ stamp "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 
+if [ -e .gpu/ckpt/manifest.tsv ]; then
+    stamp "checkpoints: unpacked from .gpu/ckpt"
+    $PY bench/gpu_ckpt.py unpack .gpu/ckpt | tail -1 || exit 1
+fi
+if [ "${IWAE_GPU_CHECKS:-1}" != 0 ]; then
 stamp "tests: the cuda-marked ones (a capture that falls back to eager steps fails them)"
 timeout 200 $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_cudagraph.py
 
@@ -85,6 +99,7 @@ for args in "--layers 1 --k 50 --group 1" "--layers 1 --k 50 --group 2" "--layer
             "--layers 2 --k 50 --group 2" "--layers 2 --k 5 --group 2"; do
     IWAE_DATA="$DATA" timeout 60 $PY bench/gpu_probe.py $args --n-train "$N" --device "$DEVICE" 2>>"$OUT/probe.err"
 done | tee "$OUT/probe.jsonl"
+fi
 
 stamp "issue 12 for ${MINUTES} minutes, side by side: $EXPERIMENTS"
 # Every command continues its runs from the committed checkpoints and skips finished ones;

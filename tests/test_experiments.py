@@ -137,6 +137,22 @@ def test_reproduce_cli_errors(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_only_repeated_key_matches_any_of_its_values():
+    from iwae.cli import parse_only
+    from iwae.experiments import _select
+
+    only = parse_only(["method=IWAE", "method=PIWAE(4,16)", "seed=1", "method=IWAE"])
+    assert only == {"method": ["IWAE", "PIWAE(4,16)"], "seed": "1"}
+    picked = _select(grid("variants", stages=1, seeds=2), "variants", only)
+    assert [r.name for r in picked] == ["mnist-l1-iwae-k64-s1", "mnist-l1-piwae-m4k16-s1"]
+    both = _select(grid("variants", stages=1, seeds=2), "variants", parse_only(["method=VAE", "method=IWAE"]))
+    assert sorted(r.label["method"] for r in both) == ["IWAE", "IWAE", "VAE", "VAE"]
+    with pytest.raises(IwaeError, match="KEY=VALUE"):
+        parse_only(["method"])
+    with pytest.raises(IwaeError, match="no run of variants"):
+        _select(grid("variants", stages=1, seeds=2), "variants", {"method": ["nothing", "else"]})
+
+
 def test_runner_reevaluates_a_run_evaluated_with_other_settings(shared_data_dir, tmp_path):
     from iwae.experiments import Run, run_one
 

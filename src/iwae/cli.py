@@ -279,7 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--backend", choices=("local", "ray"), default="local",
                    help="local worker processes, or Ray tasks on the cluster ray.init() connects to (default: local)")
     r.add_argument("--only", action="append", metavar="KEY=VALUE", default=[],
-                   help="run only the runs whose label matches, e.g. --only dataset=mnist --only layers=1 (repeatable)")
+                   help="run only the runs whose label matches, e.g. --only dataset=mnist --only layers=1 (repeatable: "
+                   "different keys must all match; a key given again matches any of its values, e.g. "
+                   "--only method=VAE --only method=IWAE)")
     r.add_argument("--n-test", type=_positive_int, help="evaluate on a seeded random subset of N test images "
                    "(the same for every run of a dataset; default: all, as tables beside the paper's need)")
     r.add_argument("--reuse", action="append", metavar="DIR", default=[],
@@ -400,15 +402,29 @@ def _estimator_list(text: str) -> list[str]:
 
 
 
-def _reproduce(args) -> int:
-    from iwae.experiments import reproduce
-
-    only = {}
-    for item in args.only:
+def parse_only(items: list[str]) -> dict[str, str | list[str]]:
+    """``--only`` filters as ``iwae.experiments.reproduce`` takes them: KEY -> VALUE, or KEY ->
+    [VALUE, ...] where a key is given again (a run matches any of those values)."""
+    only: dict[str, str | list[str]] = {}
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise IwaeError(f"--only takes KEY=VALUE, got {item!r}")
-        only[key] = value
+        if key not in only:
+            only[key] = value
+        elif value not in _values(only[key]):
+            only[key] = [*_values(only[key]), value]
+    return only
+
+
+def _values(value: str | list[str]) -> list[str]:
+    return value if isinstance(value, list) else [value]
+
+
+def _reproduce(args) -> int:
+    from iwae.experiments import reproduce
+
+    only = parse_only(args.only)
     results = reproduce(args.experiment, args.out, stages=args.stages, seeds=args.seeds, workers=args.workers,
                         backend=args.backend, data_dir=args.data_dir, progress=not args.quiet, n_test=args.n_test,
                         only=only or None, threads=args.threads, reuse=args.reuse or None,

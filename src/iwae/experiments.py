@@ -363,8 +363,8 @@ def reproduce(
     """Run experiment ``name`` in ``out`` with ``workers`` parallel runs; finished runs are
     skipped and interrupted ones resumed. Returns one status per run.
 
-    ``only`` keeps the runs whose labels match (e.g. ``{"dataset": "mnist"}``; a run's
-    first stage is kept with it). ``overrides`` (training options applied to every run),
+    ``only`` keeps the runs whose labels match (e.g. ``{"dataset": "mnist"}``, or
+    ``{"method": ["VAE", "IWAE"]}`` for either; a run's first stage is kept with it). ``overrides`` (training options applied to every run),
     ``eval_k`` and ``n_test`` (evaluate on a seeded random subset of N test images) shrink an experiment
     for tests and smoke runs. All of them are recorded in ``experiment.json``. ``threads``
     per run defaults to the cores divided by ``workers``. ``reuse``: experiment directories
@@ -410,10 +410,15 @@ def reproduce(
 
 
 def _select(runs: list[Run], name: str, only: dict | None) -> list[Run]:
-    """The runs whose labels match ``only``, with the runs they continue."""
+    """The runs whose labels match ``only``, with the runs they continue. ``only`` maps a
+    label key to a value, or to a list of values of which the run's must be one."""
     if not only:
         return runs
-    keep = {r.name for r in runs if all(str(r.label.get(k)) == str(v) for k, v in only.items())}
+
+    def matches(label: dict) -> bool:
+        return all(str(label.get(k)) in [str(x) for x in (v if isinstance(v, list) else [v])] for k, v in only.items())
+
+    keep = {r.name for r in runs if matches(r.label)}
     keep |= {r.after for r in runs if r.name in keep and r.after}
     if not keep:
         raise IwaeError(f"no run of {name} matches {only}")
