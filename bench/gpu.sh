@@ -28,7 +28,9 @@
 # between methods), the others being trained elsewhere. IWAE_GPU_CHECKS=0 skips the CUDA tests
 # and the rate probes (1.5 minutes) when an earlier call ran them on the same code.
 # Checkpoints too large to travel (64 MiB a call) go packed in .gpu/ckpt (bench/gpu_ckpt.py);
-# they are unpacked into results/ before training.
+# they are unpacked into results/ before training. IWAE_GPU_HARD_STOP_S=N ends the training
+# and evaluation commands N seconds after they start (timeout), so that packing still happens
+# inside the call's limit when evaluation runs longer than planned.
 set -uo pipefail
 PARTS=/tmp/runs.parts
 send_parts() {  # copy the next four unsent parts of the pack into $1; say what is left
@@ -105,25 +107,26 @@ stamp "issue 12 for ${MINUTES} minutes, side by side: $EXPERIMENTS"
 # Every command continues its runs from the committed checkpoints and skips finished ones;
 # --reuse copies the finished Table 1 runs that two-stage and DReG share with it.
 S5=(--stages 5 --data-dir "$DATA" --time-limit "$MINUTES" --quiet)
+HARD=(); [ -n "${IWAE_GPU_HARD_STOP_S:-}" ] && HARD=(timeout "$IWAE_GPU_HARD_STOP_S")
 pids=()
 for ds in mnist omniglot; do
     wanted table1-$ds || continue
-    $PY -m iwae.cli reproduce table1 "${S5[@]}" --only dataset=$ds "${ONLY[@]}" --workers "$WORKERS" \
+    "${HARD[@]}" $PY -m iwae.cli reproduce table1 "${S5[@]}" --only dataset=$ds "${ONLY[@]}" --workers "$WORKERS" \
         --out "results/table1-$ds-s5" &
     pids+=($!)
 done
 if wanted two-stage; then
-    $PY -m iwae.cli reproduce two-stage "${S5[@]}" "${ONLY2[@]}" --workers 2 --reuse results/table1-mnist-s5 \
+    "${HARD[@]}" $PY -m iwae.cli reproduce two-stage "${S5[@]}" "${ONLY2[@]}" --workers 2 --reuse results/table1-mnist-s5 \
         --out results/two-stage-s5 &
     pids+=($!)
 fi
 if wanted dreg; then
-    $PY -m iwae.cli reproduce dreg "${S5[@]}" --only layers=1 "${ONLYD[@]}" --workers 2 --reuse results/table1-mnist-s5 \
+    "${HARD[@]}" $PY -m iwae.cli reproduce dreg "${S5[@]}" --only layers=1 "${ONLYD[@]}" --workers 2 --reuse results/table1-mnist-s5 \
         --out results/dreg-s5 &
     pids+=($!)
 fi
 if wanted variants; then
-    $PY -m iwae.cli reproduce variants --stages 4 --data-dir "$DATA" --time-limit "$MINUTES" --quiet "${ONLYV[@]}" \
+    "${HARD[@]}" $PY -m iwae.cli reproduce variants --stages 4 --data-dir "$DATA" --time-limit "$MINUTES" --quiet "${ONLYV[@]}" \
         --workers 2 --out results/variants-s4 &
     pids+=($!)
 fi
