@@ -131,6 +131,34 @@ def test_the_runner_stops_and_continues_runs(shared_data_dir, tmp_path, monkeypa
         assert timing["train_share_s_by_device"][here] == pytest.approx(timing["train_wall_s"] / group)
 
 
+def test_training_time_is_recorded_before_evaluation(shared_data_dir, tmp_path, monkeypatch):
+    """A group whose evaluation is killed (a lent machine's call ended during it) keeps its
+    training time in runner.json; evaluating it later adds no training time."""
+    import iwae.evaluate
+    from iwae.experiments import Run, _device_label, run_group
+
+    tiny = dict(dataset="mnist", k=4, stages=1, n_train=110, eval_n=20, stage_nll_k=0)
+    runs = [vars(Run(f"r{s}", dict(tiny, seed=s))) for s in (0, 1)]
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("the call's time is up")
+
+    with monkeypatch.context() as m:
+        m.setattr(iwae.evaluate, "evaluate_images", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_group(runs, str(tmp_path), str(shared_data_dir), 1, eval_k=8, n_test=10)
+    here = _device_label()
+    before = [json.loads((tmp_path / "runs" / r / "runner.json").read_text()) for r in ("r0", "r1")]
+    for timing in before:
+        assert timing["train_wall_s"] > 0 and timing["lockstep"] == ["r0", "r1"]
+        assert timing["train_share_s_by_device"] == {here: pytest.approx(timing["train_wall_s"] / 2)}
+    assert not (tmp_path / "runs" / "r0" / "evaluation.json").exists()
+    assert {r["status"] for r in run_group(runs, str(tmp_path), str(shared_data_dir), 1, eval_k=8, n_test=10)} == {"done"}
+    for r, timing in zip(("r0", "r1"), before):
+        after = json.loads((tmp_path / "runs" / r / "runner.json").read_text())
+        assert {k: after[k] for k in timing} == timing and after["eval_wall_s"] > 0
+
+
 def test_training_time_is_kept_by_machine_when_a_run_moves(monkeypatch):
     """A run trained on a lent GPU and continued on a CPU keeps both machines' seconds, and
     its share of them where it trained in a lockstep group."""

@@ -180,7 +180,7 @@ def run_one(run: dict, exp_dir: str, data_dir: str | None, threads: int, eval_k:
         return {"name": run.name, "status": "skipped"}
     if time_limit_passed(stop_at):  # not started
         return _stopped([run])[0]
-    started = time.perf_counter()
+    started, trained_before = time.perf_counter(), (out / SUMMARY_FILE).exists()
     try:
         if (out / CHECKPOINT_FILE).exists():  # interrupted (or finished: then resume does nothing)
             resume(out, progress=False, cuda_graphs=cuda_graphs, data_dir=data_dir, stop_at=stop_at)
@@ -191,7 +191,9 @@ def run_one(run: dict, exp_dir: str, data_dir: str | None, threads: int, eval_k:
             train(TrainConfig(**keys), out, progress=False, overwrite=True, cuda_graphs=cuda_graphs, stop_at=stop_at)
     except TimeLimitReached:
         return _stopped([run], [out], time.perf_counter() - started)[0]
-    return _evaluate_run(run, out, data_dir, threads, eval_k, n_test, time.perf_counter() - started)
+    if not trained_before:
+        _record_training([out], time.perf_counter() - started)
+    return _evaluate_run(run, out, data_dir, threads, eval_k, n_test)
 
 
 def run_group(runs: list[dict], exp_dir: str, data_dir: str | None, threads: int, eval_k: int = EVAL_K,
@@ -200,7 +202,7 @@ def run_group(runs: list[dict], exp_dir: str, data_dir: str | None, threads: int
     """Train (or resume) the runs ``runs`` in lockstep (:func:`iwae.train.train_lockstep`),
     then evaluate each as :func:`run_one` does. The runner groups runs that share a
     lockstep key and stand at the same step (:func:`plan_tasks`)."""
-    from iwae.rundir import CHECKPOINT_FILE
+    from iwae.rundir import CHECKPOINT_FILE, SUMMARY_FILE
     from iwae.train import TrainConfig, resume_config, time_limit_passed, train_lockstep
 
     if len(runs) == 1:
@@ -209,7 +211,7 @@ def run_group(runs: list[dict], exp_dir: str, data_dir: str | None, threads: int
     outs = [out for _, out in members]
     if time_limit_passed(stop_at):  # not started
         return _stopped([run for run, _ in members])
-    started = time.perf_counter()
+    started, trained_before = time.perf_counter(), all((out / SUMMARY_FILE).exists() for out in outs)
     try:
         if all((out / CHECKPOINT_FILE).exists() for out in outs):
             train_lockstep([resume_config(out, data_dir) for out in outs], outs, progress=False, resume=True,
@@ -219,22 +221,32 @@ def run_group(runs: list[dict], exp_dir: str, data_dir: str | None, threads: int
             train_lockstep(configs, outs, progress=False, overwrite=True, cuda_graphs=cuda_graphs, stop_at=stop_at)
     except TimeLimitReached:
         return _stopped([run for run, _ in members], outs, time.perf_counter() - started)
-    seconds = time.perf_counter() - started
-    names = [run.name for run, _ in members]
-    return [_evaluate_run(run, out, data_dir, threads, eval_k, n_test, seconds, lockstep=names) for run, out in members]
+    if not trained_before:
+        _record_training(outs, time.perf_counter() - started, lockstep=[run.name for run, _ in members])
+    return [_evaluate_run(run, out, data_dir, threads, eval_k, n_test) for run, out in members]
 
 
 def _stopped(runs: list[Run], outs: list[Path] = (), train_s: float = 0.0) -> list[dict]:
     """The "stopped" statuses of runs at their time limit; the wall time ``train_s`` they
     trained before it is added to the ``runner.json`` of their directories ``outs`` (one
     lockstep group: each is charged its share of those seconds, :func:`_add_train_time`)."""
+    _record_training([out for out in outs if out.is_dir()], train_s, group_size=len(outs))
+    return [{"name": run.name, "status": "stopped"} for run in runs]
+
+
+def _record_training(outs: list[Path], seconds: float, lockstep: list[str] | None = None,
+                     group_size: int | None = None) -> None:
+    """Add ``seconds`` of training, done by the runs ``outs`` together (one lockstep group of
+    ``group_size``, by default ``len(outs)``), to their ``runner.json`` at once, before any
+    evaluation: a call killed while evaluating keeps the training time. ``lockstep``: the
+    names of the runs trained side by side."""
     from iwae.rundir import write_json
 
     for out in outs:
-        if out.is_dir():
-            timing = read_json(out / "runner.json", required=False) or {}
-            write_json(out / "runner.json", _add_train_time(timing, train_s, len(outs)))
-    return [{"name": run.name, "status": "stopped"} for run in runs]
+        timing = _add_train_time(read_json(out / "runner.json", required=False) or {}, seconds, group_size or len(outs))
+        if lockstep:
+            timing["lockstep"] = lockstep
+        write_json(out / "runner.json", timing)
 
 
 def _add_train_time(timing: dict, seconds: float, group_size: int = 1) -> dict:
@@ -283,11 +295,10 @@ def _evaluated(run: Run, out: Path, eval_k: int, n_test: int | None) -> bool:
     return _evaluated_as_asked(done, eval_k, n_test, iwae_data.TEST_SIZES[run.config["dataset"]])
 
 
-def _evaluate_run(run: Run, out: Path, data_dir, threads: int, eval_k: int, n_test: int | None, train_s: float,
-                  lockstep: list[str] | None = None) -> dict:
+def _evaluate_run(run: Run, out: Path, data_dir, threads: int, eval_k: int, n_test: int | None) -> dict:
     """Evaluate a trained run on the test images asked for and write ``activity.json``,
-    ``runner.json`` (wall times; ``lockstep``: the runs it was trained beside) and, last,
-    the evaluation files."""
+    ``runner.json`` (its evaluation's wall time beside the training's, which
+    :func:`_record_training` wrote) and, last, the evaluation files."""
     import torch
 
     from iwae import data as iwae_data
@@ -295,9 +306,7 @@ def _evaluate_run(run: Run, out: Path, data_dir, threads: int, eval_k: int, n_te
     from iwae.rundir import write_evaluation, write_json
     from iwae.train import load_run
 
-    timing = _add_train_time(read_json(out / "runner.json", required=False) or {}, train_s, len(lockstep or [run]))
-    if lockstep:
-        timing["lockstep"] = lockstep
+    timing = read_json(out / "runner.json", required=False) or {}
     started = time.perf_counter()
     config, model = load_run(out)
     dataset = iwae_data.load_dataset(config.dataset, data_dir)
