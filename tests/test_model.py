@@ -103,6 +103,32 @@ def test_active_units_on_a_constructed_model(layers):
     assert active_units(model, x) == [1, 1][:layers]
 
 
+def test_evaluation_chunks_by_device():
+    """Chunks of 4096 rows on the CPU (the numbers of earlier evaluations there unchanged),
+    of 65,536 on a GPU, where small chunks leave it launching small kernels."""
+    from iwae.evaluate import MAX_ROWS, MAX_ROWS_CUDA, default_max_rows
+
+    assert (default_max_rows("cpu"), default_max_rows(torch.device("cuda", 0))) == (MAX_ROWS, MAX_ROWS_CUDA) == (4096, 65536)
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(x_dim=10, latent=(3,), hidden=((16,),)))
+    x = torch.bernoulli(torch.full((9, 10), 0.3))
+    assert evaluate(model, x, k=5000, seed=2) == evaluate(model, x, k=5000, seed=2, max_rows=MAX_ROWS)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_evaluation_agrees_with_the_cpu_one():
+    from iwae.evaluate import MAX_ROWS_CUDA
+
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(x_dim=10, latent=(3,), hidden=((16,),)))
+    x = torch.bernoulli(torch.full((40, 10), 0.3))
+    cpu = evaluate(model, x, k=5000, seed=2)
+    gpu = evaluate(model.cuda(), x.cuda(), k=5000, seed=2)
+    assert gpu == evaluate(model, x.cuda(), k=5000, seed=2, max_rows=MAX_ROWS_CUDA)
+    assert gpu["nll"] == pytest.approx(cpu["nll"], abs=0.01)  # other samples, the same L_5000 within noise
+
+
 def test_evaluation_is_deterministic_and_consistent():
     torch.manual_seed(0)
     model = VAE(ModelConfig(x_dim=10, latent=(3,), hidden=((16,),)))

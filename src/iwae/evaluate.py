@@ -28,6 +28,18 @@ from iwae.progress import progress_bar
 #: under glibc's mmap threshold, so buffers are reused rather than page-faulted in afresh
 #: for every chunk: 1.45-1.5x faster than 32768 rows (bench/README.md).
 MAX_ROWS = 4096
+#: the same on a GPU, where 4096-row chunks leave it launching small kernels: L_5000 of the
+#: 10,000 MNIST test images took 90-105 s per run on an H100 that way (2026-11-27,
+#: results/README.md). 65,536 rows (about 200 MB per [rows, 784] buffer) cut the number of
+#: chunks, and with it the launches, some 25-fold while staying small beside a GPU's memory.
+MAX_ROWS_CUDA = 65536
+
+
+def default_max_rows(device: torch.device | str) -> int:
+    """(example, sample) rows per chunk where none is given: :data:`MAX_ROWS_CUDA` on a
+    GPU, :data:`MAX_ROWS` elsewhere. The samples drawn depend on it (seeded per chunk
+    layout), so a run evaluated on either kind of device is deterministic there."""
+    return MAX_ROWS_CUDA if torch.device(device).type == "cuda" else MAX_ROWS
 
 
 def _check_binarized(x: Tensor) -> None:
@@ -57,15 +69,17 @@ def log_weight_reductions(
     k: int,
     k_small: int = 64,
     seed: int = 0,
-    max_rows: int = MAX_ROWS,
+    max_rows: int | None = None,
     progress: bool = False,
 ) -> dict[str, Tensor]:
     """Per-example L_k, L_{k_small} (first k_small samples) and mean log-weight, each [N].
 
-    Deterministic given ``seed`` (and ``max_rows``).
+    Deterministic given ``seed`` (and ``max_rows``; None: :func:`default_max_rows` of the
+    device of ``x``).
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    max_rows = max_rows or default_max_rows(x.device)
     generator = torch.Generator(device=x.device).manual_seed(seed)
     k_small = min(k_small, k)
     samples_per_chunk = min(k, max_rows)
@@ -135,7 +149,7 @@ def evaluate_images(
     x: Tensor,
     k: int = 5000,
     seed: int = 0,
-    max_rows: int = MAX_ROWS,
+    max_rows: int | None = None,
     progress: bool = False,
 ) -> tuple[dict, dict[str, Tensor]]:
     """:func:`evaluate`, and the per-image values behind its means (float32 [N] each):
