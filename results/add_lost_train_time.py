@@ -9,18 +9,18 @@ growth of ``train_seconds`` in ``summary.json`` (the training loop alone, some 1
 """
 
 import argparse
-import json
 from pathlib import Path
+
+from iwae.experiments import _add_train_time
+from iwae.rundir import read_json, write_json
 
 
 def add(run: Path, device: str, seconds: float, group: int, lockstep: list[str] | None) -> dict:
-    timing = json.loads((run / "runner.json").read_text())
-    timing["train_wall_s"] = timing.get("train_wall_s", 0.0) + seconds
-    for key, value in (("train_wall_s_by_device", seconds), ("train_share_s_by_device", seconds / group)):
-        timing.setdefault(key, {})[device] = timing.get(key, {}).get(device, 0.0) + value
+    """The runner's own bookkeeping (:func:`iwae.experiments._add_train_time`), for ``device``."""
+    timing = _add_train_time(read_json(run / "runner.json"), seconds, group, device=device)
     if lockstep:
         timing["lockstep"] = lockstep
-    (run / "runner.json").write_text(json.dumps(timing, indent=2) + "\n")
+    write_json(run / "runner.json", timing)
     return timing
 
 

@@ -405,6 +405,8 @@ def _estimator_list(text: str) -> list[str]:
 def parse_only(items: list[str]) -> dict[str, str | list[str]]:
     """``--only`` filters as ``iwae.experiments.reproduce`` takes them: KEY -> VALUE, or KEY ->
     [VALUE, ...] where a key is given again (a run matches any of those values)."""
+    from iwae.experiments import only_values
+
     only: dict[str, str | list[str]] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -412,13 +414,9 @@ def parse_only(items: list[str]) -> dict[str, str | list[str]]:
             raise IwaeError(f"--only takes KEY=VALUE, got {item!r}")
         if key not in only:
             only[key] = value
-        elif value not in _values(only[key]):
-            only[key] = [*_values(only[key]), value]
+        elif value not in only_values(only[key]):
+            only[key] = [*only_values(only[key]), value]
     return only
-
-
-def _values(value: str | list[str]) -> list[str]:
-    return value if isinstance(value, list) else [value]
 
 
 def _reproduce(args) -> int:

@@ -184,7 +184,7 @@ def run_one(run: dict, exp_dir: str, data_dir: str | None, threads: int, eval_k:
     try:
         if (out / CHECKPOINT_FILE).exists():  # interrupted (or finished: then resume does nothing)
             resume(out, progress=False, cuda_graphs=cuda_graphs, data_dir=data_dir, stop_at=stop_at)
-        elif not (out / SUMMARY_FILE).exists():
+        elif not trained_before:
             keys = dict(run.config, data_dir=data_dir)
             if run.after is not None:
                 keys["init_weights"] = str(Path(exp_dir) / "runs" / run.after / "model.safetensors")
@@ -249,7 +249,7 @@ def _record_training(outs: list[Path], seconds: float, lockstep: list[str] | Non
         write_json(out / "runner.json", timing)
 
 
-def _add_train_time(timing: dict, seconds: float, group_size: int = 1) -> dict:
+def _add_train_time(timing: dict, seconds: float, group_size: int = 1, device: str | None = None) -> dict:
     """Add ``seconds`` of training to ``timing`` (a ``runner.json``): to ``train_wall_s``
     and, under the machine that trained them (:func:`_device_label`), to
     ``train_wall_s_by_device``: a run may train on a lent GPU, then continue on a CPU.
@@ -257,9 +257,10 @@ def _add_train_time(timing: dict, seconds: float, group_size: int = 1) -> dict:
     ``group_size``: how many runs trained in those ``seconds`` in one lockstep group (one
     process). ``train_share_s_by_device`` gets this run's share, ``seconds / group_size``,
     so that its sum over runs counts each machine's time once (8 runs trained together for
-    386 s took 386 s of the GPU, not 8 × 386)."""
+    386 s took 386 s of the GPU, not 8 × 386). ``device``: the machine's label where it was
+    not this process's (seconds added afterwards, ``results/add_lost_train_time.py``)."""
     timing["train_wall_s"] = timing.get("train_wall_s", 0.0) + seconds
-    label = _device_label()
+    label = device or _device_label()
     for key, value in (("train_wall_s_by_device", seconds), ("train_share_s_by_device", seconds / group_size)):
         by_device = timing.setdefault(key, {})
         by_device[label] = by_device.get(label, 0.0) + value
@@ -418,6 +419,11 @@ def reproduce(
                    (eval_k, n_test, flush_denormal, cuda_graphs, stop_at))  # fmt: skip
 
 
+def only_values(value: str | list[str]) -> list[str]:
+    """The values one ``only`` key accepts: a single value, or a list of them."""
+    return value if isinstance(value, list) else [value]
+
+
 def _select(runs: list[Run], name: str, only: dict | None) -> list[Run]:
     """The runs whose labels match ``only``, with the runs they continue. ``only`` maps a
     label key to a value, or to a list of values of which the run's must be one."""
@@ -425,7 +431,7 @@ def _select(runs: list[Run], name: str, only: dict | None) -> list[Run]:
         return runs
 
     def matches(label: dict) -> bool:
-        return all(str(label.get(k)) in [str(x) for x in (v if isinstance(v, list) else [v])] for k, v in only.items())
+        return all(str(label.get(k)) in [str(x) for x in only_values(v)] for k, v in only.items())
 
     keep = {r.name for r in runs if matches(r.label)}
     keep |= {r.after for r in runs if r.name in keep and r.after}
