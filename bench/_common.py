@@ -13,7 +13,6 @@ import statistics
 import sys
 import time
 
-
 # -- memory -----------------------------------------------------------------------------
 
 
@@ -54,7 +53,11 @@ def time_steps(step, warmup_steps: int, warmup_s: float, repeats: int, min_s: fl
                 break
         runs.append({"steps": n, "seconds": dt, "steps_per_s": n / dt})
     rates = [r["steps_per_s"] for r in runs]
-    return {"runs": runs, "median_steps_per_s": statistics.median(rates), "best_steps_per_s": max(rates)}
+    return {
+        "runs": runs,
+        "median_steps_per_s": statistics.median(rates),
+        "best_steps_per_s": max(rates),
+    }
 
 
 # -- FLOP model -------------------------------------------------------------------------

@@ -62,12 +62,20 @@ def load_images(n_train=2000, n_test=64):
     try:
         from iwae.data import binarize_fixed, load_mnist
 
-        d = load_mnist(os.environ.get("IWAE_DATA") or os.path.join(ROOT, "..", "shared", "data"), download=False)
-        return torch.from_numpy(d["train"][:n_train].copy()), torch.from_numpy(binarize_fixed(d["test"][:n_test]))
+        d = load_mnist(
+            os.environ.get("IWAE_DATA") or os.path.join(ROOT, "..", "shared", "data"),
+            download=False,
+        )
+        return torch.from_numpy(d["train"][:n_train].copy()), torch.from_numpy(
+            binarize_fixed(d["test"][:n_test])
+        )
     except Exception:
         rng = np.random.default_rng(0)
         tr = rng.random((n_train, 784), dtype=np.float32) ** 6
-        te = (rng.random((n_test, 784), dtype=np.float32) < rng.random((n_test, 784), dtype=np.float32) ** 6)
+        te = (
+            rng.random((n_test, 784), dtype=np.float32)
+            < rng.random((n_test, 784), dtype=np.float32) ** 6
+        )
         return torch.from_numpy(tr), torch.from_numpy(te.astype(np.float32))
 
 
@@ -80,7 +88,9 @@ def ll_plain(self, x, h1):
 
 def ll_bce(self, x, h1):
     logits = self.logits(h1)
-    return -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
+    return -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(
+        -1
+    )
 
 
 def ll_hybrid(self, x, h1):
@@ -131,7 +141,9 @@ def make_model(layers=1, seed=0, pixel_mean=None, variant=None):
     torch.manual_seed(seed)
     model = VAE(ModelConfig.preset(layers), pixel_mean=pixel_mean)
     if variant in ("ll_plain", "ll_bce", "ll_compiled", "ll_hybrid", "proposed"):
-        model.log_likelihood = types.MethodType(ll_hybrid if variant == "proposed" else globals()[variant], model)
+        model.log_likelihood = types.MethodType(
+            ll_hybrid if variant == "proposed" else globals()[variant], model
+        )
     if variant == "torch_tanh":  # before the sigmoid-form Tanh of iwae.model: torch.tanh everywhere
         for m in model.modules():
             if isinstance(m, nn.Sequential):
@@ -150,14 +162,24 @@ def make_model(layers=1, seed=0, pixel_mean=None, variant=None):
 
 def make_step(variant, k, batch, train_x, pixel_mean, layers=1):
     model = make_model(layers, 0, pixel_mean, variant)
-    adam_kw = {"foreach": True} if variant == "adam_foreach" else {"fused": True} if variant in ("adam_fused", "proposed") else {}
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-4, **adam_kw)
+    adam_kw = (
+        {"foreach": True}
+        if variant == "adam_foreach"
+        else {"fused": True}
+        if variant in ("adam_fused", "proposed")
+        else {}
+    )
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-4, **adam_kw
+    )
     objective = Objective("iwae", k=k)
     enc, dec = model.encoder_parameters(), model.decoder_parameters()
     if variant == "compile_lw":
         model.log_weights = torch.compile(model.log_weights, dynamic=False)
     if variant == "compile_lw_maxauto":
-        model.log_weights = torch.compile(model.log_weights, mode="max-autotune-no-cudagraphs", dynamic=False)
+        model.log_weights = torch.compile(
+            model.log_weights, mode="max-autotune-no-cudagraphs", dynamic=False
+        )
     gen_x = torch.bernoulli(train_x, generator=torch.Generator().manual_seed(1))
     state = {"i": 0, "bound": torch.zeros(())}
 
@@ -206,7 +228,7 @@ def bench_variants(makers: dict, n_steps: int, rounds: int, threads: dict) -> di
         out[name] = {"warmup_s": first, "times": []}
     names = list(steps)
     for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             torch.set_num_threads(threads.get(name, 1))
             t0 = time.perf_counter()
             for _ in range(n_steps):
@@ -225,8 +247,23 @@ def bench_variants(makers: dict, n_steps: int, rounds: int, threads: dict) -> di
     return out
 
 
-TRAIN_VARIANTS = ["baseline", "baseline_repeat", "adam_foreach", "adam_fused", "ll_plain", "ll_bce", "ll_compiled", "merged_gauss",
-                  "compile_lw", "compile_lw_maxauto", "compile_step", "threads2", "ll_hybrid", "proposed", "torch_tanh"]
+TRAIN_VARIANTS = [
+    "baseline",
+    "baseline_repeat",
+    "adam_foreach",
+    "adam_fused",
+    "ll_plain",
+    "ll_bce",
+    "ll_compiled",
+    "merged_gauss",
+    "compile_lw",
+    "compile_lw_maxauto",
+    "compile_step",
+    "threads2",
+    "ll_hybrid",
+    "proposed",
+    "torch_tanh",
+]
 
 
 def run_train(rounds: int, only=None) -> dict:
@@ -239,15 +276,25 @@ def run_train(rounds: int, only=None) -> dict:
         for v in TRAIN_VARIANTS:
             if only and v not in only and v not in ("baseline", "baseline_repeat"):
                 continue
-            makers[v] = (lambda v=v: make_step(None if v in ("baseline", "baseline_repeat", "threads2") else v, k, 20, train_x,
-                                                 pixel_mean)[0])
+            makers[v] = lambda v=v: make_step(
+                None if v in ("baseline", "baseline_repeat", "threads2") else v,
+                k,
+                20,
+                train_x,
+                pixel_mean,
+            )[0]
         r = bench_variants(makers, n_steps, rounds, {"threads2": 2})
         results[f"k={k}"] = r
-        print(f"\nTRAIN 1 layer, batch 20, k={k}: speed vs baseline, best (median) of {rounds} rounds x {n_steps} steps")
+        print(
+            f"\nTRAIN 1 layer, batch 20, k={k}: speed vs baseline, best (median) of {rounds} rounds x {n_steps} steps"
+        )
         for name, x in r.items():
-            print(f"  {name:<20} {x['speedup_vs_baseline']:5.2f}x ({x['speedup_vs_baseline_median']:4.2f}x)"
-                  f"   {1e3 * x['min_s_per_step']:7.2f} ms/step"
-                  f"   warm-up/compile {x['compile_or_warmup_s']:6.1f} s", flush=True)
+            print(
+                f"  {name:<20} {x['speedup_vs_baseline']:5.2f}x ({x['speedup_vs_baseline_median']:4.2f}x)"
+                f"   {1e3 * x['min_s_per_step']:7.2f} ms/step"
+                f"   warm-up/compile {x['compile_or_warmup_s']:6.1f} s",
+                flush=True,
+            )
     return results
 
 
@@ -259,9 +306,11 @@ def trained_model(train_x, pixel_mean, steps=300, k=5):
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-4)
     xs = torch.bernoulli(train_x, generator=torch.Generator().manual_seed(2))
     for i in range(steps):
-        xb = xs[(i * 20) % (xs.shape[0] - 20):][:20]
+        xb = xs[(i * 20) % (xs.shape[0] - 20) :][:20]
         opt.zero_grad(set_to_none=True)
-        Objective("iwae", k=k).backward(model.log_weights(xb, k), model.encoder_parameters(), model.decoder_parameters())
+        Objective("iwae", k=k).backward(
+            model.log_weights(xb, k), model.encoder_parameters(), model.decoder_parameters()
+        )
         opt.step()
     return model.eval()
 
@@ -301,16 +350,24 @@ def run_eval(rounds: int, n_images: int = 12, k: int = 5000, only=None) -> dict:
     torch_tanh.load_state_dict(model.state_dict())
     variants["torch_tanh+max_rows=4096"] = dict(model=torch_tanh.eval(), max_rows=4096)
     if only:
-        variants = {n: v for n, v in variants.items() if n in ("baseline", "baseline_repeat") or n in only}
+        variants = {
+            n: v for n, v in variants.items() if n in ("baseline", "baseline_repeat") or n in only
+        }
 
     def run(v, seed=0):
         torch.set_num_threads(v.get("threads", 1))
         if v.get("mm_bf16"):
             _set_mm_bf16(True)
         try:
-            ctx = torch.autocast("cpu", dtype=torch.bfloat16) if v.get("autocast") else torch.autocast("cpu", enabled=False)
+            ctx = (
+                torch.autocast("cpu", dtype=torch.bfloat16)
+                if v.get("autocast")
+                else torch.autocast("cpu", enabled=False)
+            )
             with ctx:
-                return log_weight_reductions(v["model"], x, k, seed=seed, max_rows=v.get("max_rows", 32768))
+                return log_weight_reductions(
+                    v["model"], x, k, seed=seed, max_rows=v.get("max_rows", 32768)
+                )
         finally:
             _set_mm_bf16(False)
             _settle(v.get("threads", 1))
@@ -319,9 +376,12 @@ def run_eval(rounds: int, n_images: int = 12, k: int = 5000, only=None) -> dict:
     for name, v in variants.items():
         t0 = time.perf_counter()
         r = run(v)
-        out[name] = {"first_call_s": time.perf_counter() - t0, "times": [],
-                     "nll": -r["log_px"].double().mean().item(),
-                     "max_abs_diff_log_px": None}
+        out[name] = {
+            "first_call_s": time.perf_counter() - t0,
+            "times": [],
+            "nll": -r["log_px"].double().mean().item(),
+            "max_abs_diff_log_px": None,
+        }
         out[name]["_log_px"] = r["log_px"].double()
     base_lp = out["baseline"]["_log_px"]
     for name in out:
@@ -330,25 +390,31 @@ def run_eval(rounds: int, n_images: int = 12, k: int = 5000, only=None) -> dict:
         out[name]["max_abs_diff_log_px"] = (lp - base_lp).abs().max().item()
     names = list(variants)
     for rnd in range(rounds):
-        for name in names[rnd % len(names):] + names[: rnd % len(names)]:
+        for name in names[rnd % len(names) :] + names[: rnd % len(names)]:
             flt0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             run(variants[name])
             out[name]["times"].append(time.perf_counter() - t0)
             out[name].setdefault("minor_page_faults", []).append(
-                resource.getrusage(resource.RUSAGE_SELF).ru_minflt - flt0)
+                resource.getrusage(resource.RUSAGE_SELF).ru_minflt - flt0
+            )
     pooled = out["baseline"]["times"] + out.get("baseline_repeat", {"times": []})["times"]
     base = min(pooled)
-    print(f"\nEVAL 1 layer, k={k}, {n_images} images: speed vs baseline (max_rows=32768), best (median) of {rounds} rounds")
+    print(
+        f"\nEVAL 1 layer, k={k}, {n_images} images: speed vs baseline (max_rows=32768), best (median) of {rounds} rounds"
+    )
     for name, r in out.items():
         r["min_s"] = min(r["times"])
         r["median_s"] = statistics.median(r["times"])
         r["speedup_vs_baseline"] = base / r["min_s"]
         r["speedup_vs_baseline_median"] = statistics.median(pooled) / r["median_s"]
         r["images_per_s"] = n_images / r["min_s"]
-        print(f"  {name:<16} {r['speedup_vs_baseline']:5.2f}x ({r['speedup_vs_baseline_median']:4.2f}x) {r['images_per_s']:6.1f} img/s"
-              f"  first call {r['first_call_s']:5.1f} s  page faults/img {statistics.median(r['minor_page_faults']) / n_images:8.0f}"
-              f"  NLL diff vs fp32 {r['nll_diff_vs_fp32']:+.5f} (max per image {r['max_abs_diff_log_px']:.5f})", flush=True)
+        print(
+            f"  {name:<16} {r['speedup_vs_baseline']:5.2f}x ({r['speedup_vs_baseline_median']:4.2f}x) {r['images_per_s']:6.1f} img/s"
+            f"  first call {r['first_call_s']:5.1f} s  page faults/img {statistics.median(r['minor_page_faults']) / n_images:8.0f}"
+            f"  NLL diff vs fp32 {r['nll_diff_vs_fp32']:+.5f} (max per image {r['max_abs_diff_log_px']:.5f})",
+            flush=True,
+        )
     return out
 
 
@@ -390,8 +456,11 @@ def run_micro() -> dict:
 
             r[v] = 1e3 * _tmin(f, max(4, 200 // (k + 4)))
         res["log_weights_fwd_bwd_ms"][f"k={k}"] = r
-        print(f"log_weights fwd+bwd, batch 20, k={k}, ms (speed-up):",
-              {n: f"{t:.2f} ({r['baseline'] / t:.2f}x)" for n, t in r.items()}, flush=True)
+        print(
+            f"log_weights fwd+bwd, batch 20, k={k}, ms (speed-up):",
+            {n: f"{t:.2f} ({r['baseline'] / t:.2f}x)" for n, t in r.items()},
+            flush=True,
+        )
     x1 = x[:1]
     r = {}
     for v in ("baseline", "ll_plain", "ll_bce"):
@@ -403,8 +472,10 @@ def run_micro() -> dict:
 
         r[v] = 1e3 * _tmin(f, 5)
     res["eval_chunk_ms"] = r
-    print("eval chunk, 1 image x 4096 samples, ms (speed-up):",
-          {n: f"{t:.2f} ({r['baseline'] / t:.2f}x)" for n, t in r.items()})
+    print(
+        "eval chunk, 1 image x 4096 samples, ms (speed-up):",
+        {n: f"{t:.2f} ({r['baseline'] / t:.2f}x)" for n, t in r.items()},
+    )
     return res
 
 
@@ -417,7 +488,9 @@ def main():
     p.add_argument("--out", default=None)
     args = p.parse_args()
     torch.set_num_threads(1)
-    print(f"torch {torch.__version__}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, load {os.getloadavg()}")
+    print(
+        f"torch {torch.__version__}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, load {os.getloadavg()}"
+    )
     res = {"torch": torch.__version__, "load_average_at_start": os.getloadavg()}
     if args.what in ("train", "all"):
         res["train"] = run_train(args.rounds, args.only)

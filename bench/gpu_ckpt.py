@@ -39,9 +39,14 @@ def pack(dest: Path, run_dirs: list[Path]) -> None:
     for i, run in enumerate(run_dirs):
         data = (run / CHECKPOINT).read_bytes()
         name = f"{i:03d}.xz"
-        (dest / name).write_bytes(len(data).to_bytes(8, "little") + lzma.compress(shuffle(data), preset=9))
+        (dest / name).write_bytes(
+            len(data).to_bytes(8, "little") + lzma.compress(shuffle(data), preset=9)
+        )
         lines.append(f"{name}\t{hashlib.sha256(data).hexdigest()}\t{run / CHECKPOINT}")
-        print(f"{run}: {len(data) / 1e6:.2f} MB -> {(dest / name).stat().st_size / 1e6:.2f} MB", flush=True)
+        print(
+            f"{run}: {len(data) / 1e6:.2f} MB -> {(dest / name).stat().st_size / 1e6:.2f} MB",
+            flush=True,
+        )
     (dest / MANIFEST).write_text("\n".join(lines) + "\n")
 
 
@@ -51,14 +56,18 @@ def unpack(source: Path) -> None:
         raw = (source / name).read_bytes()
         data = unshuffle(lzma.decompress(raw[8:]), int.from_bytes(raw[:8], "little"))
         if hashlib.sha256(data).hexdigest() != digest:
-            sys.exit(f"{source / name}: unpacked bytes differ from the checkpoint packed ({target})")
+            sys.exit(
+                f"{source / name}: unpacked bytes differ from the checkpoint packed ({target})"
+            )
         Path(target).parent.mkdir(parents=True, exist_ok=True)
         Path(target).write_bytes(data)
         print(f"unpacked {target}", flush=True)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pack", help="pack the checkpoints of RUN_DIRs into DEST")
     p.add_argument("dest", type=Path)

@@ -34,22 +34,48 @@ def main() -> None:
 
     from iwae.train import TrainConfig, train_lockstep
 
-    configs = [TrainConfig(dataset=a.dataset, layers=a.layers, objective=("iwae", "vae")[g % 2], k=a.k, seed=g // 2,
-                           stages=None, epochs=a.epochs, n_train=a.n_train, eval_every=10_000, stage_nll_k=0)
-               for g in range(a.group)]  # fmt: skip
+    configs = [
+        TrainConfig(
+            dataset=a.dataset,
+            layers=a.layers,
+            objective=("iwae", "vae")[g % 2],
+            k=a.k,
+            seed=g // 2,
+            stages=None,
+            epochs=a.epochs,
+            n_train=a.n_train,
+            eval_every=10_000,
+            stage_nll_k=0,
+        )
+        for g in range(a.group)
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         outs = [Path(tmp) / f"run{g}" for g in range(a.group)]
         started = time.perf_counter()
-        summaries = train_lockstep(configs, outs, progress=False, device=a.device, cuda_graphs=a.cuda_graphs)
+        summaries = train_lockstep(
+            configs, outs, progress=False, device=a.device, cuda_graphs=a.cuda_graphs
+        )
         wall = time.perf_counter() - started
         last = [json.loads(line) for line in open(outs[0] / "metrics.jsonl")][-1]
     steps = -(-a.n_train // 20)
-    print(json.dumps({"layers": a.layers, "k": a.k, "group": a.group, "dataset": a.dataset,
-                      "device": summaries[0].get("device"), "cuda_graphs": summaries[0].get("cuda_graphs"),
-                      "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                      "group_steps_per_s": round(steps / last["seconds"], 1),
-                      "model_steps_per_s": round(a.group * steps / last["seconds"], 1),
-                      "last_pass_s": round(last["seconds"], 3), "wall_s": round(wall, 1)}), flush=True)  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "layers": a.layers,
+                "k": a.k,
+                "group": a.group,
+                "dataset": a.dataset,
+                "device": summaries[0].get("device"),
+                "cuda_graphs": summaries[0].get("cuda_graphs"),
+                "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                "group_steps_per_s": round(steps / last["seconds"], 1),
+                "model_steps_per_s": round(a.group * steps / last["seconds"], 1),
+                "last_pass_s": round(last["seconds"], 3),
+                "wall_s": round(wall, 1),
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

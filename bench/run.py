@@ -43,17 +43,33 @@ MATMUL_SHAPES = {
 
 FULL = {
     "timing": {"warmup_steps": 5, "warmup_s": 1.0, "repeats": 3, "min_s": 2.0},
-    "ks": [1, 5, 50], "layers": [1, 2], "batches": [20, 100],
-    "eval_images": 120, "pythae_eval_images": 30, "pythae_eval_batch_sizes": [100, 1000],
-    "correct_images": 8, "correct_train_steps": 200, "correct_max_rows": [None, 1000, 48],
-    "matmul_s": 0.6, "n_train_pool": 2000, "grid_n_train": 6000,
+    "ks": [1, 5, 50],
+    "layers": [1, 2],
+    "batches": [20, 100],
+    "eval_images": 120,
+    "pythae_eval_images": 30,
+    "pythae_eval_batch_sizes": [100, 1000],
+    "correct_images": 8,
+    "correct_train_steps": 200,
+    "correct_max_rows": [None, 1000, 48],
+    "matmul_s": 0.6,
+    "n_train_pool": 2000,
+    "grid_n_train": 6000,
 }
 QUICK = {
     "timing": {"warmup_steps": 2, "warmup_s": 0.0, "repeats": 1, "min_s": 0.15},
-    "ks": [1, 5, 50], "layers": [1, 2], "batches": [20, 100],
-    "eval_images": 6, "pythae_eval_images": 2, "pythae_eval_batch_sizes": [1000],
-    "correct_images": 2, "correct_train_steps": 20, "correct_max_rows": [None, 48],
-    "matmul_s": 0.05, "n_train_pool": 400, "grid_n_train": 400,
+    "ks": [1, 5, 50],
+    "layers": [1, 2],
+    "batches": [20, 100],
+    "eval_images": 6,
+    "pythae_eval_images": 2,
+    "pythae_eval_batch_sizes": [1000],
+    "correct_images": 2,
+    "correct_train_steps": 20,
+    "correct_max_rows": [None, 48],
+    "matmul_s": 0.05,
+    "n_train_pool": 400,
+    "grid_n_train": 400,
 }
 EVAL_K = 5000
 TOLERANCE_NATS = 1e-3
@@ -92,36 +108,66 @@ class Runner:
         spec.setdefault("flush_denormal", worker == "worker_iwae.py")
         spec_path.write_text(json.dumps(spec))
         env = dict(os.environ)
-        env.update({"OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"])})
+        env.update(
+            {"OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"])}
+        )
         if worker == "worker_iwae.py":
             src = str(ROOT / "src")
-            env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+            env["PYTHONPATH"] = src + (
+                os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
+            )
         else:
             env.pop("PYTHONPATH", None)
         t0 = time.perf_counter()
-        proc = subprocess.run([python, str(HERE / worker), str(spec_path), str(out_path)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.run(
+            [python, str(HERE / worker), str(spec_path), str(out_path)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         if proc.returncode != 0:
-            raise RuntimeError(f"{worker} phase {spec['phase']} failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}")
+            raise RuntimeError(
+                f"{worker} phase {spec['phase']} failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}"
+            )
         result = json.loads(out_path.read_text())
         result["wall_s"] = round(time.perf_counter() - t0, 2)
         if self.verbose:
-            print(f"  [{worker.split('_')[1][:-3]}] {spec['phase']:<11} {spec.get('label', ''):<24} "
-                  f"{result['wall_s']:6.1f} s  peak RSS {result['memory']['peak_rss_mib']:7.1f} MiB", flush=True)
+            print(
+                f"  [{worker.split('_')[1][:-3]}] {spec['phase']:<11} {spec.get('label', ''):<24} "
+                f"{result['wall_s']:6.1f} s  peak RSS {result['memory']['peak_rss_mib']:7.1f} MiB",
+                flush=True,
+            )
         return result
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke test: tiny timings (well under a minute)")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke test: tiny timings (well under a minute)"
+    )
     p.add_argument("--no-pythae", action="store_true", help="measure iwae only")
-    p.add_argument("--pythae-python", default=str(DEFAULT_PYTHAE_PY), help="python of the pythae venv")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads in every worker (default: $OMP_NUM_THREADS, else all CPUs)")
-    p.add_argument("--iwae-threads", choices=("same", "auto"), default="same",
-                   help="iwae's training threads: the same as pythae's (--threads), or auto: what `iwae train "
-                        "--threads auto` picks for each configuration (1 for steps under 256 rows, else --threads)")
-    p.add_argument("--data-dir", default=None, help="directory holding mnist/ (default: $IWAE_DATA or ../shared/data)")
+    p.add_argument(
+        "--pythae-python", default=str(DEFAULT_PYTHAE_PY), help="python of the pythae venv"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads in every worker (default: $OMP_NUM_THREADS, else all CPUs)",
+    )
+    p.add_argument(
+        "--iwae-threads",
+        choices=("same", "auto"),
+        default="same",
+        help="iwae's training threads: the same as pythae's (--threads), or auto: what `iwae train "
+        "--threads auto` picks for each configuration (1 for steps under 256 rows, else --threads)",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="directory holding mnist/ (default: $IWAE_DATA or ../shared/data)",
+    )
     p.add_argument("--out", default=str(HERE / "results.json"))
     args = p.parse_args(argv)
 
@@ -130,7 +176,9 @@ def main(argv=None) -> int:
     data_dir = args.data_dir or default_data_dir()
     use_pythae = not args.no_pythae
     if use_pythae and not Path(args.pythae_python).exists():
-        p.error(f"{args.pythae_python} not found: run `bash bench/setup_pythae.sh` first, or pass --no-pythae")
+        p.error(
+            f"{args.pythae_python} not found: run `bash bench/setup_pythae.sh` first, or pass --no-pythae"
+        )
     started = time.perf_counter()
     py_iwae, py_pythae = sys.executable, args.pythae_python
 
@@ -138,69 +186,165 @@ def main(argv=None) -> int:
         runner = Runner(threads, Path(tmp))
         data_file = str(Path(tmp) / "data.npz")
         base = {"data_file": data_file}
-        print(f"iwae benchmark ({'quick' if args.quick else 'full'}), {threads} thread(s), {cpu_model()}")
-        meta = runner.run(py_iwae, "worker_iwae.py", {**base, "phase": "meta", "label": "roofline + data",
-                                                      "data_dir": data_dir, "n_train_pool": cfg["n_train_pool"],
-                                                      "n_test": max(cfg["eval_images"], cfg["pythae_eval_images"], 64),
-                                                      "matmul_shapes": MATMUL_SHAPES, "matmul_s": cfg["matmul_s"],
-                                                      "step_rows": [b * k for k in cfg["ks"] for b in cfg["batches"]]})
-        pythae_meta = runner.run(py_pythae, "worker_pythae.py", {**base, "phase": "meta"}) if use_pythae else None
+        print(
+            f"iwae benchmark ({'quick' if args.quick else 'full'}), {threads} thread(s), {cpu_model()}"
+        )
+        meta = runner.run(
+            py_iwae,
+            "worker_iwae.py",
+            {
+                **base,
+                "phase": "meta",
+                "label": "roofline + data",
+                "data_dir": data_dir,
+                "n_train_pool": cfg["n_train_pool"],
+                "n_test": max(cfg["eval_images"], cfg["pythae_eval_images"], 64),
+                "matmul_shapes": MATMUL_SHAPES,
+                "matmul_s": cfg["matmul_s"],
+                "step_rows": [b * k for k in cfg["ks"] for b in cfg["batches"]],
+            },
+        )
+        pythae_meta = (
+            runner.run(py_pythae, "worker_pythae.py", {**base, "phase": "meta"})
+            if use_pythae
+            else None
+        )
 
-        jobs = [{"layers": l, "k": k, "batch": b} for l in cfg["layers"] for k in cfg["ks"] for b in cfg["batches"]]
+        jobs = [
+            {"layers": l, "k": k, "batch": b}
+            for l in cfg["layers"]
+            for k in cfg["ks"]
+            for b in cfg["batches"]
+        ]
         train_spec = {**base, "phase": "train", "timing": cfg["timing"]}
         train_ours, train_pythae = [], []
         # quick: all configurations in one worker (import time dominates); full: one per worker
         groups = [jobs] if args.quick else [[j] for j in jobs]
         for group in groups:
             label = "all" if len(group) > 1 else "L{layers} k={k} B={batch}".format(**group[0])
-            ours = [{**j, "threads": meta["auto_threads"][str(j["batch"] * j["k"])]} if args.iwae_threads == "auto" else j
-                    for j in group]  # fmt: skip
+            ours = [
+                {**j, "threads": meta["auto_threads"][str(j["batch"] * j["k"])]}
+                if args.iwae_threads == "auto"
+                else j
+                for j in group
+            ]
             r = runner.run(py_iwae, "worker_iwae.py", {**train_spec, "jobs": ours, "label": label})
             train_ours += [{**x, "memory": r["memory"]} for x in r["results"]]
             if use_pythae:
                 g1 = [j for j in group if j["layers"] == 1]
                 if g1:
-                    r = runner.run(py_pythae, "worker_pythae.py", {**train_spec, "jobs": g1, "label": label})
+                    r = runner.run(
+                        py_pythae, "worker_pythae.py", {**train_spec, "jobs": g1, "label": label}
+                    )
                     train_pythae += [{**x, "memory": r["memory"]} for x in r["results"]]
 
         # pythae with denormals flushed too, so that the comparison is honest both ways
         train_pythae_ftz = []
         if use_pythae:
-            r = runner.run(py_pythae, "worker_pythae.py", {**train_spec, "jobs": [{"layers": 1, "k": 50, "batch": 20}],
-                                                           "flush_denormal": True, "label": "L1 k=50 B=20 flushed"})
-            train_pythae_ftz = [{**x, "memory": r["memory"], "flush_denormal": True} for x in r["results"]]
+            r = runner.run(
+                py_pythae,
+                "worker_pythae.py",
+                {
+                    **train_spec,
+                    "jobs": [{"layers": 1, "k": 50, "batch": 20}],
+                    "flush_denormal": True,
+                    "label": "L1 k=50 B=20 flushed",
+                },
+            )
+            train_pythae_ftz = [
+                {**x, "memory": r["memory"], "flush_denormal": True} for x in r["results"]
+            ]
         ftz = None
         if data_dir is not None:  # needs real MNIST: a model trained for a pass
-            ftz = runner.run(py_iwae, "worker_iwae.py", {**base, "phase": "ftz", "data_dir": data_dir,
-                                                         "timing": cfg["timing"], "n_train": 2000 if args.quick else None,
-                                                         "label": "k=50 flushed / not"})  # fmt: skip
+            ftz = runner.run(
+                py_iwae,
+                "worker_iwae.py",
+                {
+                    **base,
+                    "phase": "ftz",
+                    "data_dir": data_dir,
+                    "timing": cfg["timing"],
+                    "n_train": 2000 if args.quick else None,
+                    "label": "k=50 flushed / not",
+                },
+            )
 
-        lockstep = runner.run(py_iwae, "worker_iwae.py", {**base, "phase": "lockstep", "ks": cfg["ks"], "threads": 1,
-                                                           "timing": cfg["timing"], "label": "8 models, 1 thread"})
+        lockstep = runner.run(
+            py_iwae,
+            "worker_iwae.py",
+            {
+                **base,
+                "phase": "lockstep",
+                "ks": cfg["ks"],
+                "threads": 1,
+                "timing": cfg["timing"],
+                "label": "8 models, 1 thread",
+            },
+        )
         grid = None
         if data_dir is not None:
-            grid = runner.run(py_iwae, "worker_iwae.py", {
-                **base, "phase": "grid", "data_dir": data_dir, "workers": 2, "threads": 1,
-                "overrides": {"n_train": cfg["grid_n_train"], "eval_n": 64, "stage_nll_k": 0},
-                "eval_k": 64, "n_test": 64, "label": "table1 k=5 x 4 seeds"})
+            grid = runner.run(
+                py_iwae,
+                "worker_iwae.py",
+                {
+                    **base,
+                    "phase": "grid",
+                    "data_dir": data_dir,
+                    "workers": 2,
+                    "threads": 1,
+                    "overrides": {"n_train": cfg["grid_n_train"], "eval_n": 64, "stage_nll_k": 0},
+                    "eval_k": 64,
+                    "n_test": 64,
+                    "label": "table1 k=5 x 4 seeds",
+                },
+            )
 
         eval_ours = []
         for layers in cfg["layers"]:
-            r = runner.run(py_iwae, "worker_iwae.py", {**base, "phase": "eval", "layers": layers, "k": EVAL_K,
-                                                       "n_images": cfg["eval_images"], "warmup_images": 6,
-                                                       "label": f"L{layers} k={EVAL_K} n={cfg['eval_images']}"})
+            r = runner.run(
+                py_iwae,
+                "worker_iwae.py",
+                {
+                    **base,
+                    "phase": "eval",
+                    "layers": layers,
+                    "k": EVAL_K,
+                    "n_images": cfg["eval_images"],
+                    "warmup_images": 6,
+                    "label": f"L{layers} k={EVAL_K} n={cfg['eval_images']}",
+                },
+            )
             eval_ours.append(r)
         eval_pythae = None
         if use_pythae:
-            eval_pythae = runner.run(py_pythae, "worker_pythae.py", {
-                **base, "phase": "eval", "k": EVAL_K, "n_images": cfg["pythae_eval_images"],
-                "batch_sizes": cfg["pythae_eval_batch_sizes"],
-                "label": f"L1 k={EVAL_K} n={cfg['pythae_eval_images']}"})
+            eval_pythae = runner.run(
+                py_pythae,
+                "worker_pythae.py",
+                {
+                    **base,
+                    "phase": "eval",
+                    "k": EVAL_K,
+                    "n_images": cfg["pythae_eval_images"],
+                    "batch_sizes": cfg["pythae_eval_batch_sizes"],
+                    "label": f"L1 k={EVAL_K} n={cfg['pythae_eval_images']}",
+                },
+            )
 
-        correctness = runner.run(py_iwae, "worker_iwae.py", {
-            **base, "phase": "correctness", "k": EVAL_K, "n_images": cfg["correct_images"],
-            "layers": cfg["layers"], "train_steps": cfg["correct_train_steps"],
-            "max_rows": cfg["correct_max_rows"], "tolerance_nats": TOLERANCE_NATS, "label": "vs float64 reference"})
+        correctness = runner.run(
+            py_iwae,
+            "worker_iwae.py",
+            {
+                **base,
+                "phase": "correctness",
+                "k": EVAL_K,
+                "n_images": cfg["correct_images"],
+                "layers": cfg["layers"],
+                "train_steps": cfg["correct_train_steps"],
+                "max_rows": cfg["correct_max_rows"],
+                "tolerance_nats": TOLERANCE_NATS,
+                "label": "vs float64 reference",
+            },
+        )
 
     # -- FLOPs and ratios ---------------------------------------------------------------
     presets = meta["presets"]
@@ -210,8 +354,14 @@ def main(argv=None) -> int:
         return 784, p_["latent"], p_["hidden"]
 
     flops = {
-        "train_per_example": {f"L{l}_k{k}": train_flops_per_example(*arch(l), k) for l in cfg["layers"] for k in cfg["ks"]},
-        "eval_per_sample": {f"L{l}_k{EVAL_K}": eval_flops_per_sample(*arch(l), EVAL_K) for l in cfg["layers"]},
+        "train_per_example": {
+            f"L{l}_k{k}": train_flops_per_example(*arch(l), k)
+            for l in cfg["layers"]
+            for k in cfg["ks"]
+        },
+        "eval_per_sample": {
+            f"L{l}_k{EVAL_K}": eval_flops_per_sample(*arch(l), EVAL_K) for l in cfg["layers"]
+        },
     }
     peak = max(m["gflops_fp32"] for m in meta["matmul"]) * 1e9
     for r in train_ours + train_pythae:
@@ -239,7 +389,9 @@ def main(argv=None) -> int:
         "train_vs_pythae": ratio(ours50["examples_per_s"], py50 and py50["examples_per_s"]),
         "train_k5_vs_pythae": ratio(ours5["examples_per_s"], py5 and py5["examples_per_s"]),
         "eval_vs_pythae": ratio(ev1["images_per_s"], eval_pythae and eval_pythae["images_per_s"]),
-        "train_vs_pythae_ftz": ratio(ours50["examples_per_s"], train_pythae_ftz and train_pythae_ftz[0]["examples_per_s"]),
+        "train_vs_pythae_ftz": ratio(
+            ours50["examples_per_s"], train_pythae_ftz and train_pythae_ftz[0]["examples_per_s"]
+        ),
         "ftz_speedup_k50": ftz and ftz["ftz_speedup_k50"],
         "lockstep_speedup": {k: v["lockstep_speedup"] for k, v in lockstep["by_k"].items()},
         "grid_speedup": grid and grid["grid_speedup"],
@@ -249,37 +401,61 @@ def main(argv=None) -> int:
         "meta": {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "mode": "quick" if args.quick else "full",
-            "torch": meta["torch"], "python": platform.python_version(), "iwae_file": meta["iwae_file"],
-            "pythae": pythae_meta and pythae_meta["pythae"], "pythae_torch": pythae_meta and pythae_meta["torch"],
-            "cpu": cpu_model(), "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "threads": threads,
+            "torch": meta["torch"],
+            "python": platform.python_version(),
+            "iwae_file": meta["iwae_file"],
+            "pythae": pythae_meta and pythae_meta["pythae"],
+            "pythae_torch": pythae_meta and pythae_meta["torch"],
+            "cpu": cpu_model(),
+            "cpu_model": cpu_model(),
+            "cpu_count": os.cpu_count(),
+            "threads": threads,
             "iwae_train_threads": args.iwae_threads,
-            "torch_threads_in_workers": meta["torch_threads"], "data": meta["data"],
-            "load_average_at_start": list(os.getloadavg()), "total_seconds": None,
+            "torch_threads_in_workers": meta["torch_threads"],
+            "data": meta["data"],
+            "load_average_at_start": list(os.getloadavg()),
+            "total_seconds": None,
         },
         "roofline": {"peak_gflops_fp32": peak / 1e9, "matmul": meta["matmul"]},
-        "flops": {**flops, "formula": {
-            "train_per_example": "sum over Linear layers of 2*d_in*d_out*(2 + [input needs grad]) "
-                                 "* (k if the layer runs per sample else 1)",
-            "eval_per_sample": "sum over per-sample Linear layers of 2*d_in*d_out "
-                               "+ (1/k) * sum over per-example Linear layers of 2*d_in*d_out"}},
+        "flops": {
+            **flops,
+            "formula": {
+                "train_per_example": "sum over Linear layers of 2*d_in*d_out*(2 + [input needs grad]) "
+                "* (k if the layer runs per sample else 1)",
+                "eval_per_sample": "sum over per-sample Linear layers of 2*d_in*d_out "
+                "+ (1/k) * sum over per-example Linear layers of 2*d_in*d_out",
+            },
+        },
         "ftz": ftz,
         "lockstep": lockstep,
         "grid": grid,
-        "train": {"iwae": train_ours, "pythae": train_pythae or None, "pythae_flushed": train_pythae_ftz or None,
-                  "note": "iwae: iwae.train.train_step with iwae.train.adam, as iwae.train.train runs it; "
-                          "pythae: BaseTrainer.train_step's body"},
+        "train": {
+            "iwae": train_ours,
+            "pythae": train_pythae or None,
+            "pythae_flushed": train_pythae_ftz or None,
+            "note": "iwae: iwae.train.train_step with iwae.train.adam, as iwae.train.train runs it; "
+            "pythae: BaseTrainer.train_step's body",
+        },
         "eval": {"iwae": eval_ours, "pythae": eval_pythae, "k": EVAL_K},
         "correctness": correctness,
         "memory_by_phase": [],
     }
     for r in train_ours:
-        result["memory_by_phase"].append({"what": f"iwae train L{r['layers']} k={r['k']} B={r['batch']}", **r["memory"]})
+        result["memory_by_phase"].append(
+            {"what": f"iwae train L{r['layers']} k={r['k']} B={r['batch']}", **r["memory"]}
+        )
     for r in train_pythae:
-        result["memory_by_phase"].append({"what": f"pythae train L1 k={r['k']} B={r['batch']}", **r["memory"]})
+        result["memory_by_phase"].append(
+            {"what": f"pythae train L1 k={r['k']} B={r['batch']}", **r["memory"]}
+        )
     for r in eval_ours:
-        result["memory_by_phase"].append({"what": f"iwae eval L{r['layers']} k={EVAL_K}", **r["memory"]})
+        result["memory_by_phase"].append(
+            {"what": f"iwae eval L{r['layers']} k={EVAL_K}", **r["memory"]}
+        )
     if eval_pythae:
-        result["memory_by_phase"].append({"what": f"pythae eval L1 k={EVAL_K}", **eval_pythae["memory"]})
+        result["memory_by_phase"].append(
+            {"what": f"pythae eval L1 k={EVAL_K}", **eval_pythae["memory"]}
+        )
     result["meta"]["total_seconds"] = round(time.perf_counter() - started, 1)
 
     print_table(result)
@@ -296,58 +472,96 @@ def _fmt(x, spec=".2f"):
 
 def print_table(r: dict) -> None:
     m = r["meta"]
-    print(f"\n{m['date']}  torch {m['torch']}  {m['cpu_model']}  threads={m['threads']}  data={m['data'][:40]}")
-    print(f"matmul fp32 peak {r['roofline']['peak_gflops_fp32']:.1f} GFLOP/s; "
-          + ", ".join(f"{x['name'].split(' (')[0]} {x['gflops_fp32']:.0f}" for x in r["roofline"]["matmul"]))
-    print("\nTRAINING (IWAE, Adam)       iwae ex/s   pythae ex/s   ratio   iwae GFLOP/s  roofline  peak RSS MiB (iwae/pythae)"
-          "  threads (iwae/pythae)")
+    print(
+        f"\n{m['date']}  torch {m['torch']}  {m['cpu_model']}  threads={m['threads']}  data={m['data'][:40]}"
+    )
+    print(
+        f"matmul fp32 peak {r['roofline']['peak_gflops_fp32']:.1f} GFLOP/s; "
+        + ", ".join(
+            f"{x['name'].split(' (')[0]} {x['gflops_fp32']:.0f}" for x in r["roofline"]["matmul"]
+        )
+    )
+    print(
+        "\nTRAINING (IWAE, Adam)       iwae ex/s   pythae ex/s   ratio   iwae GFLOP/s  roofline  peak RSS MiB (iwae/pythae)"
+        "  threads (iwae/pythae)"
+    )
     py = {(x["layers"], x["k"], x["batch"]): x for x in (r["train"]["pythae"] or [])}
     for x in r["train"]["iwae"]:
         y = py.get((x["layers"], x["k"], x["batch"]))
-        print(f"  L{x['layers']} k={x['k']:<3} batch={x['batch']:<4}      {x['examples_per_s']:9.0f}   "
-              f"{_fmt(y and y['examples_per_s'], '11.0f'):>11}   {_fmt(y and x['examples_per_s'] / y['examples_per_s']):>5}"
-              f"   {x['gflops']:10.1f}   {x['roofline_fraction']:7.1%}   "
-              f"{x['memory']['peak_rss_mib']:.0f}/{_fmt(y and y['memory']['peak_rss_mib'], '.0f'):<9}"
-              f"  {x.get('threads', '-')}/{y.get('threads', '-') if y else '-'}")
-    print(f"\nEVALUATION (k={r['eval']['k']})      iwae img/s  (10k in s)   pythae img/s (10k in s)   ratio   roofline  peak RSS MiB")
+        print(
+            f"  L{x['layers']} k={x['k']:<3} batch={x['batch']:<4}      {x['examples_per_s']:9.0f}   "
+            f"{_fmt(y and y['examples_per_s'], '11.0f'):>11}   {_fmt(y and x['examples_per_s'] / y['examples_per_s']):>5}"
+            f"   {x['gflops']:10.1f}   {x['roofline_fraction']:7.1%}   "
+            f"{x['memory']['peak_rss_mib']:.0f}/{_fmt(y and y['memory']['peak_rss_mib'], '.0f'):<9}"
+            f"  {x.get('threads', '-')}/{y.get('threads', '-') if y else '-'}"
+        )
+    print(
+        f"\nEVALUATION (k={r['eval']['k']})      iwae img/s  (10k in s)   pythae img/s (10k in s)   ratio   roofline  peak RSS MiB"
+    )
     pe = r["eval"]["pythae"]
     for x in r["eval"]["iwae"]:
         y = pe if x["layers"] == 1 else None
-        print(f"  L{x['layers']}                      {x['images_per_s']:8.1f}  ({x['seconds_per_10k']:7.0f})   "
-              f"{_fmt(y and y['images_per_s'], '10.1f'):>10} ({_fmt(y and y['seconds_per_10k'], '7.0f'):>7})    "
-              f"{_fmt(y and x['images_per_s'] / y['images_per_s']):>5}   {x['roofline_fraction']:7.1%}   "
-              f"{x['memory']['peak_rss_mib']:.0f}/{_fmt(y and y['memory']['peak_rss_mib'], '.0f')}")
+        print(
+            f"  L{x['layers']}                      {x['images_per_s']:8.1f}  ({x['seconds_per_10k']:7.0f})   "
+            f"{_fmt(y and y['images_per_s'], '10.1f'):>10} ({_fmt(y and y['seconds_per_10k'], '7.0f'):>7})    "
+            f"{_fmt(y and x['images_per_s'] / y['images_per_s']):>5}   {x['roofline_fraction']:7.1%}   "
+            f"{x['memory']['peak_rss_mib']:.0f}/{_fmt(y and y['memory']['peak_rss_mib'], '.0f')}"
+        )
     c = r["correctness"]
-    print(f"\nCORRECTNESS (fast vs float64 torch.distributions reference, same eps, tol {c['tolerance_nats']:g} nats): "
-          f"{'PASS' if c['passed'] else 'FAIL'}")
+    print(
+        f"\nCORRECTNESS (fast vs float64 torch.distributions reference, same eps, tol {c['tolerance_nats']:g} nats): "
+        f"{'PASS' if c['passed'] else 'FAIL'}"
+    )
     for x in c["checks"]:
         d = x["max_abs_diff_per_example"]
-        print(f"  L{x['layers']} max_rows={x['max_rows'] or 'default'}: NLL {x['nll_fast']:.4f} vs {x['nll_reference']:.4f}; "
-              f"max |diff| log_px {d['log_px']:.1e}, iwae64 {d['small']:.1e}, elbo {d['elbo']:.1e}")
+        print(
+            f"  L{x['layers']} max_rows={x['max_rows'] or 'default'}: NLL {x['nll_fast']:.4f} vs {x['nll_reference']:.4f}; "
+            f"max |diff| log_px {d['log_px']:.1e}, iwae64 {d['small']:.1e}, elbo {d['elbo']:.1e}"
+        )
     f = r.get("ftz")
     if f:
-        print(f"\nDENORMALS (IWAE k=50, L1, batch 20, after one pass of k=5 over {f['n_train']} MNIST images; "
-              f"{f['denormal_values_in_state']} denormal values in weights and Adam state): flushed "
-              f"{f['examples_per_s_flushed']:.0f} ex/s, not flushed {f['examples_per_s_not_flushed']:.0f} ex/s, "
-              f"speed-up {f['ftz_speedup_k50']:.2f}x")
+        print(
+            f"\nDENORMALS (IWAE k=50, L1, batch 20, after one pass of k=5 over {f['n_train']} MNIST images; "
+            f"{f['denormal_values_in_state']} denormal values in weights and Adam state): flushed "
+            f"{f['examples_per_s_flushed']:.0f} ex/s, not flushed {f['examples_per_s_not_flushed']:.0f} ex/s, "
+            f"speed-up {f['ftz_speedup_k50']:.2f}x"
+        )
     ls = r.get("lockstep")
     if ls:
-        print(f"\nLOCKSTEP ({ls['models']} models: VAE and IWAE x 4 seeds, 1 layer, batch {ls['batch']}, "
-              f"{ls['threads']} thread): model-steps/s single / lockstep / ratio")
+        print(
+            f"\nLOCKSTEP ({ls['models']} models: VAE and IWAE x 4 seeds, 1 layer, batch {ls['batch']}, "
+            f"{ls['threads']} thread): model-steps/s single / lockstep / ratio"
+        )
         for k, v in ls["by_k"].items():
-            print(f"  k={k:<3} {v['single_model_steps_per_s']:8.0f} {v['lockstep_model_steps_per_s']:8.0f}   "
-                  f"{v['lockstep_speedup']:.2f}x")
+            print(
+                f"  k={k:<3} {v['single_model_steps_per_s']:8.0f} {v['lockstep_model_steps_per_s']:8.0f}   "
+                f"{v['lockstep_speedup']:.2f}x"
+            )
     g = r.get("grid")
     if g:
-        print(f"GRID (table1 MNIST 1 layer k=5 x 4 seeds, n_train={g['overrides']['n_train']}, {g['workers']} workers): "
-              f"one run per process {g['seconds']['one_run_per_process']:.1f} s, lockstep {g['seconds']['lockstep']:.1f} s, "
-              f"{g['grid_speedup']:.2f}x")
+        print(
+            f"GRID (table1 MNIST 1 layer k=5 x 4 seeds, n_train={g['overrides']['n_train']}, {g['workers']} workers): "
+            f"one run per process {g['seconds']['one_run_per_process']:.1f} s, lockstep {g['seconds']['lockstep']:.1f} s, "
+            f"{g['grid_speedup']:.2f}x"
+        )
     pf = (r["train"].get("pythae_flushed") or [None])[0]
     if pf:
         print(f"pythae L1 k=50 batch=20 with denormals flushed: {pf['examples_per_s']:.0f} ex/s")
-    print("\nRATIOS: " + ", ".join(f"{k}={_fmt(r[k], '.3f')}" for k in
-                                   ("train_vs_pythae", "train_vs_pythae_ftz", "train_k5_vs_pythae", "eval_vs_pythae",
-                                    "ftz_speedup_k50", "train_roofline_fraction", "eval_roofline_fraction")))
+    print(
+        "\nRATIOS: "
+        + ", ".join(
+            f"{k}={_fmt(r[k], '.3f')}"
+            for k in (
+                "train_vs_pythae",
+                "train_vs_pythae_ftz",
+                "train_k5_vs_pythae",
+                "eval_vs_pythae",
+                "ftz_speedup_k50",
+                "train_roofline_fraction",
+                "eval_roofline_fraction",
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -25,8 +25,7 @@ import iwae  # noqa: E402
 from iwae import model as iwae_model  # noqa: E402
 from iwae.bounds import Objective  # noqa: E402
 from iwae.evaluate import MAX_ROWS, evaluate, log_weight_reductions  # noqa: E402
-from iwae.model import VAE, ModelConfig, PRESETS  # noqa: E402
-
+from iwae.model import PRESETS, VAE, ModelConfig  # noqa: E402
 
 # -- data -------------------------------------------------------------------------------
 
@@ -53,14 +52,22 @@ def prepare_data(spec) -> dict:
         test = (rng.random((n_test, 784), dtype=np.float32) < base[n_train:]).astype(np.float32)
         pixel_mean = train.mean(0)
         source = f"synthetic ({type(e).__name__}: {e})"
-    np.savez(spec["data_file"], train=train.astype(np.float32), test=test.astype(np.float32),
-             pixel_mean=pixel_mean.astype(np.float32))
+    np.savez(
+        spec["data_file"],
+        train=train.astype(np.float32),
+        test=test.astype(np.float32),
+        pixel_mean=pixel_mean.astype(np.float32),
+    )
     return source
 
 
 def load_data(spec):
     d = np.load(spec["data_file"])
-    return torch.from_numpy(d["train"]), torch.from_numpy(d["test"]), torch.from_numpy(d["pixel_mean"])
+    return (
+        torch.from_numpy(d["train"]),
+        torch.from_numpy(d["test"]),
+        torch.from_numpy(d["pixel_mean"]),
+    )
 
 
 # -- meta: versions, CPU, roofline ------------------------------------------------------
@@ -92,25 +99,38 @@ def phase_meta(spec) -> dict:
     shapes = spec["matmul_shapes"]
     roof = []
     for name, (m, k, n) in shapes.items():
-        roof.append({"name": name, "m": m, "k": k, "n": n,
-                     "gflops_fp32": round(matmul_gflops(m, k, n, torch.float32, spec["matmul_s"]), 2)})
+        roof.append(
+            {
+                "name": name,
+                "m": m,
+                "k": k,
+                "n": n,
+                "gflops_fp32": round(matmul_gflops(m, k, n, torch.float32, spec["matmul_s"]), 2),
+            }
+        )
     return {
         "torch": torch.__version__,
         "iwae_file": iwae.__file__,
         "data": source,
-        "presets": {str(l): {"latent": list(p["latent"]), "hidden": [list(h) for h in p["hidden"]]}
-                    for l, p in PRESETS.items()},
+        "presets": {
+            str(l): {"latent": list(p["latent"]), "hidden": [list(h) for h in p["hidden"]]}
+            for l, p in PRESETS.items()
+        },
         "mkldnn": torch.backends.mkldnn.is_available(),
         "matmul": roof,
         # the threads `iwae train --threads auto` would use for each step size (rows = batch x k)
-        "auto_threads": {str(rows): auto_threads(rows, spec["threads"]) for rows in spec.get("step_rows", [])},
+        "auto_threads": {
+            str(rows): auto_threads(rows, spec["threads"]) for rows in spec.get("step_rows", [])
+        },
     }
 
 
 # -- training ---------------------------------------------------------------------------
 
 
-def make_train_step(layers: int, k: int, batch: int, train_x: torch.Tensor, pixel_mean, seed: int = 0):
+def make_train_step(
+    layers: int, k: int, batch: int, train_x: torch.Tensor, pixel_mean, seed: int = 0
+):
     """The training step of iwae.train.train: its own train_step (zero_grad, log-weights,
     Objective.backward, the non-finite check, Adam.step) with its optimizer (iwae.train.adam)
     and its generator; the pool of images is re-binarized and re-shuffled each pass as
@@ -129,7 +149,9 @@ def make_train_step(layers: int, k: int, batch: int, train_x: torch.Tensor, pixe
 
     def step():
         if state["i"] + batch > n:  # a new pass over the pool
-            state["xb_all"] = torch.bernoulli(train_x[torch.randperm(n, generator=generator)], generator=generator)
+            state["xb_all"] = torch.bernoulli(
+                train_x[torch.randperm(n, generator=generator)], generator=generator
+            )
             state["i"] = 0
         xb = state["xb_all"][state["i"] : state["i"] + batch]
         state["i"] += batch
@@ -144,15 +166,23 @@ def phase_train(spec) -> dict:
     t = spec["timing"]
     results = []
     for job in spec["jobs"]:
-        torch.set_num_threads(int(job.get("threads") or spec["threads"]))  # --iwae-threads auto: per configuration
+        torch.set_num_threads(
+            int(job.get("threads") or spec["threads"])
+        )  # --iwae-threads auto: per configuration
         step, state = make_train_step(job["layers"], job["k"], job["batch"], train_x, pixel_mean)
         timing = time_steps(step, t["warmup_steps"], t["warmup_s"], t["repeats"], t["min_s"])
         bound = state["bound_sum"].item()
         if not math.isfinite(bound):
             raise RuntimeError(f"training diverged in the benchmark: {job}")
-        results.append({**job, "examples_per_s": timing["median_steps_per_s"] * job["batch"],
-                        "best_examples_per_s": timing["best_steps_per_s"] * job["batch"], "timing": timing,
-                        "threads": torch.get_num_threads()})
+        results.append(
+            {
+                **job,
+                "examples_per_s": timing["median_steps_per_s"] * job["batch"],
+                "best_examples_per_s": timing["best_steps_per_s"] * job["batch"],
+                "timing": timing,
+                "threads": torch.get_num_threads(),
+            }
+        )
     return {"results": results}
 
 
@@ -171,8 +201,16 @@ def phase_ftz(spec) -> dict:
 
     t = spec["timing"]
     with tempfile.TemporaryDirectory() as tmp:
-        config = TrainConfig(dataset="mnist", objective="iwae", k=5, epochs=1, eval_n=64, stage_nll_k=0,
-                             n_train=spec.get("n_train"), data_dir=spec["data_dir"])  # fmt: skip
+        config = TrainConfig(
+            dataset="mnist",
+            objective="iwae",
+            k=5,
+            epochs=1,
+            eval_n=64,
+            stage_nll_k=0,
+            n_train=spec.get("n_train"),
+            data_dir=spec["data_dir"],
+        )
         torch.set_flush_denormal(True)
         t0 = time.perf_counter()
         train(config, tmp, progress=False)
@@ -181,10 +219,18 @@ def phase_ftz(spec) -> dict:
         optimizer = adam(model.parameters(), 1e-3, (0.9, 0.999), 1e-4)
         load_checkpoint(Path(tmp) / CHECKPOINT_FILE, model, optimizer, torch.Generator())
     saved = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
-    denormal = sum(int(((v != 0) & (v.abs() < torch.finfo(torch.float32).tiny)).sum()) for v in
-                   [*model.state_dict().values(), *(x for st in optimizer.state.values() for x in st.values())])
+    denormal = sum(
+        int(((v != 0) & (v.abs() < torch.finfo(torch.float32).tiny)).sum())
+        for v in [
+            *model.state_dict().values(),
+            *(x for st in optimizer.state.values() for x in st.values()),
+        ]
+    )
     train_x, _, _ = load_data(spec)
-    objective, params = Objective("iwae", k=50), (model.encoder_parameters(), model.decoder_parameters())
+    objective, params = (
+        Objective("iwae", k=50),
+        (model.encoder_parameters(), model.decoder_parameters()),
+    )
     rates = {True: [], False: []}
     for block in range(2 * t["repeats"]):
         flush = block % 2 == 1
@@ -196,8 +242,14 @@ def phase_ftz(spec) -> dict:
         def step():
             i = state["i"] % (train_x.shape[0] // 20)
             state["i"] += 1
-            train_step(model, objective, optimizer, torch.bernoulli(train_x[i * 20 : (i + 1) * 20], generator=generator),
-                       generator, params)  # fmt: skip
+            train_step(
+                model,
+                objective,
+                optimizer,
+                torch.bernoulli(train_x[i * 20 : (i + 1) * 20], generator=generator),
+                generator,
+                params,
+            )
 
         timing = time_steps(step, t["warmup_steps"], 0.0, 1, t["min_s"])
         rates[flush].append(timing["median_steps_per_s"] * 20)
@@ -205,9 +257,15 @@ def phase_ftz(spec) -> dict:
     import statistics
 
     on, off = statistics.median(rates[True]), statistics.median(rates[False])
-    return {"examples_per_s_flushed": on, "examples_per_s_not_flushed": off, "ftz_speedup_k50": on / off,
-            "blocks": {"flushed": rates[True], "not_flushed": rates[False]}, "warm_pass_seconds": pass_s,
-            "denormal_values_in_state": denormal, "n_train": config.n_train or 60000}
+    return {
+        "examples_per_s_flushed": on,
+        "examples_per_s_not_flushed": off,
+        "ftz_speedup_k50": on / off,
+        "blocks": {"flushed": rates[True], "not_flushed": rates[False]},
+        "warm_pass_seconds": pass_s,
+        "denormal_values_in_state": denormal,
+        "n_train": config.n_train or 60000,
+    }
 
 
 # -- lockstep: 8 models stepped together against one at a time ----------------------------
@@ -257,12 +315,19 @@ def phase_lockstep(spec) -> dict:
             lock.step(torch.stack([batch(j) for j in range(len(models))]))
             state["i"] += 1
 
-        single = time_steps(single_round, t["warmup_steps"], t["warmup_s"], t["repeats"], t["min_s"])
-        grouped = time_steps(lockstep_round, t["warmup_steps"], t["warmup_s"], t["repeats"], t["min_s"])
-        results[str(k)] = {"single_model_steps_per_s": 8 * single["median_steps_per_s"],
-                           "lockstep_model_steps_per_s": 8 * grouped["median_steps_per_s"],
-                           "lockstep_speedup": grouped["median_steps_per_s"] / single["median_steps_per_s"],
-                           "single": single, "lockstep": grouped}  # fmt: skip
+        single = time_steps(
+            single_round, t["warmup_steps"], t["warmup_s"], t["repeats"], t["min_s"]
+        )
+        grouped = time_steps(
+            lockstep_round, t["warmup_steps"], t["warmup_s"], t["repeats"], t["min_s"]
+        )
+        results[str(k)] = {
+            "single_model_steps_per_s": 8 * single["median_steps_per_s"],
+            "lockstep_model_steps_per_s": 8 * grouped["median_steps_per_s"],
+            "lockstep_speedup": grouped["median_steps_per_s"] / single["median_steps_per_s"],
+            "single": single,
+            "lockstep": grouped,
+        }
     return {"models": 8, "batch": 20, "threads": torch.get_num_threads(), "by_k": results}
 
 
@@ -278,12 +343,29 @@ def phase_grid(spec) -> dict:
     for lockstep in (False, True):
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            reproduce("table1", tmp, stages=1, seeds=4, workers=spec["workers"], data_dir=spec["data_dir"],
-                      only={"dataset": "mnist", "layers": "1", "k": "5"}, overrides=spec["overrides"],
-                      eval_k=spec["eval_k"], n_test=spec["n_test"], progress=False, lockstep=lockstep)  # fmt: skip
+            reproduce(
+                "table1",
+                tmp,
+                stages=1,
+                seeds=4,
+                workers=spec["workers"],
+                data_dir=spec["data_dir"],
+                only={"dataset": "mnist", "layers": "1", "k": "5"},
+                overrides=spec["overrides"],
+                eval_k=spec["eval_k"],
+                n_test=spec["n_test"],
+                progress=False,
+                lockstep=lockstep,
+            )
             walls["lockstep" if lockstep else "one_run_per_process"] = time.perf_counter() - t0
-    return {"seconds": walls, "grid_speedup": walls["one_run_per_process"] / walls["lockstep"],
-            "workers": spec["workers"], "overrides": spec["overrides"], "eval_k": spec["eval_k"], "n_test": spec["n_test"]}
+    return {
+        "seconds": walls,
+        "grid_speedup": walls["one_run_per_process"] / walls["lockstep"],
+        "workers": spec["workers"],
+        "overrides": spec["overrides"],
+        "eval_k": spec["eval_k"],
+        "n_test": spec["n_test"],
+    }
 
 
 # -- evaluation -------------------------------------------------------------------------
@@ -299,8 +381,15 @@ def phase_eval(spec) -> dict:
     t0 = time.perf_counter()
     result = evaluate(model, x, k=k, seed=0)
     dt = time.perf_counter() - t0
-    return {"layers": spec["layers"], "k": k, "n_images": n, "seconds": dt, "images_per_s": n / dt,
-            "seconds_per_10k": 10000 * dt / n, "nll": result["nll"]}
+    return {
+        "layers": spec["layers"],
+        "k": k,
+        "n_images": n,
+        "seconds": dt,
+        "images_per_s": n / dt,
+        "seconds_per_10k": 10000 * dt / n,
+        "nll": result["nll"],
+    }
 
 
 # -- correctness ------------------------------------------------------------------------
@@ -391,10 +480,11 @@ def phase_correctness(spec) -> dict:
         opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-4)
         gen = torch.Generator().manual_seed(0)
         for i in range(spec["train_steps"]):
-            xb = torch.bernoulli(train_x[(i * 20) % (train_x.shape[0] - 20):][:20], generator=gen)
+            xb = torch.bernoulli(train_x[(i * 20) % (train_x.shape[0] - 20) :][:20], generator=gen)
             opt.zero_grad(set_to_none=True)
-            Objective("iwae", k=5).backward(model.log_weights(xb, 5), model.encoder_parameters(),
-                                            model.decoder_parameters())
+            Objective("iwae", k=5).backward(
+                model.log_weights(xb, 5), model.encoder_parameters(), model.decoder_parameters()
+            )
             opt.step()
         model.eval()
         m64 = copy.deepcopy(model).double()
@@ -414,13 +504,20 @@ def phase_correctness(spec) -> dict:
                 diffs[key] = (fast[key].double() - r).abs().max().item()
             nll_ref = -torch.stack(ref["log_px"]).mean().item()
             nll_fast = -fast["log_px"].double().mean().item()
-            checks.append({
-                "layers": layers, "max_rows": max_rows, "k": k, "n_images": n,
-                "nll_fast": nll_fast, "nll_reference": nll_ref, "nll_abs_diff": abs(nll_fast - nll_ref),
-                "max_abs_diff_per_example": diffs,
-                "evaluate_nll": full["nll"] if max_rows is None else None,
-                "passed": max(diffs.values()) <= tol,
-            })
+            checks.append(
+                {
+                    "layers": layers,
+                    "max_rows": max_rows,
+                    "k": k,
+                    "n_images": n,
+                    "nll_fast": nll_fast,
+                    "nll_reference": nll_ref,
+                    "nll_abs_diff": abs(nll_fast - nll_ref),
+                    "max_abs_diff_per_example": diffs,
+                    "evaluate_nll": full["nll"] if max_rows is None else None,
+                    "passed": max(diffs.values()) <= tol,
+                }
+            )
     # evaluate() (default max_rows, same seed) must report the NLL of the checked numbers
     for c in checks:
         if c["evaluate_nll"] is not None:
@@ -430,5 +527,14 @@ def phase_correctness(spec) -> dict:
 
 
 if __name__ == "__main__":
-    worker_main({"meta": phase_meta, "train": phase_train, "eval": phase_eval, "correctness": phase_correctness,
-                 "ftz": phase_ftz, "lockstep": phase_lockstep, "grid": phase_grid})
+    worker_main(
+        {
+            "meta": phase_meta,
+            "train": phase_train,
+            "eval": phase_eval,
+            "correctness": phase_correctness,
+            "ftz": phase_ftz,
+            "lockstep": phase_lockstep,
+            "grid": phase_grid,
+        }
+    )

@@ -20,7 +20,6 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import time_steps, worker_main  # noqa: E402
-
 from pythae.data.datasets import DatasetOutput  # noqa: E402
 from pythae.models import IWAE, IWAEConfig  # noqa: E402
 from pythae.models.base.base_utils import ModelOutput  # noqa: E402
@@ -58,7 +57,9 @@ class BurdaDecoder(BaseDecoder):
 
 def build(k: int, pixel_mean: torch.Tensor, seed: int = 0) -> IWAE:
     torch.manual_seed(seed)
-    config = IWAEConfig(input_dim=(784,), latent_dim=50, reconstruction_loss="bce", number_samples=k)
+    config = IWAEConfig(
+        input_dim=(784,), latent_dim=50, reconstruction_loss="bce", number_samples=k
+    )
     model = IWAE(config, encoder=BurdaEncoder(), decoder=BurdaDecoder())
     for m in model.modules():
         if isinstance(m, nn.Linear):
@@ -71,7 +72,11 @@ def build(k: int, pixel_mean: torch.Tensor, seed: int = 0) -> IWAE:
 
 def load_data(spec):
     d = np.load(spec["data_file"])
-    return torch.from_numpy(d["train"]), torch.from_numpy(d["test"]), torch.from_numpy(d["pixel_mean"])
+    return (
+        torch.from_numpy(d["train"]),
+        torch.from_numpy(d["test"]),
+        torch.from_numpy(d["pixel_mean"]),
+    )
 
 
 def phase_meta(spec) -> dict:
@@ -114,9 +119,15 @@ def phase_train(spec) -> dict:
                 raise ArithmeticError("NaN detected in train loss")
 
         timing = time_steps(step, t["warmup_steps"], t["warmup_s"], t["repeats"], t["min_s"])
-        results.append({**job, "examples_per_s": timing["median_steps_per_s"] * batch,
-                        "best_examples_per_s": timing["best_steps_per_s"] * batch, "timing": timing,
-                        "threads": torch.get_num_threads()})
+        results.append(
+            {
+                **job,
+                "examples_per_s": timing["median_steps_per_s"] * batch,
+                "best_examples_per_s": timing["best_steps_per_s"] * batch,
+                "timing": timing,
+                "threads": torch.get_num_threads(),
+            }
+        )
     return {"results": results}
 
 
@@ -141,11 +152,26 @@ def phase_eval(spec) -> dict:
                 t0 = time.perf_counter()
                 nll = model.get_nll(x, n_samples=k, batch_size=b)
                 dt = time.perf_counter() - t0
-            variants.append({"batch_size": b, "no_grad": no_grad, "seconds": dt, "images_per_s": n / dt,
-                             "seconds_per_10k": 10000 * dt / n, "mean_log_px": float(nll)})
+            variants.append(
+                {
+                    "batch_size": b,
+                    "no_grad": no_grad,
+                    "seconds": dt,
+                    "images_per_s": n / dt,
+                    "seconds_per_10k": 10000 * dt / n,
+                    "mean_log_px": float(nll),
+                }
+            )
     best = max(variants, key=lambda v: v["images_per_s"])
-    return {"layers": 1, "k": k, "n_images": n, "variants": variants, "best": best,
-            "images_per_s": best["images_per_s"], "seconds_per_10k": best["seconds_per_10k"]}
+    return {
+        "layers": 1,
+        "k": k,
+        "n_images": n,
+        "variants": variants,
+        "best": best,
+        "images_per_s": best["images_per_s"],
+        "seconds_per_10k": best["seconds_per_10k"],
+    }
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from tiny import exact_log_px, fit_encoder, tiny_data, tiny_model
 
 from iwae.ais import (
     Point,
@@ -18,7 +19,6 @@ from iwae.ais import (
 )
 from iwae.bounds import iwae
 from iwae.errors import IwaeError
-from tiny import exact_log_px, fit_encoder, tiny_data, tiny_model
 
 
 def test_sigmoid_schedule():
@@ -26,12 +26,17 @@ def test_sigmoid_schedule():
     beta = sigmoid_schedule(10)
     assert beta[0] == 0.0 and beta[-1] == 1.0 and len(beta) == 11
     assert (beta[1:] > beta[:-1]).all()
-    assert torch.allclose(beta + beta.flip(0), torch.ones(11, dtype=torch.float64), atol=1e-15)  # symmetric
+    assert torch.allclose(
+        beta + beta.flip(0), torch.ones(11, dtype=torch.float64), atol=1e-15
+    )  # symmetric
     # smaller steps at the ends than in the middle (delta = 4: s(-4 + 0.8) - s(-4) = 0.0218 of 0.9640)
     steps = beta.diff()
     assert steps[0] < steps[5] / 5
-    assert steps[0].item() == pytest.approx((torch.sigmoid(torch.tensor(-3.2)) - torch.sigmoid(torch.tensor(-4.0))).item()
-                                            / (1 - 2 * torch.sigmoid(torch.tensor(-4.0)).item()), rel=1e-6)  # fmt: skip
+    assert steps[0].item() == pytest.approx(
+        (torch.sigmoid(torch.tensor(-3.2)) - torch.sigmoid(torch.tensor(-4.0))).item()
+        / (1 - 2 * torch.sigmoid(torch.tensor(-4.0)).item()),
+        rel=1e-6,
+    )
     with pytest.raises(IwaeError):
         sigmoid_schedule(0)
 
@@ -74,7 +79,9 @@ def test_hmc_rejects_non_finite_proposals(value):
         return Point(h, torch.full(h.shape[:2], value, dtype=h.dtype), torch.zeros_like(h))
 
     start = _gaussian(torch.zeros(5, 2, 3, dtype=torch.float64))
-    end, accept = hmc_transition(start, broken, torch.tensor(0.1, dtype=torch.float64), 2, torch.Generator())
+    end, accept = hmc_transition(
+        start, broken, torch.tensor(0.1, dtype=torch.float64), 2, torch.Generator()
+    )
     assert torch.equal(end.h, start.h) and (accept == 0).all()
 
 
@@ -109,7 +116,10 @@ def test_ais_with_one_step_from_q_is_importance_sampling(latent, hidden):
 def test_reverse_ais_with_one_step_is_the_harmonic_mean():
     """T = 1 backwards: w_rev = q(h | x) / p(x, h) at the given latents, upper = -log mean w_rev."""
     model, x = tiny_model(latent=(3, 2), hidden=((5,), (4,))), tiny_data()
-    latents = [torch.randn(x.shape[0], d, dtype=torch.float64, generator=torch.Generator().manual_seed(d)) for d in (3, 2)]
+    latents = [
+        torch.randn(x.shape[0], d, dtype=torch.float64, generator=torch.Generator().manual_seed(d))
+        for d in (3, 2)
+    ]
     r = reverse_ais(model, x, latents, steps=1, chains=3)
     with torch.no_grad():
         hs = [h.unsqueeze(0) for h in latents]
@@ -128,7 +138,9 @@ def test_chunks_do_not_change_an_images_chains():
     assert chunked["log_w"].shape == (3, 5) and torch.isfinite(chunked["log_w"]).all()
 
 
-@pytest.mark.parametrize("init, steps", [("q", 150), pytest.param("prior", 600, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "init, steps", [("q", 150), pytest.param("prior", 600, marks=pytest.mark.slow)]
+)
 def test_ais_matches_quadrature(init, steps):
     """With enough steps AIS is within 0.05 nats of log p(x) by quadrature, image by image,
     where IS with as many samples (T = 1) is not. (From the prior, far from the posterior,

@@ -18,27 +18,54 @@ def test_bench_quick(tmp_path):
     out = tmp_path / "results.json"
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--no-pythae", "--out", str(out)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+        [
+            sys.executable,
+            str(ROOT / "bench" / "run.py"),
+            "--quick",
+            "--no-pythae",
+            "--out",
+            str(out),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-4000:]
     r = json.loads(out.read_text())
-    for key in ("train_vs_pythae", "train_k5_vs_pythae", "eval_vs_pythae",
-                "train_roofline_fraction", "eval_roofline_fraction", "correctness_passed",
-                "meta", "roofline", "flops", "train", "eval", "correctness", "memory_by_phase"):
+    for key in (
+        "train_vs_pythae",
+        "train_k5_vs_pythae",
+        "eval_vs_pythae",
+        "train_roofline_fraction",
+        "eval_roofline_fraction",
+        "correctness_passed",
+        "meta",
+        "roofline",
+        "flops",
+        "train",
+        "eval",
+        "correctness",
+        "memory_by_phase",
+    ):
         assert key in r, key
     for key in ("date", "torch", "cpu", "cpu_model", "threads"):
         assert r["meta"][key], key
     # denormals: k=50 steps flushed / not, on a model trained for a pass (real MNIST beside the checkout)
     if r["ftz"] is not None:
         assert r["ftz_speedup_k50"] == pytest.approx(
-            r["ftz"]["examples_per_s_flushed"] / r["ftz"]["examples_per_s_not_flushed"])
+            r["ftz"]["examples_per_s_flushed"] / r["ftz"]["examples_per_s_not_flushed"]
+        )
         assert r["ftz_speedup_k50"] > 0 and r["ftz"]["warm_pass_seconds"] > 0
     assert r["train_vs_pythae_ftz"] is None  # --no-pythae
-    assert set(r["lockstep_speedup"]) == {"1", "5", "50"} and all(v > 0 for v in r["lockstep_speedup"].values())
+    assert set(r["lockstep_speedup"]) == {"1", "5", "50"} and all(
+        v > 0 for v in r["lockstep_speedup"].values()
+    )
     if r["grid"] is not None:
         assert r["grid_speedup"] == pytest.approx(
-            r["grid"]["seconds"]["one_run_per_process"] / r["grid"]["seconds"]["lockstep"])
+            r["grid"]["seconds"]["one_run_per_process"] / r["grid"]["seconds"]["lockstep"]
+        )
     assert r["train_vs_pythae"] is None and r["eval_vs_pythae"] is None  # --no-pythae
     assert 0 < r["train_roofline_fraction"] < 1.5 and 0 < r["eval_roofline_fraction"] < 1.5
     configs = {(t["layers"], t["k"], t["batch"]) for t in r["train"]["iwae"]}

@@ -4,11 +4,10 @@ import math
 
 import pytest
 import torch
+from tiny import exact_log_px, fit_encoder, tiny_data, tiny_model
 
 from iwae.bounds import Objective, ciwae, elbo, iwae, miwae
 from iwae.errors import IwaeError
-from tiny import exact_log_px, fit_encoder, tiny_data, tiny_model
-
 
 # -- closed forms and identities on log-weight tensors ----------------------------------
 
@@ -19,7 +18,9 @@ def test_bounds_on_known_weights():
     assert elbo(log_w).item() == pytest.approx(math.log(36.0) / 4)
     # MIWAE(2, 2): groups {1, 2} and {3, 6}
     assert miwae(log_w, 2).item() == pytest.approx((math.log(1.5) + math.log(4.5)) / 2)
-    assert ciwae(log_w, 0.25).item() == pytest.approx(0.25 * math.log(36.0) / 4 + 0.75 * math.log(3.0))
+    assert ciwae(log_w, 0.25).item() == pytest.approx(
+        0.25 * math.log(36.0) / 4 + 0.75 * math.log(3.0)
+    )
 
 
 def test_iwae_is_stable_for_tiny_weights():
@@ -50,7 +51,14 @@ def test_miwae_groups_are_contiguous_blocks_of_k(log_w):
 
 
 def test_objective_validation():
-    for bad in [dict(name="elbo"), dict(k=0), dict(m=0), dict(beta=1.5), dict(beta=-0.1), dict(name="iwae", m=2)]:
+    for bad in [
+        dict(name="elbo"),
+        dict(k=0),
+        dict(m=0),
+        dict(beta=1.5),
+        dict(beta=-0.1),
+        dict(name="iwae", m=2),
+    ]:
         with pytest.raises(IwaeError):
             Objective(**{"name": "miwae", "k": 2, **bad})
     assert Objective("piwae", k=16, m=4).samples == 64
@@ -66,7 +74,9 @@ def test_l5000_matches_quadrature():
     exact = exact_log_px(model, x)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        estimates = torch.stack([iwae(model.log_weights(x, 5000, generator=g)) for _ in range(20)])  # [20, B]
+        estimates = torch.stack(
+            [iwae(model.log_weights(x, 5000, generator=g)) for _ in range(20)]
+        )  # [20, B]
     mean = estimates.mean(0)
     stderr = estimates.std(0) / math.sqrt(estimates.shape[0])
     assert (mean - exact).abs().max() < 0.1
@@ -140,6 +150,7 @@ def test_piwae_routes_each_bound_to_its_network(layers):
         assert torch.allclose(p.grad, -g, atol=1e-12)
     for p, g in zip(dec, want_dec):
         assert torch.allclose(p.grad, -g, atol=1e-12)
+
     # The test can fail: the encoder gradients of IWAE(MK) and of MIWAE(K, M) differ from
     # MIWAE(M, K) here, and so do the decoder gradients of MIWAE(M, K) from IWAE(MK).
     def differs(a, b):
@@ -156,6 +167,8 @@ def test_single_bound_objectives_descend_their_bound(name):
     obj = Objective(name, k=3, m=2 if name == "miwae" else 1, beta=0.3)
     want = _grads(model, -obj.bound(_log_w(model, x, obj.samples)).mean())
     model.zero_grad()
-    obj.backward(_log_w(model, x, obj.samples), model.encoder_parameters(), model.decoder_parameters())
+    obj.backward(
+        _log_w(model, x, obj.samples), model.encoder_parameters(), model.decoder_parameters()
+    )
     for p, g in zip(model.parameters(), want):
         assert torch.allclose(p.grad, g, atol=1e-12)

@@ -37,7 +37,9 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 
 
 def _randn(generator):
-    return lambda shape, dtype, device: torch.randn(shape, dtype=dtype, device=device, generator=generator)
+    return lambda shape, dtype, device: torch.randn(
+        shape, dtype=dtype, device=device, generator=generator
+    )
 
 
 def test_replayed_noise_serves_the_generators_draws_in_order():
@@ -46,7 +48,9 @@ def test_replayed_noise_serves_the_generators_draws_in_order():
     g, eager = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     noise = ReplayedNoise(_randn(g))
     first = [noise((5, 2, 3), torch.float32, "cpu"), noise((5, 2, 1), torch.float32, "cpu")]
-    assert all(torch.equal(b, torch.zeros_like(b)) for b in first)  # recording serves zeros, draws nothing
+    assert all(
+        torch.equal(b, torch.zeros_like(b)) for b in first
+    )  # recording serves zeros, draws nothing
     noise.freeze()
     for _ in range(3):
         noise.refill()
@@ -86,7 +90,11 @@ def test_warm_up_changes_nothing():
             if id(p) in moments:
                 assert all(torch.equal(state[k], moments[id(p)][k]) for k in state)
             else:  # a fresh Adam: state created at step 0, zero moments (the same as no state)
-                assert state["step"].item() == 0 and not state["exp_avg"].any() and not state["exp_avg_sq"].any()
+                assert (
+                    state["step"].item() == 0
+                    and not state["exp_avg"].any()
+                    and not state["exp_avg_sq"].any()
+                )
         assert torch.equal(g.get_state(), rng)
 
 
@@ -98,9 +106,15 @@ def test_graphed_steps_follow_the_eager_steps_bit_for_bit():
         model, x = tiny_model().float(), tiny_data(n=7, seed=2).float()
         optimizer, g = adam(model.parameters()), torch.Generator().manual_seed(1)
         body = _step_body(model, optimizer, 3)
-        step = GraphedSteps(body, "cpu", _randn(g), capture=False) if graphed else (lambda xb: body(xb, _randn(g)))
+        step = (
+            GraphedSteps(body, "cpu", _randn(g), capture=False)
+            if graphed
+            else (lambda xb: body(xb, _randn(g)))
+        )
         values = [step(xb)[0].item() for xb in (x, x, x[:3], x, x[:3])]
-        runs.append((values, {n: p.detach().clone() for n, p in model.named_parameters()}, g.get_state()))
+        runs.append(
+            (values, {n: p.detach().clone() for n, p in model.named_parameters()}, g.get_state())
+        )
     assert runs[0][0] == runs[1][0]
     assert_bitwise_equal(runs[0][1], runs[1][1])
     assert torch.equal(runs[0][2], runs[1][2])
@@ -133,9 +147,14 @@ def _train_both(tmp_path, data, configs, lockstep):
     for mode in ("auto", "off"):
         outs = [tmp_path / f"{mode}{i}" for i in range(len(configs))]
         if lockstep:
-            summaries = train_lockstep(configs, outs, dataset=data, progress=False, cuda_graphs=mode)
+            summaries = train_lockstep(
+                configs, outs, dataset=data, progress=False, cuda_graphs=mode
+            )
         else:
-            summaries = [train(c, o, dataset=data, progress=False, cuda_graphs=mode) for c, o in zip(configs, outs)]
+            summaries = [
+                train(c, o, dataset=data, progress=False, cuda_graphs=mode)
+                for c, o in zip(configs, outs)
+            ]
         assert [s["cuda_graphs"] for s in summaries] == [mode == "auto"] * len(configs)
     return [(tmp_path / f"auto{i}", tmp_path / f"off{i}") for i in range(len(configs))]
 
@@ -147,13 +166,20 @@ def test_runs_through_the_graphed_path_are_the_eager_runs(tmp_path, monkeypatch,
     weights, metrics and the generator's state. The summary says which path ran."""
     _force_graphs(monkeypatch)
     plain_adam = train_module.adam
-    monkeypatch.setattr(train_module, "adam", lambda *a, capturable=False, **kw: plain_adam(*a, **kw))
+    monkeypatch.setattr(
+        train_module, "adam", lambda *a, capturable=False, **kw: plain_adam(*a, **kw)
+    )
     configs = [small_config(stages=2, k=4, seed=s) for s in (0, 1)]
     for graphed, eager in _train_both(tmp_path, synthetic(n=110), configs, lockstep):
         assert_bitwise_equal(weights(graphed), weights(eager))
         strip = [{k: v for k, v in m.items() if k != "seconds"} for m in read_metrics(graphed)]
-        assert strip == [{k: v for k, v in m.items() if k != "seconds"} for m in read_metrics(eager)]
-        rng = [safetensors.torch.load_file(d / CHECKPOINT_FILE)["rng.generator"] for d in (graphed, eager)]
+        assert strip == [
+            {k: v for k, v in m.items() if k != "seconds"} for m in read_metrics(eager)
+        ]
+        rng = [
+            safetensors.torch.load_file(d / CHECKPOINT_FILE)["rng.generator"]
+            for d in (graphed, eager)
+        ]
         assert torch.equal(*rng)
 
 
@@ -166,7 +192,10 @@ def test_runs_with_the_capturable_adam_follow_eager_runs(tmp_path, monkeypatch, 
     configs = [small_config(stages=2, k=4, seed=s) for s in (0, 1)]
     for graphed, eager in _train_both(tmp_path, synthetic(n=110), configs, lockstep):
         assert _relative_gap(weights(graphed), weights(eager)) < 1e-4
-        rng = [safetensors.torch.load_file(d / CHECKPOINT_FILE)["rng.generator"] for d in (graphed, eager)]
+        rng = [
+            safetensors.torch.load_file(d / CHECKPOINT_FILE)["rng.generator"]
+            for d in (graphed, eager)
+        ]
         assert torch.equal(*rng)
         assert [m["lr"] for m in read_metrics(graphed)] == [m["lr"] for m in read_metrics(eager)]
 
@@ -186,7 +215,10 @@ def test_a_graphed_run_resumes_eagerly(tmp_path, monkeypatch):
         (out / "config.json").write_text((tmp_path / "whole" / "config.json").read_text())
         resume(out, dataset=data, progress=False, cuda_graphs=then)
         assert _relative_gap(weights(out), weights(tmp_path / "whole")) < 1e-4
-        rng = [safetensors.torch.load_file(d / CHECKPOINT_FILE)["rng.generator"] for d in (out, tmp_path / "whole")]
+        rng = [
+            safetensors.torch.load_file(d / CHECKPOINT_FILE)["rng.generator"]
+            for d in (out, tmp_path / "whole")
+        ]
         assert torch.equal(*rng)
 
 
@@ -216,7 +248,9 @@ class _HostTraffic:
         self.mode.__exit__(*exc)
 
 
-@pytest.mark.parametrize("objectives", [("iwae", "vae", "iwae"), ("dreg", "stl"), ("piwae", "miwae")])
+@pytest.mark.parametrize(
+    "objectives", [("iwae", "vae", "iwae"), ("dreg", "stl"), ("piwae", "miwae")]
+)
 def test_training_steps_send_nothing_between_host_and_device(objectives):
     """A step that a CUDA graph can hold, and that never waits for the device: the single and
     the lockstep step (mixed objectives, both gradient routes) build no tensor from Python
@@ -234,10 +268,20 @@ def test_training_steps_send_nothing_between_host_and_device(objectives):
     torch.manual_seed(0)
     config = ModelConfig(x_dim=30, latent=(4, 3), hidden=((16,), (8,)))
     members = [VAE(config) for _ in objectives]
-    x = torch.bernoulli(torch.full((len(objectives), 5, 30), 0.3), generator=torch.Generator().manual_seed(1))
-    group = LockstepStep(members, [objective(o) for o in objectives],
-                         [torch.Generator().manual_seed(g) for g in range(len(objectives))], graphs=False)  # fmt: skip
-    single, single_opt, g = members[0], adam(members[0].parameters()), torch.Generator().manual_seed(0)
+    x = torch.bernoulli(
+        torch.full((len(objectives), 5, 30), 0.3), generator=torch.Generator().manual_seed(1)
+    )
+    group = LockstepStep(
+        members,
+        [objective(o) for o in objectives],
+        [torch.Generator().manual_seed(g) for g in range(len(objectives))],
+        graphs=False,
+    )
+    single, single_opt, g = (
+        members[0],
+        adam(members[0].parameters()),
+        torch.Generator().manual_seed(0),
+    )
     with _HostTraffic() as traffic:
         for _ in range(2):
             group.step(x)
@@ -265,7 +309,9 @@ def test_a_failed_capture_is_reported_in_the_summary(tmp_path, monkeypatch, lock
         if lockstep:
             summaries = train_lockstep(configs, outs, dataset=synthetic(n=50), progress=False)
         else:
-            summaries = [train(c, o, dataset=synthetic(n=50), progress=False) for c, o in zip(configs, outs)]
+            summaries = [
+                train(c, o, dataset=synthetic(n=50), progress=False) for c, o in zip(configs, outs)
+            ]
     for summary, out in zip(summaries, outs):
         assert summary["cuda_graphs"] is False
         assert "Cannot copy between CPU and CUDA" in summary["cuda_graph_failure"]
@@ -290,19 +336,46 @@ def test_cli_passes_cuda_graphs_on(monkeypatch, tmp_path):
     from iwae.cli import main
 
     seen = []
-    monkeypatch.setattr(train_module, "train", lambda config, out, **kw: seen.append(("train", kw)) or {
-        "final_test_iwae64": None})  # fmt: skip
-    monkeypatch.setattr(train_module, "resume", lambda run, **kw: seen.append(("resume", kw)) or {
-        "final_test_iwae64": None})  # fmt: skip
+    monkeypatch.setattr(
+        train_module,
+        "train",
+        lambda config, out, **kw: seen.append(("train", kw)) or {"final_test_iwae64": None},
+    )
+    monkeypatch.setattr(
+        train_module,
+        "resume",
+        lambda run, **kw: seen.append(("resume", kw)) or {"final_test_iwae64": None},
+    )
     monkeypatch.setattr(train_module, "load_config", lambda run: small_config())
-    monkeypatch.setattr(iwae.experiments, "reproduce", lambda *a, **kw: seen.append(("reproduce", kw)) or [])
-    assert main(["train", "--out", str(tmp_path / "a"), "--epochs", "1", "--cuda-graphs", "off", "--quiet"]) == 0
+    monkeypatch.setattr(
+        iwae.experiments, "reproduce", lambda *a, **kw: seen.append(("reproduce", kw)) or []
+    )
+    assert (
+        main(
+            [
+                "train",
+                "--out",
+                str(tmp_path / "a"),
+                "--epochs",
+                "1",
+                "--cuda-graphs",
+                "off",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert main(["train", "--out", str(tmp_path / "b"), "--epochs", "1", "--quiet"]) == 0
     assert main(["train", "--resume", str(tmp_path), "--cuda-graphs", "off", "--quiet"]) == 0
     assert main(["reproduce", "table1", "--out", str(tmp_path / "r"), "--cuda-graphs", "off"]) == 0
     assert main(["reproduce", "table1", "--out", str(tmp_path / "r")]) == 0
     assert [(what, kw["cuda_graphs"]) for what, kw in seen] == [
-        ("train", "off"), ("train", "auto"), ("resume", "off"), ("reproduce", "off"), ("reproduce", "auto")]
+        ("train", "off"),
+        ("train", "auto"),
+        ("resume", "off"),
+        ("reproduce", "off"),
+        ("reproduce", "auto"),
+    ]
 
 
 # -- on a GPU -----------------------------------------------------------------------------
@@ -320,16 +393,23 @@ def test_captured_runs_match_eager_runs_on_cuda(tmp_path, lockstep):
     for mode in ("auto", "off"):
         outs = [tmp_path / f"{mode}{i}" for i in range(2)]
         if lockstep:
-            summaries = train_lockstep(configs, outs, dataset=data, progress=False, device="cuda", cuda_graphs=mode)
+            summaries = train_lockstep(
+                configs, outs, dataset=data, progress=False, device="cuda", cuda_graphs=mode
+            )
         else:
-            summaries = [train(c, o, dataset=data, progress=False, device="cuda", cuda_graphs=mode)
-                         for c, o in zip(configs, outs)]  # fmt: skip
+            summaries = [
+                train(c, o, dataset=data, progress=False, device="cuda", cuda_graphs=mode)
+                for c, o in zip(configs, outs)
+            ]
         assert [s["cuda_graphs"] for s in summaries] == [mode == "auto"] * 2
         assert all(s["device"].startswith("cuda") for s in summaries)
     for i in range(2):
         graphed, eager = tmp_path / f"auto{i}", tmp_path / f"off{i}"
         assert _relative_gap(weights(graphed), weights(eager)) < 1e-4
-        rng = [safetensors.torch.load_file(d / CHECKPOINT_FILE)["rng.generator"] for d in (graphed, eager)]
+        rng = [
+            safetensors.torch.load_file(d / CHECKPOINT_FILE)["rng.generator"]
+            for d in (graphed, eager)
+        ]
         assert torch.equal(*rng)
 
 
@@ -340,7 +420,10 @@ def test_captured_step_skips_non_finite_steps_on_cuda():
     step count unchanged) and reported; the next good batch steps."""
     model = tiny_model().float().cuda()
     x = tiny_data(n=5).float().cuda()
-    optimizer, g = adam(model.parameters(), capturable=True), torch.Generator(device="cuda").manual_seed(0)
+    optimizer, g = (
+        adam(model.parameters(), capturable=True),
+        torch.Generator(device="cuda").manual_seed(0),
+    )
     steps = GraphedSteps(_step_body(model, optimizer, 4), "cuda", _randn(g), capture=True)
     steps(x)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -373,15 +456,19 @@ def test_a_failed_capture_falls_back_to_eager_steps(monkeypatch):
         if fallback:
             step = GraphedSteps(body, "cpu", _randn(g), capture=True)
         else:
+
             def step(xb):
                 return body(xb, _randn(g))
+
         if fallback:
             with pytest.warns(UserWarning, match="capture failed"):
                 step(x)
         else:
             step(x)
         values = [step(xb)[0].item() for xb in (x, x[:3], x)]
-        runs.append((values, {n: p.detach().clone() for n, p in model.named_parameters()}, g.get_state()))
+        runs.append(
+            (values, {n: p.detach().clone() for n, p in model.named_parameters()}, g.get_state())
+        )
     assert runs[0][0] == runs[1][0]
     assert_bitwise_equal(runs[0][1], runs[1][1])
     assert torch.equal(runs[0][2], runs[1][2])

@@ -20,7 +20,9 @@ CACHE_NAME = f"omniglot28_split{data.OMNIGLOT_SPLIT_SEED}.npz"
 def _isolate(tmp_path, monkeypatch):
     """No network, no $IWAE_DATA, and a private user cache directory for every test."""
     monkeypatch.delenv("IWAE_DATA", raising=False)
-    monkeypatch.setattr(data.platformdirs, "user_cache_dir", lambda *a, **k: str(tmp_path / "usercache"))
+    monkeypatch.setattr(
+        data.platformdirs, "user_cache_dir", lambda *a, **k: str(tmp_path / "usercache")
+    )
     monkeypatch.setattr(data, "MNIST_MIRRORS", [(tmp_path / "no-such-mirror").as_uri() + "/"])
     data._load_dataset_cached.cache_clear()
     yield
@@ -32,7 +34,11 @@ def _stray_files(*dirs: Path) -> list[Path]:
     found = []
     for d in dirs:
         if d.is_dir():
-            found += [p for p in d.rglob("*") if p.name.startswith(("omniglot28", ".")) or p.suffix == ".tmp"]
+            found += [
+                p
+                for p in d.rglob("*")
+                if p.name.startswith(("omniglot28", ".")) or p.suffix == ".tmp"
+            ]
     return found
 
 
@@ -113,7 +119,10 @@ CORRUPTIONS = {
     "wrong dims": (lambda b: b[:4] + (9999).to_bytes(4, "big") + b[8:], "trailing bytes"),
     "short header": (lambda b: b[:6], "header"),
     "checksum": (lambda b: _flip(b, 5000), "MD5"),
-    "consistent but wrong count": (lambda b: b[:4] + (100).to_bytes(4, "big") + b[8:108], "dimensions"),
+    "consistent but wrong count": (
+        lambda b: b[:4] + (100).to_bytes(4, "big") + b[8:108],
+        "dimensions",
+    ),
 }
 
 
@@ -198,7 +207,9 @@ def test_mnist_download_from_file_mirror(tmp_path, shared_data_dir, real_mnist):
     loaded = data.load_mnist(tmp_path / "data", mirrors=[mirror])
     np.testing.assert_array_equal(loaded["test"], real_mnist["test"])
     for name in TEST_FILES:
-        assert (d / f"{name}.gz").read_bytes() == (shared_data_dir / "mnist" / f"{name}.gz").read_bytes()
+        assert (d / f"{name}.gz").read_bytes() == (
+            shared_data_dir / "mnist" / f"{name}.gz"
+        ).read_bytes()
     assert not _stray_files(d)
 
 
@@ -211,9 +222,13 @@ def _regzip_flipped(payload: bytes) -> bytes:
     [(_regzip_flipped, "MD5"), (lambda b: b[: len(b) // 2], "broken gzip")],
     ids=["checksum", "broken gzip"],
 )
-def test_mnist_download_corrupted_mirror_places_nothing(tmp_path, shared_data_dir, corrupt, expected):
+def test_mnist_download_corrupted_mirror_places_nothing(
+    tmp_path, shared_data_dir, corrupt, expected
+):
     d = _mnist_dir(tmp_path / "data", shared_data_dir, skip=TEST_FILES)
-    mirror = _mirror(tmp_path / "mirror", shared_data_dir, TEST_FILES, {"t10k-labels-idx1-ubyte": corrupt})
+    mirror = _mirror(
+        tmp_path / "mirror", shared_data_dir, TEST_FILES, {"t10k-labels-idx1-ubyte": corrupt}
+    )
     with pytest.raises(DataError, match=expected) as err:
         data.load_mnist(tmp_path / "data", mirrors=[mirror])
     assert "t10k-labels-idx1-ubyte.gz" in str(err.value) and str(d) in str(err.value)
@@ -224,7 +239,10 @@ def test_mnist_download_corrupted_mirror_places_nothing(tmp_path, shared_data_di
 
 def test_mnist_download_falls_back_to_next_mirror(tmp_path, shared_data_dir, real_mnist):
     _mnist_dir(tmp_path / "data", shared_data_dir, skip=TEST_FILES)
-    corrupt = {"t10k-images-idx3-ubyte": lambda b: b[:1000], "t10k-labels-idx1-ubyte": _regzip_flipped}
+    corrupt = {
+        "t10k-images-idx3-ubyte": lambda b: b[:1000],
+        "t10k-labels-idx1-ubyte": _regzip_flipped,
+    }
     bad = _mirror(tmp_path / "bad", shared_data_dir, TEST_FILES, corrupt)
     good = _mirror(tmp_path / "good", shared_data_dir, TEST_FILES)
     loaded = data.load_mnist(tmp_path / "data", mirrors=[bad, good])
@@ -305,7 +323,9 @@ def test_omniglot_corrupt_cache_is_rebuilt_deterministically(tmp_path, omniglot_
     cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])
     calls = []
     real_build = data._build_omniglot_from_raw
-    monkeypatch.setattr(data, "_build_omniglot_from_raw", lambda *a: calls.append(a) or real_build(*a))
+    monkeypatch.setattr(
+        data, "_build_omniglot_from_raw", lambda *a: calls.append(a) or real_build(*a)
+    )
 
     rebuilt = data.load_omniglot(tmp_path)
     assert len(calls) == 1
@@ -326,7 +346,9 @@ def _fake_split():
 @pytest.fixture
 def fake_build(monkeypatch):
     calls = []
-    monkeypatch.setattr(data, "_build_omniglot_from_raw", lambda *a: calls.append(a) or _fake_split())
+    monkeypatch.setattr(
+        data, "_build_omniglot_from_raw", lambda *a: calls.append(a) or _fake_split()
+    )
     return calls
 
 
@@ -350,7 +372,9 @@ def test_omniglot_bad_cache_is_not_trusted(tmp_path, shared_data_dir, fake_build
         assert npz["test"].shape == (8070, 784)
 
 
-def test_omniglot_cache_falls_back_to_user_cache_dir(tmp_path, shared_data_dir, fake_build, monkeypatch):
+def test_omniglot_cache_falls_back_to_user_cache_dir(
+    tmp_path, shared_data_dir, fake_build, monkeypatch
+):
     d = _omniglot_copy(tmp_path / "data", shared_data_dir)
     d.chmod(0o555)
     try:
@@ -372,11 +396,23 @@ def _small_npz(path: Path, **arrays) -> None:
 
 
 BAD_NPZ = {
-    "wrong shape": (lambda p, real: _small_npz(p, images=np.ones((3, 20, 105, 105), bool)), "expected bool"),
-    "wrong dtype": (lambda p, real: _small_npz(p, images=np.ones((2, 20, 105, 105), np.uint8)), "expected bool"),
-    "wrong key": (lambda p, real: _small_npz(p, imgs=np.ones((2, 20, 105, 105), bool)), "no 'images'"),
+    "wrong shape": (
+        lambda p, real: _small_npz(p, images=np.ones((3, 20, 105, 105), bool)),
+        "expected bool",
+    ),
+    "wrong dtype": (
+        lambda p, real: _small_npz(p, images=np.ones((2, 20, 105, 105), np.uint8)),
+        "expected bool",
+    ),
+    "wrong key": (
+        lambda p, real: _small_npz(p, imgs=np.ones((2, 20, 105, 105), bool)),
+        "no 'images'",
+    ),
     "truncated": (lambda p, real: p.write_bytes(real[: len(real) // 2]), "cannot read npz"),
-    "flipped bytes": (lambda p, real: p.write_bytes(_flip(_flip(real, len(real) // 2), 99)), "cannot read npz"),
+    "flipped bytes": (
+        lambda p, real: p.write_bytes(_flip(_flip(real, len(real) // 2), 99)),
+        "cannot read npz",
+    ),
     "not a zip": (lambda p, real: p.write_bytes(b"hello"), "cannot read npz"),
 }
 
@@ -457,7 +493,11 @@ def test_chardata_mat_orientation(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs, expected",
-    [({"n_train": 100}, "'data' has shape"), ({"n_test": 7}, "'testdata' has shape"), ({"rows": 783}, "has shape")],
+    [
+        ({"n_train": 100}, "'data' has shape"),
+        ({"n_test": 7}, "'testdata' has shape"),
+        ({"rows": 783}, "has shape"),
+    ],
 )
 def test_chardata_mat_wrong_shape(tmp_path, kwargs, expected):
     (tmp_path / "omniglot").mkdir()
@@ -471,7 +511,9 @@ def test_chardata_mat_wrong_shape(tmp_path, kwargs, expected):
 def test_chardata_mat_bad_values_and_garbage(tmp_path):
     (tmp_path / "omniglot").mkdir()
     path = tmp_path / "omniglot" / "chardata.mat"
-    scipy.io.savemat(path, {"data": np.full((784, 24345), 2.0, np.float32), "testdata": np.zeros((784, 8070))})
+    scipy.io.savemat(
+        path, {"data": np.full((784, 24345), 2.0, np.float32), "testdata": np.zeros((784, 8070))}
+    )
     with pytest.raises(DataError, match=r"outside \[0, 1\]"):
         data.load_omniglot(tmp_path)
     scipy.io.savemat(path, {"other": np.zeros(3)})
@@ -536,8 +578,15 @@ def test_test_subsets_are_seeded_random_nested_and_sorted():
     np.testing.assert_array_equal(data.test_subset_indices(10, None), np.arange(10))
     np.testing.assert_array_equal(data.test_subset_indices(10, 10), np.arange(10))
     np.testing.assert_array_equal(data.test_subset_indices(10, 99), np.arange(10))
-    assert data.test_subset_record(10, 5) == {"test_set_size": 10, "test_subset_seed": data.TEST_SUBSET_SEED}
-    assert data.test_subset_record(10, None) == data.test_subset_record(10, 10) == {"test_set_size": 10, "test_subset_seed": None}
+    assert data.test_subset_record(10, 5) == {
+        "test_set_size": 10,
+        "test_subset_seed": data.TEST_SUBSET_SEED,
+    }
+    assert (
+        data.test_subset_record(10, None)
+        == data.test_subset_record(10, 10)
+        == {"test_set_size": 10, "test_subset_seed": None}
+    )
 
 
 def test_binarized_test_subset_is_the_full_binarization_restricted():
@@ -546,7 +595,9 @@ def test_binarized_test_subset_is_the_full_binarization_restricted():
     test = np.random.default_rng(3).random((300, 784), dtype=np.float32)
     ds = data.Dataset("mnist", test[:10], test)
     full = data.binarized_test(ds)
-    independent = (np.random.default_rng(0).random(test.shape, dtype=np.float32) < test).astype(np.float32)
+    independent = (np.random.default_rng(0).random(test.shape, dtype=np.float32) < test).astype(
+        np.float32
+    )
     np.testing.assert_array_equal(full, independent)
     sub = data.binarized_test(ds, 40)
     np.testing.assert_array_equal(sub, independent[data.test_subset_indices(300, 40)])
@@ -558,7 +609,9 @@ def test_omniglot_test_subset_covers_every_alphabet(omniglot_built, shared_data_
     import csv
 
     with open(shared_data_dir / "omniglot" / "characters.csv", newline="") as f:
-        alphabets = [row["alphabet"] for row in sorted(csv.DictReader(f), key=lambda r: int(r["char_id"]))]
+        alphabets = [
+            row["alphabet"] for row in sorted(csv.DictReader(f), key=lambda r: int(r["char_id"]))
+        ]
     # test images in character order: 5 drawings per character, 4 for Glagolitic (module docstring)
     per_image = [a for a in alphabets for _ in range(4 if a == "Glagolitic" else 5)]
     _, arrays = omniglot_built

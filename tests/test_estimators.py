@@ -13,11 +13,11 @@ import math
 import pytest
 import torch
 from scipy import stats
+from tiny import tiny_data, tiny_model
 
 from iwae.bounds import ESTIMATORS, Objective, miwae
 from iwae.errors import IwaeError
 from iwae.model import VAE, ModelConfig
-from tiny import tiny_data, tiny_model
 
 
 def gradients(model, x, objective, seed):
@@ -25,14 +25,19 @@ def gradients(model, x, objective, seed):
     model.zero_grad(set_to_none=True)
     log_w = objective.log_weights(model, x, torch.Generator().manual_seed(seed))
     value = objective.backward(log_w, model.encoder_parameters(), model.decoder_parameters())
-    flat = [torch.cat([p.grad.reshape(-1) for p in ps]) for ps in (model.encoder_parameters(), model.decoder_parameters())]
+    flat = [
+        torch.cat([p.grad.reshape(-1) for p in ps])
+        for ps in (model.encoder_parameters(), model.decoder_parameters())
+    ]
     return flat[0], flat[1], value
 
 
 def paired_z(model, x, a: Objective, b: Objective, groups=30, copies=400):
     """Per encoder parameter, t statistic of E[grad_a - grad_b] (same samples for both), and its critical value."""
     xs = x.repeat(copies, 1)
-    diffs = torch.stack([gradients(model, xs, a, g)[0] - gradients(model, xs, b, g)[0] for g in range(groups)])
+    diffs = torch.stack(
+        [gradients(model, xs, a, g)[0] - gradients(model, xs, b, g)[0] for g in range(groups)]
+    )
     mean, se = diffs.mean(0), diffs.std(0) / math.sqrt(groups)
     z = torch.where(se > 0, mean / se, torch.zeros_like(mean))
     critical = stats.t.ppf(1 - 1e-3 / (2 * z.numel()), df=groups - 1)  # family-wise error 0.1%
@@ -47,7 +52,9 @@ def paired_z(model, x, a: Objective, b: Objective, groups=30, copies=400):
 )
 def test_dreg_encoder_gradient_is_unbiased(name, k, m):
     model, x = tiny_model(), tiny_data(n=3)
-    z, critical = paired_z(model, x, Objective(name, k, m, 0.3, "dreg"), Objective(name, k, m, 0.3, "reparam"))
+    z, critical = paired_z(
+        model, x, Objective(name, k, m, 0.3, "dreg"), Objective(name, k, m, 0.3, "reparam")
+    )
     assert z.max() < critical, (z.max().item(), critical)
 
 
@@ -71,7 +78,9 @@ def test_two_layer_test_detects_a_dreg_that_cuts_the_path_through_q_inputs(monke
 
     monkeypatch.setattr(VAE, "log_q_stopped", cut)
     model, x = tiny_model(latent=(3, 2), hidden=((5,), (4,))), tiny_data(n=3)
-    z, critical = paired_z(model, x, Objective("iwae", 5, estimator="dreg"), Objective("iwae", 5), copies=1000)
+    z, critical = paired_z(
+        model, x, Objective("iwae", 5, estimator="dreg"), Objective("iwae", 5), copies=1000
+    )
     assert z.max() > critical, (z.max().item(), critical)
 
 
@@ -86,7 +95,9 @@ def test_stl_is_unbiased_for_k1_and_biased_for_k_above_1():
 # -- exact properties on the same samples --------------------------------------------------
 
 
-@pytest.mark.parametrize("name,k,m", [("vae", 3, 1), ("iwae", 4, 1), ("miwae", 2, 3), ("ciwae", 4, 1), ("piwae", 2, 3)])
+@pytest.mark.parametrize(
+    "name,k,m", [("vae", 3, 1), ("iwae", 4, 1), ("miwae", 2, 3), ("ciwae", 4, 1), ("piwae", 2, 3)]
+)
 @pytest.mark.parametrize("layers", [((2,), ((8,),)), ((3, 2), ((5,), (4,)))])
 def test_decoder_gradient_and_bound_value_do_not_depend_on_the_estimator(name, k, m, layers):
     model, x = tiny_model(latent=layers[0], hidden=layers[1]), tiny_data(n=3)
@@ -161,14 +172,22 @@ def test_gradient_snr_matches_direct_computation():
     grads = {"encoder": [], "decoder": []}
     for _ in range(reps):
         model.zero_grad(set_to_none=True)
-        objective.backward(objective.log_weights(model, x, g), model.encoder_parameters(), model.decoder_parameters())
+        objective.backward(
+            objective.log_weights(model, x, g),
+            model.encoder_parameters(),
+            model.decoder_parameters(),
+        )
         grads["encoder"].append(torch.cat([p.grad.reshape(-1) for p in model.encoder_parameters()]))
         grads["decoder"].append(torch.cat([p.grad.reshape(-1) for p in model.decoder_parameters()]))
     for net, gs in grads.items():
         gs = torch.stack(gs)
-        varies = gs.std(0) > 0  # the encoder weights of pixels that are 0 in all of x get no gradient
+        varies = (
+            gs.std(0) > 0
+        )  # the encoder weights of pixels that are 0 in all of x get no gradient
         assert 0 < varies.sum() < gs.shape[1] or net == "decoder"
-        assert got[net] == pytest.approx((gs.mean(0).abs() / gs.std(0))[varies].mean().item(), rel=1e-9)
+        assert got[net] == pytest.approx(
+            (gs.mean(0).abs() / gs.std(0))[varies].mean().item(), rel=1e-9
+        )
 
 
 def test_snr_trends_on_a_tiny_model():
@@ -214,7 +233,9 @@ def test_bad_snr_arguments_exit_2_and_write_nothing(argv, tmp_path, capsys):
     out = tmp_path / "snr"
     preset = [] if argv in ([], ["--preset", "burda3"]) else ["--preset", "burda1"]
     with pytest.raises(SystemExit) as e:
-        raise SystemExit(main(["snr", *preset, *argv, "--data-dir", str(tmp_path / "nodata"), "--out", str(out)]))
+        raise SystemExit(
+            main(["snr", *preset, *argv, "--data-dir", str(tmp_path / "nodata"), "--out", str(out)])
+        )
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("iwae") and "error" in err and len(err.splitlines()) == 1, err
@@ -232,19 +253,62 @@ def test_snr_command_on_a_run_directory(shared_data_dir, tmp_path, capsys):
     write_json(run / "config.json", config.to_dict())
     save_weights(VAE(small), run / "model.safetensors")
     out = tmp_path / "snr"
-    assert main(["snr", str(run), "--k", "1,3", "--estimator", "reparam,dreg", "--reps", "3", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "snr",
+                str(run),
+                "--k",
+                "1,3",
+                "--estimator",
+                "reparam,dreg",
+                "--reps",
+                "3",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     result = json.loads((out / "snr.json").read_text())
     assert [r["estimator"] for r in result] == ["reparam", "dreg"]
     for r in result:
         assert r["k"] == [1, 3] and len(r["encoder"]) == len(r["decoder"]) == 2 and r["reps"] == 3
-        assert all(v > 0 for v in r["encoder"] + r["decoder"]) and "encoder_slope" in r and "decoder_slope" in r
+        assert (
+            all(v > 0 for v in r["encoder"] + r["decoder"])
+            and "encoder_slope" in r
+            and "decoder_slope" in r
+        )
     assert (out / "snr.png").stat().st_size > 1000
     assert "slope" in capsys.readouterr().out
 
-    assert main(["snr", "--preset", "burda2", "--k", "2", "--reps", "2", "--batch-size", "4",
-                 "--data-dir", str(shared_data_dir), "--out", str(out), "--quiet", "--overwrite"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "snr",
+                "--preset",
+                "burda2",
+                "--k",
+                "2",
+                "--reps",
+                "2",
+                "--batch-size",
+                "4",
+                "--data-dir",
+                str(shared_data_dir),
+                "--out",
+                str(out),
+                "--quiet",
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
     single = json.loads((out / "snr.json").read_text())
-    assert single["estimator"] == "reparam" and single["k"] == [2] and single["encoder_slope"] is None
+    assert (
+        single["estimator"] == "reparam" and single["k"] == [2] and single["encoder_slope"] is None
+    )
 
 
 def test_estimator_on_the_command_line(tmp_path, capsys):
@@ -253,9 +317,14 @@ def test_estimator_on_the_command_line(tmp_path, capsys):
 
     from iwae.cli import build_parser, main
 
-    assert build_parser().parse_args(["train", "--estimator", "dreg", "--out", "x"]).estimator == "dreg"
+    assert (
+        build_parser().parse_args(["train", "--estimator", "dreg", "--out", "x"]).estimator
+        == "dreg"
+    )
     with pytest.raises(SystemExit) as e:
         main(["train", "--estimator", "reinforce", "--out", str(tmp_path / "run")])
     assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
-    r = subprocess.run([sys.executable, "-m", "iwae.cli", "snr", "--help"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "iwae.cli", "snr", "--help"], capture_output=True, text=True
+    )
     assert r.returncode == 0 and "usage: iwae snr" in r.stdout and "--estimator" in r.stdout

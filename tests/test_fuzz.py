@@ -17,7 +17,14 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from iwae.data import DataError, _load_chardata, _read_raw_images, content_sha256, load_files, read_idx
+from iwae.data import (
+    DataError,
+    _load_chardata,
+    _read_raw_images,
+    content_sha256,
+    load_files,
+    read_idx,
+)
 
 FAST, SLOW = 100, 4000
 
@@ -53,7 +60,9 @@ def _own_npz_bytes() -> bytes:
 
 def _png_bytes() -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (4, 5), dtype=np.uint8)).save(buf, format="PNG")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (4, 5), dtype=np.uint8)).save(
+        buf, format="PNG"
+    )
     return buf.getvalue()
 
 
@@ -103,31 +112,48 @@ def check_reader(kind, tmp_path_factory, mutation):
     try:
         result = read(path)
     except DataError as e:
-        named = path.parent.parent if kind == "png" else path  # a PNG directory's errors name a file or the directory
+        named = (
+            path.parent.parent if kind == "png" else path
+        )  # a PNG directory's errors name a file or the directory
         assert str(named) in str(e)
         return
-    if kind.startswith("idx"):  # the parser may accept a flip in the pixel bytes, never a bad header
+    if kind.startswith(
+        "idx"
+    ):  # the parser may accept a flip in the pixel bytes, never a bad header
         assert result.shape == (3, 28, 28) and result.dtype == np.uint8
     elif kind == "npz":
         assert result.shape == (1, 20, 105, 105) and result.dtype == np.bool_
     elif kind in ("own.npz", "png"):
         assert_valid_dataset(result)
-        assert result.image_shape == ((4, 4) if kind == "own.npz" else (4, 5))  # a PNG's size is in its checked header
+        assert result.image_shape == (
+            (4, 4) if kind == "own.npz" else (4, 5)
+        )  # a PNG's size is in its checked header
     else:
         assert result["train"].shape == (3, 784) and result["test"].shape == (2, 784)
         assert all(np.isfinite(v).all() and v.min() >= 0 and v.max() <= 1 for v in result.values())
 
 
 def assert_valid_dataset(ds):
-    splits = {s: getattr(ds, s) for s in ("train", "validation", "test") if getattr(ds, s) is not None}
+    splits = {
+        s: getattr(ds, s) for s in ("train", "validation", "test") if getattr(ds, s) is not None
+    }
     for x in splits.values():
-        assert x.dtype == np.float32 and x.ndim == 2 and x.shape[0] >= 1 and x.shape[1] == ds.x_dim >= 1
+        assert (
+            x.dtype == np.float32
+            and x.ndim == 2
+            and x.shape[0] >= 1
+            and x.shape[1] == ds.x_dim >= 1
+        )
         assert np.isfinite(x).all() and x.min() >= 0 and x.max() <= 1
-    assert int(np.prod(ds.image_shape)) == ds.x_dim and ds.binary == bool(np.isin(ds.train, (0, 1)).all())
+    assert int(np.prod(ds.image_shape)) == ds.x_dim and ds.binary == bool(
+        np.isin(ds.train, (0, 1)).all()
+    )
     assert ds.sha256 == content_sha256(splits, ds.image_shape)
 
 
-DTYPES = st.sampled_from([np.float32, np.float64, np.bool_, np.uint8, np.float16, np.int64, np.complex64])
+DTYPES = st.sampled_from(
+    [np.float32, np.float64, np.bool_, np.uint8, np.float16, np.int64, np.complex64]
+)
 
 
 def _rarely(draw) -> bool:
@@ -140,7 +166,9 @@ def own_arrays(draw):
     dtype, N in 0..3 images of one shape (rarely another shape, 0 to 4 dimensions of 0 to 3
     entries), values in [0, 1] (rarely anything: out of range, NaN, inf)."""
     image = draw(hnp.array_shapes(min_dims=1, max_dims=2, min_side=1, max_side=3))
-    names = [n for n in ("train", "test") if not _rarely(draw)] + (["validation"] if draw(st.booleans()) else [])
+    names = [n for n in ("train", "test") if not _rarely(draw)] + (
+        ["validation"] if draw(st.booleans()) else []
+    )
     arrays = {}
     for name in names:
         dtype = draw(DTYPES)
@@ -169,12 +197,18 @@ def check_own_arrays(tmp_path_factory, arrays):
         assert str(path) in str(e)
         return
     assert_valid_dataset(ds)
-    assert np.array_equal(ds.train, np.asarray(arrays["train"], dtype=np.float32).reshape(ds.train.shape))
+    assert np.array_equal(
+        ds.train, np.asarray(arrays["train"], dtype=np.float32).reshape(ds.train.shape)
+    )
 
 
 def _arrays_test(n):
-    @settings(max_examples=n, deadline=None, derandomize=n == FAST,
-              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @settings(
+        max_examples=n,
+        deadline=None,
+        derandomize=n == FAST,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
     @given(arrays=own_arrays())
     def test(tmp_path_factory, arrays):
         check_own_arrays(tmp_path_factory, arrays)
@@ -183,8 +217,12 @@ def _arrays_test(n):
 
 
 def _fuzz_test(kind, n):
-    @settings(max_examples=n, deadline=None, derandomize=n == FAST,
-              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @settings(
+        max_examples=n,
+        deadline=None,
+        derandomize=n == FAST,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
     @given(mutation=mutations(len(FILES[kind][0])))
     def test(tmp_path_factory, mutation):
         check_reader(kind, tmp_path_factory, mutation)

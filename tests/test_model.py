@@ -6,9 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-from iwae.evaluate import active_units, evaluate, log_weight_reductions, unit_activity
 from iwae.errors import IwaeError
-from iwae.model import VAE, ModelConfig, bernoulli_log_prob, gaussian_log_prob, parse_hidden, parse_latent
+from iwae.evaluate import active_units, evaluate, log_weight_reductions, unit_activity
+from iwae.model import (
+    VAE,
+    ModelConfig,
+    bernoulli_log_prob,
+    gaussian_log_prob,
+    parse_hidden,
+    parse_latent,
+)
 
 
 def test_presets_are_burda_architectures():
@@ -50,13 +57,17 @@ def test_densities_match_torch_distributions():
     x = torch.bernoulli(torch.full((3, 7), 0.5), generator=g)
     ref = torch.distributions.Bernoulli(logits=logits).log_prob(x.expand_as(logits)).sum(-1)
     assert torch.allclose(bernoulli_log_prob(logits, x), ref, atol=1e-4)
-    assert torch.isfinite(bernoulli_log_prob(torch.full((1, 2), 200.0), torch.tensor([0.0, 1.0]))).all()
+    assert torch.isfinite(
+        bernoulli_log_prob(torch.full((1, 2), 200.0), torch.tensor([0.0, 1.0]))
+    ).all()
 
 
 @pytest.mark.parametrize("scale", ["exp", "softplus"])
 @pytest.mark.parametrize("layers", [1, 2, 3])
 def test_log_weights_is_log_joint_minus_log_q(layers, scale):
-    config = ModelConfig(x_dim=12, latent=(6, 4, 3)[:layers], hidden=((8,), (7, 7), (5,))[:layers], scale=scale)
+    config = ModelConfig(
+        x_dim=12, latent=(6, 4, 3)[:layers], hidden=((8,), (7, 7), (5,))[:layers], scale=scale
+    )
     model = VAE(config).double()
     x = torch.bernoulli(torch.full((5, 12), 0.4, dtype=torch.float64))
     lw = model.log_weights(x, 9, generator=torch.Generator().manual_seed(1))
@@ -92,10 +103,14 @@ def _linear_encoder_model(layers):
 @pytest.mark.parametrize("layers", [1, 2])
 def test_active_units_on_a_constructed_model(layers):
     model = _linear_encoder_model(layers)
-    x = torch.bernoulli(torch.full((2000, 4), 0.5, dtype=torch.float64), generator=torch.Generator().manual_seed(0))
+    x = torch.bernoulli(
+        torch.full((2000, 4), 0.5, dtype=torch.float64), generator=torch.Generator().manual_seed(0)
+    )
     activity = unit_activity(model, x, n_samples=500)
     var0, var1 = x[:, 0].var(correction=0), x[:, 1].var(correction=0)
-    assert torch.allclose(activity[0], torch.stack([var0, 0.01 * var1, torch.tensor(0.0, dtype=torch.float64)]))
+    assert torch.allclose(
+        activity[0], torch.stack([var0, 0.01 * var1, torch.tensor(0.0, dtype=torch.float64)])
+    )
     if layers == 2:
         # E_q[h_2 unit 0] = E_q[h_1 unit 0] = x_0 up to Monte Carlo error of 500 samples of std 0.5
         assert activity[1][0].item() == pytest.approx(var0.item(), rel=0.02)
@@ -108,11 +123,17 @@ def test_evaluation_chunks_by_device():
     of 65,536 on a GPU, where small chunks leave it launching small kernels."""
     from iwae.evaluate import MAX_ROWS, MAX_ROWS_CUDA, default_max_rows
 
-    assert (default_max_rows("cpu"), default_max_rows(torch.device("cuda", 0))) == (MAX_ROWS, MAX_ROWS_CUDA) == (4096, 65536)
+    assert (
+        (default_max_rows("cpu"), default_max_rows(torch.device("cuda", 0)))
+        == (MAX_ROWS, MAX_ROWS_CUDA)
+        == (4096, 65536)
+    )
     torch.manual_seed(0)
     model = VAE(ModelConfig(x_dim=10, latent=(3,), hidden=((16,),)))
     x = torch.bernoulli(torch.full((9, 10), 0.3))
-    assert evaluate(model, x, k=5000, seed=2) == evaluate(model, x, k=5000, seed=2, max_rows=MAX_ROWS)
+    assert evaluate(model, x, k=5000, seed=2) == evaluate(
+        model, x, k=5000, seed=2, max_rows=MAX_ROWS
+    )
 
 
 @pytest.mark.cuda
@@ -126,7 +147,9 @@ def test_gpu_evaluation_agrees_with_the_cpu_one():
     cpu = evaluate(model, x, k=5000, seed=2)
     gpu = evaluate(model.cuda(), x.cuda(), k=5000, seed=2)
     assert gpu == evaluate(model, x.cuda(), k=5000, seed=2, max_rows=MAX_ROWS_CUDA)
-    assert gpu["nll"] == pytest.approx(cpu["nll"], abs=0.01)  # other samples, the same L_5000 within noise
+    assert gpu["nll"] == pytest.approx(
+        cpu["nll"], abs=0.01
+    )  # other samples, the same L_5000 within noise
 
 
 def test_evaluation_is_deterministic_and_consistent():
@@ -136,7 +159,17 @@ def test_evaluation_is_deterministic_and_consistent():
     a = evaluate(model, x, k=300, seed=4, max_rows=64)
     b = evaluate(model, x, k=300, seed=4, max_rows=64)
     assert a == b
-    assert set(a) == {"nll", "nll_stderr", "iwae64", "log_px", "neg_kl_q_p", "elbo", "active_units", "n_test", "k"}
+    assert set(a) == {
+        "nll",
+        "nll_stderr",
+        "iwae64",
+        "log_px",
+        "neg_kl_q_p",
+        "elbo",
+        "active_units",
+        "n_test",
+        "k",
+    }
     assert a["log_px"] == -a["nll"]
     assert a["neg_kl_q_p"] == pytest.approx(a["iwae64"] - a["log_px"])
     assert a["elbo"] < a["iwae64"] < a["log_px"]
@@ -144,7 +177,9 @@ def test_evaluation_is_deterministic_and_consistent():
     r = log_weight_reductions(model, x, k=300, k_small=64, seed=9, max_rows=100)
     g = torch.Generator().manual_seed(9)
     with torch.no_grad():
-        pieces = [model.log_weights(x[i : i + 1], 100, generator=g) for i in range(7) for _ in range(3)]
+        pieces = [
+            model.log_weights(x[i : i + 1], 100, generator=g) for i in range(7) for _ in range(3)
+        ]
     lw = torch.cat([torch.cat(pieces[3 * i : 3 * i + 3], 0) for i in range(7)], 1)  # [300, 7]
     assert torch.allclose(r["log_px"], torch.logsumexp(lw, 0) - math.log(300), atol=1e-5)
     assert torch.allclose(r["small"], torch.logsumexp(lw[:64], 0) - math.log(64), atol=1e-5)
@@ -155,7 +190,13 @@ def test_fast_tanh_matches_torch_tanh_in_value_and_gradient():
     from iwae.model import FAST_TANH_MIN, Tanh
 
     tanh = Tanh()
-    x = torch.cat([torch.linspace(-30, 30, 100_001), torch.randn(FAST_TANH_MIN) * 1e-4, torch.randn(FAST_TANH_MIN) * 3])
+    x = torch.cat(
+        [
+            torch.linspace(-30, 30, 100_001),
+            torch.randn(FAST_TANH_MIN) * 1e-4,
+            torch.randn(FAST_TANH_MIN) * 3,
+        ]
+    )
     assert x.numel() >= FAST_TANH_MIN
     exact = torch.tanh(x.double())
     with torch.no_grad():
@@ -177,7 +218,9 @@ def test_fast_tanh_matches_torch_tanh_in_value_and_gradient():
 
 def test_architectures_from_text():
     assert parse_latent("100,50") == (100, 50) and parse_latent(" 7 ") == (7,)
-    assert parse_hidden("200x200,100x100") == ((200, 200), (100, 100)) and parse_hidden("5") == ((5,),)
+    assert parse_hidden("200x200,100x100") == ((200, 200), (100, 100)) and parse_hidden("5") == (
+        (5,),
+    )
     for text in ("", "0", "-3", "a", "100,,50", "1.5", "100;50"):
         with pytest.raises(IwaeError, match="--latent"):
             parse_latent(text)

@@ -36,7 +36,9 @@ def _fails(argv, capsys, *words) -> None:
     assert len(err.splitlines()) == 1 and all(w in err for w in words), err
 
 
-def test_every_out_makes_its_parents_and_refuses_to_overwrite(trained, tmp_path, capsys, synthetic_data):
+def test_every_out_makes_its_parents_and_refuses_to_overwrite(
+    trained, tmp_path, capsys, synthetic_data
+):
     # iwae toy --out DIR
     toy = tmp_path / "a" / "b" / "toy"
     assert main(["toy", "--k-max", "5", "--out", str(toy)]) == 0
@@ -50,30 +52,48 @@ def test_every_out_makes_its_parents_and_refuses_to_overwrite(trained, tmp_path,
     grid = tmp_path / "c" / "d" / "grid.png"
     assert main(["sample", str(trained), "--out", str(grid), "--n", "4"]) == 0
     before = grid.read_bytes()
-    _fails(["sample", str(trained), "--out", str(grid), "--n", "9"], capsys, str(grid), "--overwrite")
+    _fails(
+        ["sample", str(trained), "--out", str(grid), "--n", "9"], capsys, str(grid), "--overwrite"
+    )
     assert grid.read_bytes() == before
     assert main(["sample", str(trained), "--out", str(grid), "--n", "9", "--overwrite"]) == 0
     assert grid.read_bytes() != before
     _fails(["sample", str(trained), "--out", str(tmp_path / "e" / "grid.jpg")], capsys, ".png")
     (tmp_path / "file").write_text("")
-    _fails(["sample", str(trained), "--out", str(tmp_path / "file" / "grid.png")], capsys, "not a directory")
+    _fails(
+        ["sample", str(trained), "--out", str(tmp_path / "file" / "grid.png")],
+        capsys,
+        "not a directory",
+    )
     assert not (tmp_path / "e").exists()
 
     # iwae snr --out DIR: refused before any work when it already holds a result
     snr = tmp_path / "snr"
     snr.mkdir()
     (snr / "snr.png").write_bytes(b"old")
-    _fails(["snr", str(trained), "--k", "1", "--reps", "2", "--out", str(snr), "--quiet"], capsys, "snr.png")
+    _fails(
+        ["snr", str(trained), "--k", "1", "--reps", "2", "--out", str(snr), "--quiet"],
+        capsys,
+        "snr.png",
+    )
     assert sorted(p.name for p in snr.iterdir()) == ["snr.png"]
     snr = tmp_path / "f" / "snr"
-    assert main(["snr", str(trained), "--k", "1,2", "--reps", "2", "--out", str(snr), "--quiet"]) == 0
+    assert (
+        main(["snr", str(trained), "--k", "1,2", "--reps", "2", "--out", str(snr), "--quiet"]) == 0
+    )
     assert (snr / "snr.json").exists() and (snr / "snr.png").exists()
 
     # iwae train --out: its missing parents too
     run = tmp_path / "g" / "h" / "run"
-    assert main(["train", "--config", str(trained / "config.json"), "--out", str(run), "--quiet"]) == 0
+    assert (
+        main(["train", "--config", str(trained / "config.json"), "--out", str(run), "--quiet"]) == 0
+    )
     assert (run / "summary.json").exists()
-    _fails(["train", "--config", str(trained / "config.json"), "--out", str(run), "--quiet"], capsys, "--overwrite")
+    _fails(
+        ["train", "--config", str(trained / "config.json"), "--out", str(run), "--quiet"],
+        capsys,
+        "--overwrite",
+    )
 
 
 def _read_csv(path):
@@ -85,7 +105,10 @@ def _read_csv(path):
 def test_per_example_values(trained, tmp_path, capsys, synthetic_data):
     """The per-image L_k, IWAE-64 and ELBO in test-set order: their means are evaluation.json's,
     and they are the values of an independent computation from the same draws."""
-    k, n_test = 100, 30  # 3,000 (image, sample) rows: one chunk, drawn as the direct computation below
+    k, n_test = (
+        100,
+        30,
+    )  # 3,000 (image, sample) rows: one chunk, drawn as the direct computation below
     path = tmp_path / "new" / "per-example.csv"
     argv = ["evaluate", str(trained), "--k", str(k), "--n-test", str(n_test), "--quiet", "--json"]
     assert main([*argv, "--per-example", str(path)]) == 0
@@ -105,11 +128,14 @@ def test_per_example_values(trained, tmp_path, capsys, synthetic_data):
     x = torch.from_numpy(binarize_fixed(synthetic().test, seed=0)[index])
     with torch.no_grad():
         log_w = model.eval().log_weights(x, k, generator=torch.Generator().manual_seed(0)).double()
-    expected = np.stack([
-        (torch.logsumexp(log_w, 0) - math.log(k)).numpy(),
-        (torch.logsumexp(log_w[:64], 0) - math.log(64)).numpy(),
-        log_w.mean(0).numpy(),
-    ], 1)  # fmt: skip
+    expected = np.stack(
+        [
+            (torch.logsumexp(log_w, 0) - math.log(k)).numpy(),
+            (torch.logsumexp(log_w[:64], 0) - math.log(64)).numpy(),
+            log_w.mean(0).numpy(),
+        ],
+        1,
+    )
     np.testing.assert_allclose(table[:, 1:], expected, rtol=0, atol=1e-4)
     assert (table[:, 3] < table[:, 2]).all() and (table[:, 2] < table[:, 1] + 1.0).all()
 
@@ -117,7 +143,10 @@ def test_per_example_values(trained, tmp_path, capsys, synthetic_data):
     npy = tmp_path / "per-example.npy"
     assert main([*argv, "--per-example", str(npy)]) == 0
     array = np.load(npy)
-    assert array.dtype.names == ("index", "log_px", "iwae64", "elbo") and array.dtype["index"] == np.int64
+    assert (
+        array.dtype.names == ("index", "log_px", "iwae64", "elbo")
+        and array.dtype["index"] == np.int64
+    )
     assert np.array_equal(array["index"], index)
     for column, name in enumerate(("log_px", "iwae64", "elbo"), start=1):
         assert np.array_equal(array[name], table[:, column].astype(np.float32)), name
@@ -126,25 +155,62 @@ def test_per_example_values(trained, tmp_path, capsys, synthetic_data):
 def test_per_example_errors_come_before_any_work(trained, tmp_path, capsys, synthetic_data):
     evaluation = trained / "evaluation.json"
     evaluation.unlink(missing_ok=True)
-    _fails(["evaluate", str(trained), "--k", "2", "--per-example", str(tmp_path / "values.txt")], capsys,
-           "--per-example", ".npy or .csv")  # fmt: skip
+    _fails(
+        ["evaluate", str(trained), "--k", "2", "--per-example", str(tmp_path / "values.txt")],
+        capsys,
+        "--per-example",
+        ".npy or .csv",
+    )
     existing = tmp_path / "values.csv"
     existing.write_text("old\n")
-    _fails(["evaluate", str(trained), "--k", "2", "--per-example", str(existing)], capsys, str(existing), "--overwrite")
+    _fails(
+        ["evaluate", str(trained), "--k", "2", "--per-example", str(existing)],
+        capsys,
+        str(existing),
+        "--overwrite",
+    )
     assert not evaluation.exists() and existing.read_text() == "old\n"
-    assert main(["evaluate", str(trained), "--k", "2", "--n-test", "5", "--quiet", "--per-example", str(existing),
-                 "--overwrite"]) == 0  # fmt: skip
-    assert existing.read_text().splitlines()[0] == "index,log_px,iwae64,elbo" and len(existing.read_text().splitlines()) == 6
+    assert (
+        main(
+            [
+                "evaluate",
+                str(trained),
+                "--k",
+                "2",
+                "--n-test",
+                "5",
+                "--quiet",
+                "--per-example",
+                str(existing),
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
+    assert (
+        existing.read_text().splitlines()[0] == "index,log_px,iwae64,elbo"
+        and len(existing.read_text().splitlines()) == 6
+    )
 
 
 def test_help_names_the_new_options():
     from iwae.cli import build_parser
 
     sub = build_parser()._subparsers._group_actions[0].choices
-    for command, options in {"evaluate": ["--per-example", "--overwrite"], "sample": ["--overwrite"],
-                             "toy": ["--overwrite"], "snr": ["--overwrite"], "train": ["--resume"]}.items():  # fmt: skip
+    for command, options in {
+        "evaluate": ["--per-example", "--overwrite"],
+        "sample": ["--overwrite"],
+        "toy": ["--overwrite"],
+        "snr": ["--overwrite"],
+        "train": ["--resume"],
+    }.items():
         text = sub[command].format_help()
         assert all(option in text for option in options), command
-    text = {name: " ".join(sub[name].format_help().split()) for name in ("evaluate", "train")}  # unwrapped
+    text = {
+        name: " ".join(sub[name].format_help().split()) for name in ("evaluate", "train")
+    }  # unwrapped
     assert "index,log_px,iwae64,elbo" in text["evaluate"]
-    assert "one plain line every 30 s" in text["train"] and "starts again from its config.json" in text["train"]
+    assert (
+        "one plain line every 30 s" in text["train"]
+        and "starts again from its config.json" in text["train"]
+    )

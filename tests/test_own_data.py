@@ -60,7 +60,9 @@ def test_npz_of_grey_images(tmp_path):
 
 def test_npz_flat_binary_with_validation(tmp_path):
     rng = np.random.default_rng(0)
-    splits = {s: rng.random((n, 10)) < 0.5 for s, n in (("train", 5), ("validation", 2), ("test", 3))}
+    splits = {
+        s: rng.random((n, 10)) < 0.5 for s, n in (("train", 5), ("validation", 2), ("test", 3))
+    }
     np.savez(tmp_path / "d.npz", **splits)
     ds = data.load_files(tmp_path / "d.npz")
     assert ds.image_shape == (10,) and ds.binary
@@ -73,11 +75,18 @@ def test_npz_flat_binary_with_validation(tmp_path):
 
 def test_binary_means_the_training_images(tmp_path):
     np.savez(tmp_path / "d.npz", train=np.array([[0.0, 1.0]]), test=np.array([[0.5, 1.0]]))
-    assert data.load_files(tmp_path / "d.npz").binary  # grey test images are binarized once, as always
+    assert data.load_files(
+        tmp_path / "d.npz"
+    ).binary  # grey test images are binarized once, as always
     np.savez(tmp_path / "e.npz", train=np.array([[0.0, 0.999]]), test=np.array([[0.0, 1.0]]))
     assert not data.load_files(tmp_path / "e.npz").binary
     # a grey validation split is held out of training: it does not make the training images grey
-    np.savez(tmp_path / "f.npz", train=np.array([[0.0]]), test=np.array([[0.0]]), validation=np.array([[0.5]]))
+    np.savez(
+        tmp_path / "f.npz",
+        train=np.array([[0.0]]),
+        test=np.array([[0.0]]),
+        validation=np.array([[0.5]]),
+    )
     assert data.load_files(tmp_path / "f.npz").binary
 
 
@@ -85,12 +94,16 @@ def test_hash_is_of_the_content_not_the_file(tmp_path):
     rng = np.random.default_rng(1)
     train, test = rng.random((4, 3, 3)).astype(np.float32), rng.random((2, 3, 3)).astype(np.float32)
     np.savez(tmp_path / "a.npz", train=train, test=test)
-    np.savez_compressed(tmp_path / "b.npz", test=test.astype(np.float64), train=train.astype(np.float64))
+    np.savez_compressed(
+        tmp_path / "b.npz", test=test.astype(np.float64), train=train.astype(np.float64)
+    )
     a, b = (data.load_files(tmp_path / n).sha256 for n in ("a.npz", "b.npz"))
     assert a == b
     train[0, 0, 0] = np.nextafter(train[0, 0, 0], np.float32(2))  # one pixel, one ulp
     np.savez(tmp_path / "c.npz", train=train, test=test)
-    np.savez(tmp_path / "d.npz", train=train.reshape(4, 9), test=test.reshape(2, 9))  # same values, other shape
+    np.savez(
+        tmp_path / "d.npz", train=train.reshape(4, 9), test=test.reshape(2, 9)
+    )  # same values, other shape
     c, d = (data.load_files(tmp_path / n).sha256 for n in ("c.npz", "d.npz"))
     assert len({a, c, d}) == 3
 
@@ -107,13 +120,19 @@ GOOD = np.full((2, 3, 3), 0.5)
         ({"train": GOOD, "test": np.full((2, 3, 4), 0.5)}, "different sizes"),
         ({"train": GOOD, "test": np.full((2, 9), 0.5)}, "different sizes"),
         ({"train": GOOD, "test": GOOD, "validation": np.full((1, 4, 3), 0.5)}, "different sizes"),
-        ({"train": GOOD * 3, "test": GOOD}, r"'train' has values outside \[0, 1\] \(values from 1.5 to 1.5\)"),
+        (
+            {"train": GOOD * 3, "test": GOOD},
+            r"'train' has values outside \[0, 1\] \(values from 1.5 to 1.5\)",
+        ),
         ({"train": GOOD, "test": GOOD - 0.6}, r"'test' has values outside \[0, 1\]"),
         ({"train": np.full((2, 3, 3), 255, np.uint8), "test": GOOD}, "divide by 255"),
         ({"train": np.where(GOOD > 0, np.nan, 0), "test": GOOD}, "NaN or infinite"),
         ({"train": GOOD.astype(complex), "test": GOOD}, "dtype complex128"),
         ({"train": np.full((2, 3), "a"), "test": GOOD}, "dtype <U1"),
-        ({"train": np.full(3, 0.5), "test": GOOD}, r"shape \[3\], expected \[N, H, W\] or \[N, D\]"),
+        (
+            {"train": np.full(3, 0.5), "test": GOOD},
+            r"shape \[3\], expected \[N, H, W\] or \[N, D\]",
+        ),
         ({"train": np.full((2, 1, 3, 3), 0.5), "test": GOOD}, r"shape \[2, 1, 3, 3\]"),
         ({"train": np.zeros((2, 0)), "test": GOOD}, "images of size 0"),
     ],
@@ -129,7 +148,9 @@ def test_bad_npz_names_the_file_and_the_problem(tmp_path, arrays, message):
 def test_unreadable_or_missing_files(tmp_path):
     (tmp_path / "text.npz").write_text("not a zip")
     np.save(tmp_path / "array.npy", GOOD)
-    (tmp_path / "array.npz").write_bytes((tmp_path / "array.npy").read_bytes())  # an .npy named .npz
+    (tmp_path / "array.npz").write_bytes(
+        (tmp_path / "array.npy").read_bytes()
+    )  # an .npy named .npz
     np.savez(tmp_path / "pickled.npz", train=np.array([{}], dtype=object), test=GOOD)
     for name in ("text.npz", "array.npz", "pickled.npz"):
         with pytest.raises(DataError, match="cannot read npz file") as e:
@@ -149,7 +170,9 @@ def test_png_directory_grey_in_name_order(tmp_path):
     (tmp_path / "train" / "notes.txt").write_text("ignored")
     ds = data.load_dataset(str(tmp_path))
     assert ds.image_shape == (4, 5) and ds.train.shape == (3, 20) and ds.test.shape == (2, 20)
-    assert np.array_equal(ds.train, pixels["train"].reshape(3, 20).astype(np.float32) / np.float32(255))
+    assert np.array_equal(
+        ds.train, pixels["train"].reshape(3, 20).astype(np.float32) / np.float32(255)
+    )
     assert np.array_equal(ds.test, pixels["test"].reshape(2, 20) / np.float32(255))
     assert ds.sha256 == expected_sha256({s: pixels[s] / np.float32(255) for s in pixels}, (4, 5))
     assert not ds.binary and ds.path == str(tmp_path.resolve())
@@ -160,7 +183,9 @@ def test_png_modes_are_converted_to_grey(tmp_path):
     rgb[0, 0] = (255, 0, 0)  # luminance of red: 299/1000 * 255 = 76.245 -> 76
     save_png(tmp_path / "train" / "a.png", rgb, "RGB")
     save_png(tmp_path / "train" / "b.png", np.array([[0, 255, 0], [255, 0, 0]], np.uint8), "1")
-    save_png(tmp_path / "test" / "c.png", np.array([[0, 65535, 32768], [1, 2, 3]], np.uint16))  # 16-bit grey
+    save_png(
+        tmp_path / "test" / "c.png", np.array([[0, 65535, 32768], [1, 2, 3]], np.uint16)
+    )  # 16-bit grey
     ds = data.load_files(tmp_path)
     assert ds.train[0, 0] == np.float32(76) / np.float32(255) and ds.train[0, 1:].max() == 0
     assert ds.train[1].tolist() == [0, 1, 0, 1, 0, 0]
@@ -178,14 +203,36 @@ def test_binary_pngs_are_binary(tmp_path):
     "setup, where, message",
     [
         (lambda root: png_dir(root, sizes={"test": (5, 4)}), "", "different sizes"),
-        (lambda root: (png_dir(root), save_png(root / "train" / "zz.png", np.zeros((4, 6), np.uint8))),
-         "train/zz.png", "image of size 6x4, but 000.png is 5x4"),
+        (
+            lambda root: (
+                png_dir(root),
+                save_png(root / "train" / "zz.png", np.zeros((4, 6), np.uint8)),
+            ),
+            "train/zz.png",
+            "image of size 6x4, but 000.png is 5x4",
+        ),
         (lambda root: (root / "train").mkdir(), "", "missing split test/"),
-        (lambda root: (png_dir(root), [p.unlink() for p in (root / "test").iterdir()]), "test", "empty split"),
-        (lambda root: (png_dir(root), (root / "test" / "001.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")),
-         "test/001.png", "cannot read PNG image"),
-        (lambda root: (png_dir(root), Image.new("L", (5, 4)).save(root / "test" / "j.png", format="JPEG")),
-         "test/j.png", "not a PNG image"),
+        (
+            lambda root: (png_dir(root), [p.unlink() for p in (root / "test").iterdir()]),
+            "test",
+            "empty split",
+        ),
+        (
+            lambda root: (
+                png_dir(root),
+                (root / "test" / "001.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken"),
+            ),
+            "test/001.png",
+            "cannot read PNG image",
+        ),
+        (
+            lambda root: (
+                png_dir(root),
+                Image.new("L", (5, 4)).save(root / "test" / "j.png", format="JPEG"),
+            ),
+            "test/j.png",
+            "not a PNG image",
+        ),
     ],
 )
 def test_bad_png_directories(tmp_path, setup, where, message):
@@ -200,13 +247,19 @@ def test_bad_png_directories(tmp_path, setup, where, message):
 
 def test_tiles_take_the_image_shape():
     images = np.arange(3 * 6, dtype=np.float32).reshape(3, 6) / 17
-    grid = data.tile_images(images, shape=(2, 3), cols=2)  # 2 rows of 2 tiles of 2x3, 1 pixel borders
+    grid = data.tile_images(
+        images, shape=(2, 3), cols=2
+    )  # 2 rows of 2 tiles of 2x3, 1 pixel borders
     assert grid.shape == (2 * 3 + 1, 2 * 4 + 1)
     assert np.array_equal(grid[1:3, 5:8], images[1].reshape(2, 3)) and np.all(grid[4:6, 5:8] == 1)
     assert data.display_shape((16,)) == (4, 4) and data.display_shape((10,)) == (1, 10)
     assert data.display_shape((20, 30)) == (20, 30)
-    assert np.array_equal(data.tile_images(images[:1], shape=(6,)), np.pad(images[:1], 1, constant_values=1))
-    assert np.array_equal(data.tile_images(np.zeros((4, 784))), data.tile_images(np.zeros((4, 784)), shape=(28, 28)))
+    assert np.array_equal(
+        data.tile_images(images[:1], shape=(6,)), np.pad(images[:1], 1, constant_values=1)
+    )
+    assert np.array_equal(
+        data.tile_images(np.zeros((4, 784))), data.tile_images(np.zeros((4, 784)), shape=(28, 28))
+    )
 
 
 def test_png_order_is_the_order_of_the_names(tmp_path):
@@ -216,18 +269,46 @@ def test_png_order_is_the_order_of_the_names(tmp_path):
         save_png(tmp_path / "train" / name, np.full((2, 2), value * 40, np.uint8))
     save_png(tmp_path / "test" / "x.png", np.zeros((2, 2), np.uint8))
     ds = data.load_files(tmp_path)
-    by_name = [names.index(n) * 40 / np.float32(255) for n in sorted(names)]  # a10 before a2: plain string order
+    by_name = [
+        names.index(n) * 40 / np.float32(255) for n in sorted(names)
+    ]  # a10 before a2: plain string order
     assert np.array_equal(ds.train[:, 0], np.array(by_name, dtype=np.float32))
 
 
 # --------------------------------------------------------------------------- architectures and configurations
 
 OLD_CONFIG = {  # a config.json written before image_shape, latent, hidden, binarize and the dataset hash existed
-    "dataset": "omniglot", "layers": 2, "objective": "iwae", "k": 5, "m": 1, "beta": 0.5, "estimator": "reparam",
-    "stages": 3, "epochs": None, "seed": 0, "batch_size": 20, "lr": 0.001, "beta1": 0.9, "beta2": 0.999,
-    "adam_eps": 0.0001, "scale": "exp", "validation": False, "n_train": None, "eval_every": 10, "eval_n": 1000,
-    "curve_k": None, "checkpoint_minutes": 5.0, "max_bad_steps": 20, "init_weights": None, "data_dir": "d",
-    "model": {"x_dim": 784, "latent": [100, 50], "hidden": [[200, 200], [100, 100]], "scale": "exp"},
+    "dataset": "omniglot",
+    "layers": 2,
+    "objective": "iwae",
+    "k": 5,
+    "m": 1,
+    "beta": 0.5,
+    "estimator": "reparam",
+    "stages": 3,
+    "epochs": None,
+    "seed": 0,
+    "batch_size": 20,
+    "lr": 0.001,
+    "beta1": 0.9,
+    "beta2": 0.999,
+    "adam_eps": 0.0001,
+    "scale": "exp",
+    "validation": False,
+    "n_train": None,
+    "eval_every": 10,
+    "eval_n": 1000,
+    "curve_k": None,
+    "checkpoint_minutes": 5.0,
+    "max_bad_steps": 20,
+    "init_weights": None,
+    "data_dir": "d",
+    "model": {
+        "x_dim": 784,
+        "latent": [100, 50],
+        "hidden": [[200, 200], [100, 100]],
+        "scale": "exp",
+    },
 }
 
 
@@ -237,7 +318,11 @@ def test_old_configs_load_as_28x28(tmp_path):
 
     (tmp_path / "config.json").write_text(json.dumps(OLD_CONFIG))
     config = load_config(tmp_path)
-    assert config.image_shape == [28, 28] and config.model == OLD_CONFIG["model"] and config.layers == 2
+    assert (
+        config.image_shape == [28, 28]
+        and config.model == OLD_CONFIG["model"]
+        and config.layers == 2
+    )
     assert config.latent is None and config.dataset_sha256 is None and config.binarize is None
     # --reuse sees an old run and a new one of the same training as the same run
     new = TrainConfig(**{k: v for k, v in OLD_CONFIG.items() if k != "model"}).to_dict()
@@ -248,11 +333,22 @@ def test_latent_and_hidden_choose_the_architecture():
     from iwae.train import TrainConfig
 
     c = TrainConfig(latent=[30, 20], hidden=[[60, 50], [40]], scale="softplus", stages=1)
-    assert c.layers == 2 and c.model == {"x_dim": 784, "latent": [30, 20], "hidden": [[60, 50], [40]],
-                                         "scale": "softplus"}  # fmt: skip
-    assert TrainConfig(latent="30,20", hidden="60x50,40", layers=2, scale="softplus", stages=1).model == c.model
-    assert TrainConfig(layers=2).model == {"x_dim": 784, "latent": [100, 50], "hidden": [[200, 200], [100, 100]],
-                                           "scale": "exp"}  # fmt: skip
+    assert c.layers == 2 and c.model == {
+        "x_dim": 784,
+        "latent": [30, 20],
+        "hidden": [[60, 50], [40]],
+        "scale": "softplus",
+    }
+    assert (
+        TrainConfig(latent="30,20", hidden="60x50,40", layers=2, scale="softplus", stages=1).model
+        == c.model
+    )
+    assert TrainConfig(layers=2).model == {
+        "x_dim": 784,
+        "latent": [100, 50],
+        "hidden": [[200, 200], [100, 100]],
+        "scale": "exp",
+    }
     assert TrainConfig().layers == 1
     for bad, message in [
         (dict(latent=[30, 20], hidden=[[60]]), "--latent has 2 entries and --hidden 1"),
@@ -279,11 +375,19 @@ def test_a_config_for_data_from_files(tmp_path):
     with pytest.raises(IwaeError, match="not known before the data"):
         c.model_config
     bound = c.for_data(ds)
-    assert bound.image_shape == [5, 4] and bound.model["x_dim"] == 20 and bound.dataset_path == ds.path
-    assert bound.dataset_sha256 == ds.sha256 and c.model == {}  # a new configuration; the old one is unchanged
+    assert (
+        bound.image_shape == [5, 4] and bound.model["x_dim"] == 20 and bound.dataset_path == ds.path
+    )
+    assert (
+        bound.dataset_sha256 == ds.sha256 and c.model == {}
+    )  # a new configuration; the old one is unchanged
     with pytest.raises(IwaeError, match="takes 784 pixels"):
-        TrainConfig(dataset=str(tmp_path / "d.npz"), layers=1, model={"x_dim": 784, "latent": [2], "hidden": [[3]]},
-                    stages=1).for_data(ds)  # fmt: skip
+        TrainConfig(
+            dataset=str(tmp_path / "d.npz"),
+            layers=1,
+            model={"x_dim": 784, "latent": [2], "hidden": [[3]]},
+            stages=1,
+        ).for_data(ds)
     with pytest.raises(IwaeError, match="--binarize none: the training images of .*d.npz are grey"):
         TrainConfig(dataset=str(tmp_path / "d.npz"), binarize="none", stages=1).for_data(ds)
 
@@ -295,8 +399,12 @@ def grey_npz(path, n=(60, 20), side=(20, 20), seed=0):
     """Grey images around three prototypes: ``n`` train and test images of size ``side``."""
     rng = np.random.default_rng(seed)
     protos = rng.random((3, *side)) ** 2
-    splits = {s: np.clip(protos[rng.integers(0, 3, k)] + rng.normal(0, 0.05, (k, *side)), 0, 1).astype(np.float32)
-              for s, k in zip(("train", "test"), n)}  # fmt: skip
+    splits = {
+        s: np.clip(protos[rng.integers(0, 3, k)] + rng.normal(0, 0.05, (k, *side)), 0, 1).astype(
+            np.float32
+        )
+        for s, k in zip(("train", "test"), n)
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, **splits)
     return path
@@ -318,25 +426,53 @@ def test_train_evaluate_sample_on_20x20_images(tmp_path, capsys):
 
     npz = grey_npz(tmp_path / "data" / "d.npz")
     run = tmp_path / "run"
-    code, _, err = run_cli(capsys, "train", "--dataset", npz, "--latent", "4,3", "--hidden", "16,8x8", *TRAIN_SMALL,
-                           "--out", run)  # fmt: skip
+    code, _, err = run_cli(
+        capsys,
+        "train",
+        "--dataset",
+        npz,
+        "--latent",
+        "4,3",
+        "--hidden",
+        "16,8x8",
+        *TRAIN_SMALL,
+        "--out",
+        run,
+    )
     assert code == 0, err
     config = json.loads((run / "config.json").read_text())
     assert config["dataset"] == str(npz) and config["dataset_path"] == str(npz.resolve())
-    assert config["dataset_sha256"] == data.load_files(npz).sha256 and config["image_shape"] == [20, 20]
-    assert config["layers"] == 2 and config["latent"] == [4, 3] and config["hidden"] == [[16], [8, 8]]
-    assert config["model"] == {"x_dim": 400, "latent": [4, 3], "hidden": [[16], [8, 8]], "scale": "exp"}
+    assert config["dataset_sha256"] == data.load_files(npz).sha256 and config["image_shape"] == [
+        20,
+        20,
+    ]
+    assert (
+        config["layers"] == 2 and config["latent"] == [4, 3] and config["hidden"] == [[16], [8, 8]]
+    )
+    assert config["model"] == {
+        "x_dim": 400,
+        "latent": [4, 3],
+        "hidden": [[16], [8, 8]],
+        "scale": "exp",
+    }
     weights = safetensors.torch.load_file(run / "model.safetensors")
-    assert weights["encoder.0.net.0.weight"].shape == (16, 400) and weights["decoder.0.2.weight"].shape == (400, 16)
+    assert weights["encoder.0.net.0.weight"].shape == (16, 400) and weights[
+        "decoder.0.2.weight"
+    ].shape == (400, 16)
 
     code, out, err = run_cli(capsys, "evaluate", run, "--k", "100", "--json", "--quiet")
     assert code == 0, err
     result = json.loads(out)
     assert result["n_test"] == result["test_set_size"] == 20 and len(result["active_units"]) == 2
-    assert result["elbo"] < result["iwae64"] <= result["log_px"] + 1.0 and 0 < result["nll"] < 400 * np.log(2)
+    assert result["elbo"] < result["iwae64"] <= result["log_px"] + 1.0 and 0 < result[
+        "nll"
+    ] < 400 * np.log(2)
 
     assert run_cli(capsys, "sample", run, "--out", tmp_path / "s.png", "--n", "6")[0] == 0
-    assert np.asarray(Image.open(tmp_path / "s.png")).shape[:2] == (2 * 21 + 1, 3 * 21 + 1)  # 2 x 3 tiles of 20x20
+    assert np.asarray(Image.open(tmp_path / "s.png")).shape[:2] == (
+        2 * 21 + 1,
+        3 * 21 + 1,
+    )  # 2 x 3 tiles of 20x20
 
     # the same content elsewhere is accepted; other content is refused unless told otherwise
     moved = grey_npz(tmp_path / "elsewhere" / "copy.npz")
@@ -345,11 +481,16 @@ def test_train_evaluate_sample_on_20x20_images(tmp_path, capsys):
     grey_npz(npz, seed=1)  # the file changes under the run
     code, _, err = run_cli(capsys, "evaluate", run, "--k", "10", "--quiet")
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert f"{npz.resolve()}: not the data the run was trained on" in err and "--ignore-dataset-hash" in err
+    assert (
+        f"{npz.resolve()}: not the data the run was trained on" in err
+        and "--ignore-dataset-hash" in err
+    )
     assert (run / "evaluation.json").read_bytes() == evaluation  # nothing written
     assert run_cli(capsys, "evaluate", run, "--k", "10", "--quiet", "--ignore-dataset-hash")[0] == 0
     small = grey_npz(tmp_path / "small.npz", side=(10, 10))
-    code, _, err = run_cli(capsys, "evaluate", run, "--k", "10", "--dataset", small, "--ignore-dataset-hash")
+    code, _, err = run_cli(
+        capsys, "evaluate", run, "--k", "10", "--dataset", small, "--ignore-dataset-hash"
+    )
     assert code == 2 and "images of 100 pixels (10x10), but the run's model takes 400" in err
 
     # nor does an interrupted run resume on changed data
@@ -364,22 +505,81 @@ def test_a_runs_config_repeats_it_on_its_data(tmp_path, capsys):
     import safetensors.torch
 
     npz = grey_npz(tmp_path / "d.npz", side=(6, 5))
-    assert run_cli(capsys, "train", "--dataset", npz, "--latent", "3", "--hidden", "8", *TRAIN_SMALL,
-                   "--out", tmp_path / "a")[0] == 0  # fmt: skip
-    assert run_cli(capsys, "train", "--config", tmp_path / "a" / "config.json", "--out", tmp_path / "b", "--quiet")[0] == 0
+    assert (
+        run_cli(
+            capsys,
+            "train",
+            "--dataset",
+            npz,
+            "--latent",
+            "3",
+            "--hidden",
+            "8",
+            *TRAIN_SMALL,
+            "--out",
+            tmp_path / "a",
+        )[0]
+        == 0
+    )
+    assert (
+        run_cli(
+            capsys,
+            "train",
+            "--config",
+            tmp_path / "a" / "config.json",
+            "--out",
+            tmp_path / "b",
+            "--quiet",
+        )[0]
+        == 0
+    )
     a, b = (safetensors.torch.load_file(tmp_path / r / "model.safetensors") for r in "ab")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # another dataset, or another architecture, from the command line replaces the recorded one
     other = grey_npz(tmp_path / "e.npz", side=(4, 4))
-    assert run_cli(capsys, "train", "--config", tmp_path / "a" / "config.json", "--dataset", other,
-                   "--out", tmp_path / "c", "--quiet")[0] == 0  # fmt: skip
+    assert (
+        run_cli(
+            capsys,
+            "train",
+            "--config",
+            tmp_path / "a" / "config.json",
+            "--dataset",
+            other,
+            "--out",
+            tmp_path / "c",
+            "--quiet",
+        )[0]
+        == 0
+    )
     c = json.loads((tmp_path / "c" / "config.json").read_text())
     assert c["image_shape"] == [4, 4] and c["dataset_sha256"] == data.load_files(other).sha256
-    assert c["latent"] == [3] and c["model"] == {"x_dim": 16, "latent": [3], "hidden": [[8]], "scale": "exp"}
-    assert run_cli(capsys, "train", "--config", tmp_path / "a" / "config.json", "--layers", "1",
-                   "--out", tmp_path / "d", "--quiet")[0] == 0  # fmt: skip
+    assert c["latent"] == [3] and c["model"] == {
+        "x_dim": 16,
+        "latent": [3],
+        "hidden": [[8]],
+        "scale": "exp",
+    }
+    assert (
+        run_cli(
+            capsys,
+            "train",
+            "--config",
+            tmp_path / "a" / "config.json",
+            "--layers",
+            "1",
+            "--out",
+            tmp_path / "d",
+            "--quiet",
+        )[0]
+        == 0
+    )
     d = json.loads((tmp_path / "d" / "config.json").read_text())
-    assert d["latent"] is None and d["model"] == {"x_dim": 30, "latent": [50], "hidden": [[200, 200]], "scale": "exp"}
+    assert d["latent"] is None and d["model"] == {
+        "x_dim": 30,
+        "latent": [50],
+        "hidden": [[200, 200]],
+        "scale": "exp",
+    }
 
 
 def test_binary_images_are_used_as_they_are(tmp_path, capsys):
@@ -387,12 +587,29 @@ def test_binary_images_are_used_as_they_are(tmp_path, capsys):
     import safetensors.torch
 
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "b.npz", train=rng.random((40, 5, 5)) < 0.3, test=rng.random((10, 5, 5)) < 0.3)
+    np.savez(
+        tmp_path / "b.npz", train=rng.random((40, 5, 5)) < 0.3, test=rng.random((10, 5, 5)) < 0.3
+    )
     runs = {}
     for choice in ([], ["--binarize", "dynamic"], ["--binarize", "none"]):
         out = tmp_path / f"run{len(runs)}"
-        assert run_cli(capsys, "train", "--dataset", tmp_path / "b.npz", *choice, "--latent", "2", "--hidden", "8",
-                       *TRAIN_SMALL, "--out", out)[0] == 0  # fmt: skip
+        assert (
+            run_cli(
+                capsys,
+                "train",
+                "--dataset",
+                tmp_path / "b.npz",
+                *choice,
+                "--latent",
+                "2",
+                "--hidden",
+                "8",
+                *TRAIN_SMALL,
+                "--out",
+                out,
+            )[0]
+            == 0
+        )
         runs[out] = safetensors.torch.load_file(out / "model.safetensors")
     first, *others = runs.values()
     assert all(torch.equal(first[k], other[k]) for other in others for k in first)
@@ -405,7 +622,10 @@ def test_binary_images_are_used_as_they_are(tmp_path, capsys):
         (["--latent", "4", "--hidden", "8x"], "argument --hidden: expected positive integers"),
         (["--latent", "4,3", "--hidden", "8"], "--latent has 2 entries and --hidden 1"),
         (["--latent", "4"], "--latent and --hidden go together"),
-        (["--latent", "4", "--hidden", "8", "--layers", "2"], "--layers 2 disagrees with --latent 4"),
+        (
+            ["--latent", "4", "--hidden", "8", "--layers", "2"],
+            "--layers 2 disagrees with --latent 4",
+        ),
         (["--binarize", "none"], "--binarize none: the training images of"),
         (["--binarize", "sometimes"], "argument --binarize: invalid choice"),
         (["--validation"], "--validation holds out MNIST's"),
@@ -414,15 +634,33 @@ def test_binary_images_are_used_as_they_are(tmp_path, capsys):
 def test_bad_own_data_arguments_exit_2_and_write_nothing(tmp_path, capsys, argv, message):
     npz = grey_npz(tmp_path / "d.npz", n=(4, 2), side=(3, 3))
     with pytest.raises(SystemExit) as e:
-        raise SystemExit(main(["train", "--dataset", str(npz), *argv, "--epochs", "1", "--out", str(tmp_path / "run")]))
+        raise SystemExit(
+            main(
+                [
+                    "train",
+                    "--dataset",
+                    str(npz),
+                    *argv,
+                    "--epochs",
+                    "1",
+                    "--out",
+                    str(tmp_path / "run"),
+                ]
+            )
+        )
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
 
 
 def test_a_dataset_that_is_neither_a_name_nor_a_file(tmp_path, capsys):
-    code, _, err = run_cli(capsys, "train", "--dataset", tmp_path / "no.npz", "--epochs", "1", "--out", tmp_path / "r")
-    assert code == 2 and f"--dataset {tmp_path / 'no.npz'}: neither a built-in dataset (mnist, omniglot)" in err
+    code, _, err = run_cli(
+        capsys, "train", "--dataset", tmp_path / "no.npz", "--epochs", "1", "--out", tmp_path / "r"
+    )
+    assert (
+        code == 2
+        and f"--dataset {tmp_path / 'no.npz'}: neither a built-in dataset (mnist, omniglot)" in err
+    )
     assert not (tmp_path / "r").exists()
 
 
@@ -430,19 +668,52 @@ def test_snr_on_own_data_and_architectures(tmp_path, capsys):
     npz = grey_npz(tmp_path / "d.npz", n=(8, 2), side=(5, 5))
     out = tmp_path / "snr"
     common = ["--k", "1,2", "--reps", "3", "--batch-size", "4", "--quiet"]
-    code, _, err = run_cli(capsys, "snr", "--latent", "2", "--hidden", "4x3", "--dataset", npz, *common, "--out", out)
+    code, _, err = run_cli(
+        capsys, "snr", "--latent", "2", "--hidden", "4x3", "--dataset", npz, *common, "--out", out
+    )
     assert code == 0, err
-    assert json.loads((out / "snr.json").read_text())["source"] == "latent [2] hidden [[4, 3]], seed 0"
-    for bad in (["--latent", "2"], ["--latent", "2,2", "--hidden", "4"], ["--latent", "2", "--hidden", "4", "--preset",
-                                                                            "burda1"]):  # fmt: skip
-        code, _, err = run_cli(capsys, "snr", *bad, "--dataset", npz, *common, "--out", tmp_path / "bad")
+    assert (
+        json.loads((out / "snr.json").read_text())["source"] == "latent [2] hidden [[4, 3]], seed 0"
+    )
+    for bad in (
+        ["--latent", "2"],
+        ["--latent", "2,2", "--hidden", "4"],
+        ["--latent", "2", "--hidden", "4", "--preset", "burda1"],
+    ):
+        code, _, err = run_cli(
+            capsys, "snr", *bad, "--dataset", npz, *common, "--out", tmp_path / "bad"
+        )
         assert code == 2 and len(err.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
 
     run = tmp_path / "run"
-    assert run_cli(capsys, "train", "--dataset", npz, "--latent", "2", "--hidden", "4", *TRAIN_SMALL, "--out", run)[0] == 0
+    assert (
+        run_cli(
+            capsys,
+            "train",
+            "--dataset",
+            npz,
+            "--latent",
+            "2",
+            "--hidden",
+            "4",
+            *TRAIN_SMALL,
+            "--out",
+            run,
+        )[0]
+        == 0
+    )
     assert run_cli(capsys, "snr", run, *common, "--out", out)[0] == 2  # an existing result: refused
     assert run_cli(capsys, "snr", run, *common, "--out", out, "--overwrite")[0] == 0
     assert json.loads((out / "snr.json").read_text())["source"] == str(run)
-    code, _, err = run_cli(capsys, "snr", run, "--dataset", grey_npz(tmp_path / "e.npz", n=(8, 2), side=(5, 5), seed=3),
-                           *common, "--out", out, "--overwrite")  # fmt: skip
+    code, _, err = run_cli(
+        capsys,
+        "snr",
+        run,
+        "--dataset",
+        grey_npz(tmp_path / "e.npz", n=(8, 2), side=(5, 5), seed=3),
+        *common,
+        "--out",
+        out,
+        "--overwrite",
+    )
     assert code == 2 and "not the data the run was trained on" in err

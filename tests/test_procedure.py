@@ -101,13 +101,21 @@ def grey_dataset(n_train=40, n_test=60, seed=0) -> tuple[Dataset, int]:
     return Dataset("mnist", train_x, test_x), tag
 
 
-def independent_binarized_test(test: np.ndarray, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def independent_binarized_test(
+    test: np.ndarray, n: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The documented test images, computed here without iwae.data: every image binarized
     once with numpy's default_rng(0) (pixel = 1 where a uniform float32 draw < grey value),
     then the sorted first n entries of default_rng(0)'s permutation of the test set."""
-    binary = (np.random.default_rng(0).random(test.shape, dtype=np.float32) < test).astype(np.float32)
+    binary = (np.random.default_rng(0).random(test.shape, dtype=np.float32) < test).astype(
+        np.float32
+    )
     size = test.shape[0]
-    index = np.arange(size) if n is None or n >= size else np.sort(np.random.default_rng(0).permutation(size)[:n])
+    index = (
+        np.arange(size)
+        if n is None or n >= size
+        else np.sort(np.random.default_rng(0).permutation(size)[:n])
+    )
     return binary[index], index
 
 
@@ -119,7 +127,9 @@ def test_training_batches_are_fresh_bernoulli_samples_of_the_grey_images(tmp_pat
     data, tag = grey_dataset()
     n, bs = data.train.shape[0], 20
     batches = capture_steps(monkeypatch, real_steps=2)
-    config = TrainConfig(epochs=passes, model=TINY_MODEL, eval_n=10, eval_every=10**6, stage_nll_k=0, batch_size=bs)
+    config = TrainConfig(
+        epochs=passes, model=TINY_MODEL, eval_n=10, eval_every=10**6, stage_nll_k=0, batch_size=bs
+    )
     train(config, tmp_path / "run", dataset=data, progress=False)
 
     steps_per_pass = n // bs
@@ -133,7 +143,9 @@ def test_training_batches_are_fresh_bernoulli_samples_of_the_grey_images(tmp_pat
         assert bool(((x == 0) | (x == 1)).all()), f"pass {p + 1}: training batch is not binary"
         # which image each row is, from its tag pixels; every image once per pass
         index = (x[:, :tag] * (2 ** torch.arange(tag, dtype=torch.float64))).sum(1).long()
-        assert sorted(index.tolist()) == list(range(n)), f"pass {p + 1} is not a permutation of the training set"
+        assert sorted(index.tolist()) == list(range(n)), (
+            f"pass {p + 1} is not a permutation of the training set"
+        )
         image = torch.empty_like(x)
         image[index] = x
         ones += image
@@ -143,7 +155,9 @@ def test_training_batches_are_fresh_bernoulli_samples_of_the_grey_images(tmp_pat
             # the same image binarized in two passes: its ~776 grey pixels all agree with
             # probability below 0.905^776 < 1e-33 if it is binarized afresh
             differs = (image[:, tag:] != first[:, tag:]).any(1)
-            assert bool(differs.all()), f"images {(~differs).nonzero().flatten().tolist()} got the same pixels twice"
+            assert bool(differs.all()), (
+                f"images {(~differs).nonzero().flatten().tolist()} got the same pixels twice"
+            )
 
     p_grey = grey[:, tag:]
     count = ones[:, tag:]
@@ -189,9 +203,20 @@ def cli_default_config(tmp_path, monkeypatch) -> TrainConfig:
     """The configuration ``iwae train --out DIR`` builds (no other option given)."""
     seen = {}
     with monkeypatch.context() as m:
-        m.setattr(iwae_train, "train", lambda config, out, **kw: seen.update(config=config) or {
-            "passes": 0, "train_seconds": 0.0, "final_train_bound": 0.0, "final_test_iwae64": 0.0, "test_iwae64_n": 0,
-        })  # fmt: skip
+        m.setattr(
+            iwae_train,
+            "train",
+            lambda config, out, **kw: (
+                seen.update(config=config)
+                or {
+                    "passes": 0,
+                    "train_seconds": 0.0,
+                    "final_train_bound": 0.0,
+                    "final_test_iwae64": 0.0,
+                    "test_iwae64_n": 0,
+                }
+            ),
+        )
         assert main(["train", "--out", str(tmp_path / "cli"), "--quiet"]) == 0
     return seen["config"]
 
@@ -199,7 +224,13 @@ def cli_default_config(tmp_path, monkeypatch) -> TrainConfig:
 def test_command_line_defaults_are_burdas(tmp_path, monkeypatch):
     config = cli_default_config(tmp_path, monkeypatch)
     assert config.stages == 8 and config.epochs is None and TrainConfig().stages == 8
-    assert (config.lr, config.beta1, config.beta2, config.adam_eps, config.batch_size) == (1e-3, 0.9, 0.999, 1e-4, 20)
+    assert (config.lr, config.beta1, config.beta2, config.adam_eps, config.batch_size) == (
+        1e-3,
+        0.9,
+        0.999,
+        1e-4,
+        20,
+    )
     assert (config.layers, config.k, config.m) == (1, 1, 1)
 
 
@@ -210,8 +241,17 @@ def test_the_schedule_as_the_optimizer_sees_it(tmp_path, monkeypatch, stages):
     passes, with Adam's beta1 = 0.9, beta2 = 0.999, eps = 1e-4. A tiny model and 20
     training images (one step per pass); after the first, steps reuse its gradients."""
     config = cli_default_config(tmp_path, monkeypatch)
-    small = TrainConfig.from_dict({**config.to_dict(), "model": TINY_MODEL, "n_train": 20, "eval_n": 10,
-                                   "eval_every": 10**6, "stage_nll_k": 0, **({"stages": stages} if stages else {})})  # fmt: skip
+    small = TrainConfig.from_dict(
+        {
+            **config.to_dict(),
+            "model": TINY_MODEL,
+            "n_train": 20,
+            "eval_n": 10,
+            "eval_every": 10**6,
+            "stage_nll_k": 0,
+            **({"stages": stages} if stages else {}),
+        }
+    )
     data, _ = grey_dataset()
     batches = capture_steps(monkeypatch, real_steps=1)
     with OptimizerLog() as log:
@@ -221,24 +261,49 @@ def test_the_schedule_as_the_optimizer_sees_it(tmp_path, monkeypatch, stages):
     passes_per_stage = {}
     for step, (seen_groups, lr) in enumerate(zip(log.steps, expected)):
         for group_lr, betas, eps in seen_groups:
-            assert group_lr == pytest.approx(lr, rel=1e-12), f"step {step + 1}: lr {group_lr}, expected {lr}"
+            assert group_lr == pytest.approx(lr, rel=1e-12), (
+                f"step {step + 1}: lr {group_lr}, expected {lr}"
+            )
             assert betas == (0.9, 0.999) and eps == 1e-4
         passes_per_stage[seen_groups[0][0]] = passes_per_stage.get(seen_groups[0][0], 0) + 1
     assert sorted(passes_per_stage.values()) == [3**i for i in range(stages or 8)]
     if stages is None:
-        assert min(passes_per_stage) == pytest.approx(1e-4, rel=1e-12)  # the last stage: 1e-3 * 10^-1
+        assert min(passes_per_stage) == pytest.approx(
+            1e-4, rel=1e-12
+        )  # the last stage: 1e-3 * 10^-1
 
 
 def test_beta1_from_the_command_line_reaches_adam(tmp_path, monkeypatch):
     data, _ = grey_dataset()
     original = iwae_train.train
-    monkeypatch.setattr(iwae_train, "train", lambda config, out, **kw: original(config, out, dataset=data,
-                                                                               **{**kw, "progress": False}))
+    monkeypatch.setattr(
+        iwae_train,
+        "train",
+        lambda config, out, **kw: original(config, out, dataset=data, **{**kw, "progress": False}),
+    )
     with OptimizerLog() as log:
-        code = main(["train", "--beta1", "0.95", "--epochs", "1", "--n-train", "20", "--eval-n", "10",
-                     "--stage-nll-k", "0", "--out", str(tmp_path / "run"), "--quiet"])  # fmt: skip
+        code = main(
+            [
+                "train",
+                "--beta1",
+                "0.95",
+                "--epochs",
+                "1",
+                "--n-train",
+                "20",
+                "--eval-n",
+                "10",
+                "--stage-nll-k",
+                "0",
+                "--out",
+                str(tmp_path / "run"),
+                "--quiet",
+            ]
+        )
     assert code == 0 and len(log.steps) == 1
-    assert all(betas == (0.95, 0.999) and eps == 1e-4 and lr == 1e-3 for lr, betas, eps in log.steps[0])
+    assert all(
+        betas == (0.95, 0.999) and eps == 1e-4 and lr == 1e-3 for lr, betas, eps in log.steps[0]
+    )
 
 
 # -- 3. test images: binarized once with the documented seed, the same on every call -------------
@@ -247,30 +312,45 @@ def test_beta1_from_the_command_line_reaches_adam(tmp_path, monkeypatch):
 def test_iwae_evaluate_uses_the_documented_binary_test_images_on_every_call(tmp_path, monkeypatch):
     data, _ = grey_dataset()
     run = tmp_path / "run"
-    train(TrainConfig(epochs=1, model=TINY_MODEL, eval_n=10, stage_nll_k=0), run, dataset=data, progress=False)
+    train(
+        TrainConfig(epochs=1, model=TINY_MODEL, eval_n=10, stage_nll_k=0),
+        run,
+        dataset=data,
+        progress=False,
+    )
     monkeypatch.setattr(iwae_data, "load_dataset", lambda *args, **kwargs: data)
     seen = []
     original = iwae_evaluate.log_weight_reductions
-    monkeypatch.setattr(iwae_evaluate, "log_weight_reductions",
-                        lambda model, x, *a, **kw: seen.append(x.detach().clone()) or original(model, x, *a, **kw))
+    monkeypatch.setattr(
+        iwae_evaluate,
+        "log_weight_reductions",
+        lambda model, x, *a, **kw: seen.append(x.detach().clone()) or original(model, x, *a, **kw),
+    )
 
     from iwae.train import read_evaluation_images
 
     for n_test in (None, 25, None, 25):
         seen.clear()
-        argv = ["evaluate", str(run), "--k", "8", "--quiet", "--json"] + ([] if n_test is None else ["--n-test", str(n_test)])
+        argv = ["evaluate", str(run), "--k", "8", "--quiet", "--json"] + (
+            [] if n_test is None else ["--n-test", str(n_test)]
+        )
         assert main(argv) == 0
         expected, index = independent_binarized_test(data.test, n_test)
         assert len(seen) == 1 and torch.equal(seen[0], torch.from_numpy(expected)), n_test
         assert np.array_equal(read_evaluation_images(run)["test_index"].numpy(), index)
 
 
-def test_logged_test_bounds_use_the_documented_binary_test_images_on_every_call(tmp_path, monkeypatch):
+def test_logged_test_bounds_use_the_documented_binary_test_images_on_every_call(
+    tmp_path, monkeypatch
+):
     data, _ = grey_dataset()
     seen = []
     original = iwae_evaluate.log_weight_reductions
-    monkeypatch.setattr(iwae_evaluate, "log_weight_reductions",
-                        lambda model, x, *a, **kw: seen.append(x.detach().clone()) or original(model, x, *a, **kw))
+    monkeypatch.setattr(
+        iwae_evaluate,
+        "log_weight_reductions",
+        lambda model, x, *a, **kw: seen.append(x.detach().clone()) or original(model, x, *a, **kw),
+    )
     config = TrainConfig(stages=2, model=TINY_MODEL, eval_n=25, eval_every=1, stage_nll_k=100)
     train(config, tmp_path / "run", dataset=data, progress=False)
     expected = torch.from_numpy(independent_binarized_test(data.test, 25)[0])
@@ -278,7 +358,9 @@ def test_logged_test_bounds_use_the_documented_binary_test_images_on_every_call(
     assert len(seen) == 6
     assert all(torch.equal(x, expected) for x in seen)
     metrics = read_metrics(tmp_path / "run")
-    assert all("test_iwae64" in m for m in metrics) and [m["pass"] for m in metrics if "test_nll_subset" in m] == [1, 4]
+    assert all("test_iwae64" in m for m in metrics) and [
+        m["pass"] for m in metrics if "test_nll_subset" in m
+    ] == [1, 4]
 
 
 def test_a_grey_test_set_is_never_evaluated_as_it_is():
@@ -310,7 +392,9 @@ def test_active_unit_threshold_is_a_strict_0_01():
     activity = iwae_evaluate.unit_activity(model, x)[0]
     assert activity.tolist() == pytest.approx([0.009, 0.011, 0.0], abs=1e-12)
     assert iwae_evaluate.active_units(model, x) == [1]
-    assert iwae_evaluate.evaluate(model, x, k=4)["active_units"] == [1]  # what evaluation.json reports
+    assert iwae_evaluate.evaluate(model, x, k=4)["active_units"] == [
+        1
+    ]  # what evaluation.json reports
 
 
 def test_an_activity_of_exactly_0_01_is_not_active(monkeypatch):
@@ -401,7 +485,9 @@ def tables() -> dict:
 def test_table1_matches_burda_et_al_cell_by_cell(tables):
     t = tables["burda2016_table1"]
     assert t["columns"] == ["dataset", "stochastic_layers", "k", "objective", "nll", "active_units"]
-    rows = {(d, layers, k, objective): (nll, units) for d, layers, k, objective, nll, units in t["rows"]}
+    rows = {
+        (d, layers, k, objective): (nll, units) for d, layers, k, objective, nll, units in t["rows"]
+    }
     assert len(rows) == len(t["rows"]) == 24
     expected = {}
     for (d, layers, k), (vae_nll, vae_units, iwae_nll, iwae_units) in BURDA_TABLE1.items():
@@ -414,20 +500,40 @@ def test_table1_matches_burda_et_al_cell_by_cell(tables):
 
 def test_two_stage_table_matches_burda_et_al(tables):
     t = tables["burda2016_two_stage"]
-    assert t["columns"] == ["experiment", "first_stage", "first_nll", "first_active_units", "second_stage",
-                            "second_nll", "second_active_units"]  # fmt: skip
+    assert t["columns"] == [
+        "experiment",
+        "first_stage",
+        "first_nll",
+        "first_active_units",
+        "second_stage",
+        "second_nll",
+        "second_active_units",
+    ]
     assert [tuple(r) for r in t["rows"]] == BURDA_TWO_STAGE
 
 
 def test_variants_table_matches_rainforth_et_al_cell_by_cell(tables):
     t = tables["rainforth2018_variants"]
-    assert t["columns"] == ["method", "iwae64", "iwae64_std", "log_px", "log_px_std", "neg_kl_q_p", "neg_kl_q_p_std"]
+    assert t["columns"] == [
+        "method",
+        "iwae64",
+        "iwae64_std",
+        "log_px",
+        "log_px_std",
+        "neg_kl_q_p",
+        "neg_kl_q_p_std",
+    ]
     rows = {r[0]: tuple(r[1:]) for r in t["rows"]}
     assert len(rows) == len(t["rows"]) == 8
-    expected = {method: tuple(v for cell in cells for v in cell) for method, cells in RAINFORTH_TABLE.items()}
+    expected = {
+        method: tuple(v for cell in cells for v in cell)
+        for method, cells in RAINFORTH_TABLE.items()
+    }
     assert rows.keys() == expected.keys()
     wrong = {m: (rows[m], cells) for m, cells in expected.items() if rows[m] != cells}
-    assert not wrong, f"paper_tables.json differs from Rainforth et al. Table 1 (json, paper): {wrong}"
+    assert not wrong, (
+        f"paper_tables.json differs from Rainforth et al. Table 1 (json, paper): {wrong}"
+    )
     # -KL(Q||P) = IWAE-64 - log p-hat(x) within the papers' rounding (each to 0.01)
     for method, ((iwae64, _), (log_px, _), (neg_kl, _)) in RAINFORTH_TABLE.items():
         assert abs(iwae64 - log_px - neg_kl) <= 0.015 + 1e-9, method

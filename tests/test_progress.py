@@ -71,9 +71,15 @@ def test_a_terminal_gets_tqdm_a_file_plain_lines_and_quiet_nothing():
 def test_evaluation_progress_off_a_terminal_has_no_carriage_returns(monkeypatch, capsys):
     """log_weight_reductions' progress on a redirected stderr: plain lines only."""
     monkeypatch.setattr("iwae.progress.INTERVAL", 0.0)
-    log_weight_reductions(tiny_model(), tiny_data(n=6), k=8, max_rows=16, progress=True)  # 3 chunks of 2 examples
+    log_weight_reductions(
+        tiny_model(), tiny_data(n=6), k=8, max_rows=16, progress=True
+    )  # 3 chunks of 2 examples
     err = capsys.readouterr().err
     assert "\r" not in err
     lines = err.splitlines()
-    assert [line.split(",")[0] for line in lines[:3]] == ["L_8: 2/6 ex", "L_8: 4/6 ex", "L_8: 6/6 ex"]
+    assert [line.split(",")[0] for line in lines[:3]] == [
+        "L_8: 2/6 ex",
+        "L_8: 4/6 ex",
+        "L_8: 6/6 ex",
+    ]
     assert len(lines) == 4 and lines[3].startswith("L_8: 6/6 ex in 0:00 (")

@@ -29,13 +29,33 @@ MNIST_TEST = 10_000
 def _experiment(path, name, runs, stages=3, **meta):
     """An experiment directory listing ``runs`` (their run directories are made by :func:`_run`)."""
     path.mkdir(parents=True, exist_ok=True)
-    (path / "experiment.json").write_text(json.dumps({
-        "experiment": name, "stages": stages, "seeds": 1, "passes_per_run": sum(3**i for i in range(stages)),
-        "eval_k": 5000, "n_test": None, "runs": [asdict(r) for r in runs], **meta,
-    }))  # fmt: skip
+    (path / "experiment.json").write_text(
+        json.dumps(
+            {
+                "experiment": name,
+                "stages": stages,
+                "seeds": 1,
+                "passes_per_run": sum(3**i for i in range(stages)),
+                "eval_k": 5000,
+                "n_test": None,
+                "runs": [asdict(r) for r in runs],
+                **meta,
+            }
+        )
+    )
 
 
-def _run(exp_dir, name, nll=None, index=None, images=None, first_n=None, size=MNIST_TEST, stage_ends=None, units=20):
+def _run(
+    exp_dir,
+    name,
+    nll=None,
+    index=None,
+    images=None,
+    first_n=None,
+    size=MNIST_TEST,
+    stage_ends=None,
+    units=20,
+):
     """A run directory. ``images``: per-image NLL on test images ``index`` (evaluation.json
     and evaluation.safetensors, a seeded random subset unless all ``size`` images); else
     ``nll`` alone in evaluation.json, made on the first ``first_n`` test images (an old
@@ -44,9 +64,19 @@ def _run(exp_dir, name, nll=None, index=None, images=None, first_n=None, size=MN
     d = exp_dir / "runs" / name
     d.mkdir(parents=True)
     if stage_ends:
-        lines = [{"pass": p, "train_bound": -100.0} | ({"test_nll_subset": stage_ends[p], "test_nll_subset_k": 5000,
-                                                       "test_nll_subset_n": 1000} if p in stage_ends else {})
-                 for p in range(1, max(stage_ends) + 1)]  # fmt: skip
+        lines = [
+            {"pass": p, "train_bound": -100.0}
+            | (
+                {
+                    "test_nll_subset": stage_ends[p],
+                    "test_nll_subset_k": 5000,
+                    "test_nll_subset_n": 1000,
+                }
+                if p in stage_ends
+                else {}
+            )
+            for p in range(1, max(stage_ends) + 1)
+        ]
         (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
     if nll is None and images is None:
         return  # still training
@@ -54,20 +84,38 @@ def _run(exp_dir, name, nll=None, index=None, images=None, first_n=None, size=MN
     if images is not None:
         log_px = -torch.tensor(images, dtype=torch.float32)
         n = len(images)
-        result = {"nll": float(np.mean(images)), "log_px": -float(np.mean(images)), "iwae64": -float(np.mean(images)) - 1,
-                  "neg_kl_q_p": -1.0, "active_units": [units], "n_test": n, "k": 5000, "test_set_size": size,
-                  "test_subset_seed": 0 if n < size else None}  # fmt: skip
+        result = {
+            "nll": float(np.mean(images)),
+            "log_px": -float(np.mean(images)),
+            "iwae64": -float(np.mean(images)) - 1,
+            "neg_kl_q_p": -1.0,
+            "active_units": [units],
+            "n_test": n,
+            "k": 5000,
+            "test_set_size": size,
+            "test_subset_seed": 0 if n < size else None,
+        }
         per_image = {"log_px": log_px, "iwae64": log_px - 1, "elbo": log_px - 10}
         write_evaluation(d, result, per_image, np.asarray(index))
         return
-    evaluation = {"nll": nll, "active_units": [units], "iwae64": -nll - 1, "k": 5000, "n_test": first_n or size}
+    evaluation = {
+        "nll": nll,
+        "active_units": [units],
+        "iwae64": -nll - 1,
+        "k": 5000,
+        "n_test": first_n or size,
+    }
     if first_n is None:
         evaluation |= {"test_set_size": size, "test_subset_seed": None}
     (d / "evaluation.json").write_text(json.dumps(evaluation))
 
 
 def _table1(dataset="mnist", layers=1, stages=3):
-    return [r for r in grid("table1", stages) if r.label["dataset"] == dataset and r.label["layers"] == layers]
+    return [
+        r
+        for r in grid("table1", stages)
+        if r.label["dataset"] == dataset and r.label["layers"] == layers
+    ]
 
 
 def _name(objective, k, layers=1):
@@ -106,18 +154,27 @@ def test_verdicts_need_two_standard_errors():
     assert claim_verdict(Margin(1.01, 0.5, 100), expect=-1) == FAILS
     assert claim_verdict(Margin(0.3, 0.5, 100), expect=1) == NOISE
     assert claim_verdict(Margin(0.0, 0.0, 4), expect=1) == NOISE  # identical models
-    assert claim_verdict(Margin(0.01), expect=1) == HOLDS and claim_verdict(Margin(-0.01), expect=1) == FAILS
+    assert (
+        claim_verdict(Margin(0.01), expect=1) == HOLDS
+        and claim_verdict(Margin(-0.01), expect=1) == FAILS
+    )
 
 
 def test_paired_margin_matches_images_by_test_index(tmp_path):
     _paired_experiment(tmp_path)
     _, results = load_experiment(tmp_path)
     by = {(r.label["objective"], r.label["k"]): [r] for r in results}
-    m = paired_margin(by[("vae", 5)], by[("iwae", 5)], "nll")  # images 0, 3, 5, 7 in common; 9 left out
-    assert m.n == 4 and m.diff == pytest.approx(-2.0) and m.se == pytest.approx(math.sqrt(4 / 3) / 2)
+    m = paired_margin(
+        by[("vae", 5)], by[("iwae", 5)], "nll"
+    )  # images 0, 3, 5, 7 in common; 9 left out
+    assert (
+        m.n == 4 and m.diff == pytest.approx(-2.0) and m.se == pytest.approx(math.sqrt(4 / 3) / 2)
+    )
     m = paired_margin(by[("iwae", 1)], by[("iwae", 5)], "nll")
     assert m.diff == pytest.approx(-0.25) and m.se == pytest.approx(math.sqrt(0.75) / 2)
-    m = paired_margin(by[("iwae", 5)], by[("iwae", 50)], "log_px")  # log p(x) rises by 2 on every image
+    m = paired_margin(
+        by[("iwae", 5)], by[("iwae", 50)], "log_px"
+    )  # log p(x) rises by 2 on every image
     assert m.diff == pytest.approx(2.0) and m.se == pytest.approx(0.0)
     assert paired_margin([], by[("iwae", 5)], "nll") is None
 
@@ -125,12 +182,16 @@ def test_paired_margin_matches_images_by_test_index(tmp_path):
 def test_table1_claims_give_margins_standard_errors_and_verdicts(tmp_path):
     _paired_experiment(tmp_path)
     text = write_report(tmp_path).read_text()
-    assert ("- mnist, 1 layer(s): IWAE below VAE in NLL for every k > 1 — **does not hold** (k=5: IWAE 93.00 vs "
-            "VAE 96.00, k=50: IWAE 91.00 vs VAE 89.00); margin ± paired standard error over 4 test images: "
-            "k=5: IWAE − VAE = -2.00 ± 0.58 (holds), k=50: IWAE − VAE = +2.00 ± 0.58 (does not hold)") in text
-    assert ("- mnist, 1 layer(s): IWAE NLL falling with k — **within noise** (k=1: 93.25, k=5: 93.00, k=50: 91.00); "
-            "margin ± paired standard error over 4 test images: k=5 − k=1 = -0.25 ± 0.43 (within noise), "
-            "k=50 − k=5 = -2.00 ± 0.00 (holds)") in text
+    assert (
+        "- mnist, 1 layer(s): IWAE below VAE in NLL for every k > 1 — **does not hold** (k=5: IWAE 93.00 vs "
+        "VAE 96.00, k=50: IWAE 91.00 vs VAE 89.00); margin ± paired standard error over 4 test images: "
+        "k=5: IWAE − VAE = -2.00 ± 0.58 (holds), k=50: IWAE − VAE = +2.00 ± 0.58 (does not hold)"
+    ) in text
+    assert (
+        "- mnist, 1 layer(s): IWAE NLL falling with k — **within noise** (k=1: 93.25, k=5: 93.00, k=50: 91.00); "
+        "margin ± paired standard error over 4 test images: k=5 − k=1 = -0.25 ± 0.43 (within noise), "
+        "k=50 − k=5 = -2.00 ± 0.00 (holds)"
+    ) in text
     # random subsets of 4 (5) of the 10,000 images: marked beside the number, explained below the table
     assert "| mnist | 1 | 5 | 96.00† | 86.47 | 9.53 | 93.00† | 85.54 | 7.46 |" in text
     assert "† evaluated on a seeded random subset of 4 of the 10,000 test images." in text
@@ -142,8 +203,10 @@ def test_claims_without_per_image_values_say_so(tmp_path):
     for (objective, k), nll in {("vae", 5): 94.0, ("iwae", 5): 93.0, ("iwae", 1): 95.0}.items():
         _run(tmp_path, _name(objective, k), nll=nll)
     text = write_report(tmp_path).read_text()
-    assert ("IWAE below VAE in NLL for every k > 1 — **holds** (k=5: IWAE 93.00 vs VAE 94.00) — no per-image values: "
-            "standard error unavailable") in text
+    assert (
+        "IWAE below VAE in NLL for every k > 1 — **holds** (k=5: IWAE 93.00 vs VAE 94.00) — no per-image values: "
+        "standard error unavailable"
+    ) in text
 
 
 def _ladder_experiments(root):
@@ -155,24 +218,42 @@ def _ladder_experiments(root):
     _run(s3, _name("vae", 5), nll=94.0)
     _run(s3, _name("iwae", 50), images=[92.0, 93.0], index=[4, 8])
     _experiment(s5, "table1", _table1(stages=5), stages=5)
-    _run(s5, _name("iwae", 5), stage_ends={1: 110.0, 4: 100.0, 13: 95.5, 40: 92.25})  # training: no evaluation
-    _run(s5, _name("vae", 5), nll=90.0, stage_ends={1: 111.0, 4: 101.0, 13: 94.5, 40: 91.0, 121: 90.5})
+    _run(
+        s5, _name("iwae", 5), stage_ends={1: 110.0, 4: 100.0, 13: 95.5, 40: 92.25}
+    )  # training: no evaluation
+    _run(
+        s5,
+        _name("vae", 5),
+        nll=90.0,
+        stage_ends={1: 111.0, 4: 101.0, 13: 94.5, 40: 91.0, 121: 90.5},
+    )
 
 
-def test_budget_ladder_lists_every_budget_and_never_puts_a_first_n_evaluation_beside_the_paper(tmp_path):
+def test_budget_ladder_lists_every_budget_and_never_puts_a_first_n_evaluation_beside_the_paper(
+    tmp_path,
+):
     _ladder_experiments(tmp_path)
     text = write_report(tmp_path).read_text()
-    ladder = text[text.index("the budget ladder"):text.index("## Burda et al. (2016), Table 1 (MNIST), 13 passes\n")]
+    ladder = text[
+        text.index("the budget ladder") : text.index(
+            "## Burda et al. (2016), Table 1 (MNIST), 13 passes\n"
+        )
+    ]
     assert "from `table1-mnist/` (13 passes), `table1-mnist-s5/` (121 passes)" in ladder
-    assert "| layers | k | objective | 13 passes | 40 passes | 121 passes | paper (3,280 passes) | Δ to the paper |" in ladder
+    assert (
+        "| layers | k | objective | 13 passes | 40 passes | 121 passes | paper (3,280 passes) | Δ to the paper |"
+        in ladder
+    )
     # the first-N evaluation is replaced by the stage-end subset value of the longer run; a final
     # evaluation takes precedence over a stage-end value; Δ from the largest budget with a number
     assert "| 1 | 5 | IWAE | 95.50§ | 92.25§ | — | 85.54 | +6.71 at 40 passes |" in ladder
     assert "| 1 | 5 | VAE | 94.00 | 91.00§ | 90.00 | 86.47 | +3.53 at 121 passes |" in ladder
     assert "| 1 | 50 | IWAE | 92.50† | — | — | 84.78 | +7.72 at 13 passes |" in ladder
     assert "| 1 | 1 | VAE | — | — | — | 86.76 | — |" in ladder
-    assert "§ no final evaluation at this budget (yet): −L_5000 at the end of the training stage on a seeded random " \
-           "subset of 1,000 test images" in ladder  # fmt: skip
+    assert (
+        "§ no final evaluation at this budget (yet): −L_5000 at the end of the training stage on a seeded random "
+        "subset of 1,000 test images" in ladder
+    )
     assert "† evaluated on a seeded random subset of 2 of the 10,000 test images." in ladder
     # the 13-pass directory's own table: "—‡" and a note, never 93.81 beside 85.54
     assert "| mnist | 1 | 5 | 94.00 | 86.47 | 7.53 | —‡ | 85.54 | — |" in text
@@ -195,11 +276,23 @@ def test_a_first_n_omniglot_evaluation_is_never_beside_the_paper(tmp_path):
 
 
 def test_evaluated_images():
-    assert evaluated_images({"n_test": 10_000, "test_set_size": 10_000, "test_subset_seed": None}, "mnist") == (
-        "whole", 10_000, 10_000)  # fmt: skip
-    assert evaluated_images({"n_test": 1000, "test_set_size": 8070, "test_subset_seed": 0}, "omniglot")[0] == "random"
-    assert evaluated_images({"n_test": 2000}, "omniglot") == ("first", 2000, 8070)  # an old evaluation
-    assert evaluated_images({"nll": 90.0}, "mnist")[0] == "whole"  # no record of the images: the whole set
+    assert evaluated_images(
+        {"n_test": 10_000, "test_set_size": 10_000, "test_subset_seed": None}, "mnist"
+    ) == ("whole", 10_000, 10_000)
+    assert (
+        evaluated_images(
+            {"n_test": 1000, "test_set_size": 8070, "test_subset_seed": 0}, "omniglot"
+        )[0]
+        == "random"
+    )
+    assert evaluated_images({"n_test": 2000}, "omniglot") == (
+        "first",
+        2000,
+        8070,
+    )  # an old evaluation
+    assert (
+        evaluated_images({"nll": 90.0}, "mnist")[0] == "whole"
+    )  # no record of the images: the whole set
 
 
 def test_two_stage_claims_are_paired(tmp_path):
@@ -207,16 +300,24 @@ def test_two_stage_claims_are_paired(tmp_path):
     _experiment(tmp_path, "two-stage", runs, stages=2)
     # experiment 1: the second stage lowers the NLL by 1, 1.5, 1, 1.5 (holds); experiment 2: raises it by
     # -0.5, +1, -0.5, +1 (mean 0.25, SE 0.433: within noise)
-    images = {"exp1-first-vae-k1-s0": [95.0, 95.0, 96.0, 96.0], "exp1-second-iwae-k50-s0": [94.0, 93.5, 95.0, 94.5],
-              "exp2-first-iwae-k50-s0": [93.0, 93.0, 94.0, 94.0], "exp2-second-vae-k1-s0": [92.5, 94.0, 93.5, 95.0]}
+    images = {
+        "exp1-first-vae-k1-s0": [95.0, 95.0, 96.0, 96.0],
+        "exp1-second-iwae-k50-s0": [94.0, 93.5, 95.0, 94.5],
+        "exp2-first-iwae-k50-s0": [93.0, 93.0, 94.0, 94.0],
+        "exp2-second-vae-k1-s0": [92.5, 94.0, 93.5, 95.0],
+    }
     for name, values in images.items():
         _run(tmp_path, name, images=values, index=INDEX)
     text = write_report(tmp_path).read_text()
-    assert ("vae then iwae k=50: the second stage lowers the NLL (paper 86.76 → 84.88) — **holds** (95.50 → 94.25); "
-            "margin ± paired standard error over 4 test images: second − first = -1.25 ± 0.14 (holds)") in text
-    assert ("iwae k=50 then vae: the second stage raises the NLL (paper 84.78 → 86.02) — **within noise** "
-            "(93.50 → 93.75); margin ± paired standard error over 4 test images: second − first = +0.25 ± 0.43 "
-            "(within noise)") in text
+    assert (
+        "vae then iwae k=50: the second stage lowers the NLL (paper 86.76 → 84.88) — **holds** (95.50 → 94.25); "
+        "margin ± paired standard error over 4 test images: second − first = -1.25 ± 0.14 (holds)"
+    ) in text
+    assert (
+        "iwae k=50 then vae: the second stage raises the NLL (paper 84.78 → 86.02) — **within noise** "
+        "(93.50 → 93.75); margin ± paired standard error over 4 test images: second − first = +0.25 ± 0.43 "
+        "(within noise)"
+    ) in text
 
 
 def test_variants_and_dreg_differences_are_paired(tmp_path):
@@ -224,16 +325,26 @@ def test_variants_and_dreg_differences_are_paired(tmp_path):
     runs = grid("variants", stages=2, seeds=1)
     _experiment(variants, "variants", runs, stages=2)
     for r in runs:  # every other method 0.5 or 1 nat better than IWAE on each image; the VAE worse
-        images = {"IWAE": [90.0] * 4, "VAE": [91.0] * 4}.get(r.label["method"], [89.0, 89.5, 89.0, 89.5])
+        images = {"IWAE": [90.0] * 4, "VAE": [91.0] * 4}.get(
+            r.label["method"], [89.0, 89.5, 89.0, 89.5]
+        )
         _run(variants, r.name, images=images, index=INDEX)
     runs = [r for r in grid("dreg", stages=2) if r.label["layers"] == 1 and r.label["k"] == 5]
     _experiment(dreg, "dreg", runs, stages=2)
     _run(dreg, runs[0].name, images=[90.0, 90.0, 91.0, 91.0], index=INDEX)  # reparam
-    _run(dreg, runs[1].name, images=[89.0, 89.5, 90.0, 90.5], index=INDEX)  # DReG: -1, -0.5, -1, -0.5
+    _run(
+        dreg, runs[1].name, images=[89.0, 89.5, 90.0, 90.5], index=INDEX
+    )  # DReG: -1, -0.5, -1, -0.5
     text = write_report(tmp_path).read_text()
-    assert "PIWAE, MIWAE and CIWAE above IWAE in IWAE-64 (paper: −85.60 to −86.08 vs −86.11) — **holds**" in text
+    assert (
+        "PIWAE, MIWAE and CIWAE above IWAE in IWAE-64 (paper: −85.60 to −86.08 vs −86.11) — **holds**"
+        in text
+    )
     assert "PIWAE(4,16) − IWAE = +0.75 ± 0.14 (holds)" in text
-    assert "the VAE lowest in log p̂(x), the worst generative model (paper: −86.21 vs −84.40 to −85.24) — **holds**" in text
+    assert (
+        "the VAE lowest in log p̂(x), the worst generative model (paper: −86.21 vs −84.40 to −85.24) — **holds**"
+        in text
+    )
     assert "VAE − CIWAE beta=0.5 = -1.75 ± 0.14 (holds)" in text
     assert "| 1 | 5 | 90.50† | 89.75† | -0.75 ± 0.14 |" in text
 
@@ -246,19 +357,48 @@ def test_ais_section_reads_committed_ais_and_bdmc_results(tmp_path):
 
     d = tmp_path / "ais" / "mnist-l1-iwae-k50-s0"
     d.mkdir(parents=True)
-    (d / "ais.json").write_text(json.dumps({
-        "method": "ais", "log_px_ais": -91.25, "log_px_ais_stderr": 0.5, "ais_acceptance": 0.7, "log_px_iwae": -92.5,
-        "iwae_k": 5000, "ais_gap": 1.25, "ais_gap_stderr": 0.03, "ais_steps": 400, "chains": 4, "hmc_leapfrog": 10,
-        "ais_init": "q", "n_test": 1000, "ais_seconds": 600.0}))  # fmt: skip
-    (d / "bdmc.json").write_text(json.dumps({
-        "steps": [10, 100], "lower": [-95.0, -92.0], "upper": [-80.0, -91.0], "gap": [15.0, 1.0],
-        "seconds": [3.0, 30.0], "n": 100, "chains": 4}))  # fmt: skip
+    (d / "ais.json").write_text(
+        json.dumps(
+            {
+                "method": "ais",
+                "log_px_ais": -91.25,
+                "log_px_ais_stderr": 0.5,
+                "ais_acceptance": 0.7,
+                "log_px_iwae": -92.5,
+                "iwae_k": 5000,
+                "ais_gap": 1.25,
+                "ais_gap_stderr": 0.03,
+                "ais_steps": 400,
+                "chains": 4,
+                "hmc_leapfrog": 10,
+                "ais_init": "q",
+                "n_test": 1000,
+                "ais_seconds": 600.0,
+            }
+        )
+    )
+    (d / "bdmc.json").write_text(
+        json.dumps(
+            {
+                "steps": [10, 100],
+                "lower": [-95.0, -92.0],
+                "upper": [-80.0, -91.0],
+                "gap": [15.0, 1.0],
+                "seconds": [3.0, 30.0],
+                "n": 100,
+                "chains": 4,
+            }
+        )
+    )
     (d / "bdmc.png").write_bytes(b"")
     (tmp_path / "ais" / "broken").mkdir()
     (tmp_path / "ais" / "broken" / "ais.json").write_text("{not json")
     text = write_report(tmp_path).read_text()
     assert "## log p(x) beyond L_5000: annealed importance sampling and BDMC" in text
-    assert "| mnist-l1-iwae-k50-s0 | 1,000 | 400 | 4 | 10 | q | 0.70 | -92.50 | -91.25 ± 0.50 | +1.25 ± 0.03 | 600 s |" in text
+    assert (
+        "| mnist-l1-iwae-k50-s0 | 1,000 | 400 | 4 | 10 | q | 0.70 | -92.50 | -91.25 ± 0.50 | +1.25 ± 0.03 | 600 s |"
+        in text
+    )
     assert "| mnist-l1-iwae-k50-s0 | 100 | 4 | 10 | -95.00 | -80.00 | 15.00 | 3 s |" in text
     assert "| mnist-l1-iwae-k50-s0 | 100 | 4 | 100 | -92.00 | -91.00 | 1.00 | 30 s |" in text
     assert "![BDMC mnist-l1-iwae-k50-s0](ais/mnist-l1-iwae-k50-s0/bdmc.png)" in text
@@ -272,16 +412,32 @@ def _curve_runs(runs, bound=lambda label, p: -100.0 - p):
     """RunResults of ``runs`` (experiments.Run) with a test IWAE-64 logged at passes 1, 4 and 13."""
     from iwae.report import RunResult
 
-    return [RunResult(r.name, r.label, r.config, {"nll": 90.0}, None, None,
-                      [{"pass": p, "test_iwae64": bound(r.label, p)} for p in (1, 4, 13)], None) for r in runs]  # fmt: skip
+    return [
+        RunResult(
+            r.name,
+            r.label,
+            r.config,
+            {"nll": 90.0},
+            None,
+            None,
+            [{"pass": p, "test_iwae64": bound(r.label, p)} for p in (1, 4, 13)],
+            None,
+        )
+        for r in runs
+    ]
 
 
 def _panels(fig):
     """Per panel of ``fig`` (legend aside): its title and its lines' (colour, style, label)."""
     from matplotlib.colors import to_hex
 
-    return {ax.get_title(): [(to_hex(line.get_color()), line.get_linestyle(), line.get_label()) for line in ax.get_lines()]
-            for ax in fig.axes}  # fmt: skip
+    return {
+        ax.get_title(): [
+            (to_hex(line.get_color()), line.get_linestyle(), line.get_label())
+            for line in ax.get_lines()
+        ]
+        for ax in fig.axes
+    }
 
 
 def test_table1_curves_are_small_multiples_coloured_by_k_styled_by_objective():
@@ -289,16 +445,35 @@ def test_table1_curves_are_small_multiples_coloured_by_k_styled_by_objective():
 
     fig = curves_figure(_curve_runs(grid("table1", 3)))
     panels = _panels(fig)
-    assert list(panels) == ["MNIST, 1 stochastic layer", "MNIST, 2 stochastic layers", "OMNIGLOT, 1 stochastic layer",
-                            "OMNIGLOT, 2 stochastic layers"]  # fmt: skip
+    assert list(panels) == [
+        "MNIST, 1 stochastic layer",
+        "MNIST, 2 stochastic layers",
+        "OMNIGLOT, 1 stochastic layer",
+        "OMNIGLOT, 2 stochastic layers",
+    ]
     for lines in panels.values():
-        assert [label for _, _, label in lines] == ["k=1 VAE", "k=1 IWAE", "k=5 VAE", "k=5 IWAE", "k=50 VAE", "k=50 IWAE"]
+        assert [label for _, _, label in lines] == [
+            "k=1 VAE",
+            "k=1 IWAE",
+            "k=5 VAE",
+            "k=5 IWAE",
+            "k=50 VAE",
+            "k=50 IWAE",
+        ]
         colours = {label.split()[0]: colour for colour, _, label in lines}
-        assert colours == {"k=1": "#1f77b4", "k=5": "#ff7f0e", "k=50": "#2ca02c"}  # tab:blue, orange, green
+        assert colours == {
+            "k=1": "#1f77b4",
+            "k=5": "#ff7f0e",
+            "k=50": "#2ca02c",
+        }  # tab:blue, orange, green
         assert [style for _, style, _ in lines] == ["--", "-"] * 3
     ax = fig.axes[0]
-    assert ax.get_xlabel() == "passes over the training set" and ax.get_ylabel().startswith("test IWAE-64")
-    assert [t.get_text() for t in fig.axes[-1].get_legend().get_texts()] == [label for _, _, label in lines]
+    assert ax.get_xlabel() == "passes over the training set" and ax.get_ylabel().startswith(
+        "test IWAE-64"
+    )
+    assert [t.get_text() for t in fig.axes[-1].get_legend().get_texts()] == [
+        label for _, _, label in lines
+    ]
     _plt_close(fig)
 
 
@@ -309,23 +484,40 @@ def test_curves_never_repeat_a_colour_within_a_panel():
     from iwae.report import curves_figure
 
     ks = [1, 2, 3, 5, 8, 10, 20, 50, 64, 100, 500, 1000]
-    runs = [Run(f"k{k}", {"dataset": "mnist"}, label={"dataset": "mnist", "layers": 1, "k": k, "objective": "iwae",
-                                                      "seed": 0}) for k in ks]  # fmt: skip
-    runs.append(Run("vae", {"dataset": "mnist"}, label={"dataset": "mnist", "layers": 1, "k": 1, "objective": "vae",
-                                                        "seed": 0}))  # fmt: skip
+    runs = [
+        Run(
+            f"k{k}",
+            {"dataset": "mnist"},
+            label={"dataset": "mnist", "layers": 1, "k": k, "objective": "iwae", "seed": 0},
+        )
+        for k in ks
+    ]
+    runs.append(
+        Run(
+            "vae",
+            {"dataset": "mnist"},
+            label={"dataset": "mnist", "layers": 1, "k": 1, "objective": "vae", "seed": 0},
+        )
+    )
     fig = curves_figure(_curve_runs(runs))
     (lines,) = _panels(fig).values()
     iwae = [(colour, label) for colour, style, label in lines if style == "-"]
     assert [label for _, label in iwae] == [f"k={k} IWAE" for k in ks]
     assert len({colour for colour, _ in iwae}) == 12
-    assert [label for _, _, label in lines][:2] == ["k=1 VAE", "k=1 IWAE"] and lines[0][0] == lines[1][0] == "#1f77b4"
+    assert [label for _, _, label in lines][:2] == ["k=1 VAE", "k=1 IWAE"] and lines[0][0] == lines[
+        1
+    ][0] == "#1f77b4"
     _plt_close(fig)
 
-    fig = curves_figure(_curve_runs(grid("variants", 1, seeds=2), bound=lambda label, p: -100.0 - label["seed"]))
+    fig = curves_figure(
+        _curve_runs(grid("variants", 1, seeds=2), bound=lambda label, p: -100.0 - label["seed"])
+    )
     (lines,) = _panels(fig).values()
     assert len(lines) == 8 and len({colour for colour, _, _ in lines}) == 8
     assert {style for _, style, _ in lines} == {"-"} and lines[0][2] == "CIWAE beta=0.05"
-    assert all(list(line.get_ydata()) == [-100.5] * 3 for line in fig.axes[0].get_lines())  # the two seeds' mean
+    assert all(
+        list(line.get_ydata()) == [-100.5] * 3 for line in fig.axes[0].get_lines()
+    )  # the two seeds' mean
     _plt_close(fig)
 
 
@@ -350,10 +542,14 @@ def test_the_budget_line_names_runs_trained_on_a_gpu_and_lost_metrics(tmp_path):
             summary |= {"gpu": "NVIDIA H100 80GB HBM3", "recovered": "metrics lost"}
         (d / "summary.json").write_text(json.dumps(summary))
     text = write_report(tmp_path).read_text()
-    assert ", 2.0 process hours in all (train + evaluate); trained on a GPU (NVIDIA H100 80GB HBM3): " \
-           "omniglot-l1-iwae-k50-s0, 4 GPU minutes of training in all; per-pass metrics lost (`recovered` in " \
-           "`summary.json`): omniglot-l1-iwae-k50-s0." in text  # fmt: skip
-    (tmp_path / "runs" / "omniglot-l1-iwae-k50-s0" / "summary.json").write_text(json.dumps({"device": "cpu"}))
+    assert (
+        ", 2.0 process hours in all (train + evaluate); trained on a GPU (NVIDIA H100 80GB HBM3): "
+        "omniglot-l1-iwae-k50-s0, 4 GPU minutes of training in all; per-pass metrics lost (`recovered` in "
+        "`summary.json`): omniglot-l1-iwae-k50-s0." in text
+    )
+    (tmp_path / "runs" / "omniglot-l1-iwae-k50-s0" / "summary.json").write_text(
+        json.dumps({"device": "cpu"})
+    )
     text = write_report(tmp_path).read_text()
     assert ", 2.0 CPU-process hours in all (train + evaluate)." in text and "GPU" not in text
 
@@ -365,19 +561,29 @@ def test_the_budget_line_counts_gpu_time_by_machine_for_runs_that_moved(tmp_path
     runs = _table1(dataset="omniglot")
     _experiment(tmp_path, "table1", runs, stages=5)
     gpu = "cuda (NVIDIA H100 80GB HBM3)"
-    by_device = {"omniglot-l1-iwae-k50-s0": {gpu: 600.0, "cpu (AMD EPYC)": 1200.0},
-                 "omniglot-l1-vae-k50-s0": {"cpu (AMD EPYC)": 1800.0}, "omniglot-l1-iwae-k5-s0": {gpu: 1800.0}}
+    by_device = {
+        "omniglot-l1-iwae-k50-s0": {gpu: 600.0, "cpu (AMD EPYC)": 1200.0},
+        "omniglot-l1-vae-k50-s0": {"cpu (AMD EPYC)": 1800.0},
+        "omniglot-l1-iwae-k5-s0": {gpu: 1800.0},
+    }
     for name, seconds in by_device.items():
         d = tmp_path / "runs" / name
         if name.endswith("k50-s0"):
             _run(tmp_path, name, nll=110.0, size=8070)
-            (d / "summary.json").write_text(json.dumps({"passes": 121, "train_seconds": 1700.0, "device": "cpu"}))
+            (d / "summary.json").write_text(
+                json.dumps({"passes": 121, "train_seconds": 1700.0, "device": "cpu"})
+            )
         else:
             d.mkdir(parents=True)
-        (d / "runner.json").write_text(json.dumps({"train_wall_s": 1800.0, "train_wall_s_by_device": seconds}))
+        (d / "runner.json").write_text(
+            json.dumps({"train_wall_s": 1800.0, "train_wall_s_by_device": seconds})
+        )
     text = write_report(tmp_path).read_text()
-    assert ", 1.5 process hours in all (train + evaluate); trained on a GPU (NVIDIA H100 80GB HBM3): " \
-           "omniglot-l1-iwae-k5-s0, omniglot-l1-iwae-k50-s0 (in part), 40 GPU minutes of training in all." in text
+    assert (
+        ", 1.5 process hours in all (train + evaluate); trained on a GPU (NVIDIA H100 80GB HBM3): "
+        "omniglot-l1-iwae-k5-s0, omniglot-l1-iwae-k50-s0 (in part), 40 GPU minutes of training in all."
+        in text
+    )
     assert "omniglot-l1-vae-k50-s0," not in text
 
 
@@ -393,16 +599,27 @@ def test_the_budget_line_counts_a_lockstep_group_s_time_once(tmp_path):
     for name in group:
         d = tmp_path / "runs" / name
         d.mkdir(parents=True)
-        (d / "runner.json").write_text(json.dumps(
-            {"train_wall_s": 600.0, "train_wall_s_by_device": {gpu: 600.0}, "train_share_s_by_device": {gpu: 150.0}}))
+        (d / "runner.json").write_text(
+            json.dumps(
+                {
+                    "train_wall_s": 600.0,
+                    "train_wall_s_by_device": {gpu: 600.0},
+                    "train_share_s_by_device": {gpu: 150.0},
+                }
+            )
+        )
     pair = [r.name for r in runs[4:6]]
     for name in pair:
         _run(tmp_path, name, nll=110.0, size=8070)
         (tmp_path / "runs" / name / "runner.json").write_text(
-            json.dumps({"train_wall_s": 7200.0, "eval_wall_s": 900.0, "lockstep": pair}))
+            json.dumps({"train_wall_s": 7200.0, "eval_wall_s": 900.0, "lockstep": pair})
+        )
     text = write_report(tmp_path).read_text()
     # 4 x 150 s on the GPU, 7,200 s of the pair's process and 2 x 900 s of evaluation: 2.7 hours
-    assert ", 2.7 process hours in all (train + evaluate); trained on a GPU (NVIDIA H100 80GB HBM3): " in text
+    assert (
+        ", 2.7 process hours in all (train + evaluate); trained on a GPU (NVIDIA H100 80GB HBM3): "
+        in text
+    )
     assert ", 10 GPU minutes of training in all." in text
 
 
@@ -413,7 +630,8 @@ def test_the_budget_line_counts_runs_stopped_at_a_time_limit(tmp_path):
     _experiment(tmp_path, "table1", runs, stages=5)
     _run(tmp_path, "omniglot-l1-vae-k50-s0", nll=110.0, size=8070)
     (tmp_path / "runs" / "omniglot-l1-vae-k50-s0" / "runner.json").write_text(
-        json.dumps({"train_wall_s": 1800.0, "eval_wall_s": 1800.0}))
+        json.dumps({"train_wall_s": 1800.0, "eval_wall_s": 1800.0})
+    )
     stopped = tmp_path / "runs" / "omniglot-l1-iwae-k50-s0"
     stopped.mkdir(parents=True)
     (stopped / "runner.json").write_text(json.dumps({"train_wall_s": 3600.0}))

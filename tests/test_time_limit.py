@@ -44,15 +44,21 @@ def _train(configs, outs, data, lockstep, **kw):
 
 
 def _position(run: Path) -> tuple[int, int]:
-    meta = json.loads(safetensors.safe_open(run / "checkpoint.safetensors", "pt").metadata()["state"])
+    meta = json.loads(
+        safetensors.safe_open(run / "checkpoint.safetensors", "pt").metadata()["state"]
+    )
     return meta["progress"]["passes"], meta["progress"]["step"]
 
 
 # 110 images at batch 20: 6 steps a pass, so 7 checks a pass; the 10th check is at pass 2,
 # step 3, the 14th at the end of pass 2 (not a stage end: stages of 1 and 3 passes)
-@pytest.mark.parametrize("calls, where, position", [(10, "pass 2, step 3", (1, 3)), (14, "the end of pass 2", (2, 0))])
+@pytest.mark.parametrize(
+    "calls, where, position", [(10, "pass 2, step 3", (1, 3)), (14, "the end of pass 2", (2, 0))]
+)
 @pytest.mark.parametrize("lockstep", [False, True], ids=["single", "lockstep"])
-def test_a_run_stopped_at_its_limit_continues_bit_for_bit(tmp_path, monkeypatch, lockstep, calls, where, position):
+def test_a_run_stopped_at_its_limit_continues_bit_for_bit(
+    tmp_path, monkeypatch, lockstep, calls, where, position
+):
     """Stopped mid-pass or at a pass end, every run is checkpointed right there, and continued
     it ends with the weights, metrics and generator state of a run never stopped."""
     data = synthetic(n=110)
@@ -74,7 +80,10 @@ def test_a_run_stopped_at_its_limit_continues_bit_for_bit(tmp_path, monkeypatch,
     for cut, ref in zip(outs, whole):
         assert_bitwise_equal(weights(cut), weights(ref))
         assert _without_seconds(cut) == _without_seconds(ref)
-        rng = [safetensors.torch.load_file(d / "checkpoint.safetensors")["rng.generator"] for d in (cut, ref)]
+        rng = [
+            safetensors.torch.load_file(d / "checkpoint.safetensors")["rng.generator"]
+            for d in (cut, ref)
+        ]
         assert torch.equal(*rng)
 
 
@@ -82,14 +91,22 @@ def test_a_limit_already_past_stops_after_one_step(tmp_path):
     """With the real clock: a limit in the past stops at the first step's end, checkpointed."""
     out = tmp_path / "r"
     with pytest.raises(TimeLimitReached, match="pass 1, step 1 of 4"):
-        train(small_config(stages=2, k=4), out, dataset=synthetic(n=110), progress=False, stop_at=time.time() - 1)
+        train(
+            small_config(stages=2, k=4),
+            out,
+            dataset=synthetic(n=110),
+            progress=False,
+            stop_at=time.time() - 1,
+        )
     assert _position(out) == (0, 1)
 
 
 def test_no_limit_never_stops(tmp_path, monkeypatch):
     """Without a limit the clock is never asked to stop a run (the check is for limits only)."""
     _limit_after(monkeypatch, 1)
-    summary = train(small_config(stages=1, k=4), tmp_path / "r", dataset=synthetic(n=50), progress=False)
+    summary = train(
+        small_config(stages=1, k=4), tmp_path / "r", dataset=synthetic(n=50), progress=False
+    )
     assert summary["passes"] == 1
 
 
@@ -108,27 +125,49 @@ def test_the_runner_stops_and_continues_runs(shared_data_dir, tmp_path, monkeypa
     cut = tmp_path / "cut"
     with monkeypatch.context() as m:
         _limit_after(m, 10)
-        assert [r["status"] for r in run_group(runs, str(cut), *args, 8, 10, stop_at=time.time() + 3600)] == ["stopped"] * 2
+        assert [
+            r["status"] for r in run_group(runs, str(cut), *args, 8, 10, stop_at=time.time() + 3600)
+        ] == ["stopped"] * 2
         _limit_after(m, 10)
-        assert run_one(runs[0], str(cut / "single"), *args, 8, 10, stop_at=time.time() + 3600)["status"] == "stopped"
+        assert (
+            run_one(runs[0], str(cut / "single"), *args, 8, 10, stop_at=time.time() + 3600)[
+                "status"
+            ]
+            == "stopped"
+        )
     from iwae.experiments import _device_label
 
     here = _device_label()
-    for d, group in ((cut / "runs" / "r0", 2), (cut / "runs" / "r1", 2), (cut / "single" / "runs" / "r0", 1)):
+    for d, group in (
+        (cut / "runs" / "r0", 2),
+        (cut / "runs" / "r1", 2),
+        (cut / "single" / "runs" / "r0", 1),
+    ):
         timing = json.loads((d / "runner.json").read_text())
-        assert timing["train_wall_s"] > 0 and timing["train_wall_s_by_device"] == {here: timing["train_wall_s"]}
-        assert timing["train_share_s_by_device"] == {here: pytest.approx(timing["train_wall_s"] / group)}
+        assert timing["train_wall_s"] > 0 and timing["train_wall_s_by_device"] == {
+            here: timing["train_wall_s"]
+        }
+        assert timing["train_share_s_by_device"] == {
+            here: pytest.approx(timing["train_wall_s"] / group)
+        }
         assert not (d / "evaluation.json").exists()
-    assert run_one(vars(Run("new", tiny)), str(cut), *args, 8, 10, stop_at=time.time() - 1)["status"] == "stopped"
+    assert (
+        run_one(vars(Run("new", tiny)), str(cut), *args, 8, 10, stop_at=time.time() - 1)["status"]
+        == "stopped"
+    )
     assert not (cut / "runs" / "new").exists()
     assert {r["status"] for r in run_group(runs, str(cut), *args, eval_k=8, n_test=10)} == {"done"}
     assert run_one(runs[0], str(cut / "single"), *args, eval_k=8, n_test=10)["status"] == "done"
     for name, group in (("runs/r0", 2), ("runs/r1", 2), ("single/runs/r0", 1)):
         assert_bitwise_equal(weights(cut / name), weights(ref / name))
-        timing = json.loads((cut / name / "runner.json").read_text())  # both parts of the training counted
+        timing = json.loads(
+            (cut / name / "runner.json").read_text()
+        )  # both parts of the training counted
         assert list(timing["train_wall_s_by_device"]) == [here]
         assert timing["train_wall_s_by_device"][here] == pytest.approx(timing["train_wall_s"])
-        assert timing["train_share_s_by_device"][here] == pytest.approx(timing["train_wall_s"] / group)
+        assert timing["train_share_s_by_device"][here] == pytest.approx(
+            timing["train_wall_s"] / group
+        )
 
 
 def test_training_time_is_recorded_before_evaluation(shared_data_dir, tmp_path, monkeypatch):
@@ -151,9 +190,14 @@ def test_training_time_is_recorded_before_evaluation(shared_data_dir, tmp_path, 
     before = [json.loads((tmp_path / "runs" / r / "runner.json").read_text()) for r in ("r0", "r1")]
     for timing in before:
         assert timing["train_wall_s"] > 0 and timing["lockstep"] == ["r0", "r1"]
-        assert timing["train_share_s_by_device"] == {here: pytest.approx(timing["train_wall_s"] / 2)}
+        assert timing["train_share_s_by_device"] == {
+            here: pytest.approx(timing["train_wall_s"] / 2)
+        }
     assert not (tmp_path / "runs" / "r0" / "evaluation.json").exists()
-    assert {r["status"] for r in run_group(runs, str(tmp_path), str(shared_data_dir), 1, eval_k=8, n_test=10)} == {"done"}
+    assert {
+        r["status"]
+        for r in run_group(runs, str(tmp_path), str(shared_data_dir), 1, eval_k=8, n_test=10)
+    } == {"done"}
     for r, timing in zip(("r0", "r1"), before):
         after = json.loads((tmp_path / "runs" / r / "runner.json").read_text())
         assert {k: after[k] for k in timing} == timing and after["eval_wall_s"] > 0
@@ -165,15 +209,27 @@ def test_training_time_is_kept_by_machine_when_a_run_moves(monkeypatch):
     import iwae.experiments as experiments
 
     timing = {}
-    steps = (("cuda (NVIDIA H100 80GB HBM3)", 300.0, 4), ("cpu (AMD EPYC)", 60.0, 1), ("cpu (AMD EPYC)", 40.0, 2))
-    for label, seconds, group in steps:  # 300 s in a lockstep group of 4 runs, then 60 s alone, 40 s in a pair
+    steps = (
+        ("cuda (NVIDIA H100 80GB HBM3)", 300.0, 4),
+        ("cpu (AMD EPYC)", 60.0, 1),
+        ("cpu (AMD EPYC)", 40.0, 2),
+    )
+    for (
+        label,
+        seconds,
+        group,
+    ) in steps:  # 300 s in a lockstep group of 4 runs, then 60 s alone, 40 s in a pair
         monkeypatch.setattr(experiments, "_device_label", lambda label=label: label)
         timing = experiments._add_train_time(timing, seconds, group)
-    assert timing == {"train_wall_s": 400.0,
-                      "train_wall_s_by_device": {"cuda (NVIDIA H100 80GB HBM3)": 300.0, "cpu (AMD EPYC)": 100.0},
-                      "train_share_s_by_device": {"cuda (NVIDIA H100 80GB HBM3)": 75.0, "cpu (AMD EPYC)": 80.0}}
+    assert timing == {
+        "train_wall_s": 400.0,
+        "train_wall_s_by_device": {"cuda (NVIDIA H100 80GB HBM3)": 300.0, "cpu (AMD EPYC)": 100.0},
+        "train_share_s_by_device": {"cuda (NVIDIA H100 80GB HBM3)": 75.0, "cpu (AMD EPYC)": 80.0},
+    }
     monkeypatch.undo()  # the real one names this machine
-    assert experiments._device_label().startswith("cuda (" if torch.cuda.is_available() else "cpu (")
+    assert experiments._device_label().startswith(
+        "cuda (" if torch.cuda.is_available() else "cpu ("
+    )
 
 
 def test_cli_time_limit(tmp_path, capsys):
@@ -183,15 +239,47 @@ def test_cli_time_limit(tmp_path, capsys):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "d.npz", train=rng.random((60, 8, 8)), test=rng.random((20, 8, 8)))
     run = tmp_path / "run"
-    base = ["train", "--dataset", str(tmp_path / "d.npz"), "--latent", "2", "--hidden", "8", "--stages", "2",
-            "--eval-n", "10", "--stage-nll-k", "0", "--quiet"]  # fmt: skip
+    base = [
+        "train",
+        "--dataset",
+        str(tmp_path / "d.npz"),
+        "--latent",
+        "2",
+        "--hidden",
+        "8",
+        "--stages",
+        "2",
+        "--eval-n",
+        "10",
+        "--stage-nll-k",
+        "0",
+        "--quiet",
+    ]
     assert main([*base, "--out", str(run), "--time-limit", "1e-9"]) == 3
     err = capsys.readouterr().err
     assert "time limit reached" in err and "pass 1, step 1 of 4" in err and "--resume" in err
     assert main(["train", "--resume", str(run), "--quiet"]) == 0
     assert json.loads((run / "summary.json").read_text())["passes"] == 4
-    assert main(["reproduce", "table1", "--stages", "1", "--only", "dataset=mnist", "--only", "k=1",
-                 "--out", str(tmp_path / "exp"), "--time-limit", "1e-9", "--quiet"]) == 3  # fmt: skip
+    assert (
+        main(
+            [
+                "reproduce",
+                "table1",
+                "--stages",
+                "1",
+                "--only",
+                "dataset=mnist",
+                "--only",
+                "k=1",
+                "--out",
+                str(tmp_path / "exp"),
+                "--time-limit",
+                "1e-9",
+                "--quiet",
+            ]
+        )
+        == 3
+    )
     out = capsys.readouterr().out
     assert "4 stopped at the time limit" in out and not list((tmp_path / "exp" / "runs").iterdir())
     with pytest.raises(SystemExit):

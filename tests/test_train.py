@@ -82,7 +82,9 @@ def test_run_directory_and_metrics(tmp_path):
     assert [m["pass"] for m in staged] == [1, 4, 13]
     assert all((m["test_nll_subset_k"], m["test_nll_subset_n"]) == (5000, 50) for m in staged)
     x = torch.from_numpy(binarize_fixed(synthetic().test, seed=0)[test_subset_indices(100, 50)])
-    log_w = model.log_weights(x, 5000, torch.Generator().manual_seed(13)).detach()  # independent of evaluate's chunks
+    log_w = model.log_weights(
+        x, 5000, torch.Generator().manual_seed(13)
+    ).detach()  # independent of evaluate's chunks
     exact = -(torch.logsumexp(log_w.double(), 0) - np.log(5000)).mean().item()
     assert abs(staged[-1]["test_nll_subset"] - exact) < 0.05  # another draw of the same estimate
     assert all(m["test_nll_subset"] < -m["test_iwae64"] + 0.05 for m in staged)  # L_5000 above L_64
@@ -91,7 +93,12 @@ def test_run_directory_and_metrics(tmp_path):
 
 
 def test_training_from_a_runs_config_reproduces_it(tmp_path):
-    train(small_config(objective="piwae", m=2, k=2, stages=2), tmp_path / "a", dataset=synthetic(), progress=False)
+    train(
+        small_config(objective="piwae", m=2, k=2, stages=2),
+        tmp_path / "a",
+        dataset=synthetic(),
+        progress=False,
+    )
     config = TrainConfig.from_dict(json.loads((tmp_path / "a" / "config.json").read_text()))
     train(config, tmp_path / "b", dataset=synthetic(), progress=False)
     assert_bitwise_equal(weights(tmp_path / "a"), weights(tmp_path / "b"))
@@ -120,7 +127,9 @@ def _run_and_kill(mode: str, run: Path, rng: random.Random) -> int:
 
     def checkpoint_id():
         try:
-            stat = (run / CHECKPOINT_FILE).stat()  # every checkpoint is a new file renamed into place
+            stat = (
+                run / CHECKPOINT_FILE
+            ).stat()  # every checkpoint is a new file renamed into place
         except FileNotFoundError:
             return None
         return stat.st_ino, stat.st_mtime_ns
@@ -144,20 +153,31 @@ def test_resume_after_sigkill_is_bitwise_equal(tmp_path):
         rng = random.Random(seed)
         data = synthetic(2000)
         reference = tmp_path / "reference"
-        train(small_config(stages=4, checkpoint_minutes=0.002), reference, dataset=data, progress=False)
+        train(
+            small_config(stages=4, checkpoint_minutes=0.002),
+            reference,
+            dataset=data,
+            progress=False,
+        )
 
         run = tmp_path / "killed"
         for mode in ("new", "resume"):  # killed once while training, once while resuming
             status = _run_and_kill(mode, run, rng)
-            assert status == -signal.SIGKILL, f"{mode}: the child was not killed by SIGKILL (exit status {status})"
+            assert status == -signal.SIGKILL, (
+                f"{mode}: the child was not killed by SIGKILL (exit status {status})"
+            )
             assert not (run / "summary.json").exists() and (run / CHECKPOINT_FILE).exists(), mode
-            assert len(read_metrics(run)) < 40, f"{mode}: the child finished its 40 passes before the kill"
+            assert len(read_metrics(run)) < 40, (
+                f"{mode}: the child finished its 40 passes before the kill"
+            )
         resume(run, dataset=data, progress=False)
         assert_bitwise_equal(weights(reference), weights(run))
         ref_metrics, run_metrics = read_metrics(reference), read_metrics(run)
         assert [m["pass"] for m in run_metrics] == list(range(1, 41))
         for a, b in zip(ref_metrics, run_metrics):
-            assert a["train_bound"] == b["train_bound"] and a.get("test_iwae64") == b.get("test_iwae64"), (seed, a, b)
+            assert a["train_bound"] == b["train_bound"] and a.get("test_iwae64") == b.get(
+                "test_iwae64"
+            ), (seed, a, b)
     finally:
         torch.set_num_threads(threads)
 
@@ -194,12 +214,16 @@ def test_resume_before_the_first_checkpoint_starts_the_run_again(tmp_path, monke
         proc.send_signal(signal.SIGKILL)
         assert proc.wait() == -signal.SIGKILL
         assert not (run / CHECKPOINT_FILE).exists() and not (run / "summary.json").exists()
-        assert [m["pass"] for m in read_metrics(run)] == [1] and (run / "model.safetensors").exists()
+        assert [m["pass"] for m in read_metrics(run)] == [1] and (
+            run / "model.safetensors"
+        ).exists()
         monkeypatch.setattr("iwae.data.load_dataset", lambda *args, **kwargs: synthetic())
         assert main(["train", "--resume", str(run), "--quiet"]) == 0
         assert "no checkpoint" in capsys.readouterr().err
         assert_bitwise_equal(weights(reference), weights(run))
-        assert [m["train_bound"] for m in read_metrics(run)] == [m["train_bound"] for m in read_metrics(reference)]
+        assert [m["train_bound"] for m in read_metrics(run)] == [
+            m["train_bound"] for m in read_metrics(reference)
+        ]
     finally:
         torch.set_num_threads(threads)
 
@@ -321,7 +345,12 @@ def test_training_data_must_be_grey_values(tmp_path):
     bad = data.train.copy()
     bad[3, 5] = np.nan
     with pytest.raises(IwaeError, match=r"must be grey values in \[0, 1\]"):
-        train(small_config(), tmp_path / "run", dataset=Dataset("mnist", bad, data.test), progress=False)
+        train(
+            small_config(),
+            tmp_path / "run",
+            dataset=Dataset("mnist", bad, data.test),
+            progress=False,
+        )
     assert not (tmp_path / "run").exists()
 
 
@@ -333,17 +362,30 @@ def test_log_std_guard_is_inactive_at_normal_values():
         layer.scale.bias.copy_(torch.tensor([0.5, 40.0]))
         layer.scale.weight.zero_()
     _, log_std = layer(torch.randn(5, 3))
-    assert torch.allclose(log_std[:, 0], torch.full((5,), 0.5)) and (log_std[:, 1] == LOG_STD_LIMIT).all()
+    assert (
+        torch.allclose(log_std[:, 0], torch.full((5,), 0.5))
+        and (log_std[:, 1] == LOG_STD_LIMIT).all()
+    )
 
 
 def test_persistent_non_finite_steps_stop_training(tmp_path, monkeypatch):
     run = tmp_path / "run"
-    _poison_log_weights(monkeypatch, lambda n: n > 50)  # pass 1 (20 steps) and 2 are fine, then all bad
+    _poison_log_weights(
+        monkeypatch, lambda n: n > 50
+    )  # pass 1 (20 steps) and 2 are fine, then all bad
     with pytest.raises(IwaeError, match="5 consecutive steps"):
         # stage_nll_k=0: the stage-end test NLL would call log_weights too and move the count
-        train(small_config(stages=3, max_bad_steps=5, stage_nll_k=0), run, dataset=synthetic(), progress=False)
+        train(
+            small_config(stages=3, max_bad_steps=5, stage_nll_k=0),
+            run,
+            dataset=synthetic(),
+            progress=False,
+        )
     monkeypatch.undo()
-    assert [m["pass"] for m in read_metrics(run)] == [1, 2]  # checkpointed after pass 1 (stage 1's end)
+    assert [m["pass"] for m in read_metrics(run)] == [
+        1,
+        2,
+    ]  # checkpointed after pass 1 (stage 1's end)
     resume(run, dataset=synthetic(), progress=False)  # the last good checkpoint is intact
     assert [m["pass"] for m in read_metrics(run)] == list(range(1, 14))
 
@@ -354,22 +396,46 @@ def test_persistent_non_finite_steps_stop_training(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "name, text",
     [
-        ("c.toml", 'dataset = "omniglot"\nobjective = "miwae"\nk = 4\nm = 2\nstages = 2\nseed = 7\n'),
+        (
+            "c.toml",
+            'dataset = "omniglot"\nobjective = "miwae"\nk = 4\nm = 2\nstages = 2\nseed = 7\n',
+        ),
         ("c.yaml", "dataset: omniglot\nobjective: miwae\nk: 4\nm: 2\nstages: 2\nseed: 7\n"),
-        ("c.json", '{"dataset": "omniglot", "objective": "miwae", "k": 4, "m": 2, "stages": 2, "seed": 7}'),
+        (
+            "c.json",
+            '{"dataset": "omniglot", "objective": "miwae", "k": 4, "m": 2, "stages": 2, "seed": 7}',
+        ),
     ],
 )
 def test_config_files(tmp_path, monkeypatch, name, text):
     seen = {}
-    monkeypatch.setattr("iwae.train.train", lambda config, out, **kw: seen.update(config=config, out=out) or {
-        "passes": 4, "train_seconds": 1.0, "final_train_bound": -1.0, "final_test_iwae64": -1.0, "test_iwae64_n": 1,
-    })  # fmt: skip
+    monkeypatch.setattr(
+        "iwae.train.train",
+        lambda config, out, **kw: (
+            seen.update(config=config, out=out)
+            or {
+                "passes": 4,
+                "train_seconds": 1.0,
+                "final_train_bound": -1.0,
+                "final_test_iwae64": -1.0,
+                "test_iwae64_n": 1,
+            }
+        ),
+    )
     (tmp_path / name).write_text(text)
-    assert main(["train", "--config", str(tmp_path / name), "-k", "8", "--out", str(tmp_path / "run")]) == 0
+    assert (
+        main(["train", "--config", str(tmp_path / name), "-k", "8", "--out", str(tmp_path / "run")])
+        == 0
+    )
     config = seen["config"]
     assert (config.dataset, config.objective, config.k, config.m, config.stages, config.seed) == (
-        "omniglot", "miwae", 8, 2, 2, 7,
-    )  # fmt: skip
+        "omniglot",
+        "miwae",
+        8,
+        2,
+        2,
+        7,
+    )
 
 
 @pytest.mark.parametrize(
@@ -401,30 +467,72 @@ def test_resume_cli_errors(tmp_path, capsys):
 # -- data parallel --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("objective", [["piwae", "-m", "2", "-k", "3"], ["iwae", "-k", "5", "--estimator", "dreg"]])
+@pytest.mark.parametrize(
+    "objective", [["piwae", "-m", "2", "-k", "3"], ["iwae", "-k", "5", "--estimator", "dreg"]]
+)
 def test_torchrun_two_processes_match_one(shared_data_dir, tmp_path, objective):
     """torchrun --nproc_per_node 2 (gloo) gives the single-process run with the same global batch."""
-    args = ["train", "--objective", *objective, "--epochs", "2", "--n-train", "310", "--eval-n", "50",
-            "--data-dir", str(shared_data_dir), "--quiet"]  # fmt: skip
+    args = [
+        "train",
+        "--objective",
+        *objective,
+        "--epochs",
+        "2",
+        "--n-train",
+        "310",
+        "--eval-n",
+        "50",
+        "--data-dir",
+        str(shared_data_dir),
+        "--quiet",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "iwae.cli", *args, "--out", str(tmp_path / "one")], env=env,
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    one = subprocess.run(
+        [sys.executable, "-m", "iwae.cli", *args, "--out", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "iwae.cli", *args, "--out", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "iwae.cli",
+            *args,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert a.keys() == b.keys()
     for key in a:  # the same up to the order of floating-point sums
-        assert torch.allclose(a[key], b[key], atol=1e-4, rtol=0), (key, (a[key] - b[key]).abs().max())
+        assert torch.allclose(a[key], b[key], atol=1e-4, rtol=0), (
+            key,
+            (a[key] - b[key]).abs().max(),
+        )
     ma, mb = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [m["train_bound"] for m in ma] == pytest.approx([m["train_bound"] for m in mb], abs=1e-3)
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
 
 
-@pytest.mark.parametrize("command", [["evaluate"], ["sample", "--out", "grid.png"], ["train", "--resume"]])
-def test_bad_run_directories_on_the_command_line(finished_run, tmp_path, capsys, command, monkeypatch):
+@pytest.mark.parametrize(
+    "command", [["evaluate"], ["sample", "--out", "grid.png"], ["train", "--resume"]]
+)
+def test_bad_run_directories_on_the_command_line(
+    finished_run, tmp_path, capsys, command, monkeypatch
+):
     """An empty directory, or one whose weights are cut short: one line, exit code 2."""
     monkeypatch.chdir(tmp_path)
     empty = tmp_path / "empty"
@@ -433,7 +541,11 @@ def test_bad_run_directories_on_the_command_line(finished_run, tmp_path, capsys,
     weights_file.write_bytes(weights_file.read_bytes()[:100])
     (finished_run / CHECKPOINT_FILE).write_bytes(b"")
     for run_dir, what in ((empty, "config.json"), (finished_run, "safetensors")):
-        argv = [command[0], *command[1:], str(run_dir)] if command[0] == "train" else [command[0], str(run_dir), *command[1:]]
+        argv = (
+            [command[0], *command[1:], str(run_dir)]
+            if command[0] == "train"
+            else [command[0], str(run_dir), *command[1:]]
+        )
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and what in err, err
@@ -445,15 +557,29 @@ def test_flushing_denormals_leaves_the_printed_results_unchanged(shared_data_dir
     seed, to the digits `iwae train` prints (real MNIST, two passes, stage-end NLL)."""
     from iwae.train import flush_denormals
 
-    config = TrainConfig(dataset="mnist", objective="iwae", k=5, epochs=2, n_train=2000, eval_n=200, eval_every=1,
-                         stage_nll_k=500, data_dir=str(shared_data_dir))  # fmt: skip
+    config = TrainConfig(
+        dataset="mnist",
+        objective="iwae",
+        k=5,
+        epochs=2,
+        n_train=2000,
+        eval_n=200,
+        eval_every=1,
+        stage_nll_k=500,
+        data_dir=str(shared_data_dir),
+    )
     printed = {}
     try:
         for flush in (False, True):
             assert flush_denormals(flush)  # supported on the x86 CPUs CI runs on
             train(config, tmp_path / str(flush), progress=False)
-            printed[flush] = [(f"{m['train_bound']:.2f}", f"{m['test_iwae64']:.2f}") for m in read_metrics(tmp_path / str(flush))]
-            printed[flush].append(f"{read_metrics(tmp_path / str(flush))[-1]['test_nll_subset']:.2f}")
+            printed[flush] = [
+                (f"{m['train_bound']:.2f}", f"{m['test_iwae64']:.2f}")
+                for m in read_metrics(tmp_path / str(flush))
+            ]
+            printed[flush].append(
+                f"{read_metrics(tmp_path / str(flush))[-1]['test_nll_subset']:.2f}"
+            )
     finally:
         flush_denormals(False)  # torch's default
     assert printed[True] == printed[False]
@@ -492,7 +618,9 @@ def test_train_step_skips_on_the_device_without_reading_the_host(monkeypatch):
         assert all(torch.equal(v, optimizer.state[p][k]) for k, v in saved.items())
     value, skipped = train_step(model, objective, optimizer, x, g)
     assert skipped.item() == 0.0 and torch.isfinite(value)
-    assert not torch.equal(before["encoder.0.mean.weight"], model.state_dict()["encoder.0.mean.weight"])
+    assert not torch.equal(
+        before["encoder.0.mean.weight"], model.state_dict()["encoder.0.mean.weight"]
+    )
     assert all(optimizer.state[p]["step"].item() == 2 for p in model.parameters())
 
 
@@ -513,12 +641,19 @@ def test_a_checkpoint_from_another_device_kind_continues_with_a_reseeded_stream(
     tensors.update({"rng.generator": cuda_like, "rng.pass_start": cuda_like.clone()})
     for name in ("b", "c"):
         (tmp_path / name).mkdir()
-        safetensors.torch.save_file(tensors, tmp_path / name / CHECKPOINT_FILE, metadata={"state": json.dumps(state)})
+        safetensors.torch.save_file(
+            tensors, tmp_path / name / CHECKPOINT_FILE, metadata={"state": json.dumps(state)}
+        )
         (tmp_path / name / "config.json").write_text((tmp_path / "a" / "config.json").read_text())
-        (tmp_path / name / "metrics.jsonl").write_text((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[0] + "\n")
+        (tmp_path / name / "metrics.jsonl").write_text(
+            (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[0] + "\n"
+        )
         resume(tmp_path / name, dataset=synthetic(), progress=False)
     assert [m["pass"] for m in read_metrics(tmp_path / "b")] == [1, 2, 3, 4]
     assert_bitwise_equal(weights(tmp_path / "b"), weights(tmp_path / "c"))  # deterministic
-    assert not torch.equal(weights(tmp_path / "a")["encoder.0.mean.weight"], weights(tmp_path / "b")["encoder.0.mean.weight"])
+    assert not torch.equal(
+        weights(tmp_path / "a")["encoder.0.mean.weight"],
+        weights(tmp_path / "b")["encoder.0.mean.weight"],
+    )
     g = torch.Generator()
     assert torch.equal(generator_state(g, g.get_state()), g.get_state())  # the same kind: unchanged

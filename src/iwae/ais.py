@@ -105,21 +105,27 @@ class Point:
     grad: Tensor
     parts: tuple[Tensor, ...] = ()
 
-    def where(self, take: Tensor, other: "Point") -> "Point":
+    def where(self, take: Tensor, other: Point) -> Point:
         """Row by row: ``other`` where ``take`` [C, B] is true, else self."""
 
         def pick(a: Tensor, b: Tensor) -> Tensor:
             return torch.where(take.reshape(*take.shape, *[1] * (a.dim() - 2)), b, a)
 
-        return Point(pick(self.h, other.h), pick(self.log_f, other.log_f), pick(self.grad, other.grad),
-                     tuple(pick(a, b) for a, b in zip(self.parts, other.parts)))  # fmt: skip
+        return Point(
+            pick(self.h, other.h),
+            pick(self.log_f, other.log_f),
+            pick(self.grad, other.grad),
+            tuple(pick(a, b) for a, b in zip(self.parts, other.parts)),
+        )
 
 
 #: evaluate(h [C, B, D]) -> the Point at h (its log-density and gradient under the target)
 Evaluate = Callable[[Tensor], Point]
 
 
-def leapfrog(start: Point, momentum: Tensor, evaluate: Evaluate, step_size: Tensor, steps: int) -> tuple[Point, Tensor]:
+def leapfrog(
+    start: Point, momentum: Tensor, evaluate: Evaluate, step_size: Tensor, steps: int
+) -> tuple[Point, Tensor]:
     """``steps`` leapfrog steps of size ``step_size`` (broadcast against [C, B, D]) for the
     Hamiltonian H(h, p) = -log f(h) + |p|^2 / 2:
 
@@ -135,7 +141,11 @@ def leapfrog(start: Point, momentum: Tensor, evaluate: Evaluate, step_size: Tens
 
 
 def hmc_transition(
-    start: Point, evaluate: Evaluate, step_size: Tensor, steps: int, generator: torch.Generator | None = None
+    start: Point,
+    evaluate: Evaluate,
+    step_size: Tensor,
+    steps: int,
+    generator: torch.Generator | None = None,
 ) -> tuple[Point, Tensor]:
     """One HMC transition (unit mass, ``steps`` leapfrog steps of size ``step_size``), which
     leaves f = exp(log f) invariant: draw p ~ N(0, I), integrate, accept the end point with
@@ -143,14 +153,20 @@ def hmc_transition(
     gradient or momentum is rejected.
 
     Returns the new point (the start where rejected) and the acceptance probability [C, B]."""
-    momentum = torch.randn(start.h.shape, dtype=start.h.dtype, device=start.h.device, generator=generator)
+    momentum = torch.randn(
+        start.h.shape, dtype=start.h.dtype, device=start.h.device, generator=generator
+    )
     end, p_end = leapfrog(start, momentum, evaluate, step_size, steps)
     h_start = -start.log_f + 0.5 * momentum.square().sum(-1)
     h_end = -end.log_f + 0.5 * p_end.square().sum(-1)
     log_accept = (h_start - h_end).clamp(max=0.0)
-    finite = torch.isfinite(end.log_f) & torch.isfinite(end.grad).all(-1) & torch.isfinite(p_end).all(-1)
+    finite = (
+        torch.isfinite(end.log_f) & torch.isfinite(end.grad).all(-1) & torch.isfinite(p_end).all(-1)
+    )
     log_accept = torch.where(finite & torch.isfinite(log_accept), log_accept, -math.inf)
-    u = torch.rand(log_accept.shape, dtype=log_accept.dtype, device=log_accept.device, generator=generator)
+    u = torch.rand(
+        log_accept.shape, dtype=log_accept.dtype, device=log_accept.device, generator=generator
+    )
     accept = u.log() < log_accept
     return start.where(accept, end), log_accept.exp()
 
@@ -161,8 +177,14 @@ class StepSize:
     eps <- eps * 1.02 if a > target else eps / 1.02 (within [1e-4, 0.5]) after each
     transition. With ``adapt=False`` eps stays at its initial value."""
 
-    def __init__(self, batch: int, like: Tensor, initial: float | None = None, target: float = TARGET_ACCEPT,
-                 adapt: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        batch: int,
+        like: Tensor,
+        initial: float | None = None,
+        target: float = TARGET_ACCEPT,
+        adapt: bool = True,
+    ):
         initial = STEP_SIZE_INIT if initial is None else initial
         self.value = torch.full((batch,), initial, dtype=like.dtype, device=like.device)
         self.running = torch.full((batch,), target, dtype=like.dtype, device=like.device)
@@ -176,7 +198,9 @@ class StepSize:
         """Adapt from the acceptance probabilities [C, B] of the transition just made."""
         if not self.adapt:
             return
-        self.running = ACCEPT_SMOOTHING * self.running + (1 - ACCEPT_SMOOTHING) * accept_prob.mean(0)
+        self.running = ACCEPT_SMOOTHING * self.running + (1 - ACCEPT_SMOOTHING) * accept_prob.mean(
+            0
+        )
         factor = torch.where(self.running > self.target, ADAPT_RATE, 1.0 / ADAPT_RATE)
         self.value = (self.value * factor).clamp(*STEP_SIZE_RANGE)
 
@@ -207,7 +231,9 @@ class _Path:
 
     def __init__(self, model: VAE, x: Tensor, init: str):
         if init not in INITS:
-            raise IwaeError(f"unknown AIS initial distribution {init!r}: choose one of {', '.join(INITS)}")
+            raise IwaeError(
+                f"unknown AIS initial distribution {init!r}: choose one of {', '.join(INITS)}"
+            )
         self.model, self.x, self.init = model, x, init
         self.sizes = list(model.config.latent)
 
@@ -234,7 +260,9 @@ class _Path:
     def at(point_parts: tuple[Tensor, ...], h: Tensor, beta: float) -> Point:
         """The point h of f_beta from its parts (log f_0, log p, their gradients)."""
         log_f0, log_p, g0, gp = point_parts
-        return Point(h, (1.0 - beta) * log_f0 + beta * log_p, (1.0 - beta) * g0 + beta * gp, point_parts)
+        return Point(
+            h, (1.0 - beta) * log_f0 + beta * log_p, (1.0 - beta) * g0 + beta * gp, point_parts
+        )
 
     def point(self, h: Tensor, beta: float) -> Point:
         return self.at(self.ends(h), h, beta)
@@ -270,7 +298,9 @@ class AisRun:
     step_size: Tensor
 
 
-def _anneal(path: _Path, h: Tensor, betas: Tensor, leapfrog_steps: int, generator, adapt: bool, bar=None) -> AisRun:
+def _anneal(
+    path: _Path, h: Tensor, betas: Tensor, leapfrog_steps: int, generator, adapt: bool, bar=None
+) -> AisRun:
     """Walk ``path`` through the betas in the order given, from states ``h`` [C, B, D]:
     before the move at each new beta_t the log-weight gains (beta_t - beta_{t-1}) * (log p -
     log f_0) at the current state; the last beta gets no move. Forward AIS walks 0..1 from
@@ -284,7 +314,9 @@ def _anneal(path: _Path, h: Tensor, betas: Tensor, leapfrog_steps: int, generato
         log_w = log_w + (betas[t] - betas[t - 1]) * path.log_ratio(point)
         if t < len(betas) - 1:
             point = path.at(point.parts, point.h, betas[t])
-            point, accept_prob = hmc_transition(point, path.evaluator(betas[t]), step.broadcast(), leapfrog_steps, generator)
+            point, accept_prob = hmc_transition(
+                point, path.evaluator(betas[t]), step.broadcast(), leapfrog_steps, generator
+            )
             step.update(accept_prob)
             accept_sum += accept_prob.mean(0)
         if bar is not None:
@@ -311,9 +343,20 @@ def _progress(total: int, desc: str, progress: bool):
     return progress_bar(total, desc, "ex·step", enabled=progress, unit_scale=True)
 
 
-def _anneal_in_chunks(model: VAE, x: Tensor, betas: Tensor, chains: int, leapfrog_steps: int, init: str,
-                      generator: torch.Generator, adapt: bool, max_rows: int, desc: str, progress: bool,
-                      start: Callable[["_Path", int, int], Tensor]) -> tuple[Tensor, Tensor]:
+def _anneal_in_chunks(
+    model: VAE,
+    x: Tensor,
+    betas: Tensor,
+    chains: int,
+    leapfrog_steps: int,
+    init: str,
+    generator: torch.Generator,
+    adapt: bool,
+    max_rows: int,
+    desc: str,
+    progress: bool,
+    start: Callable[[_Path, int, int], Tensor],
+) -> tuple[Tensor, Tensor]:
     """:func:`_anneal` along ``betas`` for the images ``x`` [N, D], in chunks of at most
     ``max_rows`` chain x image rows, each chunk's C chains starting from ``start(path, e0, ne)``
     (images e0 .. e0 + ne - 1). Returns the log-weights [C, N] and the acceptance [N]."""
@@ -347,9 +390,19 @@ def forward_ais(
     _check(steps, chains, leapfrog_steps)
     generator = torch.Generator(device=x.device).manual_seed(seed)
     log_w, acceptance = _anneal_in_chunks(
-        model, x, sigmoid_schedule(steps), chains, leapfrog_steps, init, generator, adapt, max_rows,
-        f"AIS T={steps}", progress, lambda path, e0, ne: path.initial(chains, generator),
-    )  # fmt: skip
+        model,
+        x,
+        sigmoid_schedule(steps),
+        chains,
+        leapfrog_steps,
+        init,
+        generator,
+        adapt,
+        max_rows,
+        f"AIS T={steps}",
+        progress,
+        lambda path, e0, ne: path.initial(chains, generator),
+    )
     return {"log_w": log_w, "log_px": iwae(log_w), "acceptance": acceptance}
 
 
@@ -378,9 +431,19 @@ def reverse_ais(
         return h_all[e0 : e0 + ne].unsqueeze(0).expand(chains, -1, -1).contiguous()
 
     log_w, acceptance = _anneal_in_chunks(
-        model, x, sigmoid_schedule(steps).flip(0), chains, leapfrog_steps, init, generator, adapt, max_rows,
-        f"reverse AIS T={steps}", progress, start,
-    )  # fmt: skip
+        model,
+        x,
+        sigmoid_schedule(steps).flip(0),
+        chains,
+        leapfrog_steps,
+        init,
+        generator,
+        adapt,
+        max_rows,
+        f"reverse AIS T={steps}",
+        progress,
+        start,
+    )
     return {"log_w": log_w, "log_px": -iwae(log_w), "acceptance": acceptance}
 
 
@@ -388,7 +451,9 @@ def reverse_ais(
 
 
 @torch.no_grad()
-def simulate(model: VAE, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, list[Tensor]]:
+def simulate(
+    model: VAE, n: int, generator: torch.Generator | None = None
+) -> tuple[Tensor, list[Tensor]]:
     """n images from the model with their exact latents: h_L ~ p(h_L), ..., h_1 ~ p(h_1 | h_2)
     (:meth:`iwae.model.VAE.sample_prior`), x ~ Bernoulli(sigmoid(logits(h_1))). Given x, the
     latents are an exact sample of p(h | x). Returns x [n, D] and h_1..h_L [n, d_l]."""
@@ -423,12 +488,27 @@ def bdmc(
     with _frozen(model):
         p = next(model.parameters())
         x, latents = simulate(model, n, torch.Generator(device=p.device).manual_seed(seed))
-    out: dict = {"steps": [int(t) for t in steps], "lower": [], "upper": [], "gap": [], "lower_stderr": [],
-                 "upper_stderr": [], "acceptance_forward": [], "acceptance_reverse": [], "seconds": []}  # fmt: skip
+    out: dict = {
+        "steps": [int(t) for t in steps],
+        "lower": [],
+        "upper": [],
+        "gap": [],
+        "lower_stderr": [],
+        "upper_stderr": [],
+        "acceptance_forward": [],
+        "acceptance_reverse": [],
+        "seconds": [],
+    }
     lowers, uppers = [], []
     for t in out["steps"]:
         started = clock()
-        options = dict(chains=chains, leapfrog_steps=leapfrog_steps, init=init, max_rows=max_rows, progress=progress)
+        options = dict(
+            chains=chains,
+            leapfrog_steps=leapfrog_steps,
+            init=init,
+            max_rows=max_rows,
+            progress=progress,
+        )
         fwd = forward_ais(model, x, t, seed=seed + 1, **options)
         rev = reverse_ais(model, x, latents, t, seed=seed + 2, **options)
         out["seconds"].append(clock() - started)

@@ -129,17 +129,23 @@ class Objective:
 
     def __post_init__(self):
         if self.name not in OBJECTIVES:
-            raise IwaeError(f"unknown objective {self.name!r}: choose one of {', '.join(OBJECTIVES)}")
+            raise IwaeError(
+                f"unknown objective {self.name!r}: choose one of {', '.join(OBJECTIVES)}"
+            )
         if not isinstance(self.k, int) or self.k < 1:
             raise IwaeError(f"k must be an integer >= 1, got {self.k!r}")
         if not isinstance(self.m, int) or self.m < 1:
             raise IwaeError(f"m must be an integer >= 1, got {self.m!r}")
         if self.m > 1 and self.name not in ("miwae", "piwae"):
-            raise IwaeError(f"-m (groups) applies to miwae and piwae only; {self.name} uses k samples")
+            raise IwaeError(
+                f"-m (groups) applies to miwae and piwae only; {self.name} uses k samples"
+            )
         if not (0.0 <= self.beta <= 1.0) or math.isnan(self.beta):
             raise IwaeError(f"beta must lie in [0, 1], got {self.beta!r}")
         if self.estimator not in ESTIMATORS:
-            raise IwaeError(f"unknown estimator {self.estimator!r}: choose one of {', '.join(ESTIMATORS)}")
+            raise IwaeError(
+                f"unknown estimator {self.estimator!r}: choose one of {', '.join(ESTIMATORS)}"
+            )
 
     @property
     def samples(self) -> int:
@@ -160,7 +166,7 @@ class Objective:
 
     @property
     def route(self) -> str:
-        """"joint" or "split": :data:`GRADIENT_ROUTES` for this objective and estimator."""
+        """ "joint" or "split": :data:`GRADIENT_ROUTES` for this objective and estimator."""
         return GRADIENT_ROUTES[self.name][ESTIMATORS.index(self.estimator)]
 
     def bound(self, log_w: Tensor) -> Tensor:
@@ -178,7 +184,9 @@ class Objective:
         """The M*K log-weights per example that :meth:`backward` expects, [M*K, B]: with
         q's parameters stopped inside log q for the stl and dreg estimators (``noise``: an
         explicit source of the samples' noise, :data:`iwae.model.Noise`)."""
-        return model.log_weights(x, self.samples, generator, stop_q=self.estimator != "reparam", noise=noise)
+        return model.log_weights(
+            x, self.samples, generator, stop_q=self.estimator != "reparam", noise=noise
+        )
 
     def encoder_surrogate(self, log_w: Tensor) -> Tensor:
         """Per example [B], the function whose encoder gradient is this estimator's:
@@ -216,7 +224,9 @@ class Objective:
         return value.detach()
 
 
-def backward_stacked(objectives: list[Objective], log_w: Tensor, encoder_params, decoder_params) -> Tensor:
+def backward_stacked(
+    objectives: list[Objective], log_w: Tensor, encoder_params, decoder_params
+) -> Tensor:
     """:meth:`Objective.backward` for G models side by side (lockstep training): model g's
     log-weights are ``log_w[g]`` (``log_w`` [G, S, B]) and its objective ``objectives[g]``.
 
@@ -231,7 +241,11 @@ def backward_stacked(objectives: list[Objective], log_w: Tensor, encoder_params,
         (-values.sum()).backward()
         return values.detach()
     encoder_params, decoder_params = list(encoder_params), list(decoder_params)
-    enc_terms = _per_model(objectives, log_w, lambda o, lw: o.encoder_surrogate(lw) if o.route == "split" else o.bound(lw))
+    enc_terms = _per_model(
+        objectives,
+        log_w,
+        lambda o, lw: o.encoder_surrogate(lw) if o.route == "split" else o.bound(lw),
+    )
     enc_grads = torch.autograd.grad(-enc_terms.sum(), encoder_params, retain_graph=True)
     dec_grads = torch.autograd.grad(-values.sum(), decoder_params)
     _accumulate(encoder_params + decoder_params, enc_grads + dec_grads)

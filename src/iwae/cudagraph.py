@@ -65,9 +65,13 @@ class ReplayedNoise:
         if not self.frozen:
             self.buffers.append(torch.zeros(tuple(shape), dtype=dtype, device=device))
             return self.buffers[-1]
-        if self.cursor >= len(self.buffers) or tuple(self.buffers[self.cursor].shape) != tuple(shape):
-            raise RuntimeError(f"a replayed step asked for noise {tuple(shape)} out of the recorded order "
-                               f"{[tuple(b.shape) for b in self.buffers]}")  # fmt: skip
+        if self.cursor >= len(self.buffers) or tuple(self.buffers[self.cursor].shape) != tuple(
+            shape
+        ):
+            raise RuntimeError(
+                f"a replayed step asked for noise {tuple(shape)} out of the recorded order "
+                f"{[tuple(b.shape) for b in self.buffers]}"
+            )
         self.cursor += 1
         return self.buffers[self.cursor - 1]
 
@@ -95,8 +99,15 @@ class GraphedStep:
     next call (read or copy them before that).
     """
 
-    def __init__(self, body: StepBody, x_shape: tuple, device: torch.device, noise_source: Noise,
-                 capture: bool = True, warmup: int = WARMUP_STEPS):
+    def __init__(
+        self,
+        body: StepBody,
+        x_shape: tuple,
+        device: torch.device,
+        noise_source: Noise,
+        capture: bool = True,
+        warmup: int = WARMUP_STEPS,
+    ):
         device = torch.device(device)
         self.body = body
         self.x = torch.full(tuple(x_shape), float("nan"), device=device)
@@ -138,7 +149,6 @@ class GraphedStep:
         return self.outputs
 
 
-
 class GraphedSteps:
     """:class:`GraphedStep` of ``body`` for every batch shape it is called with (captured at
     the first call of each shape: the full batches, and a pass's smaller last batch).
@@ -147,8 +157,15 @@ class GraphedSteps:
     step), the steps run eagerly from then on, with a warning: a capture only records work
     and the warm-up steps change nothing, so the run continues exactly where it was."""
 
-    def __init__(self, body: StepBody, device: torch.device, noise_source: Noise, capture: bool = True):
-        self.body, self.device, self.noise_source, self.capture = body, torch.device(device), noise_source, capture
+    def __init__(
+        self, body: StepBody, device: torch.device, noise_source: Noise, capture: bool = True
+    ):
+        self.body, self.device, self.noise_source, self.capture = (
+            body,
+            torch.device(device),
+            noise_source,
+            capture,
+        )
         self.steps: dict[tuple, GraphedStep] = {}
         self.failed: str | None = None
 
@@ -158,9 +175,14 @@ class GraphedSteps:
             return self.body(xb, self.noise_source)
         if shape not in self.steps:
             try:
-                self.steps[shape] = GraphedStep(self.body, shape, self.device, self.noise_source, self.capture)
+                self.steps[shape] = GraphedStep(
+                    self.body, shape, self.device, self.noise_source, self.capture
+                )
             except RuntimeError as e:
                 self.failed = f"{type(e).__name__}: {e}"
-                warnings.warn(f"CUDA graph capture failed, training steps run eagerly ({self.failed})", stacklevel=2)
+                warnings.warn(
+                    f"CUDA graph capture failed, training steps run eagerly ({self.failed})",
+                    stacklevel=2,
+                )
                 return self.body(xb, self.noise_source)
         return self.steps[shape](xb)

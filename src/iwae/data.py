@@ -186,7 +186,11 @@ def _parse_idx(data: bytes, path: Path, ndim: int | None = None) -> np.ndarray:
     if len(data) < 4:
         raise DataError(f"{path}: not an IDX file: only {len(data)} bytes")
     magic = int.from_bytes(data[:4], "big")
-    expected_magic = f"0x{(_IDX_UBYTE << 8) + ndim:08x}" if ndim else "0x000008NN (unsigned bytes, NN dimensions)"
+    expected_magic = (
+        f"0x{(_IDX_UBYTE << 8) + ndim:08x}"
+        if ndim
+        else "0x000008NN (unsigned bytes, NN dimensions)"
+    )
     if magic >> 8 != _IDX_UBYTE or magic & 0xFF == 0 or (ndim is not None and magic & 0xFF != ndim):
         raise DataError(
             f"{path}: wrong IDX magic number 0x{magic:08x}, expected {expected_magic}; "
@@ -195,7 +199,9 @@ def _parse_idx(data: bytes, path: Path, ndim: int | None = None) -> np.ndarray:
     ndim = magic & 0xFF
     header = 4 + 4 * ndim
     if len(data) < header:
-        raise DataError(f"{path}: truncated IDX header: {len(data)} bytes, expected at least {header}")
+        raise DataError(
+            f"{path}: truncated IDX header: {len(data)} bytes, expected at least {header}"
+        )
     dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = header + int(np.prod(dims))
     if len(data) != expected:
@@ -233,7 +239,9 @@ def _md5_problem(data: bytes, name: str) -> str | None:
     return f"MD5 of the uncompressed bytes is {digest}, expected {MNIST_MD5[name]}"
 
 
-def _download_mnist_file(name: str, mnist_dir: Path, mirrors: Sequence[str], dead: set[str]) -> list[str] | None:
+def _download_mnist_file(
+    name: str, mnist_dir: Path, mirrors: Sequence[str], dead: set[str]
+) -> list[str] | None:
     """Fetch ``name.gz`` from the first mirror that serves it with the right MD5.
 
     The verified ``.gz`` is placed atomically in ``mnist_dir``.  Returns None on
@@ -269,7 +277,9 @@ def _download_mnist_file(name: str, mnist_dir: Path, mirrors: Sequence[str], dea
             mnist_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(mnist_dir / f"{name}.gz", lambda f: f.write(payload))
         except OSError as e:
-            raise DataError(f"{mnist_dir / name}.gz: cannot save the downloaded file: {e.strerror or e}") from e
+            raise DataError(
+                f"{mnist_dir / name}.gz: cannot save the downloaded file: {e.strerror or e}"
+            ) from e
         log.info("downloaded %s to %s", url, mnist_dir)
         return None
     return problems
@@ -310,10 +320,18 @@ def load_mnist(
         dead: set[str] = set()
         mirrors = MNIST_MIRRORS if mirrors is None else mirrors
         problems = {name: _download_mnist_file(name, mnist_dir, mirrors, dead) for name in missing}
-        paths.update({name: mnist_dir / f"{name}.gz" for name, problem in problems.items() if problem is None})
+        paths.update(
+            {
+                name: mnist_dir / f"{name}.gz"
+                for name, problem in problems.items()
+                if problem is None
+            }
+        )
         missing = [name for name, problem in problems.items() if problem is not None]
         if missing:
-            reasons = dict.fromkeys(reason for name in missing for reason in problems[name])  # unique, in order
+            reasons = dict.fromkeys(
+                reason for name in missing for reason in problems[name]
+            )  # unique, in order
             failure = f" (download failed: {'; '.join(reasons) or 'no mirrors given'})"
     if missing:
         files = ", ".join(f"{name}.gz" for name in missing)
@@ -328,7 +346,10 @@ def load_mnist(
         _read_mnist_file(paths[labels_name], labels_name, (n,))  # verified, not returned
         out[split] = images.reshape(n, N_PIXELS).astype(np.float32) / np.float32(255.0)
     if validation:
-        out["train"], out["validation"] = out["train"][:-VALIDATION_SIZE], out["train"][-VALIDATION_SIZE:]
+        out["train"], out["validation"] = (
+            out["train"][:-VALIDATION_SIZE],
+            out["train"][-VALIDATION_SIZE:],
+        )
     return out
 
 
@@ -381,8 +402,12 @@ def _load_chardata(
         child.start()
         child.join()
         if child.exitcode != 0:
-            message = error.read_text() if error.exists() else (
-                f"{path}: the MATLAB file parser crashed (exit code {child.exitcode}); the file is corrupted"
+            message = (
+                error.read_text()
+                if error.exists()
+                else (
+                    f"{path}: the MATLAB file parser crashed (exit code {child.exitcode}); the file is corrupted"
+                )
             )
             raise DataError(message)
         with np.load(result, allow_pickle=False) as npz:
@@ -393,7 +418,9 @@ def _parse_chardata_child(path: Path, sizes: tuple[int, int], result: Path, erro
     try:
         np.savez(result, **_parse_chardata(path, sizes))
     except BaseException as e:
-        error.write_text(str(e) if isinstance(e, DataError) else f"{path}: cannot read MATLAB file: {e}")
+        error.write_text(
+            str(e) if isinstance(e, DataError) else f"{path}: cannot read MATLAB file: {e}"
+        )
         sys.exit(3)
 
 
@@ -405,7 +432,9 @@ def _parse_chardata(path: Path, sizes: tuple[int, int]) -> dict[str, np.ndarray]
     out = {}
     for key, split, n in (("data", "train", sizes[0]), ("testdata", "test", sizes[1])):
         if key not in mat:
-            raise DataError(f"{path}: variable '{key}' missing, expected '{key}' of shape {(N_PIXELS, n)}")
+            raise DataError(
+                f"{path}: variable '{key}' missing, expected '{key}' of shape {(N_PIXELS, n)}"
+            )
         data = mat[key]
         if data.shape != (N_PIXELS, n):
             raise DataError(f"{path}: '{key}' has shape {data.shape}, expected {(N_PIXELS, n)}")
@@ -442,14 +471,23 @@ def _read_raw_images(path: Path, n_chars: int) -> np.ndarray:
     """The bool [n_chars, 20, 105, 105] ``images`` array of a raw OMNIGLOT npz."""
     shape = (n_chars, _OMNIGLOT_DRAWERS, _OMNIGLOT_RAW_SIDE, _OMNIGLOT_RAW_SIDE)
     try:
-        with path.open("rb") as f, np.load(f, allow_pickle=False) as npz:  # own file: closed on errors too
+        with (
+            path.open("rb") as f,
+            np.load(f, allow_pickle=False) as npz,
+        ):  # own file: closed on errors too
             if "images" not in npz.files:
-                raise DataError(f"{path}: no 'images' array (found {sorted(npz.files)}), expected bool {shape}")
+                raise DataError(
+                    f"{path}: no 'images' array (found {sorted(npz.files)}), expected bool {shape}"
+                )
             images = npz["images"]
     except DataError:
         raise
-    except Exception as e:  # numpy's header parser can raise SyntaxError, TokenError, ... (found by fuzzing)
-        raise DataError(f"{path}: cannot read npz file (truncated or corrupted?): {type(e).__name__}: {e}") from e
+    except (
+        Exception
+    ) as e:  # numpy's header parser can raise SyntaxError, TokenError, ... (found by fuzzing)
+        raise DataError(
+            f"{path}: cannot read npz file (truncated or corrupted?): {type(e).__name__}: {e}"
+        ) from e
     if images.dtype != np.bool_ or images.shape != shape:
         raise DataError(f"{path}: 'images' is {images.dtype} {images.shape}, expected bool {shape}")
     return images
@@ -527,7 +565,9 @@ def _write_cache(paths: Sequence[Path], fingerprint: str, split: dict[str, np.nd
         if not _is_writable_dir(path.parent):
             continue
         try:
-            atomic_write(path, lambda f: np.savez_compressed(f, fingerprint=np.array(fingerprint), **split))
+            atomic_write(
+                path, lambda f: np.savez_compressed(f, fingerprint=np.array(fingerprint), **split)
+            )
         except OSError as e:
             log.warning("cannot write OMNIGLOT cache %s: %s", path, e)
             continue
@@ -601,14 +641,18 @@ def _load_dataset_cached(name: str, data_dir: Path, validation: bool) -> Dataset
         arrays = load_mnist(data_dir, validation=validation)
     else:
         if validation:
-            raise IwaeError("a validation split is only defined for mnist (the last 400 training images)")
+            raise IwaeError(
+                "a validation split is only defined for mnist (the last 400 training images)"
+            )
         arrays = load_omniglot(data_dir)
     for array in arrays.values():
         array.flags.writeable = False
     return Dataset(name=name, **arrays)
 
 
-def load_dataset(name: str, data_dir: str | os.PathLike[str] | None = None, validation: bool = False) -> Dataset:
+def load_dataset(
+    name: str, data_dir: str | os.PathLike[str] | None = None, validation: bool = False
+) -> Dataset:
     """Load ``"mnist"`` or ``"omniglot"`` (cached in-process per resolved data dir), or
     anything else as the path of the user's own data (:func:`load_files`, not cached;
     ``validation`` does not apply: a ``validation`` split in the files is always held out)."""
@@ -616,8 +660,10 @@ def load_dataset(name: str, data_dir: str | os.PathLike[str] | None = None, vali
     if key in DATASETS:
         return _load_dataset_cached(key, resolve_data_dir(data_dir), bool(validation))
     if validation:
-        raise IwaeError("--validation holds out MNIST's last 400 training images; a dataset read from files "
-                        "keeps its own validation split apart instead")  # fmt: skip
+        raise IwaeError(
+            "--validation holds out MNIST's last 400 training images; a dataset read from files "
+            "keeps its own validation split apart instead"
+        )
     return load_files(name)
 
 
@@ -638,38 +684,57 @@ def load_files(path: str | os.PathLike[str]) -> Dataset:
     given = str(path)
     path = Path(path).expanduser()
     if not path.exists():
-        raise IwaeError(f"--dataset {given}: neither a built-in dataset ({', '.join(DATASETS)}) "
-                        "nor an existing .npz file or directory")  # fmt: skip
+        raise IwaeError(
+            f"--dataset {given}: neither a built-in dataset ({', '.join(DATASETS)}) "
+            "nor an existing .npz file or directory"
+        )
     path = path.resolve()
     if path.is_dir():
         arrays = read_png_dir(path)
     elif path.suffix.lower() == ".npz":
         arrays = read_npz_images(path)
     else:
-        raise DataError(f"{path}: expected an .npz file or a directory with train/ and test/ of PNG images")
+        raise DataError(
+            f"{path}: expected an .npz file or a directory with train/ and test/ of PNG images"
+        )
     splits, image_shape = _checked_splits(path, arrays)
     binary = _is_binary(splits["train"])  # what training uses as it is (validation is held out)
     for array in splits.values():
         array.flags.writeable = False
-    return Dataset(name=str(path), image_shape=image_shape, binary=binary, path=str(path),
-                   sha256=content_sha256(splits, image_shape), **splits)  # fmt: skip
+    return Dataset(
+        name=str(path),
+        image_shape=image_shape,
+        binary=binary,
+        path=str(path),
+        sha256=content_sha256(splits, image_shape),
+        **splits,
+    )
 
 
 def read_npz_images(path: Path) -> dict[str, np.ndarray]:
     """The arrays ``train``, ``test`` and (if present) ``validation`` of an ``.npz`` file,
     as stored (other arrays in the file are ignored)."""
     try:
-        with path.open("rb") as f, np.load(f, allow_pickle=False) as npz:  # own file: closed on errors too
+        with (
+            path.open("rb") as f,
+            np.load(f, allow_pickle=False) as npz,
+        ):  # own file: closed on errors too
             missing = [s for s in _REQUIRED_SPLITS if s not in npz.files]
             if missing:
-                raise DataError(f"{path}: missing split {', '.join(repr(m) for m in missing)} (found arrays "
-                                f"{sorted(npz.files)}; expected 'train' and 'test', optionally 'validation')")  # fmt: skip
+                raise DataError(
+                    f"{path}: missing split {', '.join(repr(m) for m in missing)} (found arrays "
+                    f"{sorted(npz.files)}; expected 'train' and 'test', optionally 'validation')"
+                )
             return {s: npz[s] for s in FILE_SPLITS if s in npz.files}
     except DataError:
         raise
-    except Exception as e:  # numpy and zipfile raise many types on corrupted files (found by fuzzing)
-        raise DataError(f"{path}: cannot read npz file (not an .npz, truncated or corrupted?): "
-                        f"{type(e).__name__}: {e}") from e  # fmt: skip
+    except (
+        Exception
+    ) as e:  # numpy and zipfile raise many types on corrupted files (found by fuzzing)
+        raise DataError(
+            f"{path}: cannot read npz file (not an .npz, truncated or corrupted?): "
+            f"{type(e).__name__}: {e}"
+        ) from e
 
 
 def read_png_dir(path: Path) -> dict[str, np.ndarray]:
@@ -678,8 +743,10 @@ def read_png_dir(path: Path) -> dict[str, np.ndarray]:
     (:func:`read_png`); other files are ignored."""
     missing = [s for s in _REQUIRED_SPLITS if not (path / s).is_dir()]
     if missing:
-        raise DataError(f"{path}: missing split {', '.join(f'{m}/' for m in missing)} "
-                        "(expected train/ and test/ of PNG images, optionally validation/)")  # fmt: skip
+        raise DataError(
+            f"{path}: missing split {', '.join(f'{m}/' for m in missing)} "
+            "(expected train/ and test/ of PNG images, optionally validation/)"
+        )
     out = {}
     for split in FILE_SPLITS:
         folder = path / split
@@ -691,8 +758,10 @@ def read_png_dir(path: Path) -> dict[str, np.ndarray]:
         images = [read_png(f) for f in files]
         for f, image in zip(files, images):
             if image.shape != images[0].shape:
-                raise DataError(f"{f}: image of size {_size(image.shape)}, but {files[0].name} is "
-                                f"{_size(images[0].shape)}: all images must have one size")  # fmt: skip
+                raise DataError(
+                    f"{f}: image of size {_size(image.shape)}, but {files[0].name} is "
+                    f"{_size(images[0].shape)}: all images must have one size"
+                )
         out[split] = np.stack(images)
     return out
 
@@ -721,38 +790,60 @@ def read_png(path: Path) -> np.ndarray:
     except DataError:
         raise
     except Exception as e:  # Pillow raises many types on corrupted files
-        raise DataError(f"{path}: cannot read PNG image (truncated or corrupted?): {type(e).__name__}: {e}") from e
+        raise DataError(
+            f"{path}: cannot read PNG image (truncated or corrupted?): {type(e).__name__}: {e}"
+        ) from e
 
 
-def _checked_splits(path: Path, arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], tuple[int, ...]]:
+def _checked_splits(
+    path: Path, arrays: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], tuple[int, ...]]:
     """Each split as float32 [N, D] (:func:`_checked_images`), and the shape of one image,
     the same in every split: ``(H, W)`` from [N, H, W] arrays, ``(D,)`` from [N, D] ones."""
     splits = {split: _checked_images(path, split, array) for split, array in arrays.items()}
     shapes = {split: array.shape[1:] for split, array in splits.items()}
     if len(set(shapes.values())) > 1:
         sizes = ", ".join(f"{split} {list(shape)}" for split, shape in shapes.items())
-        raise DataError(f"{path}: the splits hold images of different sizes ({sizes}); all must have one size")
+        raise DataError(
+            f"{path}: the splits hold images of different sizes ({sizes}); all must have one size"
+        )
     image_shape = tuple(int(d) for d in shapes["train"])
-    return {split: np.ascontiguousarray(a.reshape(a.shape[0], -1)) for split, a in splits.items()}, image_shape
+    return {
+        split: np.ascontiguousarray(a.reshape(a.shape[0], -1)) for split, a in splits.items()
+    }, image_shape
 
 
 def _checked_images(path: Path, split: str, array: np.ndarray) -> np.ndarray:
     """One split as float32, checked: real numbers, shape [N, H, W] or [N, D] with N >= 1
     and no empty dimension, every value finite and in [0, 1]."""
-    if array.dtype != np.bool_ and not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
-        raise DataError(f"{path}: '{split}' has dtype {array.dtype}, expected real numbers in [0, 1]")
+    if array.dtype != np.bool_ and not (
+        np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
+    ):
+        raise DataError(
+            f"{path}: '{split}' has dtype {array.dtype}, expected real numbers in [0, 1]"
+        )
     if array.ndim not in (2, 3):
-        raise DataError(f"{path}: '{split}' has shape {list(array.shape)}, expected [N, H, W] or [N, D]")
+        raise DataError(
+            f"{path}: '{split}' has shape {list(array.shape)}, expected [N, H, W] or [N, D]"
+        )
     if array.shape[0] == 0:
-        raise DataError(f"{path}: empty split: '{split}' holds no images (shape {list(array.shape)})")
+        raise DataError(
+            f"{path}: empty split: '{split}' holds no images (shape {list(array.shape)})"
+        )
     if 0 in array.shape[1:]:
         raise DataError(f"{path}: '{split}' has images of size 0 (shape {list(array.shape)})")
     if array.dtype != np.bool_:
         finite = bool(np.isfinite(array).all()) if np.issubdtype(array.dtype, np.floating) else True
         if not finite or array.min() < 0 or array.max() > 1:
-            found = "NaN or infinite values" if not finite else f"values from {array.min()} to {array.max()}"
-            raise DataError(f"{path}: '{split}' has values outside [0, 1] ({found}); grey images must be "
-                            "scaled to [0, 1] (8-bit pixels: divide by 255)")  # fmt: skip
+            found = (
+                "NaN or infinite values"
+                if not finite
+                else f"values from {array.min()} to {array.max()}"
+            )
+            raise DataError(
+                f"{path}: '{split}' has values outside [0, 1] ({found}); grey images must be "
+                "scaled to [0, 1] (8-bit pixels: divide by 255)"
+            )
     return array.astype(np.float32)
 
 
@@ -803,7 +894,9 @@ def binarize_fixed(x: np.ndarray, seed: int = 0) -> np.ndarray:
 TEST_SUBSET_SEED = 0
 
 
-def test_subset_indices(size: int, n: int | None = None, seed: int = TEST_SUBSET_SEED) -> np.ndarray:
+def test_subset_indices(
+    size: int, n: int | None = None, seed: int = TEST_SUBSET_SEED
+) -> np.ndarray:
     """Indices (sorted) of a seeded random subset of ``n`` of ``size`` test images; all of
     them when ``n`` is None or >= ``size``.
 
@@ -826,7 +919,9 @@ def test_subset_record(size: int, n: int | None = None) -> dict:
     return {"test_set_size": int(size), "test_subset_seed": TEST_SUBSET_SEED if subset else None}
 
 
-test_subset_indices.__test__ = test_subset_record.__test__ = False  # not tests, for pytest's collection
+test_subset_indices.__test__ = test_subset_record.__test__ = (
+    False  # not tests, for pytest's collection
+)
 
 
 def binarized_test(dataset: Dataset, n: int | None = None) -> np.ndarray:
@@ -837,8 +932,13 @@ def binarized_test(dataset: Dataset, n: int | None = None) -> np.ndarray:
     return binarize_fixed(dataset.test, seed=0)[test_subset_indices(dataset.test.shape[0], n)]
 
 
-def tile_images(images: np.ndarray, side: int = 28, cols: int | None = None, pad: int = 1,
-                shape: Sequence[int] | None = None) -> np.ndarray:
+def tile_images(
+    images: np.ndarray,
+    side: int = 28,
+    cols: int | None = None,
+    pad: int = 1,
+    shape: Sequence[int] | None = None,
+) -> np.ndarray:
     """Arrange ``images`` [n, H*W] in a grid with ``pad`` pixels of border: tiles of
     ``shape`` (an image shape, drawn as :func:`display_shape` says), else side x side."""
     h, w = display_shape(shape) if shape is not None else (side, side)

@@ -96,7 +96,9 @@ def log_weight_reductions(
                 log_w = model.log_weights(xb, ns, generator=generator)
                 lse = torch.logaddexp(lse, torch.logsumexp(log_w, 0))
                 if s0 < k_small:
-                    lse_small = torch.logaddexp(lse_small, torch.logsumexp(log_w[: k_small - s0], 0))
+                    lse_small = torch.logaddexp(
+                        lse_small, torch.logsumexp(log_w[: k_small - s0], 0)
+                    )
                 total += log_w.sum(0)
             out["log_px"][e0 : e0 + ne] = lse - math.log(k)
             out["small"][e0 : e0 + ne] = lse_small - math.log(k_small)
@@ -115,7 +117,9 @@ def iwae_bound(model: VAE, x: Tensor, k: int, seed: int = 0) -> float:
 
 
 @torch.inference_mode()
-def unit_activity(model: VAE, x: Tensor, n_samples: int = 100, seed: int = 0, batch_size: int = 1000) -> list[Tensor]:
+def unit_activity(
+    model: VAE, x: Tensor, n_samples: int = 100, seed: int = 0, batch_size: int = 1000
+) -> list[Tensor]:
     """Per-unit activity A_u = Cov_x(E_{q(h|x)}[u]) for each stochastic layer (Burda et al. sec. 5.2).
 
     E_q[h_1 | x] is the encoder mean; for layer l > 1, E_q[h_l | x] =
@@ -161,7 +165,9 @@ def evaluate_images(
     _check_binarized(x)
     was_training = model.training
     model.eval()
-    r = log_weight_reductions(model, x, k, k_small=64, seed=seed, max_rows=max_rows, progress=progress)
+    r = log_weight_reductions(
+        model, x, k, k_small=64, seed=seed, max_rows=max_rows, progress=progress
+    )
     n = x.shape[0]
     log_px = r["log_px"].double()
     result = {
@@ -176,14 +182,19 @@ def evaluate_images(
         "k": k,
     }
     model.train(was_training)
-    per_image = {name: r[key].cpu() for name, key in (("log_px", "log_px"), ("iwae64", "small"), ("elbo", "elbo"))}
+    per_image = {
+        name: r[key].cpu()
+        for name, key in (("log_px", "log_px"), ("iwae64", "small"), ("elbo", "elbo"))
+    }
     return result, per_image
 
 
 # -- gradient signal-to-noise ratios (Rainforth et al. 2018, section 3) --------------------
 
 
-def gradient_snr(model: VAE, x: Tensor, objective, reps: int = 1000, seed: int = 0, bar=None) -> dict[str, float]:
+def gradient_snr(
+    model: VAE, x: Tensor, objective, reps: int = 1000, seed: int = 0, bar=None
+) -> dict[str, float]:
     """Mean signal-to-noise ratio of the gradient estimates of ``objective`` on the fixed batch ``x``.
 
     Each of ``reps`` repeats draws fresh samples and takes Delta = the gradient of the
@@ -208,11 +219,22 @@ def gradient_snr(model: VAE, x: Tensor, objective, reps: int = 1000, seed: int =
     total_sq: dict[str, Tensor] = {}
     for r in range(reps):
         model.zero_grad(set_to_none=True)
-        objective.backward(objective.log_weights(model, x, generator), nets["encoder"], nets["decoder"])
+        objective.backward(
+            objective.log_weights(model, x, generator), nets["encoder"], nets["decoder"]
+        )
         for name, params in nets.items():
-            g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]).double()
+            g = torch.cat(
+                [
+                    (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                    for p in params
+                ]
+            ).double()
             if r == 0:
-                shift[name], total[name], total_sq[name] = g, torch.zeros_like(g), torch.zeros_like(g)
+                shift[name], total[name], total_sq[name] = (
+                    g,
+                    torch.zeros_like(g),
+                    torch.zeros_like(g),
+                )
             d = g - shift[name]
             total[name] += d
             total_sq[name] += d * d
@@ -232,7 +254,11 @@ def loglog_slope(ks, values) -> float | None:
     """Least-squares slope of log(value) against log(K); None with fewer than two usable points."""
     import numpy as np
 
-    pts = [(math.log(k), math.log(v)) for k, v in zip(ks, values) if v is not None and math.isfinite(v) and v > 0]
+    pts = [
+        (math.log(k), math.log(v))
+        for k, v in zip(ks, values)
+        if v is not None and math.isfinite(v) and v > 0
+    ]
     if len({p[0] for p in pts}) < 2:
         return None
     lk, lv = np.array(pts).T
@@ -252,7 +278,9 @@ def gradient_snr_curve(
 
     result = {"estimator": estimator, "k": [int(k) for k in ks], "encoder": [], "decoder": []}
     for k in result["k"]:
-        snr = gradient_snr(model, x, Objective("iwae", k=k, estimator=estimator), reps=reps, seed=seed, bar=bar)
+        snr = gradient_snr(
+            model, x, Objective("iwae", k=k, estimator=estimator), reps=reps, seed=seed, bar=bar
+        )
         result["encoder"].append(snr["encoder"])
         result["decoder"].append(snr["decoder"])
     result["encoder_slope"] = loglog_slope(result["k"], result["encoder"])
@@ -296,14 +324,28 @@ def evaluate_ais(
 
     _check_binarized(x)
     if reference is not None and reference.shape != (x.shape[0],):
-        raise IwaeError(f"reference L_k must hold one value per image ({x.shape[0]}), got shape {tuple(reference.shape)}")
+        raise IwaeError(
+            f"reference L_k must hold one value per image ({x.shape[0]}), got shape {tuple(reference.shape)}"
+        )
     if reference is None:
         was_training = model.training
         model.eval()
-        reference = log_weight_reductions(model, x, k, k_small=1, seed=seed, max_rows=max_rows, progress=progress)["log_px"]
+        reference = log_weight_reductions(
+            model, x, k, k_small=1, seed=seed, max_rows=max_rows, progress=progress
+        )["log_px"]
         model.train(was_training)
     started = time.perf_counter()
-    r = forward_ais(model, x, steps, chains, leapfrog_steps, init=init, seed=seed, max_rows=max_rows, progress=progress)
+    r = forward_ais(
+        model,
+        x,
+        steps,
+        chains,
+        leapfrog_steps,
+        init=init,
+        seed=seed,
+        max_rows=max_rows,
+        progress=progress,
+    )
     seconds = time.perf_counter() - started
     ais, ref = r["log_px"].double().cpu(), reference.double().cpu()
     n = x.shape[0]
@@ -324,5 +366,9 @@ def evaluate_ais(
         "n_test": n,
         "ais_seconds": seconds,
     }
-    per_image = {"log_px_ais": ais.float(), "acceptance": r["acceptance"].float().cpu(), "log_px_iwae": ref.float()}
+    per_image = {
+        "log_px_ais": ais.float(),
+        "acceptance": r["acceptance"].float().cpu(),
+        "log_px_iwae": ref.float(),
+    }
     return result, per_image

@@ -61,27 +61,60 @@ def table1(stages: int, seeds: int) -> list[Run]:
             for k in (1, 5, 50):
                 for objective in ("vae", "iwae"):
                     for seed in range(seeds):
-                        config = dict(dataset=dataset, layers=layers, objective=objective, k=k, stages=stages, seed=seed)
-                        label = dict(dataset=dataset, layers=layers, k=k, objective=objective, seed=seed)
-                        runs.append(Run(_name(dataset, layers, objective, k, seed=seed), config, label=label))
+                        config = dict(
+                            dataset=dataset,
+                            layers=layers,
+                            objective=objective,
+                            k=k,
+                            stages=stages,
+                            seed=seed,
+                        )
+                        label = dict(
+                            dataset=dataset, layers=layers, k=k, objective=objective, seed=seed
+                        )
+                        runs.append(
+                            Run(
+                                _name(dataset, layers, objective, k, seed=seed), config, label=label
+                            )
+                        )
     return runs
 
 
 def two_stage(stages: int, seeds: int) -> list[Run]:
     runs = []
     for seed in range(seeds):
-        for exp, (first, second) in enumerate(((("vae", 1), ("iwae", 50)), (("iwae", 50), ("vae", 1))), start=1):
+        for exp, (first, second) in enumerate(
+            ((("vae", 1), ("iwae", 50)), (("iwae", 50), ("vae", 1))), start=1
+        ):
             a = Run(
                 f"exp{exp}-first-{first[0]}-k{first[1]}-s{seed}",
-                dict(dataset="mnist", layers=1, objective=first[0], k=first[1], stages=stages, seed=seed),
-                label=dict(experiment=exp, stage="first", objective=first[0], k=first[1], seed=seed),
+                dict(
+                    dataset="mnist",
+                    layers=1,
+                    objective=first[0],
+                    k=first[1],
+                    stages=stages,
+                    seed=seed,
+                ),
+                label=dict(
+                    experiment=exp, stage="first", objective=first[0], k=first[1], seed=seed
+                ),
             )
             b = Run(
                 f"exp{exp}-second-{second[0]}-k{second[1]}-s{seed}",
-                dict(dataset="mnist", layers=1, objective=second[0], k=second[1], epochs=3 ** (stages - 1), lr=1e-4,
-                     seed=seed),  # fmt: skip
+                dict(
+                    dataset="mnist",
+                    layers=1,
+                    objective=second[0],
+                    k=second[1],
+                    epochs=3 ** (stages - 1),
+                    lr=1e-4,
+                    seed=seed,
+                ),
                 after=a.name,
-                label=dict(experiment=exp, stage="second", objective=second[0], k=second[1], seed=seed),
+                label=dict(
+                    experiment=exp, stage="second", objective=second[0], k=second[1], seed=seed
+                ),
             )
             runs += [a, b]
     return runs
@@ -103,8 +136,18 @@ def variants(stages: int, seeds: int) -> list[Run]:
     runs = []
     for method, _, keys in VARIANTS:
         for seed in range(seeds):
-            config = dict(dataset="mnist", layers=1, stages=stages, seed=seed, curve_k=CURVE_K, eval_every=10**6, **keys)
-            name = _name("mnist", 1, keys["objective"], keys["k"], keys.get("m", 1), keys.get("beta"), seed)
+            config = dict(
+                dataset="mnist",
+                layers=1,
+                stages=stages,
+                seed=seed,
+                curve_k=CURVE_K,
+                eval_every=10**6,
+                **keys,
+            )
+            name = _name(
+                "mnist", 1, keys["objective"], keys["k"], keys.get("m", 1), keys.get("beta"), seed
+            )
             runs.append(Run(name, config, label=dict(method=method, seed=seed)))
     return runs
 
@@ -125,11 +168,22 @@ def toy(a: float, b: float, k_max: int) -> dict:
         raise IwaeError(f"k-max must be >= 1, got {k_max}")
     expected = []
     for k in range(1, k_max + 1):
-        log_p = [math.lgamma(k + 1) - math.lgamma(j + 1) - math.lgamma(k - j + 1) - k * math.log(2) for j in range(k + 1)]
-        expected.append(sum(math.exp(lp) * math.log((j * a + (k - j) * b) / k) for j, lp in enumerate(log_p)))
+        log_p = [
+            math.lgamma(k + 1) - math.lgamma(j + 1) - math.lgamma(k - j + 1) - k * math.log(2)
+            for j in range(k + 1)
+        ]
+        expected.append(
+            sum(math.exp(lp) * math.log((j * a + (k - j) * b) / k) for j, lp in enumerate(log_p))
+        )
     log_mean = math.log((a + b) / 2)
-    return {"a": a, "b": b, "k": list(range(1, k_max + 1)), "expected_log_mean": expected, "log_expected": log_mean,
-            "bias": [log_mean - e for e in expected]}  # fmt: skip
+    return {
+        "a": a,
+        "b": b,
+        "k": list(range(1, k_max + 1)),
+        "expected_log_mean": expected,
+        "log_expected": log_mean,
+        "bias": [log_mean - e for e in expected],
+    }
 
 
 def dreg(stages: int, seeds: int) -> list[Run]:
@@ -140,10 +194,25 @@ def dreg(stages: int, seeds: int) -> list[Run]:
         for k in (5, 50):
             for estimator in ("reparam", "dreg"):
                 for seed in range(seeds):
-                    config = dict(dataset="mnist", layers=layers, objective="iwae", k=k, estimator=estimator,
-                                  stages=stages, seed=seed)  # fmt: skip
-                    name = _name("mnist", layers, "iwae", k, seed=seed).replace("-s", f"-{estimator}-s")
-                    runs.append(Run(name, config, label=dict(layers=layers, k=k, estimator=estimator, seed=seed)))
+                    config = dict(
+                        dataset="mnist",
+                        layers=layers,
+                        objective="iwae",
+                        k=k,
+                        estimator=estimator,
+                        stages=stages,
+                        seed=seed,
+                    )
+                    name = _name("mnist", layers, "iwae", k, seed=seed).replace(
+                        "-s", f"-{estimator}-s"
+                    )
+                    runs.append(
+                        Run(
+                            name,
+                            config,
+                            label=dict(layers=layers, k=k, estimator=estimator, seed=seed),
+                        )
+                    )
     return runs
 
 
@@ -165,9 +234,17 @@ def grid(name: str, stages: int, seeds: int | None = None) -> list[Run]:
 # -- running one run -----------------------------------------------------------------------
 
 
-def run_one(run: dict, exp_dir: str, data_dir: str | None, threads: int, eval_k: int = EVAL_K,
-            n_test: int | None = None, flush_denormal: bool = True, cuda_graphs: str = "auto",
-            stop_at: float | None = None) -> dict:
+def run_one(
+    run: dict,
+    exp_dir: str,
+    data_dir: str | None,
+    threads: int,
+    eval_k: int = EVAL_K,
+    n_test: int | None = None,
+    flush_denormal: bool = True,
+    cuda_graphs: str = "auto",
+    stop_at: float | None = None,
+) -> dict:
     """Train (or resume) and evaluate one run in ``exp_dir/runs/NAME``; a finished run is
     skipped. Runs in a worker process (local backend) or a Ray task. ``cuda_graphs`` and
     ``stop_at`` (a wall-clock time): as :func:`iwae.train.train`; a run stopped there (or
@@ -188,7 +265,14 @@ def run_one(run: dict, exp_dir: str, data_dir: str | None, threads: int, eval_k:
             keys = dict(run.config, data_dir=data_dir)
             if run.after is not None:
                 keys["init_weights"] = str(Path(exp_dir) / "runs" / run.after / "model.safetensors")
-            train(TrainConfig(**keys), out, progress=False, overwrite=True, cuda_graphs=cuda_graphs, stop_at=stop_at)
+            train(
+                TrainConfig(**keys),
+                out,
+                progress=False,
+                overwrite=True,
+                cuda_graphs=cuda_graphs,
+                stop_at=stop_at,
+            )
     except TimeLimitReached:
         return _stopped([run], [out], time.perf_counter() - started)[0]
     if not trained_before:
@@ -196,9 +280,17 @@ def run_one(run: dict, exp_dir: str, data_dir: str | None, threads: int, eval_k:
     return _evaluate_run(run, out, data_dir, threads, eval_k, n_test)
 
 
-def run_group(runs: list[dict], exp_dir: str, data_dir: str | None, threads: int, eval_k: int = EVAL_K,
-              n_test: int | None = None, flush_denormal: bool = True, cuda_graphs: str = "auto",
-              stop_at: float | None = None) -> list[dict]:
+def run_group(
+    runs: list[dict],
+    exp_dir: str,
+    data_dir: str | None,
+    threads: int,
+    eval_k: int = EVAL_K,
+    n_test: int | None = None,
+    flush_denormal: bool = True,
+    cuda_graphs: str = "auto",
+    stop_at: float | None = None,
+) -> list[dict]:
     """Train (or resume) the runs ``runs`` in lockstep (:func:`iwae.train.train_lockstep`),
     then evaluate each as :func:`run_one` does. The runner groups runs that share a
     lockstep key and stand at the same step (:func:`plan_tasks`)."""
@@ -206,23 +298,53 @@ def run_group(runs: list[dict], exp_dir: str, data_dir: str | None, threads: int
     from iwae.train import TrainConfig, resume_config, time_limit_passed, train_lockstep
 
     if len(runs) == 1:
-        return [run_one(runs[0], exp_dir, data_dir, threads, eval_k, n_test, flush_denormal, cuda_graphs, stop_at)]
+        return [
+            run_one(
+                runs[0],
+                exp_dir,
+                data_dir,
+                threads,
+                eval_k,
+                n_test,
+                flush_denormal,
+                cuda_graphs,
+                stop_at,
+            )
+        ]
     members = [_worker_setup(r, exp_dir, threads, flush_denormal) for r in runs]
     outs = [out for _, out in members]
     if time_limit_passed(stop_at):  # not started
         return _stopped([run for run, _ in members])
-    started, trained_before = time.perf_counter(), all((out / SUMMARY_FILE).exists() for out in outs)
+    started, trained_before = (
+        time.perf_counter(),
+        all((out / SUMMARY_FILE).exists() for out in outs),
+    )
     try:
         if all((out / CHECKPOINT_FILE).exists() for out in outs):
-            train_lockstep([resume_config(out, data_dir) for out in outs], outs, progress=False, resume=True,
-                           cuda_graphs=cuda_graphs, stop_at=stop_at)  # fmt: skip
+            train_lockstep(
+                [resume_config(out, data_dir) for out in outs],
+                outs,
+                progress=False,
+                resume=True,
+                cuda_graphs=cuda_graphs,
+                stop_at=stop_at,
+            )
         else:
             configs = [TrainConfig(**dict(run.config, data_dir=data_dir)) for run, _ in members]
-            train_lockstep(configs, outs, progress=False, overwrite=True, cuda_graphs=cuda_graphs, stop_at=stop_at)
+            train_lockstep(
+                configs,
+                outs,
+                progress=False,
+                overwrite=True,
+                cuda_graphs=cuda_graphs,
+                stop_at=stop_at,
+            )
     except TimeLimitReached:
         return _stopped([run for run, _ in members], outs, time.perf_counter() - started)
     if not trained_before:
-        _record_training(outs, time.perf_counter() - started, lockstep=[run.name for run, _ in members])
+        _record_training(
+            outs, time.perf_counter() - started, lockstep=[run.name for run, _ in members]
+        )
     return [_evaluate_run(run, out, data_dir, threads, eval_k, n_test) for run, out in members]
 
 
@@ -234,8 +356,12 @@ def _stopped(runs: list[Run], outs: list[Path] = (), train_s: float = 0.0) -> li
     return [{"name": run.name, "status": "stopped"} for run in runs]
 
 
-def _record_training(outs: list[Path], seconds: float, lockstep: list[str] | None = None,
-                     group_size: int | None = None) -> None:
+def _record_training(
+    outs: list[Path],
+    seconds: float,
+    lockstep: list[str] | None = None,
+    group_size: int | None = None,
+) -> None:
     """Add ``seconds`` of training, done by the runs ``outs`` together (one lockstep group of
     ``group_size``, by default ``len(outs)``), to their ``runner.json`` at once, before any
     evaluation: a call killed while evaluating keeps the training time. ``lockstep``: the
@@ -243,13 +369,17 @@ def _record_training(outs: list[Path], seconds: float, lockstep: list[str] | Non
     from iwae.rundir import write_json
 
     for out in outs:
-        timing = _add_train_time(read_json(out / "runner.json", required=False) or {}, seconds, group_size or len(outs))
+        timing = _add_train_time(
+            read_json(out / "runner.json", required=False) or {}, seconds, group_size or len(outs)
+        )
         if lockstep:
             timing["lockstep"] = lockstep
         write_json(out / "runner.json", timing)
 
 
-def _add_train_time(timing: dict, seconds: float, group_size: int = 1, device: str | None = None) -> dict:
+def _add_train_time(
+    timing: dict, seconds: float, group_size: int = 1, device: str | None = None
+) -> dict:
     """Add ``seconds`` of training to ``timing`` (a ``runner.json``): to ``train_wall_s``
     and, under the machine that trained them (:func:`_device_label`), to
     ``train_wall_s_by_device``: a run may train on a lent GPU, then continue on a CPU.
@@ -261,7 +391,10 @@ def _add_train_time(timing: dict, seconds: float, group_size: int = 1, device: s
     not this process's (seconds added afterwards, ``results/add_lost_train_time.py``)."""
     timing["train_wall_s"] = timing.get("train_wall_s", 0.0) + seconds
     label = device or _device_label()
-    for key, value in (("train_wall_s_by_device", seconds), ("train_share_s_by_device", seconds / group_size)):
+    for key, value in (
+        ("train_wall_s_by_device", seconds),
+        ("train_share_s_by_device", seconds / group_size),
+    ):
         by_device = timing.setdefault(key, {})
         by_device[label] = by_device.get(label, 0.0) + value
     return timing
@@ -275,7 +408,11 @@ def _device_label() -> str:
     from iwae.train import pick_device
 
     dev = pick_device()
-    return f"cuda ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else f"cpu ({_cpu_name()})"
+    return (
+        f"cuda ({torch.cuda.get_device_name(dev)})"
+        if dev.type == "cuda"
+        else f"cpu ({_cpu_name()})"
+    )
 
 
 def _worker_setup(run: dict, exp_dir: str, threads: int, flush_denormal: bool) -> tuple[Run, Path]:
@@ -296,7 +433,9 @@ def _evaluated(run: Run, out: Path, eval_k: int, n_test: int | None) -> bool:
     return _evaluated_as_asked(done, eval_k, n_test, iwae_data.TEST_SIZES[run.config["dataset"]])
 
 
-def _evaluate_run(run: Run, out: Path, data_dir, threads: int, eval_k: int, n_test: int | None) -> dict:
+def _evaluate_run(
+    run: Run, out: Path, data_dir, threads: int, eval_k: int, n_test: int | None
+) -> dict:
     """Evaluate a trained run on the test images asked for and write ``activity.json``,
     ``runner.json`` (its evaluation's wall time beside the training's, which
     :func:`_record_training` wrote) and, last, the evaluation files."""
@@ -315,12 +454,19 @@ def _evaluate_run(run: Run, out: Path, data_dir, threads: int, eval_k: int, n_te
     result, per_image = evaluate_images(model, x, k=eval_k, seed=0)
     result.update(iwae_data.test_subset_record(dataset.test.shape[0], n_test))
     activity = [a.tolist() for a in unit_activity(model, x)]
-    timing.update(eval_wall_s=time.perf_counter() - started, threads=threads, host=socket.gethostname(),
-                  cpu=_cpu_name(), torch=torch.__version__)  # fmt: skip
+    timing.update(
+        eval_wall_s=time.perf_counter() - started,
+        threads=threads,
+        host=socket.gethostname(),
+        cpu=_cpu_name(),
+        torch=torch.__version__,
+    )
     write_json(out / "activity.json", {"unit_activity": activity, "threshold": 0.01})
     write_json(out / "runner.json", timing)
     # last: evaluation.json marks the run finished
-    write_evaluation(out, result, per_image, iwae_data.test_subset_indices(dataset.test.shape[0], n_test))
+    write_evaluation(
+        out, result, per_image, iwae_data.test_subset_indices(dataset.test.shape[0], n_test)
+    )
     return {"name": run.name, "status": "done", **result}
 
 
@@ -384,8 +530,14 @@ def reproduce(
     ``cuda_graphs``: "auto" replays training steps from CUDA graphs on a GPU, "off" never.
     ``time_limit``: minutes after which training stops, every run in training checkpointed
     (status "stopped"; runs not yet started are not started): the same call continues."""
-    runs = _select([Run(r.name, {**r.config, **(overrides or {})}, r.after, r.label) for r in grid(name, stages, seeds)],
-                   name, only)  # fmt: skip
+    runs = _select(
+        [
+            Run(r.name, {**r.config, **(overrides or {})}, r.after, r.label)
+            for r in grid(name, stages, seeds)
+        ],
+        name,
+        only,
+    )
     if workers < 1:
         raise IwaeError(f"workers must be >= 1, got {workers}")
     if group_size < 1:
@@ -396,10 +548,18 @@ def reproduce(
     if backend not in ("local", "ray"):
         raise IwaeError(f"unknown backend {backend!r}: choose local or ray")
     out = Path(out)
-    meta = {"experiment": name, "stages": stages, "seeds": seeds or DEFAULT_SEEDS[name],
-            "passes_per_run": sum(3**i for i in range(stages)), "eval_k": eval_k, "n_test": n_test,
-            "overrides": overrides or {}, "only": only or {}, "reuse": [str(d) for d in reuse or []],
-            "runs": [asdict(r) for r in runs]}  # fmt: skip
+    meta = {
+        "experiment": name,
+        "stages": stages,
+        "seeds": seeds or DEFAULT_SEEDS[name],
+        "passes_per_run": sum(3**i for i in range(stages)),
+        "eval_k": eval_k,
+        "n_test": n_test,
+        "overrides": overrides or {},
+        "only": only or {},
+        "reuse": [str(d) for d in reuse or []],
+        "runs": [asdict(r) for r in runs],
+    }
     meta = _merge_with_previous(out, meta, only)
     if data_dir is None:  # resolve now, so workers and Ray tasks read the same directory
         from iwae.data import resolve_data_dir
@@ -415,8 +575,15 @@ def reproduce(
         threads = max(1, (os.cpu_count() or 1) // workers) if backend == "local" else 1
     tasks = plan_tasks(runs, out, data_dir, group_size if lockstep else 1, workers)
     execute = _execute_ray if backend == "ray" else _execute_local
-    return execute(tasks, str(out), data_dir, threads, workers, progress,
-                   (eval_k, n_test, flush_denormal, cuda_graphs, stop_at))  # fmt: skip
+    return execute(
+        tasks,
+        str(out),
+        data_dir,
+        threads,
+        workers,
+        progress,
+        (eval_k, n_test, flush_denormal, cuda_graphs, stop_at),
+    )
 
 
 def only_values(value: str | list[str]) -> list[str]:
@@ -447,8 +614,10 @@ def _merge_with_previous(out: Path, meta: dict, only: dict | None) -> dict:
     if previous is None:
         return meta
     if (previous.get("experiment"), previous.get("stages"), previous.get("seeds")) != (
-        meta["experiment"], meta["stages"], meta["seeds"],
-    ):  # fmt: skip
+        meta["experiment"],
+        meta["stages"],
+        meta["seeds"],
+    ):
         raise IwaeError(
             f"{out} holds experiment {previous.get('experiment')} at stages={previous.get('stages')}, "
             f"seeds={previous.get('seeds')}: use another --out for a different budget"
@@ -466,7 +635,9 @@ def _merge_with_previous(out: Path, meta: dict, only: dict | None) -> dict:
 LOCKSTEP_MAX_ROWS_CPU = 256
 
 
-def plan_tasks(runs: list[Run], out: Path, data_dir: str | None, group_size: int, workers: int = 1) -> list[tuple[Run, ...]]:
+def plan_tasks(
+    runs: list[Run], out: Path, data_dir: str | None, group_size: int, workers: int = 1
+) -> list[tuple[Run, ...]]:
     """The runner's tasks: groups of up to ``group_size`` runs trained in lockstep, and
     single runs. Runs are grouped when their training can share one stacked model
     (:func:`iwae.train.lockstep_key`), they stand at the same step (none started, or all
@@ -487,9 +658,16 @@ def plan_tasks(runs: list[Run], out: Path, data_dir: str | None, group_size: int
         settle_group_checkpoint(d)
         config = TrainConfig(**dict(run.config, data_dir=data_dir))
         meta = checkpoint_meta(d / CHECKPOINT_FILE)
-        position = (0, 0) if meta is None else (meta["progress"]["passes"], meta["progress"]["step"])
+        position = (
+            (0, 0) if meta is None else (meta["progress"]["passes"], meta["progress"]["step"])
+        )
         rows = config.batch_size * config.objective_spec.samples
-        if group_size < 2 or run.after or (d / SUMMARY_FILE).exists() or not (cuda or rows < LOCKSTEP_MAX_ROWS_CPU):
+        if (
+            group_size < 2
+            or run.after
+            or (d / SUMMARY_FILE).exists()
+            or not (cuda or rows < LOCKSTEP_MAX_ROWS_CPU)
+        ):
             tasks.append((run,))
         else:
             groups.setdefault((lockstep_key(config), position), []).append(run)
@@ -506,7 +684,9 @@ def plan_tasks(runs: list[Run], out: Path, data_dir: str | None, group_size: int
 _NOT_COMPARED = ("data_dir", "checkpoint_minutes", "stage_nll_k")
 
 
-def reuse_runs(runs: list[Run], out: Path, sources: list[Path], data_dir: str | None, progress: bool = True) -> list[str]:
+def reuse_runs(
+    runs: list[Run], out: Path, sources: list[Path], data_dir: str | None, progress: bool = True
+) -> list[str]:
     """Copy into ``out/runs`` every finished run of the experiment directories ``sources``
     whose training configuration equals that of a run here that has no directory yet
     (runs that start from another run's weights are not reused). A copied run keeps its
@@ -524,24 +704,40 @@ def reuse_runs(runs: list[Run], out: Path, sources: list[Path], data_dir: str | 
     for source in sources:
         for run_dir in sorted((source / "runs").iterdir()):
             config = read_json(run_dir / CONFIG_FILE, required=False)
-            if isinstance(config, dict) and (run_dir / SUMMARY_FILE).exists() and (run_dir / WEIGHTS_FILE).exists():
+            if (
+                isinstance(config, dict)
+                and (run_dir / SUMMARY_FILE).exists()
+                and (run_dir / WEIGHTS_FILE).exists()
+            ):
                 config = _as_written(config)
                 if config is not None:
-                    finished.append((_training_key(config, exact=True), _training_key(config), run_dir))
+                    finished.append(
+                        (_training_key(config, exact=True), _training_key(config), run_dir)
+                    )
     copied = []
     for run in runs:
         target = out / "runs" / run.name
         if run.after is not None or target.exists():
             continue
-        config = json.loads(json.dumps(TrainConfig(**run.config, data_dir=data_dir).to_dict()))  # lists, as in config.json
+        config = json.loads(
+            json.dumps(TrainConfig(**run.config, data_dir=data_dir).to_dict())
+        )  # lists, as in config.json
         exact, same = _training_key(config, exact=True), _training_key(config)
-        match = next((d for key, _, d in finished if key == exact), None)  # the same run if there is one
+        match = next(
+            (d for key, _, d in finished if key == exact), None
+        )  # the same run if there is one
         match = match or next((d for _, key, d in finished if key == same), None)
         if match is None:
             continue
         partial = target.with_name(target.name + ".copying")
         shutil.rmtree(partial, ignore_errors=True)
-        shutil.copytree(match, partial, ignore=shutil.ignore_patterns("checkpoint.safetensors", "checkpoint.next.safetensors", "tb"))
+        shutil.copytree(
+            match,
+            partial,
+            ignore=shutil.ignore_patterns(
+                "checkpoint.safetensors", "checkpoint.next.safetensors", "tb"
+            ),
+        )
         timing = read_json(partial / "runner.json", required=False) or {}
         timing["reused_from"] = str(match)
         write_json(partial / "runner.json", timing)
@@ -571,8 +767,13 @@ def _training_key(config: dict, exact: bool = False) -> dict:
     (logsumexp of one log-weight is that log-weight), so Table 1's VAE k=1 and IWAE k=1
     are one training run (``exact``: written as they are)."""
     key = {k: v for k, v in config.items() if k not in _NOT_COMPARED}
-    if not exact and key.get("objective") in ("vae", "iwae") and key.get("k") == 1 and key.get("m", 1) == 1 and \
-            key.get("estimator", "reparam") in ("reparam", "stl"):  # fmt: skip
+    if (
+        not exact
+        and key.get("objective") in ("vae", "iwae")
+        and key.get("k") == 1
+        and key.get("m", 1) == 1
+        and key.get("estimator", "reparam") in ("reparam", "stl")
+    ):
         key["objective"] = "vae=iwae(k=1)"
     return key
 
@@ -581,15 +782,26 @@ def _as_list(only) -> list:
     return only if isinstance(only, list) else [only] if only else []
 
 
-def _ready(tasks: list[tuple[Run, ...]], done: set[str], started: set[str]) -> list[tuple[Run, ...]]:
+def _ready(
+    tasks: list[tuple[Run, ...]], done: set[str], started: set[str]
+) -> list[tuple[Run, ...]]:
     """Tasks whose runs' first stages are done, the most expensive first (fewer idle workers at the end)."""
-    ready = [t for t in tasks if t[0].name not in started and all(r.after is None or r.after in done for r in t)]
+    ready = [
+        t
+        for t in tasks
+        if t[0].name not in started and all(r.after is None or r.after in done for r in t)
+    ]
     return sorted(ready, key=lambda t: -sum(_cost(r) for r in t))
 
 
 def _cost(run: Run) -> float:
     c = run.config
-    return c.get("k", 1) * c.get("m", 1) * c.get("layers", 1) * (2 if c.get("estimator") == "dreg" else 1)
+    return (
+        c.get("k", 1)
+        * c.get("m", 1)
+        * c.get("layers", 1)
+        * (2 if c.get("estimator") == "dreg" else 1)
+    )
 
 
 def _execute_local(tasks, out, data_dir, threads, workers, progress, evaluation) -> list[dict]:
@@ -600,18 +812,26 @@ def _execute_local(tasks, out, data_dir, threads, workers, progress, evaluation)
 
     results, done, started, pending = [], set(), set(), {}
     total = sum(len(t) for t in tasks)
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool, \
-            progress_bar(total, "runs", "run", enabled=progress, interval=0) as bar:
+    with (
+        ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool,
+        progress_bar(total, "runs", "run", enabled=progress, interval=0) as bar,
+    ):
         while len(done) < total:
             for task in _ready(tasks, done, started):
-                pending[pool.submit(run_group, [asdict(r) for r in task], out, data_dir, threads, *evaluation)] = task
+                pending[
+                    pool.submit(
+                        run_group, [asdict(r) for r in task], out, data_dir, threads, *evaluation
+                    )
+                ] = task
                 started.update(r.name for r in task)
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in finished:
                 task = pending.pop(future)
                 results += future.result()  # a failed run raises here, after the others stop
                 done.update(r.name for r in task)
-                bar.set_postfix_str(f"{'+'.join(r.name for r in task)}: {results[-1]['status']}", refresh=False)
+                bar.set_postfix_str(
+                    f"{'+'.join(r.name for r in task)}: {results[-1]['status']}", refresh=False
+                )
                 bar.update(len(task))
     return results
 
@@ -628,7 +848,9 @@ def _execute_ray(tasks, out, data_dir, threads, workers, progress, evaluation) -
     total = sum(len(t) for t in tasks)
     while len(done) < total:
         for task in _ready(tasks, done, started):
-            pending[remote.remote([asdict(r) for r in task], out, data_dir, threads, *evaluation)] = task
+            pending[
+                remote.remote([asdict(r) for r in task], out, data_dir, threads, *evaluation)
+            ] = task
             started.update(r.name for r in task)
         finished, _ = ray.wait(list(pending), num_returns=1)
         for ref in finished:
@@ -636,5 +858,8 @@ def _execute_ray(tasks, out, data_dir, threads, workers, progress, evaluation) -
             results += ray.get(ref)
             done.update(r.name for r in task)
             if progress:
-                print(f"[{len(done)}/{total}] {'+'.join(r.name for r in task)}: {results[-1]['status']}", flush=True)
+                print(
+                    f"[{len(done)}/{total}] {'+'.join(r.name for r in task)}: {results[-1]['status']}",
+                    flush=True,
+                )
     return results

@@ -31,7 +31,9 @@ LOG_2PI = math.log(2 * math.pi)
 #: A source of standard normal noise: ``noise(shape, dtype, device)`` -> Tensor. The model
 #: draws from ``torch.randn`` with a generator unless it is given one of these explicitly.
 Noise = Callable[[tuple, torch.dtype, torch.device], Tensor]
-LOG_STD_LIMIT = 15.0  # |log sigma| of every Gaussian layer is clamped here (never reached in training)
+LOG_STD_LIMIT = (
+    15.0  # |log sigma| of every Gaussian layer is clamped here (never reached in training)
+)
 
 #: Burda et al.'s architectures: stochastic layer sizes and the deterministic
 #: (tanh) hidden layers of the encoder network for each stochastic layer. The
@@ -66,13 +68,15 @@ class ModelConfig:
             raise IwaeError(f"layer sizes must be positive: {self}")
 
     @classmethod
-    def preset(cls, layers: int, x_dim: int = 784, scale: str = "exp") -> "ModelConfig":
+    def preset(cls, layers: int, x_dim: int = 784, scale: str = "exp") -> ModelConfig:
         if layers not in PRESETS:
-            raise IwaeError(f"no preset with {layers} stochastic layers: choose one of {sorted(PRESETS)}")
+            raise IwaeError(
+                f"no preset with {layers} stochastic layers: choose one of {sorted(PRESETS)}"
+            )
         return cls(x_dim=x_dim, scale=scale, **PRESETS[layers])
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         return cls(**d)
 
     def to_dict(self) -> dict:
@@ -92,7 +96,9 @@ def parse_hidden(text: str) -> tuple[tuple[int, ...], ...]:
     """Deterministic hidden layers written ``"200x200,100x100"`` (``iwae train --hidden``):
     one ``x``-separated list of positive sizes per stochastic layer, in the order of
     ``--latent``. The decoder mirrors them (see :data:`PRESETS`)."""
-    return tuple(tuple(_positive_sizes(part, "x", "--hidden", "200x200,100x100")) for part in text.split(","))
+    return tuple(
+        tuple(_positive_sizes(part, "x", "--hidden", "200x200,100x100")) for part in text.split(",")
+    )
 
 
 def _positive_sizes(text: str, sep: str, flag: str, example: str) -> list[int]:
@@ -100,7 +106,9 @@ def _positive_sizes(text: str, sep: str, flag: str, example: str) -> list[int]:
     try:
         sizes = [int(part) for part in parts]
     except ValueError:
-        raise IwaeError(f"{flag}: expected positive integers written like {example}, got {text!r}") from None
+        raise IwaeError(
+            f"{flag}: expected positive integers written like {example}, got {text!r}"
+        ) from None
     if any(size < 1 for size in sizes):
         raise IwaeError(f"{flag}: layer sizes must be positive integers, got {text!r}")
     return sizes
@@ -172,7 +180,9 @@ def _linear(d_in: int, d_out: int, models: int | None) -> nn.Module:
     return nn.Linear(d_in, d_out) if models is None else StackedLinear(models, d_in, d_out)
 
 
-def _mlp(d_in: int, hidden: tuple[int, ...], models: int | None = None) -> tuple[nn.Sequential, int]:
+def _mlp(
+    d_in: int, hidden: tuple[int, ...], models: int | None = None
+) -> tuple[nn.Sequential, int]:
     layers: list[nn.Module] = []
     for h in hidden:
         layers += [_linear(d_in, h, models), Tanh()]
@@ -185,7 +195,14 @@ class GaussianLayer(nn.Module):
     sigma = exp(linear) or softplus(linear) of a tanh MLP of u (``models`` of them side
     by side with a leading model dimension, see :class:`VAE`)."""
 
-    def __init__(self, d_in: int, hidden: tuple[int, ...], d_out: int, scale: str = "exp", models: int | None = None):
+    def __init__(
+        self,
+        d_in: int,
+        hidden: tuple[int, ...],
+        d_out: int,
+        scale: str = "exp",
+        models: int | None = None,
+    ):
         super().__init__()
         self.net, d = _mlp(d_in, hidden, models)
         self.mean = _linear(d, d_out, models)
@@ -204,7 +221,12 @@ class GaussianLayer(nn.Module):
         return self.mean(a), log_std.clamp(-LOG_STD_LIMIT, LOG_STD_LIMIT)
 
     def rsample(
-        self, mean: Tensor, log_std: Tensor, k: int | None = None, generator=None, noise: Noise | None = None
+        self,
+        mean: Tensor,
+        log_std: Tensor,
+        k: int | None = None,
+        generator=None,
+        noise: Noise | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Reparameterized sample h = mean + sigma * eps and its log-density.
 
@@ -241,7 +263,9 @@ class BatchShard:
 
     def __call__(self, shape, dtype, device) -> Tensor:
         full = (shape[0], self.batch_size, *shape[2:])
-        return torch.randn(full, dtype=dtype, device=device, generator=self.generator)[:, self.index]
+        return torch.randn(full, dtype=dtype, device=device, generator=self.generator)[
+            :, self.index
+        ]
 
 
 def gaussian_log_prob(h: Tensor, mean: Tensor, log_std: Tensor) -> Tensor:
@@ -270,7 +294,12 @@ class VAE(nn.Module):
     for l >= 1 and ``decoder[0]`` the Bernoulli network p(x | h_1) giving logits.
     """
 
-    def __init__(self, config: ModelConfig = ModelConfig(), pixel_mean: Tensor | None = None, models: int | None = None):
+    def __init__(
+        self,
+        config: ModelConfig = ModelConfig(),
+        pixel_mean: Tensor | None = None,
+        models: int | None = None,
+    ):
         super().__init__()
         self.config, self.models = config, models
         sizes = (config.x_dim, *config.latent)
@@ -292,13 +321,15 @@ class VAE(nn.Module):
     # -- several models side by side (lockstep training) ------------------------------
 
     @classmethod
-    def stack(cls, members: list["VAE"]) -> "VAE":
+    def stack(cls, members: list[VAE]) -> VAE:
         """One VAE holding ``members`` (of one architecture) side by side: ``models =
         len(members)`` and a leading model dimension on every parameter and on every
         tensor it computes with: x [G, B, D], samples [G, k, B, d], log-weights [G, k, B].
         Model g computes what ``members[g]`` computes (up to the rounding of batched
         matmuls), from a copy of its weights."""
-        stacked = cls(members[0].config, models=len(members)).to(next(members[0].parameters()).device)
+        stacked = cls(members[0].config, models=len(members)).to(
+            next(members[0].parameters()).device
+        )
         states = [m.state_dict() for m in members]
         with torch.no_grad():
             for name, p in stacked.named_parameters():
@@ -320,7 +351,10 @@ class VAE(nn.Module):
 
     def member_state(self, g: int) -> dict[str, Tensor]:
         """The weights of model g of a stacked VAE, as a single VAE's state dict."""
-        return {name: self.member_layout(name, p.detach(), g).clone() for name, p in self.named_parameters()}
+        return {
+            name: self.member_layout(name, p.detach(), g).clone()
+            for name, p in self.named_parameters()
+        }
 
     @property
     def n_layers(self) -> int:
@@ -350,7 +384,9 @@ class VAE(nn.Module):
 
     # -- the distributions, one method per term of the maths -------------------------
 
-    def sample_q(self, x: Tensor, k: int, generator=None, noise: Noise | None = None) -> list[Tensor]:
+    def sample_q(
+        self, x: Tensor, k: int, generator=None, noise: Noise | None = None
+    ) -> list[Tensor]:
         """k reparameterized samples h_1..h_L ~ q(. | x): a list of [k, B, d_l] tensors."""
         return self._sample_q(x, k, generator, noise)[0]
 
@@ -386,18 +422,25 @@ class VAE(nn.Module):
         a = self.decoder[0][:-1](h1)
         if h1.dim() > x.dim():  # samples [..., k, B, d] of examples [..., B, D]
             x = x.unsqueeze(-3)
-        if h1.dim() < 3 or h1.shape[-3] < 10:  # few samples per example: x @ W costs more than it saves
+        if (
+            h1.dim() < 3 or h1.shape[-3] < 10
+        ):  # few samples per example: x @ W costs more than it saves
             return bernoulli_log_prob(out(a), x)
         if out.bias.dim() == 1:
             return (a * (x @ out.weight)).sum(-1) + x @ out.bias - F.softplus(out(a)).sum(-1)
-        w, b = out.weight.transpose(1, 2).unsqueeze(1), out.bias[:, None, :, None]  # stacked: [G, 1, D, H], [G, 1, D, 1]
+        w, b = (
+            out.weight.transpose(1, 2).unsqueeze(1),
+            out.bias[:, None, :, None],
+        )  # stacked: [G, 1, D, H], [G, 1, D, 1]
         return (a * (x @ w)).sum(-1) + (x @ b).squeeze(-1) - F.softplus(out(a)).sum(-1)
 
     def log_joint(self, x: Tensor, hs: list[Tensor]) -> Tensor:
         """log p(x, h_1..h_L), shape [k, B]."""
         return self.log_prior(hs) + self.log_likelihood(x, hs[0])
 
-    def log_weights(self, x: Tensor, k: int, generator=None, stop_q: bool = False, noise: Noise | None = None) -> Tensor:
+    def log_weights(
+        self, x: Tensor, k: int, generator=None, stop_q: bool = False, noise: Noise | None = None
+    ) -> Tensor:
         """log w_i = log p(x, h_i) - log q(h_i | x) for k samples h_i ~ q(. | x): shape [k, B].
 
         Every bound in :mod:`iwae.bounds` is a reduction of this tensor.
@@ -410,7 +453,9 @@ class VAE(nn.Module):
         hs, log_q = self._sample_q(x, k, generator, noise)
         if stop_q:
             stopped = self.log_q_stopped(hs, x)
-            log_q = stopped - stopped.detach() + log_q.detach()  # value of log_q, gradient of stopped
+            log_q = (
+                stopped - stopped.detach() + log_q.detach()
+            )  # value of log_q, gradient of stopped
         return self.log_joint(x, hs) - log_q
 
     def log_q_stopped(self, hs: list[Tensor], x: Tensor) -> Tensor:
@@ -425,7 +470,9 @@ class VAE(nn.Module):
             total = total + gaussian_log_prob(h, mean, log_std)
         return total
 
-    def _sample_q(self, x: Tensor, k: int, generator=None, noise: Noise | None = None) -> tuple[list[Tensor], Tensor]:
+    def _sample_q(
+        self, x: Tensor, k: int, generator=None, noise: Noise | None = None
+    ) -> tuple[list[Tensor], Tensor]:
         hs: list[Tensor] = []
         log_q = 0.0
         u = x
@@ -442,7 +489,9 @@ class VAE(nn.Module):
     def sample_prior(self, n: int, generator=None) -> list[Tensor]:
         """Ancestral samples h_1..h_L ~ p(h) for n draws: a list of [n, d_l] tensors."""
         p = next(self.parameters())
-        h = torch.randn((n, self.config.latent[-1]), dtype=p.dtype, device=p.device, generator=generator)
+        h = torch.randn(
+            (n, self.config.latent[-1]), dtype=p.dtype, device=p.device, generator=generator
+        )
         hs = [h]
         for l in range(self.n_layers - 1, 0, -1):
             mean, log_std = self.decoder[l](h)

@@ -23,8 +23,15 @@ from typing import TextIO
 INTERVAL = 30.0
 
 
-def progress_bar(total: int, desc: str, unit: str = "it", enabled: bool = True, stream: TextIO | None = None,
-                 interval: float | None = None, **tqdm_options):
+def progress_bar(
+    total: int,
+    desc: str,
+    unit: str = "it",
+    enabled: bool = True,
+    stream: TextIO | None = None,
+    interval: float | None = None,
+    **tqdm_options,
+):
     """A progress report of ``total`` units: nothing if not ``enabled`` (``--quiet``), a tqdm
     bar if ``stream`` (default stderr) is a terminal, else a :class:`LineProgress` writing
     at most one line every ``interval`` seconds (default :data:`INTERVAL`)."""
@@ -34,7 +41,9 @@ def progress_bar(total: int, desc: str, unit: str = "it", enabled: bool = True, 
     if not enabled:
         return tqdm(total=total, disable=True)
     if _is_terminal(stream):
-        return tqdm(total=total, desc=desc, unit=unit, file=stream, dynamic_ncols=True, **tqdm_options)
+        return tqdm(
+            total=total, desc=desc, unit=unit, file=stream, dynamic_ncols=True, **tqdm_options
+        )
     return LineProgress(total, desc, unit, stream, INTERVAL if interval is None else interval)
 
 
@@ -50,9 +59,22 @@ class LineProgress:
     ETA m:ss`` at most once every ``interval`` seconds (``clock``: a monotonic clock), and
     when closed ``desc: done/total unit in m:ss (rate unit/s)``."""
 
-    def __init__(self, total: int, desc: str, unit: str = "it", stream: TextIO | None = None,
-                 interval: float = INTERVAL, clock: Callable[[], float] = time.monotonic):
-        self.total, self.desc, self.unit, self.interval, self.clock = total, desc, unit, interval, clock
+    def __init__(
+        self,
+        total: int,
+        desc: str,
+        unit: str = "it",
+        stream: TextIO | None = None,
+        interval: float = INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.total, self.desc, self.unit, self.interval, self.clock = (
+            total,
+            desc,
+            unit,
+            interval,
+            clock,
+        )
         self.stream = sys.stderr if stream is None else stream
         self.n, self.postfix, self.closed = 0, "", False
         self.started = self.last = clock()

@@ -14,8 +14,9 @@ import numpy as np
 from iwae.data import TEST_SIZES, atomic_write, tile_images
 
 
-def save_image_grid(images: np.ndarray, path: str | Path, side: int = 28, cols: int | None = None,
-                    shape=None) -> None:
+def save_image_grid(
+    images: np.ndarray, path: str | Path, side: int = 28, cols: int | None = None, shape=None
+) -> None:
     """Save images (pixel values in [0, 1], ink = 1) as a PNG grid, black ink on white, atomically;
     tiles of the image shape ``shape`` (see :func:`iwae.data.tile_images`), else side x side."""
     import matplotlib
@@ -24,7 +25,10 @@ def save_image_grid(images: np.ndarray, path: str | Path, side: int = 28, cols: 
     import matplotlib.pyplot as plt
 
     grid = tile_images(images, side, cols, shape=shape)
-    atomic_write(Path(path), lambda f: plt.imsave(f, 1.0 - grid, cmap="gray", vmin=0.0, vmax=1.0, format="png"))
+    atomic_write(
+        Path(path),
+        lambda f: plt.imsave(f, 1.0 - grid, cmap="gray", vmin=0.0, vmax=1.0, format="png"),
+    )
 
 
 # -- the reproduction report ------------------------------------------------------------------
@@ -54,7 +58,7 @@ class RunResult:
     metrics: list[dict]
     summary: dict | None
     offset: int = 0  # passes of the run it continues (two-stage), for learning curves
-    after: "RunResult | None" = None  # the run it continues
+    after: RunResult | None = None  # the run it continues
     run_dir: Path | None = None
     passes: int | None = None  # the experiment's passes per run: the budget of its evaluation
     _images: dict | None = field(default=None, repr=False)
@@ -69,11 +73,20 @@ def load_experiment(exp_dir: Path) -> tuple[dict, list[RunResult]]:
     for run in meta["runs"]:
         d = exp_dir / "runs" / run["name"]
         activity = _read_json(d / "activity.json")
-        results.append(RunResult(
-            run["name"], run["label"], run["config"], _read_json(d / "evaluation.json"),
-            activity and activity["unit_activity"], _read_json(d / "runner.json"), read_metrics(d),
-            _read_json(d / "summary.json"), run_dir=d, passes=meta.get("passes_per_run"),
-        ))  # fmt: skip
+        results.append(
+            RunResult(
+                run["name"],
+                run["label"],
+                run["config"],
+                _read_json(d / "evaluation.json"),
+                activity and activity["unit_activity"],
+                _read_json(d / "runner.json"),
+                read_metrics(d),
+                _read_json(d / "summary.json"),
+                run_dir=d,
+                passes=meta.get("passes_per_run"),
+            )
+        )
     by_name = {r.name: r for r in results}
     for r, run in zip(results, meta["runs"]):
         r.after = by_name.get(run.get("after"))
@@ -128,7 +141,9 @@ def _kind(r: RunResult) -> tuple[str, int | None, int | None]:
     return evaluated_images(r.evaluation, r.config.get("dataset"))
 
 
-def _value_cell(runs: list[RunResult], key: str, digits: int = 2, spread: bool = False) -> tuple[str, float | None]:
+def _value_cell(
+    runs: list[RunResult], key: str, digits: int = 2, spread: bool = False
+) -> tuple[str, float | None]:
     """A table cell for the mean of ``key`` over ``runs`` (± the standard deviation over seeds
     if ``spread``), marked † for a random test subset, and "—‡" (no number) for an
     evaluation on the first test images; with the value put beside the paper's, or None."""
@@ -146,18 +161,26 @@ def _value_cell(runs: list[RunResult], key: str, digits: int = 2, spread: bool =
 def _image_notes(results: list[RunResult], hidden: bool = True) -> list[str]:
     """Footnotes for the marks of :func:`_value_cell` (``hidden``: first-N numbers left out)
     or :func:`_marked`, one per kind of subset found."""
-    subsets = sorted({_kind(r) for r in results if r.evaluation is not None and _kind(r)[0] != WHOLE},
-                     key=lambda x: (x[0], x[1] or 0, x[2] or 0))  # fmt: skip
+    subsets = sorted(
+        {_kind(r) for r in results if r.evaluation is not None and _kind(r)[0] != WHOLE},
+        key=lambda x: (x[0], x[1] or 0, x[2] or 0),
+    )
     notes = []
     for kind, n, size in subsets:
         if kind == RANDOM:
-            notes.append(f"{MARKS[RANDOM]} evaluated on a seeded random subset of {n:,} of the {size:,} test images.")
+            notes.append(
+                f"{MARKS[RANDOM]} evaluated on a seeded random subset of {n:,} of the {size:,} test images."
+            )
         elif not hidden:
-            notes.append(f"{MARKS[FIRST]} evaluated on the first {n:,} of the {size:,} test images (not a fair sample "
-                         "of the test set: re-evaluate).")  # fmt: skip
+            notes.append(
+                f"{MARKS[FIRST]} evaluated on the first {n:,} of the {size:,} test images (not a fair sample "
+                "of the test set: re-evaluate)."
+            )
         else:
-            notes.append(f"—{MARKS[FIRST]} evaluated on the first {n:,} of the {size:,} test images: re-evaluate "
-                         "(a first-N subset is not a fair sample and is not put beside the paper's numbers).")  # fmt: skip
+            notes.append(
+                f"—{MARKS[FIRST]} evaluated on the first {n:,} of the {size:,} test images: re-evaluate "
+                "(a first-N subset is not a fair sample and is not put beside the paper's numbers)."
+            )
     return list(dict.fromkeys(notes))
 
 
@@ -181,8 +204,10 @@ def _kind_words(kind, n, size) -> str:
         return "the whole test set"
     if kind == RANDOM:
         return f"a seeded random subset of {n:,} of the {size:,} test images ({MARKS[RANDOM]})"
-    return (f"the first {n:,} test images (evaluated before test subsets were random: not comparable with the "
-            "paper's numbers; re-evaluate)")  # fmt: skip
+    return (
+        f"the first {n:,} test images (evaluated before test subsets were random: not comparable with the "
+        "paper's numbers; re-evaluate)"
+    )
 
 
 # -- claims: margins and paired standard errors ----------------------------------------------
@@ -218,7 +243,10 @@ def _images(r: RunResult) -> dict[str, np.ndarray] | None:
 
         tensors = read_evaluation_images(r.run_dir) if r.run_dir is not None else None
         if tensors is not None and r.evaluation is not None:
-            t = {k: v.numpy().astype(np.int64 if k == "test_index" else np.float64) for k, v in tensors.items()}
+            t = {
+                k: v.numpy().astype(np.int64 if k == "test_index" else np.float64)
+                for k, v in tensors.items()
+            }
             if len(t["test_index"]) == r.evaluation.get("n_test", len(t["test_index"])):
                 r._images = t
     return r._images
@@ -230,10 +258,14 @@ def _cell_images(runs: list[RunResult], key: str) -> tuple[np.ndarray, np.ndarra
     tables = [_images(r) for r in runs]
     if not tables or any(t is None for t in tables):
         return None
-    common = np.unique(reduce(np.intersect1d, [t["test_index"] for t in tables]))  # sorted, also for one run
+    common = np.unique(
+        reduce(np.intersect1d, [t["test_index"] for t in tables])
+    )  # sorted, also for one run
     values = []
     for t in tables:
-        _, where, _ = np.intersect1d(t["test_index"], common, assume_unique=True, return_indices=True)
+        _, where, _ = np.intersect1d(
+            t["test_index"], common, assume_unique=True, return_indices=True
+        )
         values.append(PER_IMAGE[key](t)[where])
     return common, np.mean(values, axis=0)
 
@@ -251,7 +283,10 @@ def paired_margin(a: list[RunResult], b: list[RunResult], key: str) -> Margin | 
             d = pb[1][ib] - pa[1][ia]
             return Margin(float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))), len(d))
     same = len({_kind(r) for r in a + b}) == 1
-    return Margin(_mean([r.evaluation[key] for r in b]) - _mean([r.evaluation[key] for r in a]), same_images=same)
+    return Margin(
+        _mean([r.evaluation[key] for r in b]) - _mean([r.evaluation[key] for r in a]),
+        same_images=same,
+    )
 
 
 HOLDS, FAILS, NOISE = "holds", "does not hold", "within noise"
@@ -289,7 +324,9 @@ def _claim_line(claim: str, detail: str, pairs: list[tuple[str, Margin, int]]) -
         if m.se is None:
             parts.append(f"{name}: no per-image values, standard error unavailable")
         else:
-            parts.append(f"{name} = {m.diff:+.2f} ± {m.se:.2f}{'' if len(sizes) == 1 else f' ({m.n:,} images)'} ({v})")
+            parts.append(
+                f"{name} = {m.diff:+.2f} ± {m.se:.2f}{'' if len(sizes) == 1 else f' ({m.n:,} images)'} ({v})"
+            )
     over = f" over {sizes.pop():,} test images" if len(sizes) == 1 else ""
     return line + f"; margin ± paired standard error{over}: " + ", ".join(parts)
 
@@ -315,7 +352,11 @@ def _training_by_device(r: RunResult) -> dict[str, float] | None:
 def _process_seconds(r: RunResult) -> float:
     """A run's share of process time, training (:func:`_training_by_device`) and evaluation."""
     by_device = _training_by_device(r)
-    train = sum(by_device.values()) if by_device else r.runner["train_wall_s"] / _lockstep_size(r.runner)
+    train = (
+        sum(by_device.values())
+        if by_device
+        else r.runner["train_wall_s"] / _lockstep_size(r.runner)
+    )
     return train + r.runner.get("eval_wall_s", 0.0)
 
 
@@ -325,7 +366,11 @@ def _gpu_training(r: RunResult) -> tuple[dict[str, float], bool]:
     machine (keys such as ``cuda (NVIDIA H100 80GB HBM3)``), from ``summary.json``."""
     by_device = _training_by_device(r)
     if by_device:
-        gpus = {key.partition(" (")[2].rstrip(")") or key: s for key, s in by_device.items() if key.startswith("cuda")}
+        gpus = {
+            key.partition(" (")[2].rstrip(")") or key: s
+            for key, s in by_device.items()
+            if key.startswith("cuda")
+        }
         return gpus, any(not key.startswith("cuda") and s > 0 for key, s in by_device.items())
     if r.summary and str(r.summary.get("device", "cpu")).startswith("cuda"):
         return {r.summary.get("gpu") or r.summary["device"]: r.summary["train_seconds"]}, False
@@ -347,13 +392,20 @@ def _budget(meta: dict, results: list[RunResult]) -> str:
         total = len(grid(meta["experiment"], meta["stages"], meta["seeds"]))
         if total > len(results):
             text += f" (selected with --only: {len(results)} of the grid's {total} runs)"
-    gpu = {r.name: (seconds, cpu_too) for r in results for seconds, cpu_too in [_gpu_training(r)] if seconds}
+    gpu = {
+        r.name: (seconds, cpu_too)
+        for r in results
+        for seconds, cpu_too in [_gpu_training(r)]
+        if seconds
+    }
     if walls:
         text += f", {sum(walls) / 3600:.1f} {'' if gpu else 'CPU-'}process hours in all (train + evaluate)"
     if gpu:
         names = sorted({name for seconds, _ in gpu.values() for name in seconds})
         minutes = sum(sum(seconds.values()) for seconds, _ in gpu.values()) / 60
-        runs = ", ".join(name + (" (in part)" if cpu_too else "") for name, (_, cpu_too) in gpu.items())
+        runs = ", ".join(
+            name + (" (in part)" if cpu_too else "") for name, (_, cpu_too) in gpu.items()
+        )
         text += f"; trained on a GPU ({', '.join(names)}): {runs}, {minutes:.0f} GPU minutes of training in all"
     lost = [r.name for r in results if r.summary and r.summary.get("recovered")]
     if lost:
@@ -372,8 +424,10 @@ def _group(results, keys):
 
 
 def _paper_table1() -> dict:
-    return {(r["dataset"], r["stochastic_layers"], r["k"], r["objective"]): r
-            for r in _rows(paper_tables()["burda2016_table1"])}  # fmt: skip
+    return {
+        (r["dataset"], r["stochastic_layers"], r["k"], r["objective"]): r
+        for r in _rows(paper_tables()["burda2016_table1"])
+    }
 
 
 def _table1_section(meta, results, fig_dir: Path) -> list[str]:
@@ -382,16 +436,22 @@ def _table1_section(meta, results, fig_dir: Path) -> list[str]:
 
     def units(key):
         runs = cells.get(key, [])
-        return [float(np.mean(c)) for c in zip(*[r.evaluation["active_units"] for r in runs])] if runs else None
+        return (
+            [float(np.mean(c)) for c in zip(*[r.evaluation["active_units"] for r in runs])]
+            if runs
+            else None
+        )
 
     datasets = {r.label["dataset"] for r in results}
     lines = [
         f"## Burda et al. (2016), Table 1 ({', '.join(d.upper() for d in ('mnist', 'omniglot') if d in datasets)})"
-        + (f", {meta['passes_per_run']:,} passes" if meta.get("_several_budgets") else ""), "",
-        _budget(meta, results), "",
+        + (f", {meta['passes_per_run']:,} passes" if meta.get("_several_budgets") else ""),
+        "",
+        _budget(meta, results),
+        "",
         "| dataset | layers | k | VAE NLL | paper | Δ | IWAE NLL | paper | Δ | VAE units | paper | IWAE units | paper |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]  # fmt: skip
+    ]
     checks = []
     in_grid = {(r.label["dataset"], r.label["layers"]) for r in results}
     for dataset in ("mnist", "omniglot"):
@@ -405,7 +465,10 @@ def _table1_section(meta, results, fig_dir: Path) -> list[str]:
                     ref = paper[(dataset, layers, k, obj)]["nll"]
                     row += [text, _fmt(ref), _fmt(None if ours is None else ours - ref)]
                 for obj in ("vae", "iwae"):
-                    row += [_units(units((dataset, layers, k, obj))), paper[(dataset, layers, k, obj)]["active_units"]]
+                    row += [
+                        _units(units((dataset, layers, k, obj))),
+                        paper[(dataset, layers, k, obj)]["active_units"],
+                    ]
                 lines.append("| " + " | ".join(row) + " |")
             checks += _table1_checks(dataset, layers, cells, units)
     notes = _image_notes(results)
@@ -418,8 +481,15 @@ def _table1_section(meta, results, fig_dir: Path) -> list[str]:
 def _table1_checks(dataset, layers, cells, units) -> list[str]:
     """Burda et al. Table 1: IWAE below the VAE in NLL at every k > 1, IWAE NLL falling
     with k (both with paired standard errors), IWAE with at least as many active units."""
-    return [line for line in (_iwae_below_vae(dataset, layers, cells), _falling_with_k(dataset, layers, cells),
-                              _more_active_units(dataset, layers, units)) if line]  # fmt: skip
+    return [
+        line
+        for line in (
+            _iwae_below_vae(dataset, layers, cells),
+            _falling_with_k(dataset, layers, cells),
+            _more_active_units(dataset, layers, units),
+        )
+        if line
+    ]
 
 
 def _nll_of(cells, key):
@@ -427,14 +497,24 @@ def _nll_of(cells, key):
 
 
 def _iwae_below_vae(dataset, layers, cells) -> str | None:
-    pairs = [(k, cells.get((dataset, layers, k, "vae"), []), cells.get((dataset, layers, k, "iwae"), [])) for k in (5, 50)]
+    pairs = [
+        (k, cells.get((dataset, layers, k, "vae"), []), cells.get((dataset, layers, k, "iwae"), []))
+        for k in (5, 50)
+    ]
     pairs = [(k, vae, iwae) for k, vae, iwae in pairs if vae and iwae]
     if not pairs:
         return None
-    detail = ", ".join(f"k={k}: IWAE {_nll_of(cells, (dataset, layers, k, 'iwae')):.2f} vs "
-                       f"VAE {_nll_of(cells, (dataset, layers, k, 'vae')):.2f}" for k, _, _ in pairs)  # fmt: skip
-    margins = [(f"k={k}: IWAE − VAE", paired_margin(vae, iwae, "nll"), -1) for k, vae, iwae in pairs]
-    return _claim_line(f"{dataset}, {layers} layer(s): IWAE below VAE in NLL for every k > 1", detail, margins)
+    detail = ", ".join(
+        f"k={k}: IWAE {_nll_of(cells, (dataset, layers, k, 'iwae')):.2f} vs "
+        f"VAE {_nll_of(cells, (dataset, layers, k, 'vae')):.2f}"
+        for k, _, _ in pairs
+    )
+    margins = [
+        (f"k={k}: IWAE − VAE", paired_margin(vae, iwae, "nll"), -1) for k, vae, iwae in pairs
+    ]
+    return _claim_line(
+        f"{dataset}, {layers} layer(s): IWAE below VAE in NLL for every k > 1", detail, margins
+    )
 
 
 def _falling_with_k(dataset, layers, cells) -> str | None:
@@ -443,38 +523,54 @@ def _falling_with_k(dataset, layers, cells) -> str | None:
         return None
     detail = ", ".join(f"k={k}: {_nll_of(cells, (dataset, layers, k, 'iwae')):.2f}" for k in ks)
     runs = {k: cells[(dataset, layers, k, "iwae")] for k in ks}
-    margins = [(f"k={b} − k={a}", paired_margin(runs[a], runs[b], "nll"), -1) for a, b in pairwise(ks)]
+    margins = [
+        (f"k={b} − k={a}", paired_margin(runs[a], runs[b], "nll"), -1) for a, b in pairwise(ks)
+    ]
     return _claim_line(f"{dataset}, {layers} layer(s): IWAE NLL falling with k", detail, margins)
 
 
 def _more_active_units(dataset, layers, units) -> str | None:
-    au = [(k, units((dataset, layers, k, "iwae")), units((dataset, layers, k, "vae"))) for k in (1, 5, 50)]
+    au = [
+        (k, units((dataset, layers, k, "iwae")), units((dataset, layers, k, "vae")))
+        for k in (1, 5, 50)
+    ]
     au = [p for p in au if None not in p]
     if not au:
         return None
     ok = all(sum(i) >= sum(v) for _, i, v in au)
     detail = ", ".join(f"k={k}: {_units(i)} vs {_units(v)}" for k, i, v in au)
-    return (f"- {dataset}, {layers} layer(s): IWAE with at least as many active units as VAE — "
-            f"**{'holds' if ok else 'does not hold'}** ({detail}; counts of units, no standard error)")  # fmt: skip
+    return (
+        f"- {dataset}, {layers} layer(s): IWAE with at least as many active units as VAE — "
+        f"**{'holds' if ok else 'does not hold'}** ({detail}; counts of units, no standard error)"
+    )
 
 
 def _two_stage_section(meta, results, fig_dir: Path) -> list[str]:
     paper = {r["experiment"]: r for r in _rows(paper_tables()["burda2016_two_stage"])}
     cells = _group(results, ("experiment", "stage"))
     lines = [
-        "## Burda et al. (2016), two-stage training (MNIST, 1 layer)", "", _budget(meta, results),
-        f"The second stage runs {3 ** (meta['stages'] - 1)} passes at learning rate 1e-4 (the paper: 3^7 = 2,187).", "",
+        "## Burda et al. (2016), two-stage training (MNIST, 1 layer)",
+        "",
+        _budget(meta, results),
+        f"The second stage runs {3 ** (meta['stages'] - 1)} passes at learning rate 1e-4 (the paper: 3^7 = 2,187).",
+        "",
         "| experiment | first stage | NLL | paper | units | paper | second stage | NLL | paper | units | paper |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]  # fmt: skip
+    ]
     for exp in (1, 2):
         ref = paper[exp]
         row = [str(exp)]
-        for stage, name_key, nll_key, au_key in (("first", "first_stage", "first_nll", "first_active_units"),
-                                                 ("second", "second_stage", "second_nll", "second_active_units")):  # fmt: skip
+        for stage, name_key, nll_key, au_key in (
+            ("first", "first_stage", "first_nll", "first_active_units"),
+            ("second", "second_stage", "second_nll", "second_active_units"),
+        ):
             runs = cells.get((exp, stage), [])
             nll = _value_cell(runs, "nll")[0]
-            au = [float(np.mean(c)) for c in zip(*[r.evaluation["active_units"] for r in runs])] if runs else None
+            au = (
+                [float(np.mean(c)) for c in zip(*[r.evaluation["active_units"] for r in runs])]
+                if runs
+                else None
+            )
             row += [ref[name_key], nll, _fmt(ref[nll_key]), _units(au), str(ref[au_key])]
         lines.append("| " + " | ".join(row) + " |")
     checks = _two_stage_checks(cells, paper)
@@ -494,17 +590,31 @@ def _two_stage_checks(cells, paper) -> list[str]:
         if not (first and second):
             continue
         ref = paper[exp]
-        a, b = _mean([r.evaluation["nll"] for r in first]), _mean([r.evaluation["nll"] for r in second])
-        ua, ub = (float(np.mean([sum(r.evaluation["active_units"]) for r in runs])) for runs in (first, second))
+        a, b = (
+            _mean([r.evaluation["nll"] for r in first]),
+            _mean([r.evaluation["nll"] for r in second]),
+        )
+        ua, ub = (
+            float(np.mean([sum(r.evaluation["active_units"]) for r in runs]))
+            for runs in (first, second)
+        )
         then = f"{ref['first_stage']} then {ref['second_stage']}"
-        claim = (f"{then}: the second stage {'lowers' if better else 'raises'} the NLL (paper {ref['first_nll']:.2f} → "
-                 f"{ref['second_nll']:.2f})")  # fmt: skip
+        claim = (
+            f"{then}: the second stage {'lowers' if better else 'raises'} the NLL (paper {ref['first_nll']:.2f} → "
+            f"{ref['second_nll']:.2f})"
+        )
         margin = paired_margin(first, second, "nll")
-        out.append(_claim_line(claim, f"{a:.2f} → {b:.2f}", [("second − first", margin, -1 if better else 1)]))
+        out.append(
+            _claim_line(
+                claim, f"{a:.2f} → {b:.2f}", [("second − first", margin, -1 if better else 1)]
+            )
+        )
         ok = ub > ua if better else ub < ua
-        out.append(f"- {then}: the second stage {'adds' if better else 'removes'} active units (paper "
-                   f"{ref['first_active_units']} → {ref['second_active_units']}) — **{'holds' if ok else 'does not hold'}** "
-                   f"({ua:.0f} → {ub:.0f})")  # fmt: skip
+        out.append(
+            f"- {then}: the second stage {'adds' if better else 'removes'} active units (paper "
+            f"{ref['first_active_units']} → {ref['second_active_units']}) — **{'holds' if ok else 'does not hold'}** "
+            f"({ua:.0f} → {ub:.0f})"
+        )
     return out
 
 
@@ -512,20 +622,30 @@ def _variants_section(meta, results, fig_dir: Path) -> list[str]:
     paper = {r["method"]: r for r in _rows(paper_tables()["rainforth2018_variants"])}
     cells = _group(results, ("method",))
     lines = [
-        "## Rainforth et al. (2018), IWAE variants (MNIST, 1 layer, 64 samples per example)", "",
-        _budget(meta, results) + " Mean ± standard deviation over seeds.", "",
-        "| method | IWAE-64 | paper | log p̂(x) | paper | −KL(Q‖P) | paper |", "|---|---|---|---|---|---|---|",
-    ]  # fmt: skip
+        "## Rainforth et al. (2018), IWAE variants (MNIST, 1 layer, 64 samples per example)",
+        "",
+        _budget(meta, results) + " Mean ± standard deviation over seeds.",
+        "",
+        "| method | IWAE-64 | paper | log p̂(x) | paper | −KL(Q‖P) | paper |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for method, paper_key, _ in _variant_names():
         runs = cells.get((method,), [])
         ref = paper[paper_key]
         row = [method]
         for key in ("iwae64", "log_px", "neg_kl_q_p"):
-            row += [_value_cell(runs, key, spread=True)[0], f"{ref[key]:.2f} ± {ref[key + '_std']:.2f}"]
+            row += [
+                _value_cell(runs, key, spread=True)[0],
+                f"{ref[key]:.2f} ± {ref[key + '_std']:.2f}",
+            ]
         lines.append("| " + " | ".join(row) + " |")
     checks = _variants_checks(cells)
     notes = _image_notes(results)
-    lines += ([""] + notes if notes else []) + ["", "What the paper shows, at this budget (means over seeds):", ""]
+    lines += ([""] + notes if notes else []) + [
+        "",
+        "What the paper shows, at this budget (means over seeds):",
+        "",
+    ]
     lines += (checks or ["- not enough finished runs yet"]) + [""]
     lines += _figures(meta, results, fig_dir, "variants")
     return lines
@@ -535,6 +655,7 @@ def _variants_checks(cells) -> list[str]:
     """Rainforth et al. 2018, Table 1: PIWAE, MIWAE and CIWAE beat IWAE in IWAE-64; every
     other method has a better inference network (higher -KL(Q||P)) than IWAE; the VAE has
     the worst generative model (lowest log p-hat(x))."""
+
     def value(method, key):
         runs = cells.get((method,), [])
         return _mean([r.evaluation[key] for r in runs]) if runs else None
@@ -545,11 +666,17 @@ def _variants_checks(cells) -> list[str]:
     methods = [m for m, _, _ in _variant_names()]
     out = []
     for claim, key, others in (
-        ("PIWAE, MIWAE and CIWAE above IWAE in IWAE-64 (paper: −85.60 to −86.08 vs −86.11)", "iwae64",
-         [m for m in methods if m not in ("IWAE", "VAE")]),
-        ("every other method above IWAE in −KL(Q‖P), a better inference network (paper: −0.47 to −1.34 vs −1.59)",
-         "neg_kl_q_p", [m for m in methods if m != "IWAE"]),
-    ):  # fmt: skip
+        (
+            "PIWAE, MIWAE and CIWAE above IWAE in IWAE-64 (paper: −85.60 to −86.08 vs −86.11)",
+            "iwae64",
+            [m for m in methods if m not in ("IWAE", "VAE")],
+        ),
+        (
+            "every other method above IWAE in −KL(Q‖P), a better inference network (paper: −0.47 to −1.34 vs −1.59)",
+            "neg_kl_q_p",
+            [m for m in methods if m != "IWAE"],
+        ),
+    ):
         base = value("IWAE", key)
         pairs = [(m, v) for m in others if (v := value(m, key)) is not None]
         if base is None or not pairs:
@@ -561,9 +688,17 @@ def _variants_checks(cells) -> list[str]:
     pairs = [(m, v) for m in methods if m != "VAE" and (v := value(m, "log_px")) is not None]
     if vae is not None and pairs:
         detail = f"VAE {vae:.2f}; " + ", ".join(f"{m} {v:.2f}" for m, v in pairs)
-        margins = [(f"VAE − {m}", paired_margin(runs(m), runs("VAE"), "log_px"), -1) for m, _ in pairs]
-        out.append(_claim_line("the VAE lowest in log p̂(x), the worst generative model (paper: −86.21 vs −84.40 to "
-                               "−85.24)", detail, margins))  # fmt: skip
+        margins = [
+            (f"VAE − {m}", paired_margin(runs(m), runs("VAE"), "log_px"), -1) for m, _ in pairs
+        ]
+        out.append(
+            _claim_line(
+                "the VAE lowest in log p̂(x), the worst generative model (paper: −86.21 vs −84.40 to "
+                "−85.24)",
+                detail,
+                margins,
+            )
+        )
     return out
 
 
@@ -576,11 +711,16 @@ def _variant_names():
 def _dreg_section(meta, results, fig_dir: Path) -> list[str]:
     cells = _group(results, ("layers", "k", "estimator"))
     lines = [
-        "## Beyond the papers: IWAE with the DReG encoder gradient (MNIST)", "", _budget(meta, results), "",
-        ("| layers | k | NLL, standard | NLL, DReG | DReG − standard | IWAE-64, standard | IWAE-64, DReG | "
-         "units, standard | units, DReG |"),
+        "## Beyond the papers: IWAE with the DReG encoder gradient (MNIST)",
+        "",
+        _budget(meta, results),
+        "",
+        (
+            "| layers | k | NLL, standard | NLL, DReG | DReG − standard | IWAE-64, standard | IWAE-64, DReG | "
+            "units, standard | units, DReG |"
+        ),
         "|---|---|---|---|---|---|---|---|---|",
-    ]  # fmt: skip
+    ]
     for layers in (1, 2):
         for k in (5, 50):
             std, dr = cells.get((layers, k, "reparam"), []), cells.get((layers, k, "dreg"), [])
@@ -588,8 +728,13 @@ def _dreg_section(meta, results, fig_dir: Path) -> list[str]:
                 lines.append(_dreg_row(layers, k, std, dr))
     notes = _image_notes(results, hidden=False)
     lines += ([""] + notes if notes else []) + [
-        "", ("A negative difference means DReG reached a lower (better) test NLL at the same budget; ± its paired "
-             "standard error over the test images both were evaluated on (where per-image values exist)."), ""]  # fmt: skip
+        "",
+        (
+            "A negative difference means DReG reached a lower (better) test NLL at the same budget; ± its paired "
+            "standard error over the test images both were evaluated on (where per-image values exist)."
+        ),
+        "",
+    ]
     lines += _figures(meta, results, fig_dir, "dreg")
     return lines
 
@@ -597,9 +742,18 @@ def _dreg_section(meta, results, fig_dir: Path) -> list[str]:
 def _dreg_row(layers, k, std: list[RunResult], dr: list[RunResult]) -> str:
     """One row of the DReG table: NLL, their paired difference, IWAE-64 and units of each."""
     diff = paired_margin(std, dr, "nll")
-    diff = "—" if diff is None else _fmt(diff.diff) + ("" if diff.se is None else f" ± {diff.se:.2f}")
+    diff = (
+        "—" if diff is None else _fmt(diff.diff) + ("" if diff.se is None else f" ± {diff.se:.2f}")
+    )
     units = [_units(runs[0].evaluation["active_units"]) if runs else "—" for runs in (std, dr)]
-    cells = [_marked(std, "nll"), _marked(dr, "nll"), diff, _marked(std, "iwae64"), _marked(dr, "iwae64"), *units]
+    cells = [
+        _marked(std, "nll"),
+        _marked(dr, "nll"),
+        diff,
+        _marked(std, "iwae64"),
+        _marked(dr, "iwae64"),
+        *units,
+    ]
     return f"| {layers} | {k} | " + " | ".join(cells) + " |"
 
 
@@ -635,14 +789,22 @@ def _ladder_section(dataset: str, runs: list[RunResult], fig_dir: Path) -> list[
     for r in runs:
         cells.setdefault((r.label["layers"], r.label["k"], r.label["objective"]), []).append(r)
     order = sorted(cells, key=lambda c: (c[0], c[1], c[2] != "vae"))
-    sources = sorted({(r.passes or 0, r.run_dir.parent.parent.name) for r in runs if r.run_dir is not None})
+    sources = sorted(
+        {(r.passes or 0, r.run_dir.parent.parent.name) for r in runs if r.run_dir is not None}
+    )
     lines = [
-        f"## Burda et al. (2016), Table 1 across budgets ({dataset.upper()}): the budget ladder", "",
-        (f"Test NLL (nats) of each cell after each training budget found, in passes over the training set (the "
-         f"paper: 3,280), from {', '.join(f'`{name}/` ({p:,} passes)' for p, name in sources)}."), "",
-        "| layers | k | objective | " + " | ".join(f"{b:,} passes" for b in budgets) + " | paper (3,280 passes) | Δ to the paper |",
+        f"## Burda et al. (2016), Table 1 across budgets ({dataset.upper()}): the budget ladder",
+        "",
+        (
+            f"Test NLL (nats) of each cell after each training budget found, in passes over the training set (the "
+            f"paper: 3,280), from {', '.join(f'`{name}/` ({p:,} passes)' for p, name in sources)}."
+        ),
+        "",
+        "| layers | k | objective | "
+        + " | ".join(f"{b:,} passes" for b in budgets)
+        + " | paper (3,280 passes) | Δ to the paper |",
         "|---|---|---|" + "---|" * len(budgets) + "---|---|",
-    ]  # fmt: skip
+    ]
     lines += [_ladder_row(dataset, cell, cells[cell], budgets, paper) for cell in order]
     lines += [""] + _ladder_notes(runs, budgets) + [""]
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -660,14 +822,21 @@ def _ladder_budgets(runs: list[RunResult]) -> list[int]:
 
 
 def _stage_end_values(runs: list[RunResult], budget: int) -> list[float]:
-    return [m["test_nll_subset"] for r in runs for m in r.metrics if m.get("pass") == budget and "test_nll_subset" in m]
+    return [
+        m["test_nll_subset"]
+        for r in runs
+        for m in r.metrics
+        if m.get("pass") == budget and "test_nll_subset" in m
+    ]
 
 
 def _ladder_point(runs: list[RunResult], budget: int) -> tuple[str, float | None]:
     """One cell at one budget: the final evaluations of its runs trained for ``budget``
     passes (:func:`_value_cell`), else the mean stage-end ``test_nll_subset`` logged at that
     pass (marked §); with the value put beside the paper's, or None."""
-    text, value = _value_cell([r for r in runs if r.passes == budget and r.evaluation is not None], "nll")
+    text, value = _value_cell(
+        [r for r in runs if r.passes == budget and r.evaluation is not None], "nll"
+    )
     if value is None and (subset := _stage_end_values(runs, budget)):
         return _fmt(_mean(subset)) + STAGE_END_MARK, _mean(subset)
     return text, value
@@ -679,20 +848,34 @@ def _ladder_row(dataset, cell, runs, budgets, paper) -> str:
     ref = paper[(dataset, layers, k, objective)]["nll"]
     found = [(b, v) for b, (_, v) in zip(budgets, points) if v is not None]
     delta = f"{found[-1][1] - ref:+.2f} at {found[-1][0]:,} passes" if found else "—"
-    return "| " + " | ".join([str(layers), str(k), objective.upper(), *(t for t, _ in points), _fmt(ref), delta]) + " |"
+    return (
+        "| "
+        + " | ".join(
+            [str(layers), str(k), objective.upper(), *(t for t, _ in points), _fmt(ref), delta]
+        )
+        + " |"
+    )
 
 
 def _ladder_notes(runs: list[RunResult], budgets: list[int]) -> list[str]:
     """What the ladder's plain numbers and marks mean."""
-    notes = ["Plain numbers: the final evaluation (−L_5000 on the whole test set, `evaluation.json`), the mean "
-             + "over seeds where there are several."]
+    notes = [
+        "Plain numbers: the final evaluation (−L_5000 on the whole test set, `evaluation.json`), the mean "
+        + "over seeds where there are several."
+    ]
     finals = [r for r in runs if r.evaluation is not None and r.passes in budgets]
     notes += _image_notes(finals)
-    stage_ends = {(m.get("test_nll_subset_k"), m.get("test_nll_subset_n")) for r in runs for m in r.metrics
-                  if "test_nll_subset" in m and m["pass"] in budgets}  # fmt: skip
+    stage_ends = {
+        (m.get("test_nll_subset_k"), m.get("test_nll_subset_n"))
+        for r in runs
+        for m in r.metrics
+        if "test_nll_subset" in m and m["pass"] in budgets
+    }
     for k, n in sorted(stage_ends, key=str):
-        notes.append(f"{STAGE_END_MARK} no final evaluation at this budget (yet): −L_{k} at the end of the training stage "
-                     f"on a seeded random subset of {n:,} test images (`test_nll_subset` in `metrics.jsonl`).")  # fmt: skip
+        notes.append(
+            f"{STAGE_END_MARK} no final evaluation at this budget (yet): −L_{k} at the end of the training stage "
+            f"on a seeded random subset of {n:,} test images (`test_nll_subset` in `metrics.jsonl`)."
+        )
     notes.append("Δ: our latest number minus the paper's (after 3,280 passes).")
     return [n + "  " for n in notes[:-1]] + notes[-1:]
 
@@ -705,7 +888,9 @@ STAGE_ENDS = [sum(3**j for j in range(i + 1)) for i in range(8)]  # 1, 4, 13, ..
 
 def _ladder_curve(r: RunResult) -> list[tuple[int, float]]:
     """A run's stage-end ``test_nll_subset`` against passes."""
-    return [(r.offset + m["pass"], m["test_nll_subset"]) for m in r.metrics if "test_nll_subset" in m]
+    return [
+        (r.offset + m["pass"], m["test_nll_subset"]) for m in r.metrics if "test_nll_subset" in m
+    ]
 
 
 def _final_point(r: RunResult) -> tuple[int, float] | None:
@@ -721,26 +906,39 @@ def _plot_ladder(dataset: str, runs: list[RunResult], paper: dict, path: Path) -
     the final evaluations, stars the paper's values at 3,280 passes."""
     plt = _plt()
     layers = sorted({r.label["layers"] for r in runs})
-    fig, axes = plt.subplots(1, len(layers), figsize=(5.2 * len(layers), 4.2), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        1, len(layers), figsize=(5.2 * len(layers), 4.2), squeeze=False, sharey=True
+    )
     for ax, n_layers in zip(axes[0], layers):
         mine = [r for r in runs if r.label["layers"] == n_layers]
         for r in mine:
             _plot_ladder_run(ax, r)
         for k, objective in sorted({(r.label["k"], r.label["objective"]) for r in mine}):
-            ax.plot([PAPER_PASSES], [paper[(dataset, n_layers, k, objective)]["nll"]], marker="*", ms=11,
-                    color=K_COLOURS.get(k, "k"), mfc="none" if objective == "vae" else K_COLOURS.get(k, "k"))  # fmt: skip
+            ax.plot(
+                [PAPER_PASSES],
+                [paper[(dataset, n_layers, k, objective)]["nll"]],
+                marker="*",
+                ms=11,
+                color=K_COLOURS.get(k, "k"),
+                mfc="none" if objective == "vae" else K_COLOURS.get(k, "k"),
+            )
         ax.set_xscale("log")
         ax.set_xticks(STAGE_ENDS, [f"{p:,}" for p in STAGE_ENDS])
         ax.set_xlabel("passes over the training set (stage ends)")
         ax.set_title(f"{dataset.upper()}, {n_layers} stochastic layer{'s' if n_layers > 1 else ''}")
         ax.grid(alpha=0.3, which="both")
     axes[0][0].set_ylabel("test NLL (nats)")
-    axes[0][-1].legend(handles=_ladder_legend(), fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    axes[0][-1].legend(
+        handles=_ladder_legend(), fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0)
+    )
     _save(fig, path)
 
 
 def _plot_ladder_run(ax, r: RunResult) -> None:
-    colour, style = K_COLOURS.get(r.label["k"], "k"), OBJECTIVE_STYLES.get(r.label["objective"], ":")
+    colour, style = (
+        K_COLOURS.get(r.label["k"], "k"),
+        OBJECTIVE_STYLES.get(r.label["objective"], ":"),
+    )
     curve = _ladder_curve(r)
     if curve:
         ax.plot(*zip(*curve), ls=style, marker="o", ms=3, color=colour)
@@ -753,17 +951,33 @@ def _ladder_legend() -> list:
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color=c, lw=2, label=f"k={k}") for k, c in K_COLOURS.items()]
-    handles += [Line2D([], [], color="k", ls=s, label=o.upper()) for o, s in OBJECTIVE_STYLES.items()]
     handles += [
-        Line2D([], [], color="gray", marker="o", ms=4, ls="none", label="stage end, random test subset"),
+        Line2D([], [], color="k", ls=s, label=o.upper()) for o, s in OBJECTIVE_STYLES.items()
+    ]
+    handles += [
+        Line2D(
+            [], [], color="gray", marker="o", ms=4, ls="none", label="stage end, random test subset"
+        ),
         Line2D([], [], color="gray", marker="s", ms=6, ls="none", label="final evaluation"),
-        Line2D([], [], color="gray", marker="*", ms=10, ls="none", label="the paper, 3,280 passes (hollow: VAE)"),
-    ]  # fmt: skip
+        Line2D(
+            [],
+            [],
+            color="gray",
+            marker="*",
+            ms=10,
+            ls="none",
+            label="the paper, 3,280 passes (hollow: VAE)",
+        ),
+    ]
     return handles
 
 
-SECTIONS = {"table1": _table1_section, "two-stage": _two_stage_section, "variants": _variants_section,
-            "dreg": _dreg_section}
+SECTIONS = {
+    "table1": _table1_section,
+    "two-stage": _two_stage_section,
+    "variants": _variants_section,
+    "dreg": _dreg_section,
+}
 
 
 # -- figures -----------------------------------------------------------------------------------
@@ -794,20 +1008,36 @@ def _figures(meta, results, fig_dir: Path, exp: str) -> list[str]:
         return lines
     fig_dir.mkdir(parents=True, exist_ok=True)
     rel = fig_dir.name
-    exp = meta.get("_figure_prefix", exp)  # the directory's name: two table1 directories do not collide
+    exp = meta.get(
+        "_figure_prefix", exp
+    )  # the directory's name: two table1 directories do not collide
     if _plot_curves(finished, fig_dir / f"{exp}-curves.png"):
         lines += [f"![learning curves]({rel}/{exp}-curves.png)", ""]
     _plot_activity(finished, fig_dir / f"{exp}-activity.png")
-    lines += [f"![unit activity]({rel}/{exp}-activity.png)", "",
-              "Samples from each model: " + ", ".join(
-                  f"[{r.name}]({rel}/samples/{exp}-{r.name}.png)" for r in finished
-                  if _save_samples(r, meta, fig_dir, f"{exp}-{r.name}.png")), ""]  # fmt: skip
+    lines += [
+        f"![unit activity]({rel}/{exp}-activity.png)",
+        "",
+        "Samples from each model: "
+        + ", ".join(
+            f"[{r.name}]({rel}/samples/{exp}-{r.name}.png)"
+            for r in finished
+            if _save_samples(r, meta, fig_dir, f"{exp}-{r.name}.png")
+        ),
+        "",
+    ]
     return lines
 
 
-CURVE_KEYS = [("test_iwae64", "test IWAE-64"), ("test_log_px", "test log p̂(x)"), ("test_neg_kl_q_p", "test −KL(Q‖P)")]
+CURVE_KEYS = [
+    ("test_iwae64", "test IWAE-64"),
+    ("test_log_px", "test log p̂(x)"),
+    ("test_neg_kl_q_p", "test −KL(Q‖P)"),
+]
 #: line styles of the label that tells lines apart by style (the objective, else the estimator)
-LINE_STYLES = {"objective": OBJECTIVE_STYLES, "estimator": {"reparam": "-", "dreg": "--", "stl": ":"}}
+LINE_STYLES = {
+    "objective": OBJECTIVE_STYLES,
+    "estimator": {"reparam": "-", "dreg": "--", "stl": ":"},
+}
 #: label keys that never tell curves apart: seeds are averaged, dataset and layers make the panels
 _NOT_CURVE_KEYS = ("seed", "dataset", "layers")
 
@@ -839,7 +1069,10 @@ def curves_figure(results: list[RunResult]):
     style_key, colour_keys = _curve_keys(results)
     panels = sorted({_panel(r) for r in results}, key=str)
     order = _style_order(style_key)
-    lines = sorted({_curve_line(r, style_key, colour_keys) for r in results}, key=lambda l: (_value_order(l[0]), order(l[1])))
+    lines = sorted(
+        {_curve_line(r, style_key, colour_keys) for r in results},
+        key=lambda l: (_value_order(l[0]), order(l[1])),
+    )
     colours = _curve_colours(sorted({colour for colour, _ in lines}, key=_value_order), colour_keys)
     styles = _curve_styles(sorted({style for _, style in lines}, key=order), style_key)
     single = len(panels) == 1  # one panel per bound, side by side
@@ -849,11 +1082,23 @@ def curves_figure(results: list[RunResult]):
         for col, panel in enumerate(panels):
             ax = axes[0][row] if single else axes[row][col]
             for colour, style in lines:
-                runs = [r for r in results if _panel(r) == panel and _curve_line(r, style_key, colour_keys) == (colour, style)]
+                runs = [
+                    r
+                    for r in results
+                    if _panel(r) == panel
+                    and _curve_line(r, style_key, colour_keys) == (colour, style)
+                ]
                 xs, ys = _mean_curve(runs, key)
                 if xs:
-                    ax.plot(xs, ys, marker="o", ms=3, color=colours[colour], ls=styles[style],
-                            label=_line_label(colour, style, colour_keys, style_key))  # fmt: skip
+                    ax.plot(
+                        xs,
+                        ys,
+                        marker="o",
+                        ms=3,
+                        color=colours[colour],
+                        ls=styles[style],
+                        label=_line_label(colour, style, colour_keys, style_key),
+                    )
             ax.set_xscale("log")
             ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
             ax.grid(alpha=0.3, which="both")
@@ -863,9 +1108,21 @@ def curves_figure(results: list[RunResult]):
                 ax.set_xlabel("passes over the training set")
             if single or col == 0:
                 ax.set_ylabel(f"{title} (nats, test subset)")
-    handles = [Line2D([], [], color=colours[c], ls=styles[s], marker="o", ms=3,
-                      label=_line_label(c, s, colour_keys, style_key)) for c, s in lines]  # fmt: skip
-    axes[0][-1].legend(handles=handles, fontsize=7, handlelength=3, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    handles = [
+        Line2D(
+            [],
+            [],
+            color=colours[c],
+            ls=styles[s],
+            marker="o",
+            ms=3,
+            label=_line_label(c, s, colour_keys, style_key),
+        )
+        for c, s in lines
+    ]
+    axes[0][-1].legend(
+        handles=handles, fontsize=7, handlelength=3, loc="upper left", bbox_to_anchor=(1.02, 1.0)
+    )
     fig.tight_layout()
     return fig
 
@@ -873,13 +1130,19 @@ def curves_figure(results: list[RunResult]):
 def _curve_keys(results: list[RunResult]) -> tuple[str | None, tuple[str, ...]]:
     """The label key drawn as line style (the objective, else the estimator, where it varies)
     and the label keys drawn as colour (the others that vary, e.g. k)."""
-    varying = [k for k in results[0].label if k not in _NOT_CURVE_KEYS and len({str(r.label.get(k)) for r in results}) > 1]
+    varying = [
+        k
+        for k in results[0].label
+        if k not in _NOT_CURVE_KEYS and len({str(r.label.get(k)) for r in results}) > 1
+    ]
     style_key = next((k for k in LINE_STYLES if k in varying), None)
     return style_key, tuple(k for k in varying if k != style_key)
 
 
 def _panel(r: RunResult) -> tuple:
-    return r.label.get("dataset", r.config.get("dataset", "mnist")), r.label.get("layers", r.config.get("layers", 1))
+    return r.label.get("dataset", r.config.get("dataset", "mnist")), r.label.get(
+        "layers", r.config.get("layers", 1)
+    )
 
 
 def _panel_title(panel: tuple) -> str:
@@ -957,7 +1220,9 @@ def _plot_activity(results: list[RunResult], path: Path) -> None:
     for ax, r in zip(axes.flat, with_activity):
         for layer, activity in enumerate(r.activity):
             values = np.sort(np.asarray(activity))[::-1]
-            ax.plot(np.arange(1, len(values) + 1), np.maximum(values, 1e-8), label=f"layer {layer + 1}")
+            ax.plot(
+                np.arange(1, len(values) + 1), np.maximum(values, 1e-8), label=f"layer {layer + 1}"
+            )
         ax.axhline(0.01, color="k", ls="--", lw=0.8)
         ax.set_yscale("log")
         ax.set_title(f"{r.name}\nactive {_units(r.evaluation['active_units'])}", fontsize=7)
@@ -984,7 +1249,11 @@ def _save_samples(r: RunResult, meta, fig_dir: Path, name: str) -> bool:
     except IwaeError:
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image_grid(model.sample_images(64, torch.Generator().manual_seed(0)).numpy(), path, shape=config.image_shape)
+    save_image_grid(
+        model.sample_images(64, torch.Generator().manual_seed(0)).numpy(),
+        path,
+        shape=config.image_shape,
+    )
     return True
 
 
@@ -995,27 +1264,49 @@ def write_report(directory: str | Path) -> Path:
     directory = Path(directory)
     if not directory.is_dir():
         raise IwaeError(f"{directory} does not exist")
-    exp_dirs = sorted({p.parent for p in [*directory.glob("experiment.json"), *directory.glob("*/experiment.json")]})
+    exp_dirs = sorted(
+        {
+            p.parent
+            for p in [*directory.glob("experiment.json"), *directory.glob("*/experiment.json")]
+        }
+    )
     if not exp_dirs:
-        raise IwaeError(f"no experiment.json in {directory} or its subdirectories: run `iwae reproduce` first")
-    lines = ["# Reproduction report", "",
-             "Generated by `iwae report` from the runs below; every number is from a run in this directory.", ""]  # fmt: skip
+        raise IwaeError(
+            f"no experiment.json in {directory} or its subdirectories: run `iwae reproduce` first"
+        )
+    lines = [
+        "# Reproduction report",
+        "",
+        "Generated by `iwae report` from the runs below; every number is from a run in this directory.",
+        "",
+    ]
     fig_dir = directory / "figures"
     experiments = [(load_experiment(d), d) for d in exp_dirs]
     order = list(SECTIONS)
     experiments.sort(key=lambda e: order.index(e[0][0]["experiment"]))
     ladder = _ladder_sections([e for e, _ in experiments], fig_dir)
-    table1 = [(m["passes_per_run"], r.label["dataset"]) for (m, res), _ in experiments if m["experiment"] == "table1"
-              for r in res]  # fmt: skip
-    several = len({p for p, _ in set(table1)}) > 1  # table1 directories at different budgets: headings say which
+    table1 = [
+        (m["passes_per_run"], r.label["dataset"])
+        for (m, res), _ in experiments
+        if m["experiment"] == "table1"
+        for r in res
+    ]
+    several = (
+        len({p for p, _ in set(table1)}) > 1
+    )  # table1 directories at different budgets: headings say which
     for (meta, results), exp_dir in experiments:
-        if meta["experiment"] == "table1" and ladder:  # the ladder first, then each table1 directory
+        if (
+            meta["experiment"] == "table1" and ladder
+        ):  # the ladder first, then each table1 directory
             lines, ladder = lines + ladder, []
         meta["_dir"] = str(exp_dir)
         meta["_several_budgets"] = several
         meta["_figure_prefix"] = exp_dir.name if exp_dir != directory else meta["experiment"]
         section = SECTIONS[meta["experiment"]](meta, results, fig_dir)
-        lines += section + [f"Runs: `{exp_dir.relative_to(directory) if exp_dir != directory else '.'}/runs/`", ""]
+        lines += section + [
+            f"Runs: `{exp_dir.relative_to(directory) if exp_dir != directory else '.'}/runs/`",
+            "",
+        ]
     lines += ais_section(directory)
     path = directory / REPORT_FILE
     atomic_write(path, lambda f: f.write("\n".join(lines).encode()))
@@ -1040,31 +1331,47 @@ def ais_section(directory: Path) -> list[str]:
     bdmc = [(p, r) for p, r in bdmc if isinstance(r, dict) and "lower" in r]
     if not ais and not bdmc:
         return []
-    lines = ["## log p(x) beyond L_5000: annealed importance sampling and BDMC", "",
-             "AIS (`iwae evaluate --method ais`) is a stochastic lower bound on log p(x), like L_5000 but "
-             "tighter as the annealing steps T grow; its gap to L_5000 is measured on the same test images "
-             "(paired standard error). BDMC (`iwae bdmc`) brackets log p(x) of images simulated from the "
-             "model between forward AIS (lower) and reverse AIS from the exact latents (upper).", ""]  # fmt: skip
+    lines = [
+        "## log p(x) beyond L_5000: annealed importance sampling and BDMC",
+        "",
+        "AIS (`iwae evaluate --method ais`) is a stochastic lower bound on log p(x), like L_5000 but "
+        "tighter as the annealing steps T grow; its gap to L_5000 is measured on the same test images "
+        "(paired standard error). BDMC (`iwae bdmc`) brackets log p(x) of images simulated from the "
+        "model between forward AIS (lower) and reverse AIS from the exact latents (upper).",
+        "",
+    ]
     if ais:
-        lines += ["| model | test images | T | chains | leapfrog | from | HMC acceptance | L_5000 | log p(x) by AIS "
-                  "| AIS − L_5000 | time |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "| model | test images | T | chains | leapfrog | from | HMC acceptance | L_5000 | log p(x) by AIS "
+            "| AIS − L_5000 | time |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for name, r in ais:
             lines.append(
                 f"| {name} | {r['n_test']:,} | {r['ais_steps']} | {r['chains']} | {r['hmc_leapfrog']} | {r['ais_init']} "
                 f"| {_fmt(r.get('ais_acceptance'))} | {r['log_px_iwae']:.2f} | {r['log_px_ais']:.2f} ± "
                 f"{r['log_px_ais_stderr']:.2f} | {r['ais_gap']:+.2f} ± {r['ais_gap_stderr']:.2f} | {r['ais_seconds']:.0f} s |"
-            )  # fmt: skip
+            )
         lines.append("")
     if bdmc:
-        lines += ["BDMC on images simulated from each model (mean over images; gap = upper − lower):", "",
-                  "| model | images | chains | T | lower bound | upper bound | gap | time |",
-                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "BDMC on images simulated from each model (mean over images; gap = upper − lower):",
+            "",
+            "| model | images | chains | T | lower bound | upper bound | gap | time |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for p, r in bdmc:
             for i, t in enumerate(r["steps"]):
-                lines.append(f"| {p.name} | {r.get('n', '—')} | {r.get('chains', '—')} | {t} | {r['lower'][i]:.2f} "
-                             f"| {r['upper'][i]:.2f} | {r['gap'][i]:.2f} | {r['seconds'][i]:.0f} s |")  # fmt: skip
+                lines.append(
+                    f"| {p.name} | {r.get('n', '—')} | {r.get('chains', '—')} | {t} | {r['lower'][i]:.2f} "
+                    f"| {r['upper'][i]:.2f} | {r['gap'][i]:.2f} | {r['seconds'][i]:.0f} s |"
+                )
         lines.append("")
-        lines += [f"![BDMC {p.name}]({AIS_DIR}/{p.name}/{BDMC_FIGURE})" for p, _ in bdmc if (p / BDMC_FIGURE).exists()]
+        lines += [
+            f"![BDMC {p.name}]({AIS_DIR}/{p.name}/{BDMC_FIGURE})"
+            for p, _ in bdmc
+            if (p / BDMC_FIGURE).exists()
+        ]
         lines.append("")
     return lines
 
@@ -1085,7 +1392,9 @@ def plot_toy(result: dict, path: Path) -> None:
     right.set_title("bias of the k-sample bound shrinks monotonically")
     for ax in (left, right):
         ax.grid(alpha=0.3, which="both")
-    fig.suptitle(f"X uniform on {{{result['a']:g}, {result['b']:g}}} (exact, by enumerating the binomial)")
+    fig.suptitle(
+        f"X uniform on {{{result['a']:g}, {result['b']:g}}} (exact, by enumerating the binomial)"
+    )
     _save(fig, path)
 
 
@@ -1099,7 +1408,9 @@ def save_snr_plot(curves: list[dict], path: str | Path) -> None:
         colour = f"C{i}"
         for net, style in (("encoder", "-o"), ("decoder", "--s")):
             slope = c.get(f"{net}_slope")
-            label = f"{c['estimator']} {net}" + (f" (slope {slope:+.2f})" if slope is not None else "")
+            label = f"{c['estimator']} {net}" + (
+                f" (slope {slope:+.2f})" if slope is not None else ""
+            )
             ax.plot(c["k"], c[net], style, color=colour, label=label, markersize=4)
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -1120,7 +1431,13 @@ def save_bdmc_plot(result: dict, path: str | Path) -> None:
     plt = _plt()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     t = result["steps"]
-    left.plot(t, result["upper"], "-v", color="tab:red", label="upper bound (reverse AIS from the exact latents)")
+    left.plot(
+        t,
+        result["upper"],
+        "-v",
+        color="tab:red",
+        label="upper bound (reverse AIS from the exact latents)",
+    )
     left.plot(t, result["lower"], "-^", color="tab:blue", label="lower bound (forward AIS)")
     left.set_xscale("log")
     left.set_xlabel("annealing steps T")
@@ -1135,7 +1452,9 @@ def save_bdmc_plot(result: dict, path: str | Path) -> None:
     for ax in (left, right):
         ax.grid(True, which="both", alpha=0.3)
     n = result.get("n")
-    fig.suptitle(f"BDMC{f' on {n} images simulated from the model' if n else ''}: "
-                 f"gap {result['gap'][-1]:.3g} nats at T={t[-1]}")  # fmt: skip
+    fig.suptitle(
+        f"BDMC{f' on {n} images simulated from the model' if n else ''}: "
+        f"gap {result['gap'][-1]:.3g} nats at T={t[-1]}"
+    )
     fig.tight_layout()
     _save(fig, Path(path))

@@ -63,12 +63,16 @@ def write_json(path: Path, obj) -> None:
     atomic_write(Path(path), lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
-def write_evaluation(run_dir: Path, result: dict, per_image: dict[str, torch.Tensor], test_index) -> None:
+def write_evaluation(
+    run_dir: Path, result: dict, per_image: dict[str, torch.Tensor], test_index
+) -> None:
     """``evaluation.safetensors`` (per-image ``log_px``, ``iwae64``, ``elbo`` and the
     ``test_index`` of each image in the test set), then ``evaluation.json`` (the means)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in per_image.items()}
     tensors["test_index"] = torch.as_tensor(np.asarray(test_index), dtype=torch.int32)
-    atomic_write(Path(run_dir) / EVALUATION_IMAGES_FILE, lambda f: f.write(safetensors.torch.save(tensors)))
+    atomic_write(
+        Path(run_dir) / EVALUATION_IMAGES_FILE, lambda f: f.write(safetensors.torch.save(tensors))
+    )
     write_json(Path(run_dir) / EVALUATION_FILE, result)
 
 
@@ -81,7 +85,10 @@ def read_evaluation_images(run_dir: str | Path) -> dict[str, torch.Tensor] | Non
 def write_ais(out_dir: Path, result: dict, per_image: dict[str, torch.Tensor], test_index) -> None:
     """``ais.safetensors`` (per-image ``log_px_ais``, ``acceptance``, ``log_px_iwae`` and each
     image's ``test_index``), then ``ais.json`` (the means)."""
-    _write_tensors(Path(out_dir) / AIS_IMAGES_FILE, {**per_image, "test_index": torch.as_tensor(np.asarray(test_index), dtype=torch.int32)})
+    _write_tensors(
+        Path(out_dir) / AIS_IMAGES_FILE,
+        {**per_image, "test_index": torch.as_tensor(np.asarray(test_index), dtype=torch.int32)},
+    )
     write_json(Path(out_dir) / AIS_FILE, result)
 
 
@@ -126,7 +133,9 @@ def read_json(path: str | Path, required: bool = True):
     except FileNotFoundError:
         if not required:
             return None
-        raise RunDirError(f"{path} is missing: is {path.parent} a run directory made by `iwae train`?") from None
+        raise RunDirError(
+            f"{path} is missing: is {path.parent} a run directory made by `iwae train`?"
+        ) from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         if not required:
             return None
@@ -141,7 +150,9 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
             metadata = f.metadata() or {}
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except Exception as e:  # safetensors raises its own error types for bad files
-        raise RunDirError(f"{path} is not a readable safetensors file (truncated or tampered?): {e}") from None
+        raise RunDirError(
+            f"{path} is not a readable safetensors file (truncated or tampered?): {e}"
+        ) from None
     return tensors, metadata
 
 
@@ -150,8 +161,9 @@ def load_state(model, state: dict[str, torch.Tensor], path: Path) -> None:
         model.load_state_dict(state)
     except RuntimeError as e:
         lines = str(e).strip().splitlines()
-        raise RunDirError(f"{path} does not match the model in config.json: {' '.join(lines[:3])}") from None
-
+        raise RunDirError(
+            f"{path} does not match the model in config.json: {' '.join(lines[:3])}"
+        ) from None
 
 
 # -- result files outside a run directory (--out, --per-example) ------------------------------
@@ -161,7 +173,9 @@ PER_EXAMPLE_COLUMNS = ("index", "log_px", "iwae64", "elbo")
 PER_EXAMPLE_FORMATS = (".npy", ".csv")
 
 
-def check_output_file(path: str | Path, overwrite: bool, flag: str = "--out", suffixes: tuple[str, ...] = ()) -> Path:
+def check_output_file(
+    path: str | Path, overwrite: bool, flag: str = "--out", suffixes: tuple[str, ...] = ()
+) -> Path:
     """Check, before any work, that ``path`` can receive a result file: its suffix is one of
     ``suffixes`` (any if empty), it is no directory, it does not exist unless ``overwrite``,
     and its missing parent directories can be made (by :func:`make_parents`). Creates nothing."""
@@ -171,12 +185,16 @@ def check_output_file(path: str | Path, overwrite: bool, flag: str = "--out", su
     if path.is_dir():
         raise IwaeError(f"{flag} {path} is a directory, not a file")
     if path.exists() and not overwrite:
-        raise IwaeError(f"{flag} {path} exists: choose another path or pass --overwrite to replace it")
+        raise IwaeError(
+            f"{flag} {path} exists: choose another path or pass --overwrite to replace it"
+        )
     _check_parents(path, flag)
     return path
 
 
-def check_output_dir(path: str | Path, names: tuple[str, ...], overwrite: bool, flag: str = "--out") -> Path:
+def check_output_dir(
+    path: str | Path, names: tuple[str, ...], overwrite: bool, flag: str = "--out"
+) -> Path:
     """Check, before any work, that directory ``path`` can receive the result files ``names``:
     it is no file, none of them exists unless ``overwrite``, and it can be made. Creates nothing."""
     path = Path(path)
@@ -184,8 +202,10 @@ def check_output_dir(path: str | Path, names: tuple[str, ...], overwrite: bool, 
         raise IwaeError(f"{flag} {path} exists and is not a directory")
     existing = [name for name in names if (path / name).exists()]
     if existing and not overwrite:
-        raise IwaeError(f"{flag} {path} already holds {', '.join(existing)}: choose another directory or pass "
-                        f"--overwrite to replace them")  # fmt: skip
+        raise IwaeError(
+            f"{flag} {path} already holds {', '.join(existing)}: choose another directory or pass "
+            f"--overwrite to replace them"
+        )
     _check_parents(path / names[0], flag)
     return path
 
@@ -216,12 +236,21 @@ def write_per_example(path: str | Path, per_image: dict[str, torch.Tensor], test
     ``index`` is the image's index in the test set (with ``--n-test``, the random subset's,
     :func:`iwae.data.test_subset_indices`); ``log_px`` is log p-hat(x) = L_k(x), ``iwae64`` the
     IWAE bound with 64 samples, ``elbo`` the mean log-weight over the k samples."""
-    path = check_output_file(path, overwrite=True, flag="--per-example", suffixes=PER_EXAMPLE_FORMATS)
+    path = check_output_file(
+        path, overwrite=True, flag="--per-example", suffixes=PER_EXAMPLE_FORMATS
+    )
     index = np.asarray(test_index, dtype=np.int64)
-    columns = {name: per_image[name].detach().cpu().numpy().astype(np.float32) for name in PER_EXAMPLE_COLUMNS[1:]}
+    columns = {
+        name: per_image[name].detach().cpu().numpy().astype(np.float32)
+        for name in PER_EXAMPLE_COLUMNS[1:]
+    }
     if any(len(c) != len(index) for c in columns.values()):
-        raise ValueError(f"per-image values of {[len(c) for c in columns.values()]} images for {len(index)} indices")
-    table = np.empty(len(index), dtype=[("index", np.int64)] + [(name, np.float32) for name in columns])
+        raise ValueError(
+            f"per-image values of {[len(c) for c in columns.values()]} images for {len(index)} indices"
+        )
+    table = np.empty(
+        len(index), dtype=[("index", np.int64)] + [(name, np.float32) for name in columns]
+    )
     table["index"] = index
     for name, values in columns.items():
         table[name] = values
@@ -247,7 +276,10 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 def write_metrics(run_dir: str | Path, records: list[dict]) -> None:
     """Replace ``metrics.jsonl`` with ``records`` (a resumed run drops the passes after its checkpoint)."""
-    atomic_write(Path(run_dir) / METRICS_FILE, lambda f: f.write("".join(json.dumps(r) + "\n" for r in records).encode()))
+    atomic_write(
+        Path(run_dir) / METRICS_FILE,
+        lambda f: f.write("".join(json.dumps(r) + "\n" for r in records).encode()),
+    )
 
 
 def prepare_run_dir(out: str | Path, overwrite: bool = False) -> Path:
@@ -262,7 +294,6 @@ def prepare_run_dir(out: str | Path, overwrite: bool = False) -> Path:
             f"{out} is not empty: choose another --out, continue it with --resume, or pass --overwrite to replace it"
         )
     return out
-
 
 
 # -- checkpoints ------------------------------------------------------------------------------
@@ -282,8 +313,15 @@ class Progress:
     total_seconds: float = 0.0
 
 
-def save_checkpoint(path: Path, model, optimizer, generator, pass_start_rng, progress: Progress,
-                    group: list[str] | None = None) -> None:
+def save_checkpoint(
+    path: Path,
+    model,
+    optimizer,
+    generator,
+    pass_start_rng,
+    progress: Progress,
+    group: list[str] | None = None,
+) -> None:
     """Weights, Adam state, RNG states and progress in one safetensors file, atomically
     (``group``: the run directories of a lockstep group, recorded in the metadata)."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -303,10 +341,15 @@ def save_checkpoint(path: Path, model, optimizer, generator, pass_start_rng, pro
     }
     if group is not None:
         meta["group"] = group
-    atomic_write(path, lambda f: f.write(safetensors.torch.save(tensors, metadata={"state": json.dumps(meta)})))
+    atomic_write(
+        path,
+        lambda f: f.write(safetensors.torch.save(tensors, metadata={"state": json.dumps(meta)})),
+    )
 
 
-def load_checkpoint(path: Path, model, optimizer, generator, content=None) -> tuple[Progress, torch.Tensor]:
+def load_checkpoint(
+    path: Path, model, optimizer, generator, content=None
+) -> tuple[Progress, torch.Tensor]:
     """Restore what :func:`save_checkpoint` saved (``content``: the file already read by
     :func:`read_safetensors`); returns the progress and the RNG state at the start of the
     unfinished pass."""
@@ -319,20 +362,25 @@ def load_checkpoint(path: Path, model, optimizer, generator, content=None) -> tu
         for key, value in tensors.items():
             if key.startswith("optim."):
                 _, i, name = key.split(".", 2)
-                optim_state["state"].setdefault(int(i), {})[name] = value.to(model.output_layer.weight.device)
+                optim_state["state"].setdefault(int(i), {})[name] = value.to(
+                    model.output_layer.weight.device
+                )
         optimizer.load_state_dict(optim_state)
         generator.set_state(generator_state(generator, tensors["rng.generator"]))
         torch.set_rng_state(tensors["rng.torch"])
         kind, pos, has_gauss, cached = meta["numpy_rng"]
-        np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+        np.random.set_state(
+            (kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached)
+        )
         version, internal, gauss = meta["python_rng"]
         random.setstate((version, tuple(internal), gauss))
         return progress, generator_state(generator, tensors["rng.pass_start"])
     except RunDirError:
         raise
     except Exception as e:  # a tampered file can break it anywhere
-        raise RunDirError(f"{path} is not a valid iwae checkpoint ({type(e).__name__}: {e})") from None
-
+        raise RunDirError(
+            f"{path} is not a valid iwae checkpoint ({type(e).__name__}: {e})"
+        ) from None
 
 
 def generator_state(generator: torch.Generator, state: torch.Tensor) -> torch.Tensor:

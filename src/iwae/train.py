@@ -59,7 +59,6 @@ from iwae.rundir import (  # noqa: F401 (re-exported: iwae.train.load_run's neig
     write_metrics,
 )
 
-
 DATASETS = iwae_data.DATASETS  # the built-in sets
 BINARIZE = ("dynamic", "none")
 
@@ -113,7 +112,9 @@ class TrainConfig:
     def __post_init__(self):
         self._check_types()
         if not self.dataset:
-            raise IwaeError("dataset must be mnist, omniglot or the path of a dataset, got an empty name")
+            raise IwaeError(
+                "dataset must be mnist, omniglot or the path of a dataset, got an empty name"
+            )
         if self.dataset.lower() in DATASETS:
             self.dataset = self.dataset.lower()
         if self.binarize is not None and self.binarize not in BINARIZE:
@@ -134,7 +135,9 @@ class TrainConfig:
         if self.stage_nll_k < 0:
             raise IwaeError(f"stage_nll_k must be >= 0 (0: off), got {self.stage_nll_k}")
         if self.curve_k is not None and self.curve_k < 64:
-            raise IwaeError(f"curve_k must be >= 64 (IWAE-64 uses its first 64 samples), got {self.curve_k}")
+            raise IwaeError(
+                f"curve_k must be >= 64 (IWAE-64 uses its first 64 samples), got {self.curve_k}"
+            )
         if not self.checkpoint_minutes > 0:
             raise IwaeError(f"checkpoint_minutes must be > 0, got {self.checkpoint_minutes}")
         if not (self.lr > 0 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.adam_eps > 0):
@@ -150,8 +153,13 @@ class TrainConfig:
         if self.image_shape is None and self.dataset in DATASETS:
             self.image_shape = [iwae_data.IMAGE_SIDE, iwae_data.IMAGE_SIDE]
         if self.image_shape is not None:
-            if not (1 <= len(self.image_shape) <= 2 and all(isinstance(d, int) and d >= 1 for d in self.image_shape)):
-                raise IwaeError(f"image_shape must be [H, W] or [D] of positive integers, got {self.image_shape!r}")
+            if not (
+                1 <= len(self.image_shape) <= 2
+                and all(isinstance(d, int) and d >= 1 for d in self.image_shape)
+            ):
+                raise IwaeError(
+                    f"image_shape must be [H, W] or [D] of positive integers, got {self.image_shape!r}"
+                )
             self.image_shape = list(self.image_shape)
         if not self.model and self.image_shape is not None:
             self.model = self.architecture(math.prod(self.image_shape)).to_dict()
@@ -164,49 +172,77 @@ class TrainConfig:
         """``latent`` and ``hidden`` (lists, or text as on the command line) parsed and
         checked; ``layers`` their number (an explicit ``layers`` must agree), else 1."""
         if (self.latent is None) != (self.hidden is None):
-            raise IwaeError("--latent and --hidden go together: give both (e.g. --latent 100,50 "
-                            "--hidden 200x200,100x100) or neither (--layers 1|2)")  # fmt: skip
+            raise IwaeError(
+                "--latent and --hidden go together: give both (e.g. --latent 100,50 "
+                "--hidden 200x200,100x100) or neither (--layers 1|2)"
+            )
         if self.latent is None:
             self.layers = 1 if self.layers is None else self.layers
             return
         latent = parse_latent(self.latent) if isinstance(self.latent, str) else self.latent
         hidden = parse_hidden(self.hidden) if isinstance(self.hidden, str) else self.hidden
-        if isinstance(latent, (list, tuple)) and isinstance(hidden, (list, tuple)) and len(latent) != len(hidden):
-            raise IwaeError(f"--latent has {len(latent)} entries and --hidden {len(hidden)}: give one list of "
-                            "hidden layers per stochastic layer, e.g. --latent 100,50 --hidden 200x200,100x100")  # fmt: skip
+        if (
+            isinstance(latent, (list, tuple))
+            and isinstance(hidden, (list, tuple))
+            and len(latent) != len(hidden)
+        ):
+            raise IwaeError(
+                f"--latent has {len(latent)} entries and --hidden {len(hidden)}: give one list of "
+                "hidden layers per stochastic layer, e.g. --latent 100,50 --hidden 200x200,100x100"
+            )
         try:
-            checked = ModelConfig(x_dim=1, latent=latent, hidden=hidden, scale=self.scale)  # sizes and counts
+            checked = ModelConfig(
+                x_dim=1, latent=latent, hidden=hidden, scale=self.scale
+            )  # sizes and counts
         except (TypeError, ValueError):
-            raise IwaeError(f"latent must be a list of sizes and hidden a list of lists of sizes, got latent="
-                            f"{self.latent!r} hidden={self.hidden!r}") from None  # fmt: skip
+            raise IwaeError(
+                f"latent must be a list of sizes and hidden a list of lists of sizes, got latent="
+                f"{self.latent!r} hidden={self.hidden!r}"
+            ) from None
         self.latent, self.hidden = list(checked.latent), [list(h) for h in checked.hidden]
         if self.layers is not None and self.layers != len(self.latent):
             plural = "s" if len(self.latent) > 1 else ""
-            raise IwaeError(f"--layers {self.layers} disagrees with --latent {','.join(map(str, self.latent))} "
-                            f"({len(self.latent)} stochastic layer{plural}): give one or the other")  # fmt: skip
+            raise IwaeError(
+                f"--layers {self.layers} disagrees with --latent {','.join(map(str, self.latent))} "
+                f"({len(self.latent)} stochastic layer{plural}): give one or the other"
+            )
         self.layers = len(self.latent)
 
     def architecture(self, x_dim: int) -> ModelConfig:
         """The model of ``latent``/``hidden`` (or of the ``layers`` preset) for ``x_dim`` pixels."""
         if self.latent is not None:
-            return ModelConfig(x_dim=x_dim, latent=self.latent, hidden=self.hidden, scale=self.scale)
+            return ModelConfig(
+                x_dim=x_dim, latent=self.latent, hidden=self.hidden, scale=self.scale
+            )
         return ModelConfig.preset(self.layers, x_dim=x_dim, scale=self.scale)
 
-    def for_data(self, dataset: iwae_data.Dataset) -> "TrainConfig":
+    def for_data(self, dataset: iwae_data.Dataset) -> TrainConfig:
         """This configuration with ``dataset``'s image shape, path and content hash recorded
         (and ``model`` built for its pixels if it was not given); checks that ``model``'s
         input size fits the images and that ``binarize`` suits them."""
         if math.prod(dataset.image_shape) != dataset.x_dim:
-            raise IwaeError(f"dataset {dataset.name}: image_shape {list(dataset.image_shape)} does not hold its "
-                            f"{dataset.x_dim} pixels per image")  # fmt: skip
+            raise IwaeError(
+                f"dataset {dataset.name}: image_shape {list(dataset.image_shape)} does not hold its "
+                f"{dataset.x_dim} pixels per image"
+            )
         if self.binarize == "none" and not dataset.binary:
-            raise IwaeError(f"--binarize none: the training images of {dataset.name} are grey (not all 0 or 1), "
-                            "and the Bernoulli decoder needs binary images: use --binarize dynamic")  # fmt: skip
-        config = TrainConfig.from_dict({**self.to_dict(), "image_shape": list(dataset.image_shape),
-                                        "dataset_path": dataset.path, "dataset_sha256": dataset.sha256})  # fmt: skip
+            raise IwaeError(
+                f"--binarize none: the training images of {dataset.name} are grey (not all 0 or 1), "
+                "and the Bernoulli decoder needs binary images: use --binarize dynamic"
+            )
+        config = TrainConfig.from_dict(
+            {
+                **self.to_dict(),
+                "image_shape": list(dataset.image_shape),
+                "dataset_path": dataset.path,
+                "dataset_sha256": dataset.sha256,
+            }
+        )
         if config.model_config.x_dim != dataset.x_dim:
-            raise IwaeError(f"the model takes {config.model_config.x_dim} pixels (model.x_dim), but the images of "
-                            f"{dataset.name} have {dataset.x_dim} ({'x'.join(map(str, dataset.image_shape))})")  # fmt: skip
+            raise IwaeError(
+                f"the model takes {config.model_config.x_dim} pixels (model.x_dim), but the images of "
+                f"{dataset.name} have {dataset.x_dim} ({'x'.join(map(str, dataset.image_shape))})"
+            )
         return config
 
     def _check_types(self) -> None:
@@ -217,7 +253,11 @@ class TrainConfig:
             if kind.startswith("int"):
                 ok = isinstance(value, int) and not isinstance(value, bool)
             elif kind.startswith("float"):
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                ok = (
+                    isinstance(value, (int, float))
+                    and not isinstance(value, bool)
+                    and math.isfinite(value)
+                )
                 if ok:
                     setattr(self, f.name, float(value))
             elif kind.startswith("str"):
@@ -238,7 +278,9 @@ class TrainConfig:
     @property
     def model_config(self) -> ModelConfig:
         if not self.model:
-            raise IwaeError(f"the model's input size is not known before the data of {self.dataset} is read")
+            raise IwaeError(
+                f"the model's input size is not known before the data of {self.dataset} is read"
+            )
         return ModelConfig.from_dict(self.model)
 
     def schedule(self) -> list[tuple[int, int, float]]:
@@ -255,9 +297,11 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         if not isinstance(d, dict):
-            raise IwaeError(f"a configuration must be a table of keys and values, got {type(d).__name__}")
+            raise IwaeError(
+                f"a configuration must be a table of keys and values, got {type(d).__name__}"
+            )
         d = {str(key).replace("-", "_"): value for key, value in d.items()}
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
@@ -291,11 +335,12 @@ def read_config_file(path: str | Path) -> dict:
     except IwaeError:
         raise
     except Exception as e:  # each parser has its own error types
-        raise IwaeError(f"configuration file {path} is not valid {suffix[1:].upper()}: {e}".replace("\n", " ")) from None
+        raise IwaeError(
+            f"configuration file {path} is not valid {suffix[1:].upper()}: {e}".replace("\n", " ")
+        ) from None
     if not isinstance(d, dict):
         raise IwaeError(f"configuration file {path} must hold a table of keys and values")
     return d
-
 
 
 def load_config(run_dir: str | Path) -> TrainConfig:
@@ -310,8 +355,12 @@ def load_config(run_dir: str | Path) -> TrainConfig:
         raise RunDirError(f"{run_dir / CONFIG_FILE}: {e}") from None
 
 
-def run_dataset(config: TrainConfig, dataset: str | None = None, data_dir: str | None = None,
-                check_hash: bool = True) -> iwae_data.Dataset:
+def run_dataset(
+    config: TrainConfig,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    check_hash: bool = True,
+) -> iwae_data.Dataset:
     """The data of a trained run: ``dataset`` (a built-in name or a path) if given, else the
     one it was trained on (``dataset_path``, or the built-in set from ``data_dir``, else the
     run's own data directory). With ``check_hash`` it must be that data: the same content
@@ -322,15 +371,21 @@ def run_dataset(config: TrainConfig, dataset: str | None = None, data_dir: str |
     data = iwae_data.load_dataset(source, data_dir or config.data_dir)
     if check_hash:
         if config.dataset_sha256 is not None and data.sha256 != config.dataset_sha256:
-            raise IwaeError(f"{source}: not the data the run was trained on: its content sha256 is {data.sha256}, "
-                            f"config.json records {config.dataset_sha256} (from {config.dataset_path}); pass "
-                            "--ignore-dataset-hash to use it anyway")  # fmt: skip
+            raise IwaeError(
+                f"{source}: not the data the run was trained on: its content sha256 is {data.sha256}, "
+                f"config.json records {config.dataset_sha256} (from {config.dataset_path}); pass "
+                "--ignore-dataset-hash to use it anyway"
+            )
         if config.dataset_sha256 is None and data.name != config.dataset:
-            raise IwaeError(f"{source}: the run was trained on {config.dataset}; pass --ignore-dataset-hash "
-                            "to use other data anyway")  # fmt: skip
+            raise IwaeError(
+                f"{source}: the run was trained on {config.dataset}; pass --ignore-dataset-hash "
+                "to use other data anyway"
+            )
     if data.x_dim != config.model_config.x_dim:
-        raise IwaeError(f"{source}: images of {data.x_dim} pixels ({'x'.join(map(str, data.image_shape))}), "
-                        f"but the run's model takes {config.model_config.x_dim}")  # fmt: skip
+        raise IwaeError(
+            f"{source}: images of {data.x_dim} pixels ({'x'.join(map(str, data.image_shape))}), "
+            f"but the run's model takes {config.model_config.x_dim}"
+        )
     return data
 
 
@@ -345,8 +400,6 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[T
         raise RunDirError(f"{path} is missing: the run has not finished its first stage yet")
     load_state(model, read_safetensors(path)[0], path)
     return config, model.to(device)
-
-
 
 
 # -- the loop ---------------------------------------------------------------------------------
@@ -388,8 +441,9 @@ def flush_denormals(enabled: bool = True) -> bool:
     return bool(torch.set_flush_denormal(enabled))
 
 
-def adam(params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-4, capturable: bool = False
-         ) -> torch.optim.Adam:
+def adam(
+    params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-4, capturable: bool = False
+) -> torch.optim.Adam:
     """Adam, fused into one kernel where this torch supports it for the parameters' device
     (CPU from torch 2.4): 1.2x faster training steps at batch 20, k=5 (bench/README.md).
 
@@ -399,7 +453,9 @@ def adam(params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-4, captur
     params = list(params)
     if capturable:
         lr_tensor = torch.tensor(float(lr), dtype=torch.float32, device=params[0].device)
-        return torch.optim.Adam(params, lr=lr_tensor, betas=betas, eps=eps, fused=True, capturable=True)
+        return torch.optim.Adam(
+            params, lr=lr_tensor, betas=betas, eps=eps, fused=True, capturable=True
+        )
     try:
         return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, fused=True)
     except (RuntimeError, TypeError, ValueError):
@@ -422,8 +478,16 @@ def learning_rate(optimizer) -> float:
     return float(lr) if isinstance(lr, torch.Tensor) else lr
 
 
-def train_step(model: VAE, objective: Objective, optimizer, x: torch.Tensor, generator=None, params=None,
-               shard: tuple[int, int] | None = None, noise=None):
+def train_step(
+    model: VAE,
+    objective: Objective,
+    optimizer,
+    x: torch.Tensor,
+    generator=None,
+    params=None,
+    shard: tuple[int, int] | None = None,
+    noise=None,
+):
     """One optimizer step on the batch ``x``; skipped if the bound or a gradient is not finite.
 
     Returns (batch-mean bound, skipped), both 0-dim tensors on the model's device; skipped
@@ -444,7 +508,9 @@ def train_step(model: VAE, objective: Objective, optimizer, x: torch.Tensor, gen
     enc, dec = params or (model.encoder_parameters(), model.decoder_parameters())
     optimizer.zero_grad(set_to_none=True)
     if shard is None:
-        value = objective.backward(objective.log_weights(model, x, generator, noise=noise), enc, dec)
+        value = objective.backward(
+            objective.log_weights(model, x, generator, noise=noise), enc, dec
+        )
     else:
         value = _sharded_backward(model, objective, x, generator, enc, dec, *shard)
     return value, _step_if_finite(optimizer, value, enc + dec)
@@ -468,7 +534,9 @@ def _step_unless(optimizer, skipped: torch.Tensor) -> None:
         optimizer.step()
 
 
-def _sharded_backward(model, objective, x, generator, enc, dec, rank: int, world: int) -> torch.Tensor:
+def _sharded_backward(
+    model, objective, x, generator, enc, dec, rank: int, world: int
+) -> torch.Tensor:
     import torch.distributed as dist
 
     from iwae.model import BatchShard
@@ -477,7 +545,11 @@ def _sharded_backward(model, objective, x, generator, enc, dec, rank: int, world
     share = len(index) / x.shape[0]
     # every process draws the whole batch's noise, so the generators stay in step
     log_w = objective.log_weights(model, x[index], noise=BatchShard(generator, x.shape[0], index))
-    value = objective.backward(log_w, enc, dec) * share if len(index) else torch.zeros((), device=x.device)
+    value = (
+        objective.backward(log_w, enc, dec) * share
+        if len(index)
+        else torch.zeros((), device=x.device)
+    )
     params = enc + dec
     grads = [p.grad * share if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([value.reshape(1), *(g.reshape(-1) for g in grads)])
@@ -550,7 +622,9 @@ def train(
 
 def _check_stop_at(stop_at: float | None, shard) -> float | None:
     if stop_at is not None and shard is not None:
-        raise IwaeError("--time-limit is not supported under torchrun (the processes would stop at different steps)")
+        raise IwaeError(
+            "--time-limit is not supported under torchrun (the processes would stop at different steps)"
+        )
     return stop_at
 
 
@@ -559,24 +633,26 @@ def time_limit_passed(stop_at: float | None) -> bool:
     return stop_at is not None and time.time() >= stop_at
 
 
-def _time_up(run: "_Run") -> bool:
+def _time_up(run: _Run) -> bool:
     """The run's time limit has passed (:func:`train`'s ``stop_at``)."""
     return time_limit_passed(run.stop_at)
 
 
-def _mid_pass_checkpoint(run: "_Run") -> tuple[bool, bool]:
+def _mid_pass_checkpoint(run: _Run) -> tuple[bool, bool]:
     """(the time limit has passed, a checkpoint is due): at the limit, or when
     ``checkpoint_minutes`` have passed since the last checkpoint."""
     up = _time_up(run)
     return up, up or time.monotonic() - run.last_checkpoint > run.config.checkpoint_minutes * 60
 
 
-def _stopped_message(runs: list["_Run"]) -> str:
+def _stopped_message(runs: list[_Run]) -> str:
     s = runs[0].state
     where = f"pass {s.passes + 1}, step {s.step}" if s.step else f"the end of pass {s.passes}"
     names = ", ".join(str(r.out) for r in runs)
-    return (f"time limit reached: {names} checkpointed at {where} of {len(runs[0].plan)}; "
-            f"the same command (or iwae train --resume RUN) continues")  # fmt: skip
+    return (
+        f"time limit reached: {names} checkpointed at {where} of {len(runs[0].plan)}; "
+        f"the same command (or iwae train --resume RUN) continues"
+    )
 
 
 @dataclass
@@ -618,14 +694,20 @@ class _Run:
         CUDA graphs the same step replayed from a graph (the same noise, drawn from the
         same generator: :class:`iwae.cudagraph.GraphedSteps`)."""
         if not self.graphs:
-            return train_step(self.model, self.objective, self.optimizer, xb, self.generator, params, self.shard)
+            return train_step(
+                self.model, self.objective, self.optimizer, xb, self.generator, params, self.shard
+            )
         if self._steps is None:
             from iwae.cudagraph import GraphedSteps
 
             def body(x, noise):
-                return train_step(self.model, self.objective, self.optimizer, x, params=params, noise=noise)
+                return train_step(
+                    self.model, self.objective, self.optimizer, x, params=params, noise=noise
+                )
 
-            self._steps = GraphedSteps(body, xb.device, _generator_noise(self.generator), xb.device.type == "cuda")
+            self._steps = GraphedSteps(
+                body, xb.device, _generator_noise(self.generator), xb.device.type == "cuda"
+            )
         return self._steps(xb)
 
 
@@ -646,12 +728,21 @@ CUDA_GRAPHS = ("auto", "off")
 def use_cuda_graphs(cuda_graphs: str, dev: torch.device, shard) -> bool:
     """Whether a run on ``dev`` replays its steps from CUDA graphs (``--cuda-graphs``)."""
     if cuda_graphs not in CUDA_GRAPHS:
-        raise IwaeError(f"unknown --cuda-graphs {cuda_graphs!r}: choose one of {', '.join(CUDA_GRAPHS)}")
+        raise IwaeError(
+            f"unknown --cuda-graphs {cuda_graphs!r}: choose one of {', '.join(CUDA_GRAPHS)}"
+        )
     return cuda_graphs == "auto" and dev.type == "cuda" and shard is None
 
 
-def _open_run(config: TrainConfig, out: Path, dataset, overwrite: bool, device, resume: bool,
-              cuda_graphs: str = "auto") -> _Run:
+def _open_run(
+    config: TrainConfig,
+    out: Path,
+    dataset,
+    overwrite: bool,
+    device,
+    resume: bool,
+    cuda_graphs: str = "auto",
+) -> _Run:
     """Check the run directory, load the data, build the model and optimizer, and start the
     run's files, or restore all of it from the checkpoint. A run resumed before its first
     checkpoint (a ``config.json`` and no checkpoint) starts again from the beginning: with
@@ -661,47 +752,86 @@ def _open_run(config: TrainConfig, out: Path, dataset, overwrite: bool, device, 
     lead = shard is None or shard[0] == 0
     if resume and not (out / CHECKPOINT_FILE).exists():
         if not (out / CONFIG_FILE).exists():
-            raise RunDirError(f"{out / CHECKPOINT_FILE} is missing: nothing to resume (start the run again without --resume)")
-        resume, overwrite = False, True  # killed before its first checkpoint: the same run, started again
+            raise RunDirError(
+                f"{out / CHECKPOINT_FILE} is missing: nothing to resume (start the run again without --resume)"
+            )
+        resume, overwrite = (
+            False,
+            True,
+        )  # killed before its first checkpoint: the same run, started again
     if not resume and lead:
         prepare_run_dir(out, overwrite)
-    checkpoint = read_safetensors(out / CHECKPOINT_FILE) if resume else None  # a bad file fails before the data loads
+    checkpoint = (
+        read_safetensors(out / CHECKPOINT_FILE) if resume else None
+    )  # a bad file fails before the data loads
     if dataset is None:  # resumed: from the recorded absolute path, whatever the working directory
-        dataset = iwae_data.load_dataset(config.dataset_path or config.dataset, config.data_dir,
-                                         validation=config.validation)  # fmt: skip
+        dataset = iwae_data.load_dataset(
+            config.dataset_path or config.dataset, config.data_dir, validation=config.validation
+        )
     if resume and config.dataset_sha256 != dataset.sha256:
-        raise RunDirError(f"{dataset.name} is not the data {out} was trained on (content sha256 {dataset.sha256}, "
-                          f"{out / CONFIG_FILE} records {config.dataset_sha256}): the run cannot be resumed on it")  # fmt: skip
+        raise RunDirError(
+            f"{dataset.name} is not the data {out} was trained on (content sha256 {dataset.sha256}, "
+            f"{out / CONFIG_FILE} records {config.dataset_sha256}): the run cannot be resumed on it"
+        )
     config = config.for_data(dataset)
     train_x, test_x = _images(config, dataset, dev)
     model, optimizer, generator = _fresh_state(config, train_x, dev, capturable=graphs)
     state, pass_start_rng = Progress(), None
     if resume:
-        state, pass_start_rng = load_checkpoint(out / CHECKPOINT_FILE, model, optimizer, generator, checkpoint)
+        state, pass_start_rng = load_checkpoint(
+            out / CHECKPOINT_FILE, model, optimizer, generator, checkpoint
+        )
         if lead:
-            write_metrics(out, read_metrics(out)[: state.passes])  # drop lines of passes after the checkpoint
+            write_metrics(
+                out, read_metrics(out)[: state.passes]
+            )  # drop lines of passes after the checkpoint
     elif lead:
         _start_run_dir(out, config)
     _barrier(shard)
     board = _tensorboard(out, purge_step=state.passes if resume else None) if lead else _NoBoard()
     plan = [(stage, lr) for stage, passes, lr in config.schedule() for _ in range(passes)]
     stage_ends = {i for i in range(len(plan)) if i + 1 == len(plan) or plan[i + 1][0] != plan[i][0]}
-    return _Run(config, out, lead, shard, model, config.objective_spec, optimizer, generator, train_x, test_x, state,
-                pass_start_rng, board, plan, stage_ends, binarize=not dataset.binary, graphs=graphs)  # fmt: skip
+    return _Run(
+        config,
+        out,
+        lead,
+        shard,
+        model,
+        config.objective_spec,
+        optimizer,
+        generator,
+        train_x,
+        test_x,
+        state,
+        pass_start_rng,
+        board,
+        plan,
+        stage_ends,
+        binarize=not dataset.binary,
+        graphs=graphs,
+    )
 
 
-def _images(config: TrainConfig, dataset: iwae_data.Dataset, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _images(
+    config: TrainConfig, dataset: iwae_data.Dataset, dev: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The grey training images (checked) and the binarized test subset of the logged bounds."""
-    train_x = torch.tensor(dataset.train, dtype=torch.float32)  # a copy: the loaded arrays are read-only
+    train_x = torch.tensor(
+        dataset.train, dtype=torch.float32
+    )  # a copy: the loaded arrays are read-only
     if config.n_train is not None:
         train_x = train_x[: config.n_train]
     if not (torch.isfinite(train_x).all() and train_x.min() >= 0 and train_x.max() <= 1):
-        raise IwaeError(f"training images of {dataset.name} must be grey values in [0, 1] (found NaN, inf or others)")
+        raise IwaeError(
+            f"training images of {dataset.name} must be grey values in [0, 1] (found NaN, inf or others)"
+        )
     test_x = torch.from_numpy(iwae_data.binarized_test(dataset, config.eval_n))
     return train_x.to(dev), test_x.to(dev)
 
 
-def _fresh_state(config: TrainConfig, train_x: torch.Tensor, dev: torch.device, capturable: bool = False):
+def _fresh_state(
+    config: TrainConfig, train_x: torch.Tensor, dev: torch.device, capturable: bool = False
+):
     """Seeded model (or another run's weights, ``init_weights``), Adam (``capturable`` for
     CUDA graphs: :func:`adam`) and the run's generator."""
     torch.manual_seed(config.seed)
@@ -711,13 +841,26 @@ def _fresh_state(config: TrainConfig, train_x: torch.Tensor, dev: torch.device, 
     if config.init_weights is not None:  # continue from another run's weights (fresh optimizer)
         path = Path(config.init_weights)
         load_state(model, read_safetensors(path)[0], path)
-    optimizer = adam(model.parameters(), config.lr, (config.beta1, config.beta2), config.adam_eps, capturable=capturable)
+    optimizer = adam(
+        model.parameters(),
+        config.lr,
+        (config.beta1, config.beta2),
+        config.adam_eps,
+        capturable=capturable,
+    )
     return model, optimizer, torch.Generator(device=dev).manual_seed(config.seed)
 
 
 def _start_run_dir(out: Path, config: TrainConfig) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    for stale in (SUMMARY_FILE, METRICS_FILE, CHECKPOINT_FILE, WEIGHTS_FILE, EVALUATION_FILE, EVALUATION_IMAGES_FILE):
+    for stale in (
+        SUMMARY_FILE,
+        METRICS_FILE,
+        CHECKPOINT_FILE,
+        WEIGHTS_FILE,
+        EVALUATION_FILE,
+        EVALUATION_IMAGES_FILE,
+    ):
         (out / stale).unlink(missing_ok=True)
     shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)
     write_json(out / CONFIG_FILE, config.to_dict())
@@ -732,7 +875,9 @@ def _stage_bar(run: _Run, p: int, bar, enabled: bool):
         bar.close()
     remaining = sum(1 for q in range(p, len(run.plan)) if run.plan[q][0] == stage)
     steps = math.ceil(run.train_x.shape[0] / run.config.batch_size)
-    return _progress(remaining * steps - run.state.step, enabled and run.lead, _stage_name(run.config, stage, lr))
+    return _progress(
+        remaining * steps - run.state.step, enabled and run.lead, _stage_name(run.config, stage, lr)
+    )
 
 
 #: steps between host reads of the non-finite-step count (the count itself stays on the device)
@@ -746,10 +891,15 @@ class _PassTotals:
 
     def __init__(self, states: list[Progress], dev: torch.device):
         def t(field_, dtype=torch.float64):
-            return torch.tensor([float(getattr(st, field_)) for st in states], dtype=dtype, device=dev)
+            return torch.tensor(
+                [float(getattr(st, field_)) for st in states], dtype=dtype, device=dev
+            )
 
         self.bound_sum, self.good = t("bound_sum"), t("good_examples")
-        self.skipped, self.consecutive = t("skipped", torch.float32), t("consecutive_bad", torch.float32)
+        self.skipped, self.consecutive = (
+            t("skipped", torch.float32),
+            t("consecutive_bad", torch.float32),
+        )
         self.longest = self.consecutive.clone()
 
     def add(self, values: torch.Tensor, skipped: torch.Tensor, examples: int) -> None:
@@ -765,8 +915,12 @@ class _PassTotals:
         sums, good = self.bound_sum.tolist(), self.good.tolist()
         skipped, consecutive = self.skipped.tolist(), self.consecutive.tolist()
         for g, st in enumerate(states):
-            st.bound_sum, st.good_examples, st.skipped, st.consecutive_bad = sums[g], int(good[g]), int(skipped[g]), \
-                int(consecutive[g])  # fmt: skip
+            st.bound_sum, st.good_examples, st.skipped, st.consecutive_bad = (
+                sums[g],
+                int(good[g]),
+                int(skipped[g]),
+                int(consecutive[g]),
+            )
 
     def stuck(self, max_bad_steps: int) -> bool:
         return bool((self.longest >= max_bad_steps).any())
@@ -821,8 +975,14 @@ def _run_pass(run: _Run, p: int, bar) -> dict:
 
 def _pass_record(p: int, stage: int, lr: float, state: Progress, seconds: float) -> dict:
     """The metrics line of pass ``p`` (before its test bounds are added)."""
-    return {"pass": p + 1, "stage": stage, "lr": lr, "train_bound": state.bound_sum / max(state.good_examples, 1),
-            "seconds": seconds, "skipped_steps": state.skipped}  # fmt: skip
+    return {
+        "pass": p + 1,
+        "stage": stage,
+        "lr": lr,
+        "train_bound": state.bound_sum / max(state.good_examples, 1),
+        "seconds": seconds,
+        "skipped_steps": state.skipped,
+    }
 
 
 def _stop_if_stuck(run: _Run, totals: _PassTotals, p: int, step: int) -> None:
@@ -834,7 +994,14 @@ def _stop_if_stuck(run: _Run, totals: _PassTotals, p: int, step: int) -> None:
 
 
 def _checkpoint(run: _Run, pass_start_rng: torch.Tensor) -> None:
-    save_checkpoint(run.out / CHECKPOINT_FILE, run.model, run.optimizer, run.generator, pass_start_rng, run.state)
+    save_checkpoint(
+        run.out / CHECKPOINT_FILE,
+        run.model,
+        run.optimizer,
+        run.generator,
+        pass_start_rng,
+        run.state,
+    )
     run.last_checkpoint = time.monotonic()
 
 
@@ -848,7 +1015,10 @@ def _end_pass(run: _Run, p: int, record: dict, metrics, checkpoint: bool = False
 
 
 def _checkpoint_due(run: _Run, p: int) -> bool:
-    return p in run.stage_ends or time.monotonic() - run.last_checkpoint > run.config.checkpoint_minutes * 60
+    return (
+        p in run.stage_ends
+        or time.monotonic() - run.last_checkpoint > run.config.checkpoint_minutes * 60
+    )
 
 
 def _record_pass(run: _Run, p: int, record: dict, metrics) -> None:
@@ -861,8 +1031,11 @@ def _record_pass(run: _Run, p: int, record: dict, metrics) -> None:
     metrics.write(json.dumps(record) + "\n")
     metrics.flush()
     _log_pass(run.board, record)
-    run.state = Progress(p + 1, consecutive_bad=run.state.consecutive_bad,
-                         total_seconds=run.state.total_seconds + record["seconds"])  # fmt: skip
+    run.state = Progress(
+        p + 1,
+        consecutive_bad=run.state.consecutive_bad,
+        total_seconds=run.state.total_seconds + record["seconds"],
+    )
     if run.lead and stage_end:
         save_weights(run.model, run.out / WEIGHTS_FILE)
         _log_stage(run.board, run.model, run.test_x, p + 1, run.config.image_shape)
@@ -897,15 +1070,31 @@ def _finish_run(run: _Run, record: dict) -> dict:
 #: configuration keys that must agree for runs to share a lockstep group: the data, the
 #: architecture, the samples drawn per example, the schedule and Adam's settings (the
 #: objective, its estimator family aside, the seed and what is logged may differ)
-LOCKSTEP_KEYS = ("dataset", "validation", "n_train", "batch_size", "stages", "epochs", "lr", "beta1", "beta2",
-                 "adam_eps", "model", "init_weights", "binarize")  # fmt: skip
+LOCKSTEP_KEYS = (
+    "dataset",
+    "validation",
+    "n_train",
+    "batch_size",
+    "stages",
+    "epochs",
+    "lr",
+    "beta1",
+    "beta2",
+    "adam_eps",
+    "model",
+    "init_weights",
+    "binarize",
+)
 
 
 def lockstep_key(config: TrainConfig) -> tuple:
     """Runs with equal keys can be trained in lockstep (:func:`train_lockstep`)."""
     spec = config.objective_spec
-    return (*(json.dumps(getattr(config, k), sort_keys=True) for k in LOCKSTEP_KEYS), spec.samples,
-            spec.estimator != "reparam")  # fmt: skip
+    return (
+        *(json.dumps(getattr(config, k), sort_keys=True) for k in LOCKSTEP_KEYS),
+        spec.samples,
+        spec.estimator != "reparam",
+    )
 
 
 class StackedNoise:
@@ -916,12 +1105,25 @@ class StackedNoise:
         self.generators = generators
 
     def __call__(self, shape, dtype, device) -> torch.Tensor:
-        return torch.stack([torch.randn(shape[1:], dtype=dtype, device=device, generator=g) for g in self.generators])
+        return torch.stack(
+            [
+                torch.randn(shape[1:], dtype=dtype, device=device, generator=g)
+                for g in self.generators
+            ]
+        )
 
 
-def train_lockstep(configs: list[TrainConfig], outs: list, dataset: iwae_data.Dataset | None = None,
-                   progress: bool = True, device: str | None = None, resume: bool = False,
-                   overwrite: bool = False, cuda_graphs: str = "auto", stop_at: float | None = None) -> list[dict]:
+def train_lockstep(
+    configs: list[TrainConfig],
+    outs: list,
+    dataset: iwae_data.Dataset | None = None,
+    progress: bool = True,
+    device: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    cuda_graphs: str = "auto",
+    stop_at: float | None = None,
+) -> list[dict]:
     """Train the runs ``configs`` in the run directories ``outs`` side by side in this
     process: one stacked model (:meth:`iwae.model.VAE.stack`), one fused Adam over the
     stacked parameters, one batched forward and backward per step.
@@ -938,16 +1140,23 @@ def train_lockstep(configs: list[TrainConfig], outs: list, dataset: iwae_data.Da
     """
     outs = [Path(o) for o in outs]
     if len({lockstep_key(c) for c in configs}) != 1:
-        raise IwaeError("runs trained in lockstep must share the data, architecture, samples per example, "
-                        "estimator family, schedule and Adam settings")  # fmt: skip
+        raise IwaeError(
+            "runs trained in lockstep must share the data, architecture, samples per example, "
+            "estimator family, schedule and Adam settings"
+        )
     if resume:
         for out in outs:
             settle_group_checkpoint(out)
     if resume and all((o / SUMMARY_FILE).exists() for o in outs):
         return [read_json(o / SUMMARY_FILE) for o in outs]
-    runs = [_open_run(c, o, dataset, overwrite, device, resume, cuda_graphs) for c, o in zip(configs, outs)]
+    runs = [
+        _open_run(c, o, dataset, overwrite, device, resume, cuda_graphs)
+        for c, o in zip(configs, outs)
+    ]
     if len({(r.state.passes, r.state.step) for r in runs}) != 1 or any(r.shard for r in runs):
-        raise IwaeError("runs resumed in lockstep must stand at the same step of their schedule (resume them one by one)")
+        raise IwaeError(
+            "runs resumed in lockstep must stand at the same step of their schedule (resume them one by one)"
+        )
     for run in runs:
         run.stop_at = stop_at
     group = _Group(runs)
@@ -983,8 +1192,16 @@ class LockstepStep:
     over the stacked parameters. ``step(xb)`` with ``xb`` [G, B, D] is every model's
     :func:`train_step` on its own batch ``xb[g]`` in one batched forward and backward."""
 
-    def __init__(self, models: list[VAE], objectives: list[Objective], generators: list[torch.Generator],
-                 lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-4, graphs: bool = False):
+    def __init__(
+        self,
+        models: list[VAE],
+        objectives: list[Objective],
+        generators: list[torch.Generator],
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-4,
+        graphs: bool = False,
+    ):
         self.model = VAE.stack(models)
         self.optimizer = adam(self.model.parameters(), lr, betas, eps, capturable=graphs)
         self.objectives = objectives
@@ -996,7 +1213,9 @@ class LockstepStep:
             from iwae.cudagraph import GraphedSteps
 
             device = self.model.output_layer.weight.device
-            self.graphed = GraphedSteps(self._step, device, self.noise, capture=device.type == "cuda")
+            self.graphed = GraphedSteps(
+                self._step, device, self.noise, capture=device.type == "cuda"
+            )
 
     def step(self, xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step of every model on its batch ``xb[g]``: (bounds [G], skipped)."""
@@ -1007,7 +1226,9 @@ class LockstepStep:
 
         enc, dec = self.params
         self.optimizer.zero_grad(set_to_none=True)
-        log_w = self.model.log_weights(xb, self.objectives[0].samples, stop_q=self.stop_q, noise=noise)
+        log_w = self.model.log_weights(
+            xb, self.objectives[0].samples, stop_q=self.stop_q, noise=noise
+        )
         values = backward_stacked(self.objectives, log_w, enc, dec)
         return values, _step_if_finite(self.optimizer, values, enc + dec)
 
@@ -1018,8 +1239,15 @@ class _Group(LockstepStep):
 
     def __init__(self, runs: list[_Run]):
         c = runs[0].config
-        super().__init__([r.model for r in runs], [r.objective for r in runs], [r.generator for r in runs],
-                         c.lr, (c.beta1, c.beta2), c.adam_eps, graphs=runs[0].graphs)  # fmt: skip
+        super().__init__(
+            [r.model for r in runs],
+            [r.objective for r in runs],
+            [r.generator for r in runs],
+            c.lr,
+            (c.beta1, c.beta2),
+            c.adam_eps,
+            graphs=runs[0].graphs,
+        )
         self.runs = runs
         if runs[0].optimizer.state:  # resumed: the members' Adam moments, stacked
             self._stack_adam_state()
@@ -1033,8 +1261,13 @@ class _Group(LockstepStep):
     def _stack_adam_state(self) -> None:
         for name, p, ps in self._pairs():
             states = [r.optimizer.state[q] for r, q in zip(self.runs, ps)]
-            self.optimizer.state[p] = {"step": states[0]["step"].clone(), **{
-                k: self.model.stacked_layout(name, [st[k] for st in states]) for k in ("exp_avg", "exp_avg_sq")}}
+            self.optimizer.state[p] = {
+                "step": states[0]["step"].clone(),
+                **{
+                    k: self.model.stacked_layout(name, [st[k] for st in states])
+                    for k in ("exp_avg", "exp_avg_sq")
+                },
+            }
 
     def to_members(self) -> None:
         """Copy the stacked weights and Adam state into each member's own model and optimizer
@@ -1046,8 +1279,11 @@ class _Group(LockstepStep):
                 for g, (run, q) in enumerate(zip(self.runs, ps)):
                     q.copy_(layout(name, p, g))
                     if state:
-                        run.optimizer.state[q] = {"step": state["step"].clone(), "exp_avg": layout(name, state["exp_avg"], g),
-                                                  "exp_avg_sq": layout(name, state["exp_avg_sq"], g)}  # fmt: skip
+                        run.optimizer.state[q] = {
+                            "step": state["step"].clone(),
+                            "exp_avg": layout(name, state["exp_avg"], g),
+                            "exp_avg_sq": layout(name, state["exp_avg_sq"], g),
+                        }
         for run in self.runs:
             set_lr(run.optimizer, learning_rate(self.optimizer))
 
@@ -1082,14 +1318,25 @@ class _Group(LockstepStep):
         totals.into([r.state for r in runs])
         return [_pass_record(p, stage, lr, run.state, seconds) for run in runs]
 
+
 def _group_checkpoint(runs: list[_Run], pass_start_rngs: list[torch.Tensor]) -> None:
     """Checkpoints of every run of a lockstep group, in two phases: each run's new checkpoint
     goes to ``checkpoint.next.safetensors`` (naming the group), and only when all are written
     do they replace the current ones. :func:`settle_group_checkpoint` finishes or undoes an
     interrupted write, so that the runs of a group always resume from one common step."""
     for run, rng in zip(runs, pass_start_rngs):
-        group = [os.path.relpath(r.out, run.out) for r in runs]  # relative: the directories may move
-        save_checkpoint(run.out / CHECKPOINT_NEXT_FILE, run.model, run.optimizer, run.generator, rng, run.state, group)
+        group = [
+            os.path.relpath(r.out, run.out) for r in runs
+        ]  # relative: the directories may move
+        save_checkpoint(
+            run.out / CHECKPOINT_NEXT_FILE,
+            run.model,
+            run.optimizer,
+            run.generator,
+            rng,
+            run.state,
+            group,
+        )
     for run in runs:
         os.replace(run.out / CHECKPOINT_NEXT_FILE, run.out / CHECKPOINT_FILE)
         run.last_checkpoint = time.monotonic()
@@ -1148,18 +1395,36 @@ def _stage_nll(model: VAE, test_x: torch.Tensor, k: int, seed: int) -> dict:
     """The test NLL -mean L_k on the logged test subset, for the budget ladder of the report."""
     from iwae.evaluate import iwae_bound
 
-    return {"test_nll_subset": -iwae_bound(model, test_x, k=k, seed=seed), "test_nll_subset_k": k,
-            "test_nll_subset_n": int(test_x.shape[0])}  # fmt: skip
+    return {
+        "test_nll_subset": -iwae_bound(model, test_x, k=k, seed=seed),
+        "test_nll_subset_k": k,
+        "test_nll_subset_n": int(test_x.shape[0]),
+    }
 
 
-def resume(run_dir: str | Path, dataset=None, progress: bool = True, device: str | None = None,
-           cuda_graphs: str = "auto", data_dir: str | None = None, stop_at: float | None = None) -> dict:
+def resume(
+    run_dir: str | Path,
+    dataset=None,
+    progress: bool = True,
+    device: str | None = None,
+    cuda_graphs: str = "auto",
+    data_dir: str | None = None,
+    stop_at: float | None = None,
+) -> dict:
     """Continue an interrupted run from its checkpoint (``iwae train --resume``); a run killed
     before its first checkpoint starts again from its ``config.json`` (the same weights, bit
     for bit, as a run never interrupted). ``data_dir``: where the data is now, if not where
     the run was trained (another machine); a file dataset is still checked by its hash."""
-    return train(resume_config(run_dir, data_dir), run_dir, dataset=dataset, progress=progress, device=device,
-                 resume=True, cuda_graphs=cuda_graphs, stop_at=stop_at)  # fmt: skip
+    return train(
+        resume_config(run_dir, data_dir),
+        run_dir,
+        dataset=dataset,
+        progress=progress,
+        device=device,
+        resume=True,
+        cuda_graphs=cuda_graphs,
+        stop_at=stop_at,
+    )
 
 
 def resume_config(run_dir: str | Path, data_dir: str | None = None) -> TrainConfig:
@@ -1202,12 +1467,14 @@ def _log_pass(board, record: dict) -> None:
 def _log_stage(board, model: VAE, test_x: torch.Tensor, passes: int, image_shape=None) -> None:
     if isinstance(board, _NoBoard):
         return
-    from iwae.evaluate import active_units  # evaluation imports this module for load_run
     from iwae.data import tile_images
+    from iwae.evaluate import active_units  # evaluation imports this module for load_run
 
     model.eval()
     for layer, count in enumerate(active_units(model, test_x)):
         board.add_scalar(f"active_units/layer{layer + 1}", count, passes)
-    images = model.sample_images(64, torch.Generator(device=test_x.device).manual_seed(0)).cpu().numpy()
+    images = (
+        model.sample_images(64, torch.Generator(device=test_x.device).manual_seed(0)).cpu().numpy()
+    )
     board.add_image("samples", tile_images(images, shape=image_shape), passes, dataformats="HW")
     board.flush()
