@@ -152,6 +152,12 @@ class Objective:
         """Importance samples drawn per example: M*K."""
         return self.m * self.k
 
+    @property
+    def stops_q(self) -> bool:
+        """Whether the log-weights are made with q's parameters stopped inside log q: the
+        one place this is decided (the stl and dreg estimators; see the module docstring)."""
+        return self.estimator != "reparam"
+
     def __str__(self) -> str:
         if self.name in ("miwae", "piwae"):
             text = f"{self.name.upper()}({self.m},{self.k})"
@@ -184,9 +190,7 @@ class Objective:
         """The M*K log-weights per example that :meth:`backward` expects, [M*K, B]: with
         q's parameters stopped inside log q for the stl and dreg estimators (``noise``: an
         explicit source of the samples' noise, :data:`iwae.model.Noise`)."""
-        return model.log_weights(
-            x, self.samples, generator, stop_q=self.estimator != "reparam", noise=noise
-        )
+        return model.log_weights(x, self.samples, generator, stop_q=self.stops_q, noise=noise)
 
     def encoder_surrogate(self, log_w: Tensor) -> Tensor:
         """Per example [B], the function whose encoder gradient is this estimator's:

@@ -909,7 +909,7 @@ def _set_threads(threads: int | str, config) -> None:
     if threads == "auto":
         if "OMP_NUM_THREADS" in os.environ:
             return
-        threads = auto_threads(config.batch_size * config.m * config.k)
+        threads = auto_threads(config.rows_per_step)
     torch.set_num_threads(threads)
 
 

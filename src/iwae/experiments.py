@@ -661,7 +661,7 @@ def plan_tasks(
         position = (
             (0, 0) if meta is None else (meta["progress"]["passes"], meta["progress"]["step"])
         )
-        rows = config.batch_size * config.objective_spec.samples
+        rows = config.rows_per_step
         if (
             group_size < 2
             or run.after
@@ -795,12 +795,13 @@ def _ready(
 
 
 def _cost(run: Run) -> float:
-    c = run.config
+    """A run's relative training cost: rows per step x stochastic layers, twice where the
+    gradient takes two backward passes (the "split" route of :data:`iwae.bounds.GRADIENT_ROUTES`)."""
+    from iwae.train import TrainConfig
+
+    config = TrainConfig.from_dict(run.config)
     return (
-        c.get("k", 1)
-        * c.get("m", 1)
-        * c.get("layers", 1)
-        * (2 if c.get("estimator") == "dreg" else 1)
+        config.rows_per_step * config.layers * (2 if config.objective_spec.route == "split" else 1)
     )
 
 

@@ -290,6 +290,12 @@ class TrainConfig:
         return [(i, 3**i, self.lr * 10 ** (-i / 7)) for i in range(self.stages)]
 
     @property
+    def rows_per_step(self) -> int:
+        """(example, sample) rows a training step computes: batch size x samples per example
+        (M*K). What the thread count and lockstep grouping are chosen by."""
+        return self.batch_size * self.objective_spec.samples
+
+    @property
     def total_passes(self) -> int:
         return sum(p for _, p, _ in self.schedule())
 
@@ -1093,7 +1099,7 @@ def lockstep_key(config: TrainConfig) -> tuple:
     return (
         *(json.dumps(getattr(config, k), sort_keys=True) for k in LOCKSTEP_KEYS),
         spec.samples,
-        spec.estimator != "reparam",
+        spec.stops_q,
     )
 
 
@@ -1205,7 +1211,7 @@ class LockstepStep:
         self.model = VAE.stack(models)
         self.optimizer = adam(self.model.parameters(), lr, betas, eps, capturable=graphs)
         self.objectives = objectives
-        self.stop_q = objectives[0].estimator != "reparam"
+        self.stop_q = objectives[0].stops_q
         self.noise = StackedNoise(generators)
         self.params = (self.model.encoder_parameters(), self.model.decoder_parameters())
         self.graphed = None
