@@ -56,7 +56,7 @@ FULL = {
     "matmul_s": 0.6,
     "n_train_pool": 2000,
     "grid_n_train": 6000,
-    "groups_n_train": 4000,
+    "groups_n_train": {"cuda": 4000, "cpu": 1000},
     "groups_epochs": 3,
 }
 QUICK = {
@@ -73,7 +73,7 @@ QUICK = {
     "matmul_s": 0.05,
     "n_train_pool": 400,
     "grid_n_train": 400,
-    "groups_n_train": 200,
+    "groups_n_train": {"cuda": 200, "cpu": 200},
     "groups_epochs": 2,
 }
 EVAL_K = 5000

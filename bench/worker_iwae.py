@@ -423,7 +423,8 @@ def phase_groups(spec) -> dict:
     """Training rate of lockstep groups on ``spec["device"]``, as ``iwae reproduce`` trains
     them: for each row of ``spec["groups"]`` (layers, k, group size, cuda_graphs), ``group``
     runs of Burda et al.'s architecture train together on the first ``n_train`` MNIST
-    training images for ``epochs`` passes at batch 20 (:func:`_time_group`). The last pass is
+    training images (``spec["n_train"]`` by device type: fewer on a CPU, where steps are slower)
+    for ``epochs`` passes at batch 20 (:func:`_time_group`). The last pass is
     timed (the first holds the CUDA-graph capture and the warm-up): ``group_steps_per_s`` =
     steps of that pass / its seconds, ``model_steps_per_s`` = ``group`` times that.
     ``cuda_graphs`` in a row is what the runs' ``summary.json`` says: whether the steps were
@@ -435,6 +436,7 @@ def phase_groups(spec) -> dict:
     if str(spec["device"]).startswith("cuda") and not torch.cuda.is_available():
         return {"skipped": f"device {spec['device']!r} asked for, but torch sees no CUDA device"}
     device = pick_device(spec["device"])
+    spec = {**spec, "n_train": spec["n_train"]["cuda" if device.type == "cuda" else "cpu"]}
     rows = [
         _time_group(layers, k, group, cuda_graphs, device, spec)
         for layers, k, group, cuda_graphs in spec["groups"]
