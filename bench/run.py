@@ -1,7 +1,8 @@
 """iwae benchmark: training and evaluation throughput, peak memory, the matmul roofline,
 and a correctness check, for iwae and (optionally) pythae, in one run on one machine.
 
-    python bench/run.py [--quick] [--no-pythae] [--threads N] [--iwae-threads same|auto] [--out bench/results.json]
+    python bench/run.py [--quick] [--no-pythae] [--threads N] [--iwae-threads same|auto]
+                        [--device auto|cpu|cuda|cuda:N] [--data-dir D] [--out bench/results.json]
 
 See bench/README.md for what is measured and how each ratio is defined. This process
 imports no torch: every phase runs in its own worker process (bench/worker_iwae.py with
@@ -55,6 +56,8 @@ FULL = {
     "matmul_s": 0.6,
     "n_train_pool": 2000,
     "grid_n_train": 6000,
+    "groups_n_train": {"cuda": 4000, "cpu": 1000},
+    "groups_epochs": 3,
 }
 QUICK = {
     "timing": {"warmup_steps": 2, "warmup_s": 0.0, "repeats": 1, "min_s": 0.15},
@@ -70,8 +73,18 @@ QUICK = {
     "matmul_s": 0.05,
     "n_train_pool": 400,
     "grid_n_train": 400,
+    "groups_n_train": {"cuda": 200, "cpu": 200},
+    "groups_epochs": 2,
 }
 EVAL_K = 5000
+#: the lockstep groups of the ``groups`` phase: (layers, k, runs in the group, cuda_graphs)
+GROUPS = [
+    (1, 50, 1, "auto"),
+    (1, 50, 2, "auto"),
+    (1, 50, 2, "off"),
+    (2, 50, 2, "auto"),
+    (2, 5, 2, "auto"),
+]
 TOLERANCE_NATS = 1e-3
 
 
@@ -167,6 +180,12 @@ def main(argv=None) -> int:
         "--data-dir",
         default=None,
         help="directory holding mnist/ (default: $IWAE_DATA or ../shared/data)",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="where the groups phase trains lockstep groups: cpu, cuda, cuda:N or auto "
+        "(default: auto, CUDA where torch sees it); every other phase measures the CPU",
     )
     p.add_argument("--out", default=str(HERE / "results.json"))
     args = p.parse_args(argv)
@@ -299,6 +318,23 @@ def main(argv=None) -> int:
                 },
             )
 
+        groups = None
+        if data_dir is not None:  # trains on real MNIST, as iwae reproduce does
+            groups = runner.run(
+                py_iwae,
+                "worker_iwae.py",
+                {
+                    **base,
+                    "phase": "groups",
+                    "device": args.device,
+                    "data_dir": data_dir,
+                    "groups": GROUPS,
+                    "n_train": cfg["groups_n_train"],
+                    "epochs": cfg["groups_epochs"],
+                    "label": f"lockstep groups, {args.device}",
+                },
+            )
+
         eval_ours = []
         for layers in cfg["layers"]:
             r = runner.run(
@@ -411,6 +447,7 @@ def main(argv=None) -> int:
             "cpu_count": os.cpu_count(),
             "threads": threads,
             "iwae_train_threads": args.iwae_threads,
+            "device": args.device,
             "torch_threads_in_workers": meta["torch_threads"],
             "data": meta["data"],
             "load_average_at_start": list(os.getloadavg()),
@@ -429,6 +466,7 @@ def main(argv=None) -> int:
         "ftz": ftz,
         "lockstep": lockstep,
         "grid": grid,
+        "groups": groups,
         "train": {
             "iwae": train_ours,
             "pythae": train_pythae or None,
@@ -544,6 +582,7 @@ def print_table(r: dict) -> None:
             f"one run per process {g['seconds']['one_run_per_process']:.1f} s, lockstep {g['seconds']['lockstep']:.1f} s, "
             f"{g['grid_speedup']:.2f}x"
         )
+    print_groups(r.get("groups"))
     pf = (r["train"].get("pythae_flushed") or [None])[0]
     if pf:
         print(f"pythae L1 k=50 batch=20 with denormals flushed: {pf['examples_per_s']:.0f} ex/s")
@@ -562,6 +601,26 @@ def print_table(r: dict) -> None:
             )
         )
     )
+
+
+def print_groups(gr: dict | None) -> None:
+    """The groups phase's rows: group and model steps per second on its device."""
+    if not gr:
+        return
+    if "skipped" in gr:
+        print(f"\nGROUPS: skipped ({gr['skipped']})")
+        return
+    print(
+        f"\nGROUPS (lockstep, iwae.train.train_lockstep on {gr['gpu'] or gr['device']}, "
+        f"{gr['n_train']} MNIST images, batch {gr['batch']}, pass {gr['epochs']} timed): "
+        "group steps/s, model steps/s"
+    )
+    for x in gr["rows"]:
+        graphs = "graphs" if x["cuda_graphs"] else "eager"
+        print(
+            f"  L{x['layers']} k={x['k']:<3} group of {x['group']} ({graphs:<6}) "
+            f"{x['group_steps_per_s']:9.1f} {x['model_steps_per_s']:9.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
 """Benchmark phases run in iwae's own venv, one phase per process (see bench/run.py).
 
 Phases: ``meta`` (versions, data, matmul roofline), ``train`` (throughput of the
-training step), ``eval`` (throughput of iwae.evaluate.evaluate) and ``correctness``
-(fast evaluation against a float64 torch.distributions reference fed the same eps).
+training step), ``ftz`` (denormals flushed or not), ``lockstep`` and ``grid`` (runs trained
+together against one at a time), ``groups`` (lockstep groups on ``--device``, a GPU where
+there is one), ``eval`` (throughput of iwae.evaluate.evaluate) and ``correctness`` (fast
+evaluation against a float64 torch.distributions reference fed the same eps).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import sys
@@ -368,6 +371,87 @@ def phase_grid(spec) -> dict:
     }
 
 
+# -- groups: lockstep groups trained by iwae.train.train_lockstep on --device -----------------
+
+
+def _time_group(layers: int, k: int, group: int, cuda_graphs: str, device, spec) -> dict:
+    """Train ``group`` runs (IWAE and VAE alternating, seeds 0, 1, ...) side by side with
+    :func:`iwae.train.train_lockstep` and time the last pass: one row of :func:`phase_groups`."""
+    import tempfile
+
+    from iwae.train import TrainConfig, train_lockstep
+
+    configs = [
+        TrainConfig(
+            dataset="mnist",
+            layers=layers,
+            objective=("iwae", "vae")[g % 2],
+            k=k,
+            seed=g // 2,
+            stages=None,
+            epochs=spec["epochs"],
+            n_train=spec["n_train"],
+            eval_every=10_000,
+            stage_nll_k=0,
+            data_dir=spec["data_dir"],
+        )
+        for g in range(group)
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        outs = [Path(tmp) / f"run{g}" for g in range(group)]
+        t0 = time.perf_counter()
+        summaries = train_lockstep(
+            configs, outs, progress=False, device=str(device), cuda_graphs=cuda_graphs
+        )
+        wall = time.perf_counter() - t0
+        last = json.loads((outs[0] / "metrics.jsonl").read_text().splitlines()[-1])
+    steps = -(-spec["n_train"] // 20)
+    return {
+        "layers": layers,
+        "k": k,
+        "group": group,
+        "cuda_graphs_asked": cuda_graphs,
+        "cuda_graphs": summaries[0].get("cuda_graphs"),
+        "group_steps_per_s": round(steps / last["seconds"], 1),
+        "model_steps_per_s": round(group * steps / last["seconds"], 1),
+        "last_pass_s": round(last["seconds"], 3),
+        "wall_s": round(wall, 1),
+    }
+
+
+def phase_groups(spec) -> dict:
+    """Training rate of lockstep groups on ``spec["device"]``, as ``iwae reproduce`` trains
+    them: for each row of ``spec["groups"]`` (layers, k, group size, cuda_graphs), ``group``
+    runs of Burda et al.'s architecture train together on the first ``n_train`` MNIST
+    training images (``spec["n_train"]`` by device type: fewer on a CPU, where steps are slower)
+    for ``epochs`` passes at batch 20 (:func:`_time_group`). The last pass is
+    timed (the first holds the CUDA-graph capture and the warm-up): ``group_steps_per_s`` =
+    steps of that pass / its seconds, ``model_steps_per_s`` = ``group`` times that.
+    ``cuda_graphs`` in a row is what the runs' ``summary.json`` says: whether the steps were
+    replayed from a CUDA graph. Off CUDA the rows that ask for graphs ``off`` are left out
+    (the same as ``auto`` there). A ``cuda`` device without CUDA skips the phase
+    (``skipped`` says why)."""
+    from iwae.train import pick_device
+
+    if str(spec["device"]).startswith("cuda") and not torch.cuda.is_available():
+        return {"skipped": f"device {spec['device']!r} asked for, but torch sees no CUDA device"}
+    device = pick_device(spec["device"])
+    spec = {**spec, "n_train": spec["n_train"]["cuda" if device.type == "cuda" else "cpu"]}
+    rows = [
+        _time_group(layers, k, group, cuda_graphs, device, spec)
+        for layers, k, group, cuda_graphs in spec["groups"]
+        if device.type == "cuda" or cuda_graphs != "off"
+    ]
+    return {
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "n_train": spec["n_train"],
+        "epochs": spec["epochs"],
+        "batch": 20,
+        "rows": rows,
+    }
+
+
 # -- evaluation -------------------------------------------------------------------------
 
 
@@ -536,5 +620,6 @@ if __name__ == "__main__":
             "ftz": phase_ftz,
             "lockstep": phase_lockstep,
             "grid": phase_grid,
+            "groups": phase_groups,
         }
     )

@@ -66,6 +66,14 @@ def test_bench_quick(tmp_path):
         assert r["grid_speedup"] == pytest.approx(
             r["grid"]["seconds"]["one_run_per_process"] / r["grid"]["seconds"]["lockstep"]
         )
+    # lockstep groups on --device (auto: the CPU here), trained by iwae.train.train_lockstep
+    if r["groups"] is not None:
+        assert r["groups"]["device"] == "cpu" or "skipped" in r["groups"] or r["groups"]["gpu"]
+        for row in r["groups"].get("rows", []):
+            assert row["group_steps_per_s"] > 0
+            assert row["model_steps_per_s"] == pytest.approx(
+                row["group"] * row["group_steps_per_s"], rel=1e-2
+            )
     assert r["train_vs_pythae"] is None and r["eval_vs_pythae"] is None  # --no-pythae
     assert 0 < r["train_roofline_fraction"] < 1.5 and 0 < r["eval_roofline_fraction"] < 1.5
     configs = {(t["layers"], t["k"], t["batch"]) for t in r["train"]["iwae"]}

@@ -1,6 +1,7 @@
+# Showed: fused Adam, 4,096-row evaluation chunks, sigmoid-form tanh pay; torch.compile, bf16 don't.
 """Speed experiments for iwae's training step and evaluation (prototypes, not the package).
 
-    OMP_NUM_THREADS=1 PYTHONPATH=src python bench/experiments_speed.py [train|eval|micro|all] [--rounds 7] [--only V ...] [--out FILE]
+    OMP_NUM_THREADS=1 PYTHONPATH=src python bench/prototypes/experiments_speed.py [train|eval|micro|all] [--rounds 7] [--only V ...] [--out FILE]
 
 Every variant is compared with the baseline IN THE SAME PROCESS, interleaved in rounds
 (baseline, variant 1, variant 2, ..., then again), and the median time per round is
@@ -55,7 +56,7 @@ from iwae.evaluate import log_weight_reductions
 from iwae.model import VAE, GaussianLayer, ModelConfig, Tanh, bernoulli_log_prob
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+ROOT = os.path.dirname(os.path.dirname(HERE))  # the repository: bench/prototypes/ is two below
 
 
 def load_images(n_train=2000, n_test=64):

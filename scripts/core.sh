@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
-# The core issue's acceptance runs: IWAE k=5, 3 stages (13 passes), then L_5000 evaluation.
-# Usage: bash results/core/run.sh [DATA_DIR]   (default ../shared/data). One thread per process.
+# The core runs of results/core/: IWAE k=5 for the first 3 stages of the schedule (13 passes)
+# on MNIST (1 and 2 layers) and OMNIGLOT (1 layer), then `iwae evaluate` with k=5,000 on the
+# whole test set; wall times of both from /usr/bin/time. One thread per process. A run that
+# has its evaluation.json is skipped.
+#   bash scripts/core.sh DATA_DIR
 set -euo pipefail
-cd "$(dirname "$0")"
-data=${1:-../../../shared/data}
+if [ $# -lt 1 ]; then
+    echo "usage: bash scripts/core.sh DATA_DIR   (DATA_DIR holds mnist/ and omniglot/)" >&2
+    exit 2
+fi
+data=$(cd "$1" && pwd)
+cd "$(dirname "$0")/../results/core"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 run() {
   name=$1; shift
