@@ -39,6 +39,7 @@ from iwae.schedule import LocalPool, RayCluster, Task, plan_tasks, run_tasks
 __all__ = [  # with names of iwae.grids, iwae.experiment_dir, iwae.reuse and iwae.schedule
     "EVAL_K",
     "EXPERIMENTS",
+    "experiments_help",
     "VARIANTS",
     "Experiment",
     "Run",
@@ -434,6 +435,7 @@ def _device_label() -> str:
 
 
 def _worker_setup(run: dict, exp_dir: str, threads: int, flush_denormal: bool) -> tuple[Run, Path]:
+    """Set this worker's torch threads and denormal flushing; the run and its directory."""
     import torch
 
     from iwae.train import flush_denormals
@@ -445,6 +447,7 @@ def _worker_setup(run: dict, exp_dir: str, threads: int, flush_denormal: bool) -
 
 
 def _evaluated(run: Run, out: Path, eval_k: int, n_test: int | None) -> bool:
+    """Whether the run in ``out`` is evaluated as asked (:func:`_evaluated_as_asked`)."""
     from iwae import data as iwae_data
 
     done = read_json(out / "evaluation.json", required=False)
@@ -501,6 +504,7 @@ def _evaluated_as_asked(done: dict | None, eval_k: int, n_test: int | None, full
 
 
 def _cpu_name() -> str:
+    """The CPU's model name (from ``/proc/cpuinfo`` where there is one)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -29,10 +29,12 @@ STAGE_END_MARK = "§"
 
 
 def fmt(x, digits=2):
+    """A number with ``digits`` decimals, or "—" for None."""
     return "—" if x is None else f"{x:.{digits}f}"
 
 
 def units_text(counts):
+    """Active units per layer, e.g. ``19+9``, or "—" for None."""
     return "—" if counts is None else "+".join(str(int(round(c))) for c in counts)
 
 
@@ -119,6 +121,7 @@ def _images_text(meta: dict, results: list[RunResult]) -> str:
 
 
 def _kind_words(kind, n, size) -> str:
+    """One kind of test images (:func:`iwae.report.results.evaluated_images`) in words."""
     if kind == WHOLE:
         return "the whole test set"
     if kind == RANDOM:
@@ -130,6 +133,8 @@ def _kind_words(kind, n, size) -> str:
 
 
 def budget_line(meta: dict, results: list[RunResult]) -> str:
+    """The line under a section's heading: stages and passes beside the paper's, seeds, the
+    test images, runs finished, process and GPU time, lost metrics and overrides."""
     done = sum(r.evaluation is not None for r in results)
     walls = [process_seconds(r) for r in results if r.runner]
     text = (

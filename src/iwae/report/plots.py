@@ -17,6 +17,7 @@ from iwae.report.results import FIRST, RunResult, images_kind
 
 
 def _plt():
+    """matplotlib's pyplot on the Agg backend (no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -26,6 +27,7 @@ def _plt():
 
 
 def _save(fig, path: Path) -> None:
+    """Save ``fig`` as a PNG at ``path`` atomically and close it."""
     import io
 
     buf = io.BytesIO()
@@ -52,6 +54,9 @@ def save_image_grid(
 
 
 def section_figures(meta, results, fig_dir: Path, exp: str) -> list[str]:
+    """A section's figures, drawn into ``fig_dir``: learning curves, unit activity and
+    samples of each finished run, named after ``meta["_figure_prefix"]`` (else ``exp``); the
+    Markdown lines that show them."""
     lines = []
     finished = [r for r in results if r.evaluation is not None]
     if not finished:
@@ -292,6 +297,7 @@ def _mean_curve(runs: list[RunResult], key: str) -> tuple[list[int], list[float]
 
 
 def _plot_activity(results: list[RunResult], path: Path) -> None:
+    """Each run's sorted unit activities per layer (log scale) against the 0.01 threshold."""
     plt = _plt()
     with_activity = [r for r in results if r.activity]
     n = len(with_activity)
@@ -316,6 +322,8 @@ def _plot_activity(results: list[RunResult], path: Path) -> None:
 
 
 def _save_samples(r: RunResult, meta, fig_dir: Path, name: str) -> bool:
+    """Draw 64 samples of run ``r`` into ``fig_dir/samples/name`` unless drawn from its
+    current weights already; False where its model cannot be loaded."""
     import torch
 
     from iwae.errors import IwaeError

@@ -22,10 +22,12 @@ def paper_tables() -> dict:
 
 
 def table_rows(table: dict) -> list[dict]:
+    """The rows of one table of :func:`paper_tables` as dicts keyed by its columns."""
     return [dict(zip(table["columns"], row)) for row in table["rows"]]
 
 
 def paper_table1() -> dict:
+    """Burda et al. Table 1 by (dataset, stochastic layers, k, objective)."""
     return {
         (r["dataset"], r["stochastic_layers"], r["k"], r["objective"]): r
         for r in table_rows(paper_tables()["burda2016_table1"])
@@ -34,6 +36,10 @@ def paper_table1() -> dict:
 
 @dataclass
 class RunResult:
+    """One run of an experiment directory as the report reads it: its label and
+    configuration from ``experiment.json``, and its run directory's files (None where missing);
+    per-image values are read on demand (:func:`per_image_values`)."""
+
     name: str
     label: dict
     config: dict
@@ -51,6 +57,8 @@ class RunResult:
 
 
 def load_experiment(exp_dir: Path) -> tuple[dict, list[RunResult]]:
+    """``(experiment.json, its runs)`` of the experiment directory ``exp_dir``, each run
+    linked to the run it continues."""
     from iwae.train import read_metrics
 
     meta = read_json_or_none(exp_dir / "experiment.json")
@@ -80,6 +88,7 @@ def load_experiment(exp_dir: Path) -> tuple[dict, list[RunResult]]:
 
 
 def read_json_or_none(path: Path):
+    """The JSON in ``path``, or None where it is missing or unreadable."""
     try:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
@@ -101,6 +110,7 @@ def evaluated_images(evaluation: dict, dataset: str | None) -> tuple[str, int | 
 
 
 def images_kind(r: RunResult) -> tuple[str, int | None, int | None]:
+    """:func:`evaluated_images` of a run's evaluation."""
     return evaluated_images(r.evaluation, r.config.get("dataset"))
 
 
@@ -123,6 +133,7 @@ def per_image_values(r: RunResult) -> dict[str, np.ndarray] | None:
 
 
 def group_runs(results, keys):
+    """The evaluated runs by the values of their label ``keys``: the cells of a table."""
     groups: dict[tuple, list[RunResult]] = {}
     for r in results:
         if r.evaluation is not None:
@@ -131,11 +142,13 @@ def group_runs(results, keys):
 
 
 def mean_of(values):
+    """The mean of the values that are not None, or None."""
     values = [v for v in values if v is not None]
     return float(np.mean(values)) if values else None
 
 
 def std_of(values):
+    """The standard deviation (ddof 1) of the values that are not None, or None under two."""
     values = [v for v in values if v is not None]
     return float(np.std(values, ddof=1)) if len(values) > 1 else None
 
