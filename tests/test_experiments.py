@@ -244,6 +244,91 @@ def test_experiment_lists_the_runs_of_every_invocation(shared_data_dir, tmp_path
     assert len(meta["runs"]) == 8 and len(meta["only"]) == 2
 
 
+def test_cli_choices_and_default_seeds_come_from_the_registry():
+    import argparse
+
+    from iwae.cli import build_parser
+    from iwae.experiments import EXPERIMENTS
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    experiment = next(a for a in sub.choices["reproduce"]._actions if a.dest == "experiment")
+    assert list(experiment.choices) == list(EXPERIMENTS)
+    for name, e in EXPERIMENTS.items():
+        assert e.name == name and e.description
+        assert {r.label["seed"] for r in grid(name, stages=1)} == set(range(e.seeds))
+
+
+def test_reproduce_takes_runner_options_or_their_keywords(shared_data_dir, tmp_path, monkeypatch):
+    """``reproduce(..., options=RunnerOptions(...), **keywords)``: the keywords change the
+    options given; the tasks' shared settings come from them; bad options are refused."""
+    import iwae.experiments as ex
+
+    seen = []
+    monkeypatch.setattr(
+        ex,
+        "_execute_local",
+        lambda tasks, work, options: (
+            seen.append((work, options))
+            or [{"name": r.name, "status": "done"} for t in tasks for r in t]
+        ),
+    )
+    only = {"dataset": "mnist", "layers": "1", "k": "5"}
+    options = ex.RunnerOptions(threads=3, eval_k=64, cuda_graphs="off")
+    kw = dict(stages=1, only=only, data_dir=str(shared_data_dir), options=options)
+    ex.reproduce("table1", tmp_path, **kw)
+    more = dict(n_test=10, time_limit=5)
+    ex.reproduce("table1", tmp_path, **kw, **more)
+    (first, a), (second, b) = seen
+    assert a == options and b == ex.RunnerOptions(
+        threads=3, eval_k=64, cuda_graphs="off", n_test=10, time_limit=5
+    )
+    assert (first.threads, first.eval_k, first.n_test, first.cuda_graphs) == (3, 64, None, "off")
+    assert first.stop_at is None and second.stop_at > time.time() + 240
+    assert json.loads((tmp_path / "experiment.json").read_text())["n_test"] == 10
+    for bad in (dict(workers=0), dict(group_size=0), dict(time_limit=0), dict(backend="slurm")):
+        with pytest.raises(IwaeError):
+            ex.reproduce("table1", tmp_path, stages=1, data_dir=str(shared_data_dir), **bad)
+    with pytest.raises(TypeError):
+        ex.reproduce("table1", tmp_path, stages=1, workres=2)
+
+
+class _InProcess:
+    """An executor that runs each call when it is submitted: the scheduling loop alone."""
+
+    def __init__(self):
+        self.submitted, self.results = [], {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def submit(self, fn, *args):
+        self.submitted.append([r.name for r in args[0]])
+        self.results[len(self.submitted)] = fn(*args)
+        return len(self.submitted)
+
+    def wait_any(self, handles):
+        return handles[:1]
+
+    def result(self, handle):
+        return self.results[handle]
+
+
+def test_one_scheduling_loop_starts_a_task_once_the_runs_it_continues_are_done():
+    from iwae.schedule import run_tasks
+
+    tasks = [(r,) for r in grid("two-stage", stages=1)]
+    executor = _InProcess()
+    results = run_tasks(
+        tasks, executor, lambda task: [{"name": r.name, "status": "done"} for r in task], False
+    )
+    assert sorted(r["name"] for r in results) == sorted(t[0].name for t in tasks)
+    position = {names[0]: i for i, names in enumerate(executor.submitted)}
+    assert all(position[t[0].after] < position[t[0].name] for t in tasks if t[0].after)
+
+
 def test_report_states_whether_table1_orderings_hold(tmp_path):
     """Table 1 from hand-made evaluations: the report's table and its verdicts on the orderings."""
     runs = [

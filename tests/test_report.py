@@ -148,6 +148,15 @@ def _paired_experiment(path):
     return runs
 
 
+def test_every_experiment_has_a_report_section_in_the_registry_s_order():
+    """The report renders each experiment of the registry by its name, and nothing else."""
+    from iwae.experiments import EXPERIMENTS
+    from iwae.report import SECTIONS
+
+    assert set(SECTIONS) == set(EXPERIMENTS)
+    assert all(e.title and not e.title.startswith("#") for e in EXPERIMENTS.values())
+
+
 def test_verdicts_need_two_standard_errors():
     assert claim_verdict(Margin(-2.0, 0.5, 100), expect=-1) == HOLDS
     assert claim_verdict(Margin(-1.0, 0.5, 100), expect=-1) == NOISE  # exactly 2 SE: not more

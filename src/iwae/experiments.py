@@ -1,237 +1,273 @@
-"""The published experiments as grids of runs, and the runner that carries them out.
+"""The published experiments, and the runner that carries them out.
 
-- ``table1``    Burda et al. Table 1: MNIST and OMNIGLOT x 1 and 2 stochastic layers x
-                k in {1, 5, 50} x {VAE, IWAE} (24 runs); NLL (k=5000) and active units.
-- ``two-stage`` Burda et al. section 5.2: MNIST, 1 layer, VAE then IWAE k=50 and IWAE
-                k=50 then VAE; the second stage continues from the first's weights for
-                3^(N-1) passes at learning rate 1e-4 (3^7 = 2,187 at the paper's N = 8).
-- ``dreg``      beyond the papers: IWAE with the standard and the DReG encoder gradient,
-                MNIST, 1 and 2 layers, k in {5, 50}.
-- ``variants``  Rainforth et al. 2018: IWAE, PIWAE(4,16), PIWAE(8,8), MIWAE(4,16),
-                MIWAE(8,8), CIWAE beta=0.05 and 0.5, VAE; MNIST, 1 layer, 64 samples per
-                example, several seeds; IWAE-64, log p-hat(x) and -KL(Q||P).
+:data:`EXPERIMENTS` lists them, one :class:`Experiment` per published table: its grid of
+runs (:mod:`iwae.grids`), default seeds, a line for the command line's help and the title
+of its section in the report (:mod:`iwae.report` renders each by name).
 
-The budget is ``stages`` (the first N stages of the 3^i schedule; 8 = the paper's 3,280
-passes) and ``seeds``. An experiment directory holds ``experiment.json`` (the grid and the
-budget) and ``runs/NAME/``, one run directory per run, each finished with
-``evaluation.json`` (``iwae evaluate``), ``activity.json`` (per-unit activity) and
-``runner.json`` (wall times; training's also by machine). Running an experiment again skips
-finished runs and resumes interrupted ones from their checkpoints.
+:func:`reproduce` runs one in an experiment directory, as :class:`RunnerOptions` say (local
+processes or Ray, lockstep groups, threads, evaluation): the budget is ``stages`` (the first
+N stages of the 3^i schedule; 8 = the paper's 3,280 passes) and ``seeds``. An experiment
+directory holds ``experiment.json`` (the grid and the budget) and ``runs/NAME/``, one run
+directory per run, each finished with ``evaluation.json`` (``iwae evaluate``),
+``activity.json`` (per-unit activity) and ``runner.json`` (wall times; training's also by
+machine). Running an experiment again skips finished runs and resumes interrupted ones from
+their checkpoints. What one task does in its worker process: :func:`run_one` and
+:func:`run_group`; the order of tasks: :mod:`iwae.schedule`; runs copied from other
+directories: :mod:`iwae.reuse`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import socket
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from iwae.errors import IwaeError, TimeLimitReached
+from iwae.experiment_dir import experiment_record, only_values, write_record
+from iwae.experiment_dir import select_runs as _select
+from iwae.grids import VARIANTS, Run, dreg, table1, toy, two_stage, variants
+from iwae.reuse import _as_written as _as_written  # re-exported: tests read configs with it
+from iwae.reuse import reuse_runs
 from iwae.rundir import read_json
+from iwae.schedule import LocalPool, RayCluster, Task, plan_tasks, run_tasks
+
+__all__ = [  # with names of iwae.grids, iwae.experiment_dir, iwae.reuse and iwae.schedule
+    "EVAL_K",
+    "EXPERIMENTS",
+    "experiments_help",
+    "VARIANTS",
+    "Experiment",
+    "Run",
+    "RunnerOptions",
+    "grid",
+    "only_values",
+    "plan_tasks",
+    "reproduce",
+    "reuse_runs",
+    "run_group",
+    "run_one",
+    "toy",
+]
 
 EVAL_K = 5000
-CURVE_K = 1000  # samples of log p-hat(x) in learning curves (on the seeded random subset of eval_n test images)
 
 
 @dataclass(frozen=True)
-class Run:
-    """One training run of a grid, and the runs whose weights it starts from."""
+class Experiment:
+    """A published experiment: ``grid(stages, seeds)`` lists its runs (:mod:`iwae.grids`),
+    ``seeds`` per configuration by default; ``description`` is its line in the command
+    line's help, ``title`` the heading of its section in the report."""
 
     name: str
-    config: dict  # TrainConfig keys
-    after: str | None = None  # run whose final weights initialize this one
-    label: dict = field(default_factory=dict)  # what the report groups by
+    description: str
+    grid: Callable[[int, int], list[Run]]
+    seeds: int
+    title: str
 
 
-def _name(dataset, layers, objective, k, m=1, beta=None, seed=0) -> str:
-    parts = [dataset, f"l{layers}", objective]
-    parts += [f"m{m}k{k}"] if m > 1 else [f"k{k}"]
-    if beta is not None:
-        parts.append(f"b{beta:g}")
-    return "-".join(parts) + f"-s{seed}"
+#: every experiment, in the order of the command line's choices and the report's sections
+EXPERIMENTS: dict[str, Experiment] = {
+    e.name: e
+    for e in (
+        Experiment(
+            "table1", "Burda et al. Table 1 (24 runs)", table1, 1, "Burda et al. (2016), Table 1"
+        ),
+        Experiment(
+            "two-stage",
+            "Burda et al.'s two-stage training (4 runs)",
+            two_stage,
+            1,
+            "Burda et al. (2016), two-stage training (MNIST, 1 layer)",
+        ),
+        Experiment(
+            "variants",
+            "Rainforth et al.'s IWAE variants (8 methods x seeds)",
+            variants,
+            2,
+            "Rainforth et al. (2018), IWAE variants (MNIST, 1 layer, 64 samples per example)",
+        ),
+        Experiment(
+            "dreg",
+            "IWAE with the standard and the DReG encoder gradient (8 runs)",
+            dreg,
+            1,
+            "Beyond the papers: IWAE with the DReG encoder gradient (MNIST)",
+        ),
+    )
+}
 
 
-def table1(stages: int, seeds: int) -> list[Run]:
-    runs = []
-    for dataset in ("mnist", "omniglot"):
-        for layers in (1, 2):
-            for k in (1, 5, 50):
-                for objective in ("vae", "iwae"):
-                    for seed in range(seeds):
-                        config = dict(
-                            dataset=dataset,
-                            layers=layers,
-                            objective=objective,
-                            k=k,
-                            stages=stages,
-                            seed=seed,
-                        )
-                        label = dict(
-                            dataset=dataset, layers=layers, k=k, objective=objective, seed=seed
-                        )
-                        runs.append(
-                            Run(
-                                _name(dataset, layers, objective, k, seed=seed), config, label=label
-                            )
-                        )
-    return runs
-
-
-def two_stage(stages: int, seeds: int) -> list[Run]:
-    runs = []
-    for seed in range(seeds):
-        for exp, (first, second) in enumerate(
-            ((("vae", 1), ("iwae", 50)), (("iwae", 50), ("vae", 1))), start=1
-        ):
-            a = Run(
-                f"exp{exp}-first-{first[0]}-k{first[1]}-s{seed}",
-                dict(
-                    dataset="mnist",
-                    layers=1,
-                    objective=first[0],
-                    k=first[1],
-                    stages=stages,
-                    seed=seed,
-                ),
-                label=dict(
-                    experiment=exp, stage="first", objective=first[0], k=first[1], seed=seed
-                ),
-            )
-            b = Run(
-                f"exp{exp}-second-{second[0]}-k{second[1]}-s{seed}",
-                dict(
-                    dataset="mnist",
-                    layers=1,
-                    objective=second[0],
-                    k=second[1],
-                    epochs=3 ** (stages - 1),
-                    lr=1e-4,
-                    seed=seed,
-                ),
-                after=a.name,
-                label=dict(
-                    experiment=exp, stage="second", objective=second[0], k=second[1], seed=seed
-                ),
-            )
-            runs += [a, b]
-    return runs
-
-
-VARIANTS = [  # (label, key in the paper's table, training options)
-    ("IWAE", "iwae", dict(objective="iwae", k=64)),
-    ("PIWAE(4,16)", "piwae(4,16)", dict(objective="piwae", m=4, k=16)),
-    ("PIWAE(8,8)", "piwae(8,8)", dict(objective="piwae", m=8, k=8)),
-    ("MIWAE(4,16)", "miwae(4,16)", dict(objective="miwae", m=4, k=16)),
-    ("MIWAE(8,8)", "miwae(8,8)", dict(objective="miwae", m=8, k=8)),
-    ("CIWAE beta=0.05", "ciwae(beta=0.05)", dict(objective="ciwae", k=64, beta=0.05)),
-    ("CIWAE beta=0.5", "ciwae(beta=0.5)", dict(objective="ciwae", k=64, beta=0.5)),
-    ("VAE", "vae", dict(objective="vae", k=64)),
-]
-
-
-def variants(stages: int, seeds: int) -> list[Run]:
-    runs = []
-    for method, _, keys in VARIANTS:
-        for seed in range(seeds):
-            config = dict(
-                dataset="mnist",
-                layers=1,
-                stages=stages,
-                seed=seed,
-                curve_k=CURVE_K,
-                eval_every=10**6,
-                **keys,
-            )
-            name = _name(
-                "mnist", 1, keys["objective"], keys["k"], keys.get("m", 1), keys.get("beta"), seed
-            )
-            runs.append(Run(name, config, label=dict(method=method, seed=seed)))
-    return runs
-
-
-# -- the toy of Theorem 1 -----------------------------------------------------------------------
-
-
-def toy(a: float, b: float, k_max: int) -> dict:
-    """X uniform on {a, b}: E[log((X_1 + ... + X_k)/k)] for k = 1..k_max, exactly, by
-    enumerating the number j of a's, j ~ Binomial(k, 1/2), against log E[X]. The gap
-    log E[X] - E[log mean] is the bias of L_k; Theorem 1 of Burda et al.: it shrinks
-    monotonically in k."""
-    import math
-
-    if not (a > 0 and b > 0) or not (math.isfinite(a) and math.isfinite(b)):
-        raise IwaeError(f"a and b must be positive numbers, got {a} and {b}")
-    if k_max < 1:
-        raise IwaeError(f"k-max must be >= 1, got {k_max}")
-    expected = []
-    for k in range(1, k_max + 1):
-        log_p = [
-            math.lgamma(k + 1) - math.lgamma(j + 1) - math.lgamma(k - j + 1) - k * math.log(2)
-            for j in range(k + 1)
-        ]
-        expected.append(
-            sum(math.exp(lp) * math.log((j * a + (k - j) * b) / k) for j, lp in enumerate(log_p))
-        )
-    log_mean = math.log((a + b) / 2)
-    return {
-        "a": a,
-        "b": b,
-        "k": list(range(1, k_max + 1)),
-        "expected_log_mean": expected,
-        "log_expected": log_mean,
-        "bias": [log_mean - e for e in expected],
-    }
-
-
-def dreg(stages: int, seeds: int) -> list[Run]:
-    """IWAE trained with the standard (reparam) and the DReG encoder gradient at the same
-    budget: MNIST, 1 and 2 layers, k in {5, 50}."""
-    runs = []
-    for layers in (1, 2):
-        for k in (5, 50):
-            for estimator in ("reparam", "dreg"):
-                for seed in range(seeds):
-                    config = dict(
-                        dataset="mnist",
-                        layers=layers,
-                        objective="iwae",
-                        k=k,
-                        estimator=estimator,
-                        stages=stages,
-                        seed=seed,
-                    )
-                    name = _name("mnist", layers, "iwae", k, seed=seed).replace(
-                        "-s", f"-{estimator}-s"
-                    )
-                    runs.append(
-                        Run(
-                            name,
-                            config,
-                            label=dict(layers=layers, k=k, estimator=estimator, seed=seed),
-                        )
-                    )
-    return runs
-
-
-EXPERIMENTS = {"table1": table1, "two-stage": two_stage, "variants": variants, "dreg": dreg}
-DEFAULT_SEEDS = {"table1": 1, "two-stage": 1, "variants": 2, "dreg": 1}
+def experiments_help() -> str:
+    """The experiments in words for the command line's help: ``NAME: description; ...``."""
+    return "; ".join(f"{e.name}: {e.description}" for e in EXPERIMENTS.values()) + "."
 
 
 def grid(name: str, stages: int, seeds: int | None = None) -> list[Run]:
+    """The runs of experiment ``name`` at ``stages`` stages and ``seeds`` seeds (default: the
+    experiment's)."""
     if name not in EXPERIMENTS:
         raise IwaeError(f"unknown experiment {name!r}: choose one of {', '.join(EXPERIMENTS)}")
     if not 1 <= stages <= 8:
         raise IwaeError(f"stages must be between 1 and 8, got {stages}")
-    seeds = DEFAULT_SEEDS[name] if seeds is None else seeds
+    experiment = EXPERIMENTS[name]
+    seeds = experiment.seeds if seeds is None else seeds
     if seeds < 1:
         raise IwaeError(f"seeds must be >= 1, got {seeds}")
-    return EXPERIMENTS[name](stages, seeds)
+    return experiment.grid(stages, seeds)
 
 
-# -- running one run -----------------------------------------------------------------------
+# -- the runner ---------------------------------------------------------------------------------
+
+BACKENDS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    """How :func:`reproduce` carries out an experiment's runs.
+
+    ``workers`` runs at a time, as processes here (``backend`` "local") or Ray tasks
+    ("ray"), with ``threads`` torch threads each (default: the cores divided by
+    ``workers``; 1 on Ray). ``lockstep``: train runs that can share a process side by side,
+    up to ``group_size`` at a time (:func:`iwae.schedule.plan_tasks`). Each run is evaluated
+    by L_``eval_k`` on the whole test set, or on a seeded random subset of ``n_test``
+    images. ``flush_denormal`` and ``cuda_graphs`` ("auto": replay training steps from CUDA
+    graphs on a GPU; "off": never): as :func:`iwae.train.train`. ``time_limit``: minutes
+    after which training stops, every run in training checkpointed (status "stopped"; runs
+    not yet started are not started): the same call continues them. ``progress``: a line
+    per finished task."""
+
+    workers: int = 1
+    backend: str = "local"
+    threads: int | None = None
+    lockstep: bool = True
+    group_size: int = 8
+    eval_k: int = EVAL_K
+    n_test: int | None = None
+    flush_denormal: bool = True
+    cuda_graphs: str = "auto"
+    time_limit: float | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.workers < 1:
+            raise IwaeError(f"workers must be >= 1, got {self.workers}")
+        if self.group_size < 1:
+            raise IwaeError(f"group size must be >= 1, got {self.group_size}")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise IwaeError(f"time limit must be > 0 minutes, got {self.time_limit}")
+        if self.backend not in BACKENDS:
+            raise IwaeError(f"unknown backend {self.backend!r}: choose local or ray")
+
+    def threads_per_run(self) -> int:
+        """Torch threads per run: never more than the cores in all, for oversubscribed torch
+        threads crawl."""
+        if self.threads is not None:
+            return self.threads
+        return max(1, (os.cpu_count() or 1) // self.workers) if self.backend == "local" else 1
+
+
+def reproduce(
+    name: str,
+    out: str | Path,
+    stages: int = 4,
+    seeds: int | None = None,
+    *,
+    data_dir: str | None = None,
+    overrides: dict | None = None,
+    only: dict | None = None,
+    reuse: list[str | Path] | None = None,
+    options: RunnerOptions | None = None,
+    **runner: Any,
+) -> list[dict]:
+    """Run experiment ``name`` in ``out`` as ``options`` say, or the defaults of
+    :class:`RunnerOptions` changed by the keywords ``runner`` (``workers=4``); finished runs
+    are skipped and interrupted ones resumed. Returns one status per run.
+
+    ``only`` keeps the runs whose labels match (e.g. ``{"dataset": "mnist"}``, or
+    ``{"method": ["VAE", "IWAE"]}`` for either; a run's first stage is kept with it).
+    ``overrides`` (training options applied to every run), ``eval_k`` and ``n_test`` shrink
+    an experiment for tests and smoke runs. All of them are recorded in ``experiment.json``.
+    ``reuse``: experiment directories whose finished runs are copied in, instead of trained
+    again, wherever a run here has the identical training configuration
+    (:func:`iwae.reuse.reuse_runs`)."""
+    options = replace(options or RunnerOptions(), **runner)
+    stop_at = None if options.time_limit is None else time.time() + 60 * options.time_limit
+    runs = [
+        Run(r.name, {**r.config, **(overrides or {})}, r.after, r.label)
+        for r in grid(name, stages, seeds)
+    ]
+    runs, out = _select(runs, name, only), Path(out)
+    seeds = seeds or EXPERIMENTS[name].seeds
+    evaluation = (options.eval_k, options.n_test)
+    meta = experiment_record(name, stages, seeds, runs, evaluation, overrides, only, reuse)
+    if data_dir is None:  # resolve now, so workers and Ray tasks read the same directory
+        from iwae.data import resolve_data_dir
+
+        data_dir = str(resolve_data_dir(None))
+    write_record(out, meta, only)
+    if reuse:
+        reuse_runs(runs, out, [Path(d) for d in reuse], data_dir, options.progress)
+    group_size = options.group_size if options.lockstep else 1
+    tasks = plan_tasks(runs, out, data_dir, group_size, options.workers)
+    work = _Work(
+        str(out),
+        data_dir,
+        options.threads_per_run(),
+        *evaluation,
+        options.flush_denormal,
+        options.cuda_graphs,
+        stop_at,
+    )
+    execute = _execute_ray if options.backend == "ray" else _execute_local
+    return execute(tasks, work, options)
+
+
+@dataclass(frozen=True)
+class _Work:
+    """What a worker does with one task (:func:`run_group`), and what every task of one
+    :func:`reproduce` call shares: the experiment directory, the data directory, torch
+    threads per run, the evaluation asked for, the training switches and the wall-clock
+    time ``stop_at`` at which training stops. Picklable, for worker processes and Ray."""
+
+    exp_dir: str
+    data_dir: str
+    threads: int
+    eval_k: int
+    n_test: int | None
+    flush_denormal: bool
+    cuda_graphs: str
+    stop_at: float | None
+
+    def __call__(self, task: Task) -> list[dict]:
+        return run_group(
+            [asdict(r) for r in task],
+            self.exp_dir,
+            self.data_dir,
+            self.threads,
+            self.eval_k,
+            self.n_test,
+            self.flush_denormal,
+            self.cuda_graphs,
+            self.stop_at,
+        )
+
+
+def _execute_local(tasks: list[Task], work: _Work, options: RunnerOptions) -> list[dict]:
+    """The tasks in ``options.workers`` processes here (:class:`iwae.schedule.LocalPool`)."""
+    return run_tasks(tasks, LocalPool(options.workers), work, options.progress)
+
+
+def _execute_ray(tasks: list[Task], work: _Work, options: RunnerOptions) -> list[dict]:
+    """The tasks as Ray tasks of ``work.threads`` CPUs (:class:`iwae.schedule.RayCluster`)."""
+    return run_tasks(tasks, RayCluster(work.threads), work, options.progress)
+
+
+# -- what a worker does with one task -------------------------------------------------------------
 
 
 def run_one(
@@ -294,51 +330,20 @@ def run_group(
     """Train (or resume) the runs ``runs`` in lockstep (:func:`iwae.train.train_lockstep`),
     then evaluate each as :func:`run_one` does. The runner groups runs that share a
     lockstep key and stand at the same step (:func:`plan_tasks`)."""
-    from iwae.rundir import CHECKPOINT_FILE, SUMMARY_FILE
-    from iwae.train import TrainConfig, resume_config, time_limit_passed, train_lockstep
+    from iwae.rundir import SUMMARY_FILE
+    from iwae.train import time_limit_passed
 
     if len(runs) == 1:
-        return [
-            run_one(
-                runs[0],
-                exp_dir,
-                data_dir,
-                threads,
-                eval_k,
-                n_test,
-                flush_denormal,
-                cuda_graphs,
-                stop_at,
-            )
-        ]
+        one = (exp_dir, data_dir, threads, eval_k, n_test, flush_denormal, cuda_graphs, stop_at)
+        return [run_one(runs[0], *one)]
     members = [_worker_setup(r, exp_dir, threads, flush_denormal) for r in runs]
     outs = [out for _, out in members]
     if time_limit_passed(stop_at):  # not started
         return _stopped([run for run, _ in members])
-    started, trained_before = (
-        time.perf_counter(),
-        all((out / SUMMARY_FILE).exists() for out in outs),
-    )
+    started = time.perf_counter()
+    trained_before = all((out / SUMMARY_FILE).exists() for out in outs)
     try:
-        if all((out / CHECKPOINT_FILE).exists() for out in outs):
-            train_lockstep(
-                [resume_config(out, data_dir) for out in outs],
-                outs,
-                progress=False,
-                resume=True,
-                cuda_graphs=cuda_graphs,
-                stop_at=stop_at,
-            )
-        else:
-            configs = [TrainConfig(**dict(run.config, data_dir=data_dir)) for run, _ in members]
-            train_lockstep(
-                configs,
-                outs,
-                progress=False,
-                overwrite=True,
-                cuda_graphs=cuda_graphs,
-                stop_at=stop_at,
-            )
+        _train_group(members, data_dir, cuda_graphs, stop_at)
     except TimeLimitReached:
         return _stopped([run for run, _ in members], outs, time.perf_counter() - started)
     if not trained_before:
@@ -346,6 +351,23 @@ def run_group(
             outs, time.perf_counter() - started, lockstep=[run.name for run, _ in members]
         )
     return [_evaluate_run(run, out, data_dir, threads, eval_k, n_test) for run, out in members]
+
+
+def _train_group(
+    members: list[tuple[Run, Path]], data_dir: str | None, cuda_graphs: str, stop_at: float | None
+) -> None:
+    """Train the runs ``members`` (run, its directory) in lockstep: resumed where every one
+    has a checkpoint (finished ones: nothing to do), else from the start."""
+    from iwae.rundir import CHECKPOINT_FILE
+    from iwae.train import TrainConfig, resume_config, train_lockstep
+
+    outs = [out for _, out in members]
+    if all((out / CHECKPOINT_FILE).exists() for out in outs):
+        configs, start = [resume_config(out, data_dir) for out in outs], dict(resume=True)
+    else:
+        configs = [TrainConfig(**dict(run.config, data_dir=data_dir)) for run, _ in members]
+        start = dict(overwrite=True)
+    train_lockstep(configs, outs, progress=False, cuda_graphs=cuda_graphs, stop_at=stop_at, **start)
 
 
 def _stopped(runs: list[Run], outs: list[Path] = (), train_s: float = 0.0) -> list[dict]:
@@ -377,9 +399,7 @@ def _record_training(
         write_json(out / "runner.json", timing)
 
 
-def _add_train_time(
-    timing: dict, seconds: float, group_size: int = 1, device: str | None = None
-) -> dict:
+def _add_train_time(timing: dict, seconds: float, group_size: int = 1) -> dict:
     """Add ``seconds`` of training to ``timing`` (a ``runner.json``): to ``train_wall_s``
     and, under the machine that trained them (:func:`_device_label`), to
     ``train_wall_s_by_device``: a run may train on a lent GPU, then continue on a CPU.
@@ -387,10 +407,9 @@ def _add_train_time(
     ``group_size``: how many runs trained in those ``seconds`` in one lockstep group (one
     process). ``train_share_s_by_device`` gets this run's share, ``seconds / group_size``,
     so that its sum over runs counts each machine's time once (8 runs trained together for
-    386 s took 386 s of the GPU, not 8 × 386). ``device``: the machine's label where it was
-    not this process's (seconds added afterwards, ``results/add_lost_train_time.py``)."""
+    386 s took 386 s of the GPU, not 8 × 386)."""
     timing["train_wall_s"] = timing.get("train_wall_s", 0.0) + seconds
-    label = device or _device_label()
+    label = _device_label()
     for key, value in (
         ("train_wall_s_by_device", seconds),
         ("train_share_s_by_device", seconds / group_size),
@@ -416,6 +435,7 @@ def _device_label() -> str:
 
 
 def _worker_setup(run: dict, exp_dir: str, threads: int, flush_denormal: bool) -> tuple[Run, Path]:
+    """Set this worker's torch threads and denormal flushing; the run and its directory."""
     import torch
 
     from iwae.train import flush_denormals
@@ -427,6 +447,7 @@ def _worker_setup(run: dict, exp_dir: str, threads: int, flush_denormal: bool) -
 
 
 def _evaluated(run: Run, out: Path, eval_k: int, n_test: int | None) -> bool:
+    """Whether the run in ``out`` is evaluated as asked (:func:`_evaluated_as_asked`)."""
     from iwae import data as iwae_data
 
     done = read_json(out / "evaluation.json", required=False)
@@ -483,6 +504,7 @@ def _evaluated_as_asked(done: dict | None, eval_k: int, n_test: int | None, full
 
 
 def _cpu_name() -> str:
+    """The CPU's model name (from ``/proc/cpuinfo`` where there is one)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -490,377 +512,3 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-# -- the runner -------------------------------------------------------------------------------
-
-
-def reproduce(
-    name: str,
-    out: str | Path,
-    stages: int = 4,
-    seeds: int | None = None,
-    workers: int = 1,
-    backend: str = "local",
-    data_dir: str | None = None,
-    progress: bool = True,
-    overrides: dict | None = None,
-    eval_k: int = EVAL_K,
-    n_test: int | None = None,
-    only: dict | None = None,
-    threads: int | None = None,
-    reuse: list[str | Path] | None = None,
-    flush_denormal: bool = True,
-    lockstep: bool = True,
-    group_size: int = 8,
-    cuda_graphs: str = "auto",
-    time_limit: float | None = None,
-) -> list[dict]:
-    """Run experiment ``name`` in ``out`` with ``workers`` parallel runs; finished runs are
-    skipped and interrupted ones resumed. Returns one status per run.
-
-    ``only`` keeps the runs whose labels match (e.g. ``{"dataset": "mnist"}``, or
-    ``{"method": ["VAE", "IWAE"]}`` for either; a run's first stage is kept with it). ``overrides`` (training options applied to every run),
-    ``eval_k`` and ``n_test`` (evaluate on a seeded random subset of N test images) shrink an experiment
-    for tests and smoke runs. All of them are recorded in ``experiment.json``. ``threads``
-    per run defaults to the cores divided by ``workers``. ``reuse``: experiment directories
-    whose finished runs are copied in, instead of trained again, wherever a run here has
-    the identical training configuration (:func:`reuse_runs`). ``lockstep``: train runs that
-    can share a process side by side, up to ``group_size`` at a time (:func:`plan_tasks`).
-    ``cuda_graphs``: "auto" replays training steps from CUDA graphs on a GPU, "off" never.
-    ``time_limit``: minutes after which training stops, every run in training checkpointed
-    (status "stopped"; runs not yet started are not started): the same call continues."""
-    runs = _select(
-        [
-            Run(r.name, {**r.config, **(overrides or {})}, r.after, r.label)
-            for r in grid(name, stages, seeds)
-        ],
-        name,
-        only,
-    )
-    if workers < 1:
-        raise IwaeError(f"workers must be >= 1, got {workers}")
-    if group_size < 1:
-        raise IwaeError(f"group size must be >= 1, got {group_size}")
-    if time_limit is not None and not time_limit > 0:
-        raise IwaeError(f"time limit must be > 0 minutes, got {time_limit}")
-    stop_at = None if time_limit is None else time.time() + 60 * time_limit
-    if backend not in ("local", "ray"):
-        raise IwaeError(f"unknown backend {backend!r}: choose local or ray")
-    out = Path(out)
-    meta = {
-        "experiment": name,
-        "stages": stages,
-        "seeds": seeds or DEFAULT_SEEDS[name],
-        "passes_per_run": sum(3**i for i in range(stages)),
-        "eval_k": eval_k,
-        "n_test": n_test,
-        "overrides": overrides or {},
-        "only": only or {},
-        "reuse": [str(d) for d in reuse or []],
-        "runs": [asdict(r) for r in runs],
-    }
-    meta = _merge_with_previous(out, meta, only)
-    if data_dir is None:  # resolve now, so workers and Ray tasks read the same directory
-        from iwae.data import resolve_data_dir
-
-        data_dir = str(resolve_data_dir(None))
-    (out / "runs").mkdir(parents=True, exist_ok=True)
-    from iwae.rundir import write_json
-
-    write_json(out / "experiment.json", meta)
-    if reuse:
-        reuse_runs(runs, out, [Path(d) for d in reuse], data_dir, progress)
-    if threads is None:  # never more threads than cores in all: oversubscribed torch threads crawl
-        threads = max(1, (os.cpu_count() or 1) // workers) if backend == "local" else 1
-    tasks = plan_tasks(runs, out, data_dir, group_size if lockstep else 1, workers)
-    execute = _execute_ray if backend == "ray" else _execute_local
-    return execute(
-        tasks,
-        str(out),
-        data_dir,
-        threads,
-        workers,
-        progress,
-        (eval_k, n_test, flush_denormal, cuda_graphs, stop_at),
-    )
-
-
-def only_values(value: str | list[str]) -> list[str]:
-    """The values one ``only`` key accepts: a single value, or a list of them."""
-    return value if isinstance(value, list) else [value]
-
-
-def _select(runs: list[Run], name: str, only: dict | None) -> list[Run]:
-    """The runs whose labels match ``only``, with the runs they continue. ``only`` maps a
-    label key to a value, or to a list of values of which the run's must be one."""
-    if not only:
-        return runs
-
-    def matches(label: dict) -> bool:
-        return all(str(label.get(k)) in [str(x) for x in only_values(v)] for k, v in only.items())
-
-    keep = {r.name for r in runs if matches(r.label)}
-    keep |= {r.after for r in runs if r.name in keep and r.after}
-    if not keep:
-        raise IwaeError(f"no run of {name} matches {only}")
-    return [r for r in runs if r.name in keep]
-
-
-def _merge_with_previous(out: Path, meta: dict, only: dict | None) -> dict:
-    """``experiment.json``'s new content: a directory holds one experiment at one budget; the
-    runs, ``--only`` filters and ``--reuse`` sources of earlier invocations stay listed."""
-    previous = read_json(out / "experiment.json", required=False)
-    if previous is None:
-        return meta
-    if (previous.get("experiment"), previous.get("stages"), previous.get("seeds")) != (
-        meta["experiment"],
-        meta["stages"],
-        meta["seeds"],
-    ):
-        raise IwaeError(
-            f"{out} holds experiment {previous.get('experiment')} at stages={previous.get('stages')}, "
-            f"seeds={previous.get('seeds')}: use another --out for a different budget"
-        )
-    names = {r["name"] for r in meta["runs"]}
-    meta["runs"] = [r for r in previous.get("runs", []) if r["name"] not in names] + meta["runs"]
-    meta["only"] = [f for f in (*_as_list(previous.get("only")), *_as_list(only)) if f]
-    meta["reuse"] = list(dict.fromkeys([*previous.get("reuse", []), *meta["reuse"]]))
-    return meta
-
-
-#: on the CPU lockstep pays for small steps only: at the default batch 20, samples per
-#: example x batch below this many rows (k <= 5 for one-sample-group objectives); the
-#: per-step overhead it shares matters less and less above (bench/RESULTS.md: lockstep_speedup)
-LOCKSTEP_MAX_ROWS_CPU = 256
-
-
-def plan_tasks(
-    runs: list[Run], out: Path, data_dir: str | None, group_size: int, workers: int = 1
-) -> list[tuple[Run, ...]]:
-    """The runner's tasks: groups of up to ``group_size`` runs trained in lockstep, and
-    single runs. Runs are grouped when their training can share one stacked model
-    (:func:`iwae.train.lockstep_key`), they stand at the same step (none started, or all
-    checkpointed at one position), they do not continue another run, and lockstep pays on
-    this machine (always on a GPU; on the CPU below :data:`LOCKSTEP_MAX_ROWS_CPU` rows per
-    step). Groups are formed in grid order, and the largest is halved while there are
-    fewer tasks than ``workers`` (no idle worker), so a killed group is formed again alike."""
-    import torch
-
-    from iwae.rundir import CHECKPOINT_FILE, SUMMARY_FILE, checkpoint_meta
-    from iwae.train import TrainConfig, lockstep_key, settle_group_checkpoint
-
-    cuda = torch.cuda.is_available()
-    groups: dict[tuple, list[Run]] = {}
-    tasks: list[tuple[Run, ...]] = []
-    for run in runs:
-        d = out / "runs" / run.name
-        settle_group_checkpoint(d)
-        config = TrainConfig(**dict(run.config, data_dir=data_dir))
-        meta = checkpoint_meta(d / CHECKPOINT_FILE)
-        position = (
-            (0, 0) if meta is None else (meta["progress"]["passes"], meta["progress"]["step"])
-        )
-        rows = config.rows_per_step
-        if (
-            group_size < 2
-            or run.after
-            or (d / SUMMARY_FILE).exists()
-            or not (cuda or rows < LOCKSTEP_MAX_ROWS_CPU)
-        ):
-            tasks.append((run,))
-        else:
-            groups.setdefault((lockstep_key(config), position), []).append(run)
-    for members in groups.values():
-        tasks += [tuple(members[i : i + group_size]) for i in range(0, len(members), group_size)]
-    while len(tasks) < workers and any(len(t) > 1 for t in tasks):
-        largest = max(tasks, key=len)
-        i, half = tasks.index(largest), (len(largest) + 1) // 2
-        tasks[i : i + 1] = [largest[:half], largest[half:]]
-    return tasks
-
-
-#: configuration keys that do not change what a run computes
-_NOT_COMPARED = ("data_dir", "checkpoint_minutes", "stage_nll_k")
-
-
-def reuse_runs(
-    runs: list[Run], out: Path, sources: list[Path], data_dir: str | None, progress: bool = True
-) -> list[str]:
-    """Copy into ``out/runs`` every finished run of the experiment directories ``sources``
-    whose training configuration equals that of a run here that has no directory yet
-    (runs that start from another run's weights are not reused). A copied run keeps its
-    training (weights, metrics, summary); it is evaluated here as this experiment asks,
-    unless its evaluation already matches. Returns the names of the runs copied."""
-    import shutil
-
-    from iwae.rundir import CONFIG_FILE, SUMMARY_FILE, WEIGHTS_FILE, write_json
-    from iwae.train import TrainConfig
-
-    for source in sources:
-        if not (source / "runs").is_dir():
-            raise IwaeError(f"--reuse {source}: not an experiment directory (no runs/ in it)")
-    finished = []  # (config without the keys that do not matter, run directory)
-    for source in sources:
-        for run_dir in sorted((source / "runs").iterdir()):
-            config = read_json(run_dir / CONFIG_FILE, required=False)
-            if (
-                isinstance(config, dict)
-                and (run_dir / SUMMARY_FILE).exists()
-                and (run_dir / WEIGHTS_FILE).exists()
-            ):
-                config = _as_written(config)
-                if config is not None:
-                    finished.append(
-                        (_training_key(config, exact=True), _training_key(config), run_dir)
-                    )
-    copied = []
-    for run in runs:
-        target = out / "runs" / run.name
-        if run.after is not None or target.exists():
-            continue
-        config = json.loads(
-            json.dumps(TrainConfig(**run.config, data_dir=data_dir).to_dict())
-        )  # lists, as in config.json
-        exact, same = _training_key(config, exact=True), _training_key(config)
-        match = next(
-            (d for key, _, d in finished if key == exact), None
-        )  # the same run if there is one
-        match = match or next((d for _, key, d in finished if key == same), None)
-        if match is None:
-            continue
-        partial = target.with_name(target.name + ".copying")
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.copytree(
-            match,
-            partial,
-            ignore=shutil.ignore_patterns(
-                "checkpoint.safetensors", "checkpoint.next.safetensors", "tb"
-            ),
-        )
-        timing = read_json(partial / "runner.json", required=False) or {}
-        timing["reused_from"] = str(match)
-        write_json(partial / "runner.json", timing)
-        partial.rename(target)  # all at once: a half-copied run is never taken for a run
-        copied.append(run.name)
-        if progress:
-            print(f"{run.name}: reused from {match}", flush=True)
-    return copied
-
-
-def _as_written(config: dict) -> dict | None:
-    """The keys of ``config`` as this version writes them into ``config.json`` (lists, and
-    the keys an older version did not write at the values they stand for), or None if it is
-    not a valid configuration."""
-    from iwae.train import TrainConfig
-
-    try:
-        return json.loads(json.dumps(TrainConfig.from_dict(config).to_dict()))
-    except (IwaeError, TypeError, ValueError):  # a hand-edited config.json can hold anything
-        return None
-
-
-def _training_key(config: dict, exact: bool = False) -> dict:
-    """What a run's training computes, from its ``config.json`` keys: without the keys that
-    change nothing (:data:`_NOT_COMPARED`), and with VAE and IWAE at k = 1 written alike:
-    both are then the ELBO of one sample, L_1, the same value and gradient bit for bit
-    (logsumexp of one log-weight is that log-weight), so Table 1's VAE k=1 and IWAE k=1
-    are one training run (``exact``: written as they are)."""
-    key = {k: v for k, v in config.items() if k not in _NOT_COMPARED}
-    if (
-        not exact
-        and key.get("objective") in ("vae", "iwae")
-        and key.get("k") == 1
-        and key.get("m", 1) == 1
-        and key.get("estimator", "reparam") in ("reparam", "stl")
-    ):
-        key["objective"] = "vae=iwae(k=1)"
-    return key
-
-
-def _as_list(only) -> list:
-    return only if isinstance(only, list) else [only] if only else []
-
-
-def _ready(
-    tasks: list[tuple[Run, ...]], done: set[str], started: set[str]
-) -> list[tuple[Run, ...]]:
-    """Tasks whose runs' first stages are done, the most expensive first (fewer idle workers at the end)."""
-    ready = [
-        t
-        for t in tasks
-        if t[0].name not in started and all(r.after is None or r.after in done for r in t)
-    ]
-    return sorted(ready, key=lambda t: -sum(_cost(r) for r in t))
-
-
-def _cost(run: Run) -> float:
-    """A run's relative training cost: rows per step x stochastic layers, twice where the
-    gradient takes two backward passes (the "split" route of :data:`iwae.bounds.GRADIENT_ROUTES`)."""
-    from iwae.train import TrainConfig
-
-    config = TrainConfig.from_dict(run.config)
-    return (
-        config.rows_per_step * config.layers * (2 if config.objective_spec.route == "split" else 1)
-    )
-
-
-def _execute_local(tasks, out, data_dir, threads, workers, progress, evaluation) -> list[dict]:
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
-    from iwae.progress import progress_bar
-
-    results, done, started, pending = [], set(), set(), {}
-    total = sum(len(t) for t in tasks)
-    with (
-        ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool,
-        progress_bar(total, "runs", "run", enabled=progress, interval=0) as bar,
-    ):
-        while len(done) < total:
-            for task in _ready(tasks, done, started):
-                pending[
-                    pool.submit(
-                        run_group, [asdict(r) for r in task], out, data_dir, threads, *evaluation
-                    )
-                ] = task
-                started.update(r.name for r in task)
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in finished:
-                task = pending.pop(future)
-                results += future.result()  # a failed run raises here, after the others stop
-                done.update(r.name for r in task)
-                bar.set_postfix_str(
-                    f"{'+'.join(r.name for r in task)}: {results[-1]['status']}", refresh=False
-                )
-                bar.update(len(task))
-    return results
-
-
-def _execute_ray(tasks, out, data_dir, threads, workers, progress, evaluation) -> list[dict]:
-    try:
-        import ray
-    except ModuleNotFoundError:
-        raise IwaeError("the ray backend needs Ray: pip install 'iwae[ray]'") from None
-    if not ray.is_initialized():
-        ray.init()  # connects to RAY_ADDRESS or a running cluster, else starts a local one
-    remote = ray.remote(num_cpus=threads)(run_group)
-    results, done, started, pending = [], set(), set(), {}
-    total = sum(len(t) for t in tasks)
-    while len(done) < total:
-        for task in _ready(tasks, done, started):
-            pending[
-                remote.remote([asdict(r) for r in task], out, data_dir, threads, *evaluation)
-            ] = task
-            started.update(r.name for r in task)
-        finished, _ = ray.wait(list(pending), num_returns=1)
-        for ref in finished:
-            task = pending.pop(ref)
-            results += ray.get(ref)
-            done.update(r.name for r in task)
-            if progress:
-                print(
-                    f"[{len(done)}/{total}] {'+'.join(r.name for r in task)}: {results[-1]['status']}",
-                    flush=True,
-                )
-    return results

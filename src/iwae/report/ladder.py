@@ -1,0 +1,124 @@
+"""Table 1 across budgets, the budget ladder: every Table 1 cell's test NLL after each
+training budget found in the table1 experiment directories (final evaluations, else
+stage-end values), beside the paper's after 3,280 passes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from iwae.experiments import EXPERIMENTS
+from iwae.report.cells import STAGE_END_MARK, fmt, image_notes, value_cell
+from iwae.report.plots import plot_ladder
+from iwae.report.results import RunResult, mean_of, paper_table1
+
+
+def ladder_sections(experiments: list[tuple[dict, list[RunResult]]], fig_dir: Path) -> list[str]:
+    """A budget ladder for each dataset, from the runs of every table1 experiment directory."""
+    runs = [r for meta, results in experiments if meta["experiment"] == "table1" for r in results]
+    lines = []
+    for dataset in ("mnist", "omniglot"):
+        mine = [r for r in runs if r.label["dataset"] == dataset]
+        if mine:
+            lines += _ladder_section(dataset, mine, fig_dir)
+    return lines
+
+
+def _ladder_section(dataset: str, runs: list[RunResult], fig_dir: Path) -> list[str]:
+    """Rows: Table 1's cells; columns: every budget found (passes), the paper's NLL and the
+    distance to it from the largest budget with a number; then the notes and the figure."""
+    paper, budgets = paper_table1(), _ladder_budgets(runs)
+    cells: dict[tuple, list[RunResult]] = {}
+    for r in runs:
+        cells.setdefault((r.label["layers"], r.label["k"], r.label["objective"]), []).append(r)
+    order = sorted(cells, key=lambda c: (c[0], c[1], c[2] != "vae"))
+    sources = sorted(
+        {(r.passes or 0, r.run_dir.parent.parent.name) for r in runs if r.run_dir is not None}
+    )
+    lines = [
+        f"## {EXPERIMENTS['table1'].title} across budgets ({dataset.upper()}): the budget ladder",
+        "",
+        (
+            "Test NLL (nats) of each cell after each training budget found, in passes over the "
+            "training set (the paper: 3,280), from "
+            f"{', '.join(f'`{name}/` ({p:,} passes)' for p, name in sources)}."
+        ),
+        "",
+        "| layers | k | objective | "
+        + " | ".join(f"{b:,} passes" for b in budgets)
+        + " | paper (3,280 passes) | Δ to the paper |",
+        "|---|---|---|" + "---|" * len(budgets) + "---|---|",
+    ]
+    lines += [_ladder_row(dataset, cell, cells[cell], budgets, paper) for cell in order]
+    lines += [""] + _ladder_notes(runs, budgets) + [""]
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    name = f"table1-ladder-{dataset}.png"
+    plot_ladder(dataset, runs, paper, fig_dir / name)
+    return lines + [f"![test NLL against passes, {dataset.upper()}]({fig_dir.name}/{name})", ""]
+
+
+def _ladder_budgets(runs: list[RunResult]) -> list[int]:
+    """The ladder's columns: every experiment's passes per run, and every stage end (with a
+    logged ``test_nll_subset``) from the smallest of those on."""
+    finals = {r.passes for r in runs if r.passes}
+    ends = {m["pass"] for r in runs for m in r.metrics if "test_nll_subset" in m}
+    return sorted(finals | {p for p in ends if p >= min(finals, default=1)})
+
+
+def _stage_end_values(runs: list[RunResult], budget: int) -> list[float]:
+    return [
+        m["test_nll_subset"]
+        for r in runs
+        for m in r.metrics
+        if m.get("pass") == budget and "test_nll_subset" in m
+    ]
+
+
+def _ladder_point(runs: list[RunResult], budget: int) -> tuple[str, float | None]:
+    """One cell at one budget: the final evaluations of its runs trained for ``budget``
+    passes (:func:`value_cell`), else the mean stage-end ``test_nll_subset`` logged at that
+    pass (marked §); with the value put beside the paper's, or None."""
+    text, value = value_cell(
+        [r for r in runs if r.passes == budget and r.evaluation is not None], "nll"
+    )
+    if value is None and (subset := _stage_end_values(runs, budget)):
+        return fmt(mean_of(subset)) + STAGE_END_MARK, mean_of(subset)
+    return text, value
+
+
+def _ladder_row(dataset, cell, runs, budgets, paper) -> str:
+    layers, k, objective = cell
+    points = [_ladder_point(runs, b) for b in budgets]
+    ref = paper[(dataset, layers, k, objective)]["nll"]
+    found = [(b, v) for b, (_, v) in zip(budgets, points) if v is not None]
+    delta = f"{found[-1][1] - ref:+.2f} at {found[-1][0]:,} passes" if found else "—"
+    return (
+        "| "
+        + " | ".join(
+            [str(layers), str(k), objective.upper(), *(t for t, _ in points), fmt(ref), delta]
+        )
+        + " |"
+    )
+
+
+def _ladder_notes(runs: list[RunResult], budgets: list[int]) -> list[str]:
+    """What the ladder's plain numbers and marks mean."""
+    notes = [
+        "Plain numbers: the final evaluation (−L_5000 on the whole test set, `evaluation.json`), "
+        "the mean over seeds where there are several."
+    ]
+    finals = [r for r in runs if r.evaluation is not None and r.passes in budgets]
+    notes += image_notes(finals)
+    stage_ends = {
+        (m.get("test_nll_subset_k"), m.get("test_nll_subset_n"))
+        for r in runs
+        for m in r.metrics
+        if "test_nll_subset" in m and m["pass"] in budgets
+    }
+    for k, n in sorted(stage_ends, key=str):
+        notes.append(
+            f"{STAGE_END_MARK} no final evaluation at this budget (yet): −L_{k} at the end of the "
+            f"training stage on a seeded random subset of {n:,} test images (`test_nll_subset` in "
+            "`metrics.jsonl`)."
+        )
+    notes.append("Δ: our latest number minus the paper's (after 3,280 passes).")
+    return [n + "  " for n in notes[:-1]] + notes[-1:]
