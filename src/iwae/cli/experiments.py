@@ -33,12 +33,19 @@ from iwae.cli.options import (
 )
 from iwae.errors import IwaeError
 from iwae.evaluate import gradient_snr_curve
-from iwae.experiments import only_values, toy
+from iwae.experiments import EXPERIMENTS, experiments_help, only_values, toy
 from iwae.model import VAE, ModelConfig
 from iwae.progress import progress_bar
 from iwae.report import plot_toy, save_snr_plot, write_report
 from iwae.rundir import check_output_dir, write_json
 from iwae.train import load_run, pick_device, run_dataset
+
+
+def _default_seeds() -> str:
+    """``1; variants: 2``: the registry's default seeds, the common one first."""
+    common = min((e.seeds for e in EXPERIMENTS.values()), default=1)
+    others = [f"{e.name}: {e.seeds}" for e in EXPERIMENTS.values() if e.seeds != common]
+    return "; ".join([str(common), *others])
 
 
 def add_reproduce_parser(sub) -> None:
@@ -47,14 +54,10 @@ def add_reproduce_parser(sub) -> None:
         "reproduce",
         help="run a published experiment's grid of runs (resumable), in parallel",
         description="Train and evaluate every run of a published experiment in OUT/runs/. Running "
-        "it again skips finished runs and resumes interrupted ones. table1: Burda et al. Table 1 "
-        "(24 runs); two-stage: Burda et al.'s two-stage training (4 runs); variants: Rainforth et "
-        "al.'s IWAE variants (8 methods x seeds); dreg: IWAE with the standard and the DReG "
-        "encoder gradient (8 runs). Then `iwae report OUT` writes the tables against the paper.",
+        f"it again skips finished runs and resumes interrupted ones. {experiments_help()} Then "
+        "`iwae report OUT` writes the tables against the paper.",
     )
-    r.add_argument(
-        "experiment", choices=("table1", "two-stage", "variants", "dreg"), help="the experiment"
-    )
+    r.add_argument("experiment", choices=tuple(EXPERIMENTS), help="the experiment")
     r.add_argument(
         "--out",
         required=True,
@@ -68,7 +71,9 @@ def add_reproduce_parser(sub) -> None:
         help="stages of the 3^i schedule per run (default: 4 = 40 passes; the paper: 8)",
     )
     r.add_argument(
-        "--seeds", type=_positive_int, help="seeds per configuration (default: 1; variants: 2)"
+        "--seeds",
+        type=_positive_int,
+        help=f"seeds per configuration (default: {_default_seeds()})",
     )
     _add_workers(r)
     _add_run_selection(r)
