@@ -45,7 +45,7 @@ unbiased.
 
 Shapes: every state is one tensor [C, B, D] (C chains, B images, D = d_1 + ... + d_L, the
 layers concatenated in the order h_1..h_L), every log-density and log-weight [C, B]. The
-densities are the model's own (:meth:`iwae.model.VAE.log_joint`, ``log_q``, ``log_prior``);
+densities are the model's own (:meth:`iwae.latent.LatentVariableModel.log_joint`, ``log_q``, ``log_prior``);
 gradients with respect to h come from ``torch.autograd.grad``, with the model's parameters
 frozen. Images are processed in chunks so that at most ``max_rows`` (chain, image) rows are
 alive at once: memory stays bounded for any C and T.
@@ -63,7 +63,7 @@ from torch import Tensor
 
 from iwae.bounds import iwae
 from iwae.errors import IwaeError
-from iwae.model import VAE
+from iwae.latent import LatentVariableModel
 
 INITS = ("q", "prior")
 #: (chain, image) rows alive at once (as :data:`iwae.evaluate.MAX_ROWS`)
@@ -209,7 +209,7 @@ class StepSize:
 
 
 @contextmanager
-def _frozen(model: VAE):
+def _frozen(model: LatentVariableModel):
     """The model's parameters without gradients (restored after), in eval mode."""
     flags = [p.requires_grad for p in model.parameters()]
     was_training = model.training
@@ -229,13 +229,13 @@ class _Path:
     model. A :class:`Point` of it carries ``parts = (log f_0, log p(x, h), grad log f_0,
     grad log p(x, h))`` at h, so moving to another beta costs no new evaluation."""
 
-    def __init__(self, model: VAE, x: Tensor, init: str):
+    def __init__(self, model: LatentVariableModel, x: Tensor, init: str):
         if init not in INITS:
             raise IwaeError(
                 f"unknown AIS initial distribution {init!r}: choose one of {', '.join(INITS)}"
             )
         self.model, self.x, self.init = model, x, init
-        self.sizes = list(model.config.latent)
+        self.sizes = list(model.latent_sizes)
 
     def split(self, h: Tensor) -> list[Tensor]:
         """[..., D] -> the layers [..., d_1], ..., [..., d_L]."""
@@ -344,7 +344,7 @@ def _progress(total: int, desc: str, progress: bool):
 
 
 def _anneal_in_chunks(
-    model: VAE,
+    model: LatentVariableModel,
     x: Tensor,
     betas: Tensor,
     chains: int,
@@ -373,7 +373,7 @@ def _anneal_in_chunks(
 
 
 def forward_ais(
-    model: VAE,
+    model: LatentVariableModel,
     x: Tensor,
     steps: int,
     chains: int,
@@ -407,7 +407,7 @@ def forward_ais(
 
 
 def reverse_ais(
-    model: VAE,
+    model: LatentVariableModel,
     x: Tensor,
     latents: list[Tensor],
     steps: int,
@@ -452,18 +452,18 @@ def reverse_ais(
 
 @torch.no_grad()
 def simulate(
-    model: VAE, n: int, generator: torch.Generator | None = None
+    model: LatentVariableModel, n: int, generator: torch.Generator | None = None
 ) -> tuple[Tensor, list[Tensor]]:
     """n images from the model with their exact latents: h_L ~ p(h_L), ..., h_1 ~ p(h_1 | h_2)
-    (:meth:`iwae.model.VAE.sample_prior`), x ~ Bernoulli(sigmoid(logits(h_1))). Given x, the
+    (``model.sample_prior``), x ~ p(x | h_1) (``model.sample_x``). Given x, the
     latents are an exact sample of p(h | x). Returns x [n, D] and h_1..h_L [n, d_l]."""
     hs = model.sample_prior(n, generator)
-    x = torch.bernoulli(model.decode(hs[0]), generator=generator)
+    x = model.sample_x(hs[0], generator)
     return x, hs
 
 
 def bdmc(
-    model: VAE,
+    model: LatentVariableModel,
     n: int,
     steps: list[int],
     chains: int,

@@ -38,7 +38,8 @@ p is not needed here, as p and q share none). ``tests/test_estimators.py`` check
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -92,6 +93,38 @@ def dreg_surrogate(log_w: Tensor, m: int = 1) -> Tensor:
     return (w_tilde.square() * groups).sum(1).mean(0)
 
 
+@dataclass(frozen=True)
+class Bound:
+    """A bound of your own, trained and evaluated like the built-in ones.
+
+    ``fn`` maps log-weights [S, B] (:meth:`iwae.latent.LatentVariableModel.log_weights`) to
+    the bound per example [B]; ``name`` labels it in logs and progress bars; ``samples`` is
+    the S it needs (None: the objective's ``k``). ``surrogate``, optional, maps the same
+    log-weights to a [B] tensor whose *encoder* gradient is the one to use (the decoder's
+    still comes from ``fn``), e.g. a doubly reparameterized estimator: with one, the
+    gradient takes the "split" route of :data:`GRADIENT_ROUTES`, and log-weights are made
+    with q stopped for the stl and dreg estimators as for the built-in bounds. Without one,
+    ``fn`` is differentiated with respect to all parameters (reparam, or stl through stopped
+    log-weights); dreg then has nothing to use and is refused.
+
+    Example, the variational Renyi bound of Li & Turner (2016), alpha in [0, 1):
+    ``Bound(lambda lw: iwae((1 - alpha) * lw) / (1 - alpha), "renyi")``.
+    """
+
+    fn: Callable[[Tensor], Tensor]
+    name: str
+    samples: int | None = None
+    surrogate: Callable[[Tensor], Tensor] | None = None
+
+    def __post_init__(self):
+        if not callable(self.fn):
+            raise IwaeError(f"a bound must be a function of the log-weights, got {self.fn!r}")
+        if self.surrogate is not None and not callable(self.surrogate):
+            raise IwaeError(f"a bound's surrogate must be a function, got {self.surrogate!r}")
+        if self.samples is not None and (not isinstance(self.samples, int) or self.samples < 1):
+            raise IwaeError(f"a bound's samples must be an integer >= 1, got {self.samples!r}")
+
+
 #: How the gradient of each objective reaches the two networks, per estimator:
 #: "joint" = minus the batch-mean bound differentiated with respect to all parameters;
 #: "split" = the decoder's gradient from the bound (IWAE over all M*K samples for PIWAE),
@@ -119,6 +152,9 @@ class Objective:
 
     ``estimator`` is how the encoder's gradient is estimated: reparam, stl or dreg (see the
     module docstring); the decoder's gradient and the bound's value do not depend on it.
+
+    ``custom``: a :class:`Bound` of your own in place of the named ones (``name`` is then
+    its name, and ``k`` its ``samples`` where it says).
     """
 
     name: str = "iwae"
@@ -126,9 +162,12 @@ class Objective:
     m: int = 1
     beta: float = 0.5
     estimator: str = "reparam"
+    custom: Bound | None = None
 
     def __post_init__(self):
-        if self.name not in OBJECTIVES:
+        if self.custom is not None:
+            self._check_custom()
+        elif self.name not in OBJECTIVES:
             raise IwaeError(
                 f"unknown objective {self.name!r}: choose one of {', '.join(OBJECTIVES)}"
             )
@@ -147,6 +186,20 @@ class Objective:
                 f"unknown estimator {self.estimator!r}: choose one of {', '.join(ESTIMATORS)}"
             )
 
+    def _check_custom(self) -> None:
+        if not isinstance(self.custom, Bound):
+            raise IwaeError(f"custom must be an iwae.bounds.Bound, got {self.custom!r}")
+        object.__setattr__(self, "name", self.custom.name)
+        if self.custom.samples is not None:
+            object.__setattr__(self, "k", self.custom.samples)
+        if self.m != 1:
+            raise IwaeError(f"-m (groups) applies to miwae and piwae only, not to {self.name}")
+        if self.estimator == "dreg" and self.custom.surrogate is None:
+            raise IwaeError(
+                f"the dreg estimator of {self.name} needs the bound's own surrogate for the "
+                "encoder gradient (Bound(surrogate=...)); use reparam or stl without one"
+            )
+
     @property
     def samples(self) -> int:
         """Importance samples drawn per example: M*K."""
@@ -159,7 +212,9 @@ class Objective:
         return self.estimator != "reparam"
 
     def __str__(self) -> str:
-        if self.name in ("miwae", "piwae"):
+        if self.custom is not None:
+            text = f"{self.name}(k={self.k})"
+        elif self.name in ("miwae", "piwae"):
             text = f"{self.name.upper()}({self.m},{self.k})"
         elif self.name == "ciwae":
             text = f"CIWAE(beta={self.beta:g}, k={self.k})"
@@ -168,16 +223,22 @@ class Objective:
         return text if self.estimator == "reparam" else f"{text} {self.estimator.upper()}"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        keys = ("name", "k", "m", "beta", "estimator")
+        return {key: getattr(self, key) for key in keys}
 
     @property
     def route(self) -> str:
-        """ "joint" or "split": :data:`GRADIENT_ROUTES` for this objective and estimator."""
+        """ "joint" or "split": :data:`GRADIENT_ROUTES` for this objective and estimator; for
+        a :class:`Bound` of your own "split" where it has a surrogate, else "joint"."""
+        if self.custom is not None:
+            return "joint" if self.custom.surrogate is None else "split"
         return GRADIENT_ROUTES[self.name][ESTIMATORS.index(self.estimator)]
 
     def bound(self, log_w: Tensor) -> Tensor:
         """The objective's bound per example, [S, B] -> [B]; for PIWAE the decoder's
         bound IWAE over all M*K samples (the encoder's is MIWAE(M, K))."""
+        if self.custom is not None:
+            return self.custom.fn(log_w)
         if self.name == "vae":
             return elbo(log_w)
         if self.name in ("iwae", "piwae"):
@@ -196,7 +257,9 @@ class Objective:
         """Per example [B], the function whose encoder gradient is this estimator's:
         the encoder's bound (MIWAE(M, K) for PIWAE, else :meth:`bound`) for reparam and stl
         (stl through stopped log-weights), :func:`dreg_surrogate` for dreg, and for CIWAE
-        beta * L_VAE + (1 - beta) * dreg_surrogate(log_w)."""
+        beta * L_VAE + (1 - beta) * dreg_surrogate(log_w); a :class:`Bound`'s own surrogate."""
+        if self.custom is not None:
+            return self.custom.surrogate(log_w)
         if self.estimator == "dreg" and self.name != "vae":
             if self.name == "ciwae":
                 return self.beta * elbo(log_w) + (1.0 - self.beta) * dreg_surrogate(log_w)

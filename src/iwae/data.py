@@ -711,6 +711,41 @@ def load_files(path: str | os.PathLike[str]) -> Dataset:
     )
 
 
+def from_arrays(
+    train, test, validation=None, name: str = "arrays", image_shape: Sequence[int] | None = None
+) -> Dataset:
+    """Images given in memory (NumPy arrays, torch tensors or anything ``np.asarray`` takes)
+    as a :class:`Dataset`, checked as files are (:func:`_checked_splits`: [N, H, W] or
+    [N, D], values in [0, 1]) and hashed (:func:`content_sha256`), so that a resumed run
+    is checked to continue on the same images. ``image_shape``: the shape of one image for
+    flat [N, D] arrays (e.g. ``(28, 28)``; default ``(D,)``)."""
+    given = {"train": train, "test": test, "validation": validation}
+    arrays = {}
+    for split, value in given.items():
+        if value is None:
+            continue
+        if hasattr(value, "detach"):  # a torch tensor
+            value = value.detach().cpu().numpy()
+        arrays[split] = np.asarray(value)
+    splits, shape = _checked_splits(Path(f"<{name}>"), arrays)
+    if image_shape is not None:
+        if int(np.prod(image_shape)) != splits["train"].shape[1]:
+            raise DataError(
+                f"image_shape {list(image_shape)} does not hold the {splits['train'].shape[1]} "
+                "values of each image"
+            )
+        shape = tuple(int(d) for d in image_shape)
+    for array in splits.values():
+        array.flags.writeable = False
+    return Dataset(
+        name=name,
+        image_shape=shape,
+        binary=_is_binary(splits["train"]),
+        sha256=content_sha256(splits, shape),
+        **splits,
+    )
+
+
 def read_npz_images(path: Path) -> dict[str, np.ndarray]:
     """The arrays ``train``, ``test`` and (if present) ``validation`` of an ``.npz`` file,
     as stored (other arrays in the file are ignored)."""

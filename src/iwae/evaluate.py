@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from iwae.errors import IwaeError
-from iwae.model import VAE
+from iwae.latent import LatentVariableModel, gaussian_rsample
 from iwae.progress import progress_bar
 
 #: (example, sample) rows alive at once. Each [rows, 784] float32 buffer (12.8 MB) stays
@@ -42,12 +42,16 @@ def default_max_rows(device: torch.device | str) -> int:
     return MAX_ROWS_CUDA if torch.device(device).type == "cuda" else MAX_ROWS
 
 
-def _check_binarized(x: Tensor) -> None:
-    """Test images must be 0/1 (binarized once, as in Burda et al.), never grey."""
-    if not bool(((x == 0) | (x == 1)).all()):
+def _check_test_images(model: LatentVariableModel, x: Tensor) -> None:
+    """Test images must lie in the model's likelihood's support: for a Bernoulli decoder 0/1
+    (binarized once, as in Burda et al.), never grey."""
+    likelihood = model.likelihood
+    if likelihood.name != "bernoulli":
+        likelihood.check_data(x, "test images")
+    elif not bool(((x == 0) | (x == 1)).all()):
         raise IwaeError(
-            "test images must be binarized (every pixel 0 or 1), as in Burda et al.; these have grey values: "
-            "binarize them once with iwae.data.binarized_test (or binarize_fixed)"
+            "test images must be binarized (every pixel 0 or 1), as in Burda et al.; these have "
+            "grey values: binarize them once with iwae.data.binarized_test (or binarize_fixed)"
         )
 
 
@@ -64,7 +68,7 @@ def _chunks(n: int, size: int):
 
 @torch.inference_mode()
 def log_weight_reductions(
-    model: VAE,
+    model: LatentVariableModel,
     x: Tensor,
     k: int,
     k_small: int = 64,
@@ -107,7 +111,7 @@ def log_weight_reductions(
     return out
 
 
-def iwae_bound(model: VAE, x: Tensor, k: int, seed: int = 0) -> float:
+def iwae_bound(model: LatentVariableModel, x: Tensor, k: int, seed: int = 0) -> float:
     """Mean over examples of the IWAE bound L_k."""
     was_training = model.training
     model.eval()
@@ -118,7 +122,11 @@ def iwae_bound(model: VAE, x: Tensor, k: int, seed: int = 0) -> float:
 
 @torch.inference_mode()
 def unit_activity(
-    model: VAE, x: Tensor, n_samples: int = 100, seed: int = 0, batch_size: int = 1000
+    model: LatentVariableModel,
+    x: Tensor,
+    n_samples: int = 100,
+    seed: int = 0,
+    batch_size: int = 1000,
 ) -> list[Tensor]:
     """Per-unit activity A_u = Cov_x(E_{q(h|x)}[u]) for each stochastic layer (Burda et al. sec. 5.2).
 
@@ -126,30 +134,33 @@ def unit_activity(
     E_{h_{l-1} ~ q}[mean_l(h_{l-1})] is estimated with ``n_samples`` samples of h_{l-1}.
     """
     generator = torch.Generator(device=x.device).manual_seed(seed)
-    means: list[list[Tensor]] = [[] for _ in range(model.n_layers)]
+    layers = len(model.latent_sizes)
+    means: list[list[Tensor]] = [[] for _ in range(layers)]
     for e0, ne in _chunks(x.shape[0], batch_size):
         u = x[e0 : e0 + ne]
-        for l, layer in enumerate(model.encoder):
-            mean, log_std = layer(u)
+        for l in range(layers):
+            mean, log_std = model.q_params(l, u)
             means[l].append(mean if l == 0 else mean.mean(0))
-            if l + 1 < model.n_layers:
-                u, _ = layer.rsample(mean, log_std, n_samples if l == 0 else None, generator)
+            if l + 1 < layers:
+                u, _ = gaussian_rsample(mean, log_std, n_samples if l == 0 else None, generator)
     return [torch.cat(m).var(0, correction=0) for m in means]
 
 
-def active_units(model: VAE, x: Tensor, threshold: float = 0.01, **kwargs) -> list[int]:
+def active_units(
+    model: LatentVariableModel, x: Tensor, threshold: float = 0.01, **kwargs
+) -> list[int]:
     """Number of units with activity Cov_x(E_q[u]) > threshold, one count per layer."""
     return [int((a > threshold).sum()) for a in unit_activity(model, x, **kwargs)]
 
 
-def evaluate(model: VAE, x: Tensor, k: int = 5000, **kwargs) -> dict:
+def evaluate(model: LatentVariableModel, x: Tensor, k: int = 5000, **kwargs) -> dict:
     """All test metrics for binarized test images ``x`` [N, D]; the keys of ``iwae evaluate
     --json`` (the options of :func:`evaluate_images`: ``seed``, ``max_rows``, ``progress``)."""
     return evaluate_images(model, x, k, **kwargs)[0]
 
 
 def evaluate_images(
-    model: VAE,
+    model: LatentVariableModel,
     x: Tensor,
     k: int = 5000,
     seed: int = 0,
@@ -162,7 +173,7 @@ def evaluate_images(
 
     ``x`` must hold binarized images (every pixel 0 or 1): a grey test set is refused,
     never evaluated as it is (binarize it once with :func:`iwae.data.binarized_test`)."""
-    _check_binarized(x)
+    _check_test_images(model, x)
     was_training = model.training
     model.eval()
     r = log_weight_reductions(
@@ -193,7 +204,7 @@ def evaluate_images(
 
 
 def gradient_snr(
-    model: VAE, x: Tensor, objective, reps: int = 1000, seed: int = 0, bar=None
+    model: LatentVariableModel, x: Tensor, objective, reps: int = 1000, seed: int = 0, bar=None
 ) -> dict[str, float]:
     """Mean signal-to-noise ratio of the gradient estimates of ``objective`` on the fixed batch ``x``.
 
@@ -266,7 +277,13 @@ def loglog_slope(ks, values) -> float | None:
 
 
 def gradient_snr_curve(
-    model: VAE, x: Tensor, ks, estimator: str = "reparam", reps: int = 1000, seed: int = 0, bar=None
+    model: LatentVariableModel,
+    x: Tensor,
+    ks,
+    estimator: str = "reparam",
+    reps: int = 1000,
+    seed: int = 0,
+    bar=None,
 ) -> dict:
     """Encoder and decoder SNR (:func:`gradient_snr`) of the IWAE_K objective for each K in ``ks``:
     ``{"estimator", "k", "encoder", "decoder", "encoder_slope", "decoder_slope"}``, the lists
@@ -292,7 +309,7 @@ def gradient_snr_curve(
 
 
 def evaluate_ais(
-    model: VAE,
+    model: LatentVariableModel,
     x: Tensor,
     steps: int,
     chains: int,
@@ -322,7 +339,7 @@ def evaluate_ais(
 
     from iwae.ais import forward_ais
 
-    _check_binarized(x)
+    _check_test_images(model, x)
     if reference is not None and reference.shape != (x.shape[0],):
         raise IwaeError(
             f"reference L_k must hold one value per image ({x.shape[0]}), got shape {tuple(reference.shape)}"

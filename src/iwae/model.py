@@ -1,23 +1,17 @@
-"""Hierarchical Gaussian VAEs with a Bernoulli decoder (Burda et al. 2016, section 5).
+"""Burda et al.'s models (2016, section 5): hierarchical Gaussian VAEs of tanh MLPs with a
+Bernoulli decoder, one implementation of :class:`iwae.latent.LatentVariableModel`.
 
-A model with L stochastic layers h_1..h_L has
-
-    q(h_1..h_L | x) = q(h_1 | x) q(h_2 | h_1) ... q(h_L | h_{L-1})
-    p(x, h_1..h_L)  = p(h_L) p(h_{L-1} | h_L) ... p(h_1 | h_2) p(x | h_1)
-
-with p(h_L) = N(0, I), every other conditional a diagonal Gaussian whose mean is
-linear and whose standard deviation is exp(linear) (or softplus(linear)) of a tanh
-MLP of its input, and p(x | h_1) Bernoulli with logits from a tanh MLP.
-
-Samples are stacked on a leading dimension: a tensor of k samples for a batch of B
-examples has shape [k, B, dim], and log-densities have shape [k, B]. The first
-encoder layer sees x once per example, not once per sample.
+Every conditional of q and of p but the top prior N(0, I) is a diagonal Gaussian whose mean
+is linear and whose standard deviation is exp(linear) (or softplus(linear)) of a tanh MLP
+of its input, and p(x | h_1) is Bernoulli with logits from a tanh MLP. The maths common to
+every model (log q, log p, the log-weights, sampling) is in :mod:`iwae.latent`; this module
+adds the architecture, its initialization, several models side by side (lockstep
+training) and a faster log-likelihood for many samples. The first encoder layer sees x once
+per example, not once per sample.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -25,12 +19,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from iwae.errors import IwaeError
+from iwae.latent import (  # noqa: F401 (re-exported: their home before iwae.latent)
+    LOG_2PI,
+    GaussianLatentModel,
+    Noise,
+    gaussian_log_prob,
+    gaussian_rsample,
+    standard_normal_log_prob,
+)
+from iwae.likelihoods import bernoulli_log_prob
 
-LOG_2PI = math.log(2 * math.pi)
-
-#: A source of standard normal noise: ``noise(shape, dtype, device)`` -> Tensor. The model
-#: draws from ``torch.randn`` with a generator unless it is given one of these explicitly.
-Noise = Callable[[tuple, torch.dtype, torch.device], Tensor]
 LOG_STD_LIMIT = (
     15.0  # |log sigma| of every Gaussian layer is clamped here (never reached in training)
 )
@@ -60,7 +58,8 @@ class ModelConfig:
         object.__setattr__(self, "hidden", tuple(tuple(int(h) for h in hs) for hs in self.hidden))
         if len(self.latent) < 1 or len(self.latent) != len(self.hidden):
             raise IwaeError(
-                f"model needs one hidden-layer list per stochastic layer, got latent={self.latent} hidden={self.hidden}"
+                "model needs one hidden-layer list per stochastic layer, got "
+                f"latent={self.latent} hidden={self.hidden}"
             )
         if self.scale not in ("exp", "softplus"):
             raise IwaeError(f"unknown scale {self.scale!r}: choose exp or softplus")
@@ -176,7 +175,8 @@ class StackedLinear(nn.Module):
 
 
 def _linear(d_in: int, d_out: int, models: int | None) -> nn.Module:
-    """An affine layer: ``nn.Linear`` for one model, :class:`StackedLinear` for ``models`` side by side."""
+    """An affine layer: ``nn.Linear`` for one model, :class:`StackedLinear` for ``models``
+    side by side."""
     return nn.Linear(d_in, d_out) if models is None else StackedLinear(models, d_in, d_out)
 
 
@@ -228,25 +228,8 @@ class GaussianLayer(nn.Module):
         generator=None,
         noise: Noise | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Reparameterized sample h = mean + sigma * eps and its log-density.
-
-        With ``k`` the parameters (shape [..., B, d]) are shared by k samples of shape
-        [..., k, B, d] (the sample dimension goes just before the batch dimension, after a
-        model dimension if there is one). eps ~ N(0, I) comes from ``noise(shape, dtype,
-        device)`` when given (e.g. :class:`BatchShard`), else from ``torch.randn`` with
-        ``generator``. The log-density is computed from eps, which is the same value and
-        the same gradient as log N(h; mean, sigma) since (h - mean)/sigma = eps.
-        """
-        if k is not None:
-            mean, log_std = mean.unsqueeze(-3), log_std.unsqueeze(-3)
-        shape = mean.shape if k is None else (*mean.shape[:-3], k, *mean.shape[-2:])
-        if noise is not None:
-            eps = noise(shape, mean.dtype, mean.device)
-        else:
-            eps = torch.randn(shape, dtype=mean.dtype, device=mean.device, generator=generator)
-        h = mean + log_std.exp() * eps
-        log_prob = -0.5 * eps.square().sum(-1) - log_std.sum(-1) - 0.5 * LOG_2PI * mean.shape[-1]
-        return h, log_prob
+        """:func:`iwae.latent.gaussian_rsample` of this layer's (mean, log sigma)."""
+        return gaussian_rsample(mean, log_std, k, generator, noise)
 
 
 class BatchShard:
@@ -268,26 +251,7 @@ class BatchShard:
         ]
 
 
-def gaussian_log_prob(h: Tensor, mean: Tensor, log_std: Tensor) -> Tensor:
-    """log N(h; mean, diag exp(log_std)^2) summed over the last dimension; parameters of
-    shape [..., B, d] are shared by samples h of shape [..., k, B, d]."""
-    if mean.dim() < h.dim():
-        mean, log_std = mean.unsqueeze(-3), log_std.unsqueeze(-3)
-    z = (h - mean) * torch.exp(-log_std)
-    return -0.5 * z.square().sum(-1) - log_std.sum(-1) - 0.5 * LOG_2PI * h.shape[-1]
-
-
-def standard_normal_log_prob(h: Tensor) -> Tensor:
-    return -0.5 * h.square().sum(-1) - 0.5 * LOG_2PI * h.shape[-1]
-
-
-def bernoulli_log_prob(logits: Tensor, x: Tensor) -> Tensor:
-    """log Bernoulli(x; sigmoid(logits)) summed over pixels, from logits:
-    x*l - softplus(l) = -softplus(-l) for x = 1 and -softplus(l) for x = 0."""
-    return x.mul(logits).sub_(F.softplus(logits)).sum(-1)
-
-
-class VAE(nn.Module):
+class VAE(GaussianLatentModel):
     """A VAE with ``len(config.latent)`` stochastic layers (see the module docstring).
 
     ``encoder[l]`` is q(h_{l+1} | h_l) with h_0 = x; ``decoder[l]`` is p(h_l | h_{l+1})
@@ -356,10 +320,6 @@ class VAE(nn.Module):
             for name, p in self.named_parameters()
         }
 
-    @property
-    def n_layers(self) -> int:
-        return len(self.config.latent)
-
     def reset_parameters(self, pixel_mean: Tensor | None = None) -> None:
         """Glorot-uniform weights, zero biases; the output bias is the logit of the
         clipped (0.001..0.999) training-set pixel mean when one is given."""
@@ -376,36 +336,27 @@ class VAE(nn.Module):
     def output_layer(self) -> nn.Module:
         return self.decoder[0][-1]
 
+    # -- the three parts of iwae.latent.GaussianLatentModel -----------------------------
+
+    @property
+    def latent_sizes(self) -> tuple[int, ...]:
+        return self.config.latent
+
+    def q_layers(self) -> nn.ModuleList:
+        return self.encoder
+
+    def p_layers(self) -> nn.ModuleList:
+        return self.decoder[1:]
+
+    @property
+    def likelihood_net(self) -> nn.Module:
+        return self.decoder[0]
+
     def encoder_parameters(self) -> list[nn.Parameter]:
         return list(self.encoder.parameters())
 
     def decoder_parameters(self) -> list[nn.Parameter]:
         return list(self.decoder.parameters())
-
-    # -- the distributions, one method per term of the maths -------------------------
-
-    def sample_q(
-        self, x: Tensor, k: int, generator=None, noise: Noise | None = None
-    ) -> list[Tensor]:
-        """k reparameterized samples h_1..h_L ~ q(. | x): a list of [k, B, d_l] tensors."""
-        return self._sample_q(x, k, generator, noise)[0]
-
-    def log_q(self, hs: list[Tensor], x: Tensor) -> Tensor:
-        """log q(h_1..h_L | x), shape [k, B]."""
-        total = 0.0
-        inputs = [x, *hs[:-1]]
-        for layer, u, h in zip(self.encoder, inputs, hs):
-            mean, log_std = layer(u)
-            total = total + gaussian_log_prob(h, mean, log_std)
-        return total
-
-    def log_prior(self, hs: list[Tensor]) -> Tensor:
-        """log p(h_1..h_L) = log p(h_L) + sum_l log p(h_l | h_{l+1}), shape [k, B]."""
-        total = standard_normal_log_prob(hs[-1])
-        for l in range(1, self.n_layers):
-            mean, log_std = self.decoder[l](hs[l])
-            total = total + gaussian_log_prob(hs[l - 1], mean, log_std)
-        return total
 
     def logits(self, h1: Tensor) -> Tensor:
         """Bernoulli logits of p(x | h_1), shape h1.shape[:-1] + [x_dim]."""
@@ -414,96 +365,19 @@ class VAE(nn.Module):
     def log_likelihood(self, x: Tensor, h1: Tensor) -> Tensor:
         """log p(x | h_1) = sum_d x_d l_d - softplus(l_d) with logits l = W a + b, shape [k, B].
 
-        The same value as :func:`bernoulli_log_prob`; with 10 or more samples per example
-        computed without a pixel-wide product: sum_d x_d l_d = a . (W^T x) + b . x, where a
-        is the last hidden layer (faster from about 10 samples on; bench/README.md).
+        The same value as :func:`iwae.likelihoods.bernoulli_log_prob`; with 10 or more
+        samples per example computed without a pixel-wide product: sum_d x_d l_d =
+        a . (W^T x) + b . x, where a is the last hidden layer (faster from about 10 samples
+        on; bench/README.md).
         """
         out = self.output_layer
         a = self.decoder[0][:-1](h1)
         if h1.dim() > x.dim():  # samples [..., k, B, d] of examples [..., B, D]
             x = x.unsqueeze(-3)
-        if (
-            h1.dim() < 3 or h1.shape[-3] < 10
-        ):  # few samples per example: x @ W costs more than it saves
+        if h1.dim() < 3 or h1.shape[-3] < 10:  # few samples: x @ W costs more than it saves
             return bernoulli_log_prob(out(a), x)
         if out.bias.dim() == 1:
             return (a * (x @ out.weight)).sum(-1) + x @ out.bias - F.softplus(out(a)).sum(-1)
-        w, b = (
-            out.weight.transpose(1, 2).unsqueeze(1),
-            out.bias[:, None, :, None],
-        )  # stacked: [G, 1, D, H], [G, 1, D, 1]
+        # stacked: [G, 1, D, H], [G, 1, D, 1]
+        w, b = out.weight.transpose(1, 2).unsqueeze(1), out.bias[:, None, :, None]
         return (a * (x @ w)).sum(-1) + (x @ b).squeeze(-1) - F.softplus(out(a)).sum(-1)
-
-    def log_joint(self, x: Tensor, hs: list[Tensor]) -> Tensor:
-        """log p(x, h_1..h_L), shape [k, B]."""
-        return self.log_prior(hs) + self.log_likelihood(x, hs[0])
-
-    def log_weights(
-        self, x: Tensor, k: int, generator=None, stop_q: bool = False, noise: Noise | None = None
-    ) -> Tensor:
-        """log w_i = log p(x, h_i) - log q(h_i | x) for k samples h_i ~ q(. | x): shape [k, B].
-
-        Every bound in :mod:`iwae.bounds` is a reduction of this tensor.
-
-        With ``stop_q`` the same samples give the same values, bit for bit, but log q is
-        differentiated as :meth:`log_q_stopped`: q's parameters phi are held fixed inside
-        log q and the encoder's gradient flows only through the samples h_i(eps, phi), as
-        the STL and DReG estimators need (:mod:`iwae.bounds`).
-        """
-        hs, log_q = self._sample_q(x, k, generator, noise)
-        if stop_q:
-            stopped = self.log_q_stopped(hs, x)
-            log_q = (
-                stopped - stopped.detach() + log_q.detach()
-            )  # value of log_q, gradient of stopped
-        return self.log_joint(x, hs) - log_q
-
-    def log_q_stopped(self, hs: list[Tensor], x: Tensor) -> Tensor:
-        """log q_{stop(phi)}(h_1..h_L | x), shape [k, B]: every layer's density with its
-        parameters detached, still a function of its sample h_l and of its input h_{l-1}
-        (so for L > 1 the gradient reaches h_{l-1} through q(h_l | h_{l-1}) as well)."""
-        total = 0.0
-        inputs = [x, *hs[:-1]]
-        for layer, u, h in zip(self.encoder, inputs, hs):
-            fixed = {name: p.detach() for name, p in layer.named_parameters()}
-            mean, log_std = torch.func.functional_call(layer, fixed, (u,))
-            total = total + gaussian_log_prob(h, mean, log_std)
-        return total
-
-    def _sample_q(
-        self, x: Tensor, k: int, generator=None, noise: Noise | None = None
-    ) -> tuple[list[Tensor], Tensor]:
-        hs: list[Tensor] = []
-        log_q = 0.0
-        u = x
-        for l, layer in enumerate(self.encoder):
-            mean, log_std = layer(u)
-            h, lp = layer.rsample(mean, log_std, k if l == 0 else None, generator, noise)
-            hs.append(h)
-            log_q = log_q + lp
-            u = h
-        return hs, log_q
-
-    # -- generation ------------------------------------------------------------------
-
-    def sample_prior(self, n: int, generator=None) -> list[Tensor]:
-        """Ancestral samples h_1..h_L ~ p(h) for n draws: a list of [n, d_l] tensors."""
-        p = next(self.parameters())
-        h = torch.randn(
-            (n, self.config.latent[-1]), dtype=p.dtype, device=p.device, generator=generator
-        )
-        hs = [h]
-        for l in range(self.n_layers - 1, 0, -1):
-            mean, log_std = self.decoder[l](h)
-            h, _ = self.decoder[l].rsample(mean, log_std, generator=generator)
-            hs.insert(0, h)
-        return hs
-
-    def decode(self, h1: Tensor) -> Tensor:
-        """Pixel probabilities sigmoid(logits) of p(x | h_1)."""
-        return torch.sigmoid(self.logits(h1))
-
-    @torch.no_grad()
-    def sample_images(self, n: int, generator=None) -> Tensor:
-        """Pixel probabilities of n images generated from the prior, shape [n, x_dim]."""
-        return self.decode(self.sample_prior(n, generator)[0])
