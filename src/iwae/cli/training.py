@@ -277,29 +277,8 @@ def _train_run(args) -> int:
         )
         out = args.resume
     else:
-        keys = read_config_file(args.config) if hasattr(args, "config") else {}
-        keys = {str(k).replace("-", "_"): v for k, v in keys.items()}
-        out = getattr(args, "out", None) or keys.pop("out", None)
-        keys.pop("out", None)
-        if "epochs" in given:
-            keys.pop("stages", None)
-        if "stages" in given:
-            keys.pop("epochs", None)
-        for key in ("image_shape", "dataset_path", "dataset_sha256"):
-            keys.pop(
-                key, None
-            )  # a run's config.json: records of its data, taken afresh from the data
-        if {"layers", "scale", "latent", "hidden", "dataset"} & given.keys():
-            keys.pop(
-                "model", None
-            )  # a run's config.json: rebuild the architecture from the new options
-        if {"latent", "hidden"} & given.keys():
-            keys.pop("layers", None)
-        if "layers" in given:
-            keys.pop("latent", None), keys.pop("hidden", None)
-        if out is None:
-            raise IwaeError("give --out RUN_DIR (or --resume RUN_DIR)")
-        config = TrainConfig.from_dict({**keys, **given})
+        file_keys = read_config_file(args.config) if hasattr(args, "config") else {}
+        config, out = TrainConfig.from_sources(file_keys, given, getattr(args, "out", None))
         _set_threads(getattr(args, "threads", "auto"), config)
         summary = train(
             config,

@@ -1,0 +1,314 @@
+"""An open training run: where it trains, its data, model, optimizer and generator, made
+afresh or restored from its checkpoint (:func:`open_run`); and a finished run read back
+(:func:`load_run`, :func:`run_dataset`).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from iwae import data as iwae_data
+from iwae.bounds import Objective
+from iwae.config import TrainConfig, load_config
+from iwae.distributed import barrier, distributed_setup
+from iwae.errors import IwaeError, RunDirError
+from iwae.model import VAE
+from iwae.optim import adam
+from iwae.rundir import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    EVALUATION_FILE,
+    EVALUATION_IMAGES_FILE,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    TENSORBOARD_DIR,
+    WEIGHTS_FILE,
+    Progress,
+    load_checkpoint,
+    load_state,
+    prepare_run_dir,
+    read_metrics,
+    read_safetensors,
+    write_json,
+    write_metrics,
+)
+from iwae.runlog import NoBoard, tensorboard
+
+#: ``--cuda-graphs`` choices: auto (on for a single-process CUDA run), off
+CUDA_GRAPHS = ("auto", "off")
+
+#: (example, sample) rows per training step below which one CPU thread is faster than
+#: several: torch's intra-op threading of small kernels costs more than it saves. Measured
+#: (bench/RESULTS.md, 2 cores, 1 layer, batch 20): 100 rows (k=5) 1.40x and 20 rows (k=1)
+#: 1.71x faster on 1 thread than on 2; 500 rows (batch 100, k=5) 1.14x and 1,000 rows
+#: (k=50) 1.78x faster on 2.
+SMALL_STEP_ROWS = 256
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """The torch device named ``device``; None or "auto": CUDA where torch sees it, else CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise IwaeError(f"unknown device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise IwaeError(f"device {device!r} requested, but torch sees no CUDA device")
+    return dev
+
+
+def auto_threads(rows_per_step: int, cores: int | None = None) -> int:
+    """CPU threads for training steps of ``rows_per_step`` = batch size x samples per example:
+    1 below :data:`SMALL_STEP_ROWS`, else every core."""
+    cores = cores or os.cpu_count() or 1
+    return 1 if rows_per_step < SMALL_STEP_ROWS else cores
+
+
+def flush_denormals(enabled: bool = True) -> bool:
+    """Set the CPU to flush denormal floats to zero (FTZ/DAZ), process-wide; returns whether
+    this CPU supports it (x86 with SSE3). On by default in every command: on some CPUs
+    (the Intel Xeon kind with AMX) matmuls over weights and gradients holding denormals run
+    several times slower, and values below 1.2e-38 do not move any bound this library
+    computes (tests/test_train.py checks that the printed results are unchanged)."""
+    return bool(torch.set_flush_denormal(enabled))
+
+
+def use_cuda_graphs(cuda_graphs: str, dev: torch.device, shard) -> bool:
+    """Whether a run on ``dev`` replays its steps from CUDA graphs (``--cuda-graphs``)."""
+    if cuda_graphs not in CUDA_GRAPHS:
+        raise IwaeError(
+            f"unknown --cuda-graphs {cuda_graphs!r}: choose one of {', '.join(CUDA_GRAPHS)}"
+        )
+    return cuda_graphs == "auto" and dev.type == "cuda" and shard is None
+
+
+def build_model(config: TrainConfig, pixel_mean: torch.Tensor | None = None) -> VAE:
+    """The untrained model of ``config`` (output biases from ``pixel_mean``, the training
+    images' mean, where given), on the CPU."""
+    return VAE(config.model_config, pixel_mean=pixel_mean)
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[TrainConfig, VAE]:
+    """The configuration and trained model of a run directory. Reads JSON and
+    safetensors only: nothing in a run directory is executed."""
+    run_dir = Path(run_dir)
+    config = load_config(run_dir)
+    model = build_model(config)
+    path = run_dir / WEIGHTS_FILE
+    if not path.exists():
+        raise RunDirError(f"{path} is missing: the run has not finished its first stage yet")
+    load_state(model, read_safetensors(path)[0], path)
+    return config, model.to(device)
+
+
+def run_dataset(
+    config: TrainConfig,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    check_hash: bool = True,
+) -> iwae_data.Dataset:
+    """The data of a trained run: ``dataset`` (a built-in name or a path) if given, else the
+    one it was trained on (``dataset_path``, or the built-in set from ``data_dir``, else the
+    run's own data directory). With ``check_hash`` it must be that data: the same content
+    hash for data from files, the same name for a built-in set; otherwise an
+    :class:`IwaeError` (``iwae evaluate --ignore-dataset-hash`` skips this check). Its
+    images must have the model's number of pixels in any case."""
+    source = dataset or config.dataset_path or config.dataset
+    data = iwae_data.load_dataset(source, data_dir or config.data_dir)
+    if check_hash:
+        if config.dataset_sha256 is not None and data.sha256 != config.dataset_sha256:
+            raise IwaeError(
+                f"{source}: not the data the run was trained on: its content sha256 is "
+                f"{data.sha256}, config.json records {config.dataset_sha256} (from "
+                f"{config.dataset_path}); pass --ignore-dataset-hash to use it anyway"
+            )
+        if config.dataset_sha256 is None and data.name != config.dataset:
+            raise IwaeError(
+                f"{source}: the run was trained on {config.dataset}; pass --ignore-dataset-hash "
+                "to use other data anyway"
+            )
+    if data.x_dim != config.model_config.x_dim:
+        raise IwaeError(
+            f"{source}: images of {data.x_dim} pixels ({'x'.join(map(str, data.image_shape))}), "
+            f"but the run's model takes {config.model_config.x_dim}"
+        )
+    return data
+
+
+@dataclass
+class Run:
+    """An open training run: what its passes read and change. ``plan`` is the (stage,
+    learning rate) of every pass, ``stage_ends`` the passes that end a stage."""
+
+    config: TrainConfig
+    out: Path
+    lead: bool  # writes the files (rank 0 under torchrun)
+    shard: tuple[int, int] | None
+    model: VAE
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    train_x: torch.Tensor
+    test_x: torch.Tensor
+    state: Progress
+    pass_start_rng: torch.Tensor | None
+    board: object
+    binarize: bool = True  # draw binary training images afresh (False: the images are 0/1 already)
+    graphs: bool = False  # steps replayed from CUDA graphs (:mod:`iwae.cudagraph`)
+    plan: list[tuple[int, float]] = field(init=False)
+    stage_ends: set[int] = field(init=False)
+
+    def __post_init__(self):
+        self.plan = [(s, lr) for s, passes, lr in self.config.schedule() for _ in range(passes)]
+        n = len(self.plan)
+        self.stage_ends = {
+            i for i in range(n) if i + 1 == n or self.plan[i + 1][0] != self.plan[i][0]
+        }
+
+    @property
+    def objective(self) -> Objective:
+        return self.config.objective_spec
+
+
+def open_run(
+    config: TrainConfig,
+    out: Path,
+    dataset,
+    overwrite: bool,
+    device,
+    resume: bool,
+    cuda_graphs: str = "auto",
+) -> Run:
+    """Check the run directory, load the data, build the model and optimizer, and start the
+    run's files, or restore all of it from the checkpoint. A run resumed before its first
+    checkpoint (a ``config.json`` and no checkpoint) starts again from the beginning: with
+    the same configuration it is the same run, and its partial files are replaced."""
+    shard, dev = distributed_setup(pick_device(device))
+    graphs = use_cuda_graphs(cuda_graphs, dev, shard)
+    lead = shard is None or shard[0] == 0
+    resume, overwrite = _resumable(out, resume, overwrite)
+    if not resume and lead:
+        prepare_run_dir(out, overwrite)
+    # a bad checkpoint fails before the data loads
+    checkpoint = read_safetensors(out / CHECKPOINT_FILE) if resume else None
+    dataset = _run_data(config, out, dataset, resume)
+    config = config.for_data(dataset)
+    train_x, test_x = _images(config, dataset, dev)
+    model, optimizer, generator = _fresh_state(config, train_x, dev, capturable=graphs)
+    state, pass_start_rng = Progress(), None
+    if resume:
+        state, pass_start_rng = load_checkpoint(
+            out / CHECKPOINT_FILE, model, optimizer, generator, checkpoint
+        )
+        if lead:  # drop lines of passes after the checkpoint
+            write_metrics(out, read_metrics(out)[: state.passes])
+    elif lead:
+        _start_run_dir(out, config)
+    barrier(shard)
+    board = tensorboard(out, purge_step=state.passes if resume else None) if lead else NoBoard()
+    return Run(
+        config,
+        out,
+        lead,
+        shard,
+        model,
+        optimizer,
+        generator,
+        train_x,
+        test_x,
+        state,
+        pass_start_rng,
+        board,
+        binarize=not dataset.binary,
+        graphs=graphs,
+    )
+
+
+def _resumable(out: Path, resume: bool, overwrite: bool) -> tuple[bool, bool]:
+    """(resume, overwrite) for the run directory ``out``: a run killed before its first
+    checkpoint is the same run started again."""
+    if resume and not (out / CHECKPOINT_FILE).exists():
+        if not (out / CONFIG_FILE).exists():
+            raise RunDirError(
+                f"{out / CHECKPOINT_FILE} is missing: nothing to resume (start the run again "
+                "without --resume)"
+            )
+        return False, True
+    return resume, overwrite
+
+
+def _run_data(config: TrainConfig, out: Path, dataset, resume: bool) -> iwae_data.Dataset:
+    """``dataset`` if given, else the configuration's (a resumed run's from its recorded
+    absolute path, whatever the working directory); a resumed run's must be its own."""
+    if dataset is None:
+        dataset = iwae_data.load_dataset(
+            config.dataset_path or config.dataset, config.data_dir, validation=config.validation
+        )
+    if resume and config.dataset_sha256 != dataset.sha256:
+        raise RunDirError(
+            f"{dataset.name} is not the data {out} was trained on (content sha256 "
+            f"{dataset.sha256}, {out / CONFIG_FILE} records {config.dataset_sha256}): the run "
+            "cannot be resumed on it"
+        )
+    return dataset
+
+
+def _images(
+    config: TrainConfig, dataset: iwae_data.Dataset, dev: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grey training images (checked) and the binarized test subset of the logged bounds."""
+    # a copy: the loaded arrays are read-only
+    train_x = torch.tensor(dataset.train, dtype=torch.float32)
+    if config.n_train is not None:
+        train_x = train_x[: config.n_train]
+    if not (torch.isfinite(train_x).all() and train_x.min() >= 0 and train_x.max() <= 1):
+        raise IwaeError(
+            f"training images of {dataset.name} must be grey values in [0, 1] (found NaN, inf "
+            "or others)"
+        )
+    test_x = torch.from_numpy(iwae_data.binarized_test(dataset, config.eval_n))
+    return train_x.to(dev), test_x.to(dev)
+
+
+def _fresh_state(
+    config: TrainConfig, train_x: torch.Tensor, dev: torch.device, capturable: bool = False
+):
+    """Seeded model (or another run's weights, ``init_weights``), Adam (``capturable`` for
+    CUDA graphs: :func:`iwae.optim.adam`) and the run's generator."""
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    model = build_model(config, pixel_mean=train_x.mean(0)).to(dev)
+    if config.init_weights is not None:  # continue from another run's weights (fresh optimizer)
+        path = Path(config.init_weights)
+        load_state(model, read_safetensors(path)[0], path)
+    optimizer = adam(
+        model.parameters(),
+        config.lr,
+        (config.beta1, config.beta2),
+        config.adam_eps,
+        capturable=capturable,
+    )
+    return model, optimizer, torch.Generator(device=dev).manual_seed(config.seed)
+
+
+def _start_run_dir(out: Path, config: TrainConfig) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in (
+        SUMMARY_FILE,
+        METRICS_FILE,
+        CHECKPOINT_FILE,
+        WEIGHTS_FILE,
+        EVALUATION_FILE,
+        EVALUATION_IMAGES_FILE,
+    ):
+        (out / stale).unlink(missing_ok=True)
+    shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)
+    write_json(out / CONFIG_FILE, config.to_dict())
