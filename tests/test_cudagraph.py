@@ -14,6 +14,8 @@ import pytest
 import safetensors.torch
 import torch
 
+import iwae.lockstep
+import iwae.runs
 import iwae.train as train_module
 from iwae.cudagraph import GraphedStep, GraphedSteps, ReplayedNoise
 from iwae.rundir import CHECKPOINT_FILE
@@ -136,7 +138,7 @@ def test_capturable_adam_reads_its_learning_rate_tensor():
 
 def _force_graphs(monkeypatch):
     """Runs on the CPU take the graphed path (buffers and replays, no capture)."""
-    monkeypatch.setattr(train_module, "use_cuda_graphs", lambda mode, dev, shard: mode == "auto")
+    monkeypatch.setattr(iwae.runs, "use_cuda_graphs", lambda mode, dev, shard: mode == "auto")
 
 
 def _relative_gap(a: dict, b: dict) -> float:
@@ -165,10 +167,13 @@ def test_runs_through_the_graphed_path_are_the_eager_runs(tmp_path, monkeypatch,
     through the graphed path, with the eager run's Adam, are the eager runs bit for bit:
     weights, metrics and the generator's state. The summary says which path ran."""
     _force_graphs(monkeypatch)
-    plain_adam = train_module.adam
-    monkeypatch.setattr(
-        train_module, "adam", lambda *a, capturable=False, **kw: plain_adam(*a, **kw)
-    )
+
+    def plain_adam(*args, capturable=False, **kwargs):
+        return adam(*args, **kwargs)
+
+    # each run's optimizer (iwae.runs) and a lockstep group's stacked one (iwae.lockstep)
+    monkeypatch.setattr(iwae.runs, "adam", plain_adam)
+    monkeypatch.setattr(iwae.lockstep, "adam", plain_adam)
     configs = [small_config(stages=2, k=4, seed=s) for s in (0, 1)]
     for graphed, eager in _train_both(tmp_path, synthetic(n=110), configs, lockstep):
         assert_bitwise_equal(weights(graphed), weights(eager))

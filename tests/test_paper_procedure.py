@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import iwae.data as iwae_data
+import iwae.engine as iwae_engine
 import iwae.evaluate as iwae_evaluate
 import iwae.train as iwae_train
 from iwae.cli import main
@@ -68,13 +69,13 @@ class OptimizerLog:
 
 
 def capture_steps(monkeypatch, real_steps: int | None = None) -> list[torch.Tensor]:
-    """Record the batch of every training step (``iwae.train.train_step``'s ``x``).
+    """Record the batch of every training step (``iwae.engine.train_step``'s ``x``).
 
     With ``real_steps``, only the first ``real_steps`` steps run the real step; later ones
     take an optimizer step with the gradients left from the last real one and return its
     result (whatever its form), so long schedules run fast and the optimizer still sees
     every step."""
-    original, batches, last = iwae_train.train_step, [], {}
+    original, batches, last = iwae_engine.train_step, [], {}
 
     def step(model, objective, optimizer, x, *args, **kwargs):
         batches.append(x.detach().clone())
@@ -84,7 +85,7 @@ def capture_steps(monkeypatch, real_steps: int | None = None) -> list[torch.Tens
             optimizer.step()
         return last["result"]
 
-    monkeypatch.setattr(iwae_train, "train_step", step)
+    monkeypatch.setattr(iwae_engine, "train_step", step)
     return batches
 
 

@@ -13,7 +13,7 @@ import pytest
 import safetensors.torch
 import torch
 
-import iwae.train as train_module
+import iwae.engine
 from iwae.cli import main
 from iwae.errors import TimeLimitReached
 from iwae.train import read_metrics, resume, train, train_lockstep
@@ -30,7 +30,7 @@ def _limit_after(monkeypatch, calls: int) -> None:
         seen.append(1)
         return run.stop_at is not None and len(seen) >= calls
 
-    monkeypatch.setattr(train_module, "_time_up", time_up)
+    monkeypatch.setattr(iwae.engine, "_time_up", time_up)
 
 
 def _without_seconds(run: Path) -> list[dict]:

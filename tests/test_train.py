@@ -14,6 +14,7 @@ import pytest
 import safetensors.torch
 import torch
 
+import iwae.engine
 from iwae.cli import main
 from iwae.data import Dataset, binarize_fixed, test_subset_indices
 from iwae.errors import IwaeError, RunDirError
@@ -185,13 +186,14 @@ def test_resume_after_sigkill_is_bitwise_equal(tmp_path):
 _CHILD_BEFORE_CHECKPOINT = """
 import sys, time, torch
 sys.path.insert(0, {tests!r})
+import iwae.engine
 import iwae.train
 from test_train import small_config, synthetic
 torch.set_num_threads(1)
 def block(*args, **kwargs):  # the first checkpoint never comes: the parent kills the child here
     open(sys.argv[1] + ".blocked", "w").close()
     time.sleep(600)
-iwae.train.save_checkpoint = block
+iwae.engine.save_checkpoint = block  # the loop checkpoints through this name
 iwae.train.train(small_config(stages=2), sys.argv[1], dataset=synthetic(), progress=False)
 """
 
@@ -322,9 +324,7 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
 
 
 def test_a_non_finite_batch_is_skipped(tmp_path, monkeypatch):
-    import iwae.train as iwae_train
-
-    original, calls = iwae_train.train_step, {"n": 0}
+    original, calls = iwae.engine.train_step, {"n": 0}
 
     def poisoned(model, objective, optimizer, x, *args, **kwargs):
         calls["n"] += 1
@@ -333,7 +333,7 @@ def test_a_non_finite_batch_is_skipped(tmp_path, monkeypatch):
             x[0, 0] = float("nan")
         return original(model, objective, optimizer, x, *args, **kwargs)
 
-    monkeypatch.setattr(iwae_train, "train_step", poisoned)
+    monkeypatch.setattr(iwae.engine, "train_step", poisoned)
     train(small_config(stages=1), tmp_path / "run", dataset=synthetic(), progress=False)
     (m,) = read_metrics(tmp_path / "run")
     assert m["skipped_steps"] == 1 and np.isfinite(m["train_bound"])

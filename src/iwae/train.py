@@ -24,22 +24,12 @@ This module is the public face of training; the parts live by concept:
 - :mod:`iwae.distributed`  torchrun: the process group and the sharded backward pass
 - :mod:`iwae.runlog`       metrics lines, TensorBoard and progress bars
 
-Setting a name of this module (a test's ``monkeypatch.setattr(iwae.train, "train_step",
-...)``) sets it in the module above that reads it, so that the loop uses it.
+The names here are those modules' objects: to replace one that the loop calls (a test's
+``monkeypatch.setattr``), set it in the module that calls it (``iwae.engine.train_step``).
 """
 
 from __future__ import annotations
 
-import sys
-import types
-
-from iwae import config as _config
-from iwae import distributed as _distributed
-from iwae import engine as _engine
-from iwae import lockstep as _lockstep
-from iwae import optim as _optim
-from iwae import runlog as _runlog
-from iwae import runs as _runs
 from iwae.config import (
     BINARIZE,
     DATASETS,
@@ -49,13 +39,7 @@ from iwae.config import (
     resume_config,
 )
 from iwae.distributed import distributed_setup
-from iwae.engine import (  # _time_up: a test's way to stop a run at a chosen step
-    GUARD_EVERY,
-    _time_up,  # noqa: F401
-    resume,
-    time_limit_passed,
-    train,
-)
+from iwae.engine import GUARD_EVERY, resume, time_limit_passed, train
 from iwae.lockstep import (
     LOCKSTEP_KEYS,
     LockstepStep,
@@ -157,22 +141,3 @@ __all__ = [
     "write_json",
     "write_metrics",
 ]
-
-#: the modules behind this one, where a name set here is also set
-_HOMES = (_config, _optim, _distributed, _runlog, _runs, _engine, _lockstep)
-
-
-class _Facade(types.ModuleType):
-    """``iwae.train``: setting one of its names sets it, too, in every module of
-    :data:`_HOMES` that holds the same object under that name (and reads it from there)."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in self.__dict__:
-            current = self.__dict__[name]
-            for home in _HOMES:
-                if name in home.__dict__ and home.__dict__[name] is current:
-                    setattr(home, name, value)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Facade
