@@ -10,7 +10,8 @@ posterior f_T(h) = p(x, h) along the geometric path
 with f_0 = q(h | x) (the encoder, ``init="q"``) or the prior p(h) (``init="prior"``). A
 chain draws h_0 ~ f_0 and, for t = 1..T, adds to its log-weight
 
-    log f_t(h_{t-1}) - log f_{t-1}(h_{t-1}) = (beta_t - beta_{t-1}) (log p(x, h_{t-1}) - log f_0(h_{t-1}))
+    log f_t(h_{t-1}) - log f_{t-1}(h_{t-1})
+        = (beta_t - beta_{t-1}) (log p(x, h_{t-1}) - log f_0(h_{t-1}))
 
 and then moves h_{t-1} -> h_t with an HMC transition that leaves f_t invariant (the last
 move, at t = T, changes no weight and is skipped). E[w] = p(x), so over C chains
@@ -45,15 +46,16 @@ unbiased.
 
 Shapes: every state is one tensor [C, B, D] (C chains, B images, D = d_1 + ... + d_L, the
 layers concatenated in the order h_1..h_L), every log-density and log-weight [C, B]. The
-densities are the model's own (:meth:`iwae.latent.LatentVariableModel.log_joint`, ``log_q``, ``log_prior``);
-gradients with respect to h come from ``torch.autograd.grad``, with the model's parameters
-frozen. Images are processed in chunks so that at most ``max_rows`` (chain, image) rows are
-alive at once: memory stays bounded for any C and T.
+densities are the model's own (:meth:`iwae.latent.LatentVariableModel.log_joint`,
+``log_q``, ``log_prior``); gradients with respect to h come from ``torch.autograd.grad``,
+with the model's parameters frozen. Images are processed in chunks so that at most
+``max_rows`` (chain, image) rows are alive at once: memory stays bounded for any C and T.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -64,6 +66,7 @@ from torch import Tensor
 from iwae.bounds import iwae
 from iwae.errors import IwaeError
 from iwae.latent import LatentVariableModel
+from iwae.progress import progress_bar
 
 INITS = ("q", "prior")
 #: (chain, image) rows alive at once (as :data:`iwae.evaluate.MAX_ROWS`)
@@ -129,7 +132,8 @@ def leapfrog(
     """``steps`` leapfrog steps of size ``step_size`` (broadcast against [C, B, D]) for the
     Hamiltonian H(h, p) = -log f(h) + |p|^2 / 2:
 
-        p <- p + (eps/2) grad log f(h);  (h <- h + eps p;  p <- p + eps grad log f(h)) x steps, the last half
+        p <- p + (eps/2) grad log f(h);
+        (h <- h + eps p;  p <- p + eps grad log f(h)) x steps, the last half
 
     ``steps`` evaluations of ``evaluate``; returns the end point and momentum."""
     p = momentum + 0.5 * step_size * start.grad
@@ -338,8 +342,6 @@ def _chunks(n: int, size: int):
 
 
 def _progress(total: int, desc: str, progress: bool):
-    from iwae.progress import progress_bar
-
     return progress_bar(total, desc, "ex·step", enabled=progress, unit_scale=True)
 
 
@@ -482,8 +484,6 @@ def bdmc(
     "upper_stderr", "acceptance_forward", "acceptance_reverse", "seconds"}`` (each list one
     value per T, means over the n images; gap = upper - lower) and the per-image values
     ``"per_image": {"lower": [len(steps), n], "upper": ...}`` as tensors."""
-    import time
-
     clock = clock or time.perf_counter
     with _frozen(model):
         p = next(model.parameters())

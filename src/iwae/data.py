@@ -71,6 +71,7 @@ import platformdirs
 import scipy.io
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from iwae.errors import DataError, IwaeError
 
@@ -275,7 +276,7 @@ def _download_mnist_file(
             continue
         try:
             mnist_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(mnist_dir / f"{name}.gz", lambda f: f.write(payload))
+            atomic_write(mnist_dir / f"{name}.gz", lambda f, payload=payload: f.write(payload))
         except OSError as e:
             raise DataError(
                 f"{mnist_dir / name}.gz: cannot save the downloaded file: {e.strerror or e}"
@@ -294,7 +295,8 @@ def _read_mnist_file(path: Path, name: str, shape: tuple[int, ...]) -> np.ndarra
     problem = _md5_problem(data, name)
     if problem:
         raise DataError(
-            f"{path}: {problem}; the file is corrupted or not the standard MNIST file, delete it and fetch it again"
+            f"{path}: {problem}; the file is corrupted or not the standard MNIST file, "
+            "delete it and fetch it again"
         )
     return array
 
@@ -406,7 +408,8 @@ def _load_chardata(
                 error.read_text()
                 if error.exists()
                 else (
-                    f"{path}: the MATLAB file parser crashed (exit code {child.exitcode}); the file is corrupted"
+                    f"{path}: the MATLAB file parser crashed (exit code {child.exitcode}); "
+                    "the file is corrupted"
                 )
             )
             raise DataError(message)
@@ -591,8 +594,9 @@ def load_omniglot(data_dir: str | os.PathLike[str] | None = None) -> dict[str, n
     missing = [name for name in sources if not (omniglot_dir / name).is_file()]
     if missing:
         raise DataError(
-            f"OMNIGLOT not found in {omniglot_dir}: place chardata.mat, or {', '.join(sources)} there "
-            f"(missing: {', '.join(missing)}), or pass --data-dir / set IWAE_DATA"
+            f"OMNIGLOT not found in {omniglot_dir}: place chardata.mat, or "
+            f"{', '.join(sources)} there (missing: {', '.join(missing)}), "
+            "or pass --data-dir / set IWAE_DATA"
         )
     seed = OMNIGLOT_SPLIT_SEED
     fingerprint = _omniglot_fingerprint(omniglot_dir, seed)
@@ -810,8 +814,6 @@ def read_png(path: Path) -> np.ndarray:
     """One PNG image as float32 [H, W] grey values in [0, 1]: 8-bit pixels / 255, 16-bit
     ones / 65535, 1-bit ones 0 or 1; colour (and palette) images converted to grey
     (luminance), transparency ignored."""
-    from PIL import Image
-
     try:
         with Image.open(path) as image:
             if image.format != "PNG":

@@ -16,10 +16,14 @@ alive at once: memory stays bounded for any k.
 from __future__ import annotations
 
 import math
+import time
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from iwae.ais import forward_ais
+from iwae.bounds import Objective
 from iwae.errors import IwaeError
 from iwae.latent import LatentVariableModel, gaussian_rsample
 from iwae.progress import progress_bar
@@ -128,7 +132,8 @@ def unit_activity(
     seed: int = 0,
     batch_size: int = 1000,
 ) -> list[Tensor]:
-    """Per-unit activity A_u = Cov_x(E_{q(h|x)}[u]) for each stochastic layer (Burda et al. sec. 5.2).
+    """Per-unit activity A_u = Cov_x(E_{q(h|x)}[u]) for each stochastic layer (Burda et al.
+    sec. 5.2).
 
     E_q[h_1 | x] is the encoder mean; for layer l > 1, E_q[h_l | x] =
     E_{h_{l-1} ~ q}[mean_l(h_{l-1})] is estimated with ``n_samples`` samples of h_{l-1}.
@@ -206,7 +211,8 @@ def evaluate_images(
 def gradient_snr(
     model: LatentVariableModel, x: Tensor, objective, reps: int = 1000, seed: int = 0, bar=None
 ) -> dict[str, float]:
-    """Mean signal-to-noise ratio of the gradient estimates of ``objective`` on the fixed batch ``x``.
+    """Mean signal-to-noise ratio of the gradient estimates of ``objective`` on the fixed
+    batch ``x``.
 
     Each of ``reps`` repeats draws fresh samples and takes Delta = the gradient of the
     batch-mean objective (as :meth:`iwae.bounds.Objective.backward` computes it). For each
@@ -219,8 +225,6 @@ def gradient_snr(
     are left out of the mean. Each repeat needs its own backward pass, so repeats run one
     after another; moments are accumulated in float64, shifted by the first repeat.
     """
-    from iwae.errors import IwaeError
-
     if reps < 2:
         raise IwaeError(f"the SNR needs at least 2 repeats, got {reps}")
     generator = torch.Generator(device=x.device).manual_seed(seed)
@@ -262,9 +266,8 @@ def gradient_snr(
 
 
 def loglog_slope(ks, values) -> float | None:
-    """Least-squares slope of log(value) against log(K); None with fewer than two usable points."""
-    import numpy as np
-
+    """Least-squares slope of log(value) against log(K); None with fewer than two usable
+    points."""
     pts = [
         (math.log(k), math.log(v))
         for k, v in zip(ks, values)
@@ -285,14 +288,13 @@ def gradient_snr_curve(
     seed: int = 0,
     bar=None,
 ) -> dict:
-    """Encoder and decoder SNR (:func:`gradient_snr`) of the IWAE_K objective for each K in ``ks``:
-    ``{"estimator", "k", "encoder", "decoder", "encoder_slope", "decoder_slope"}``, the lists
-    in the order of ``ks`` and the slopes fitted on log-log axes (:func:`loglog_slope`).
+    """Encoder and decoder SNR (:func:`gradient_snr`) of the IWAE_K objective for each K in
+    ``ks``: ``{"estimator", "k", "encoder", "decoder", "encoder_slope", "decoder_slope"}``,
+    the lists in the order of ``ks`` and the slopes fitted on log-log axes
+    (:func:`loglog_slope`).
 
     Every K starts from the same ``seed``, so two estimators see the same samples.
     """
-    from iwae.bounds import Objective
-
     result = {"estimator": estimator, "k": [int(k) for k in ks], "encoder": [], "decoder": []}
     for k in result["k"]:
         snr = gradient_snr(
@@ -332,17 +334,15 @@ def evaluate_ais(
       over chains, a stochastic lower bound on log p(x)) and its standard error;
     - ``ais_acceptance``: mean acceptance probability of the HMC transitions;
     - ``log_px_iwae``, ``iwae_k``: mean L_k on the same images and k;
-    - ``ais_gap``, ``ais_gap_stderr``: mean of log_px_ais - L_k per image and its paired standard error;
+    - ``ais_gap``, ``ais_gap_stderr``: mean of log_px_ais - L_k per image and its paired
+      standard error;
     - ``ais_steps``, ``chains``, ``hmc_leapfrog``, ``ais_init``, ``n_test``, ``ais_seconds``.
     """
-    import time
-
-    from iwae.ais import forward_ais
-
     _check_test_images(model, x)
     if reference is not None and reference.shape != (x.shape[0],):
         raise IwaeError(
-            f"reference L_k must hold one value per image ({x.shape[0]}), got shape {tuple(reference.shape)}"
+            f"reference L_k must hold one value per image ({x.shape[0]}), "
+            f"got shape {tuple(reference.shape)}"
         )
     if reference is None:
         was_training = model.training

@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
+from tqdm.auto import tqdm
+
 #: seconds between two lines of a :class:`LineProgress`
 INTERVAL = 30.0
 
@@ -35,8 +37,6 @@ def progress_bar(
     """A progress report of ``total`` units: nothing if not ``enabled`` (``--quiet``), a tqdm
     bar if ``stream`` (default stderr) is a terminal, else a :class:`LineProgress` writing
     at most one line every ``interval`` seconds (default :data:`INTERVAL`)."""
-    from tqdm.auto import tqdm
-
     stream = sys.stderr if stream is None else stream
     if not enabled:
         return tqdm(total=total, disable=True)

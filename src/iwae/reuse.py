@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+from iwae.config import TrainConfig
 from iwae.errors import IwaeError
 from iwae.grids import Run
 from iwae.rundir import CONFIG_FILE, SUMMARY_FILE, WEIGHTS_FILE, read_json, write_json
@@ -24,8 +25,6 @@ def reuse_runs(
     (runs that start from another run's weights are not reused). A copied run keeps its
     training (weights, metrics, summary); it is evaluated here as this experiment asks,
     unless its evaluation already matches. Returns the names of the runs copied."""
-    from iwae.train import TrainConfig
-
     for source in sources:
         if not (source / "runs").is_dir():
             raise IwaeError(f"--reuse {source}: not an experiment directory (no runs/ in it)")
@@ -91,8 +90,6 @@ def _as_written(config: dict) -> dict | None:
     """The keys of ``config`` as this version writes them into ``config.json`` (lists, and
     the keys an older version did not write at the values they stand for), or None if it is
     not a valid configuration."""
-    from iwae.train import TrainConfig
-
     try:
         return json.loads(json.dumps(TrainConfig.from_dict(config).to_dict()))
     except (IwaeError, TypeError, ValueError):  # a hand-edited config.json can hold anything

@@ -25,6 +25,7 @@ loaded: tensors are safetensors, the rest is JSON.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import asdict, dataclass
@@ -40,7 +41,8 @@ from iwae.errors import IwaeError, RunDirError
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CHECKPOINT_FILE = "checkpoint.safetensors"
-#: a lockstep group's next checkpoint, before every member has one (see iwae.train.settle_group_checkpoint)
+#: a lockstep group's next checkpoint, before every member has one
+#: (see iwae.train.settle_group_checkpoint)
 CHECKPOINT_NEXT_FILE = "checkpoint.next.safetensors"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -246,7 +248,8 @@ def write_per_example(path: str | Path, per_image: dict[str, torch.Tensor], test
     }
     if any(len(c) != len(index) for c in columns.values()):
         raise ValueError(
-            f"per-image values of {[len(c) for c in columns.values()]} images for {len(index)} indices"
+            f"per-image values of {[len(c) for c in columns.values()]} images "
+            f"for {len(index)} indices"
         )
     table = np.empty(
         len(index), dtype=[("index", np.int64)] + [(name, np.float32) for name in columns]
@@ -275,7 +278,8 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 def write_metrics(run_dir: str | Path, records: list[dict]) -> None:
-    """Replace ``metrics.jsonl`` with ``records`` (a resumed run drops the passes after its checkpoint)."""
+    """Replace ``metrics.jsonl`` with ``records`` (a resumed run drops the passes after its
+    checkpoint)."""
     atomic_write(
         Path(run_dir) / METRICS_FILE,
         lambda f: f.write("".join(json.dumps(r) + "\n" for r in records).encode()),
@@ -291,7 +295,8 @@ def prepare_run_dir(out: str | Path, overwrite: bool = False) -> Path:
     _check_parents(out, "--out")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise RunDirError(
-            f"{out} is not empty: choose another --out, continue it with --resume, or pass --overwrite to replace it"
+            f"{out} is not empty: choose another --out, continue it with --resume, "
+            "or pass --overwrite to replace it"
         )
     return out
 
@@ -391,8 +396,6 @@ def generator_state(generator: torch.Generator, state: torch.Tensor) -> torch.Te
     state and schedule; a CPU and a GPU never give the same numbers bit for bit anyway)."""
     if state.numel() == generator.get_state().numel():
         return state
-    import hashlib
-
     seed = int.from_bytes(hashlib.sha256(state.cpu().numpy().tobytes()).digest()[:8], "little") >> 1
     return torch.Generator(device=generator.device).manual_seed(seed).get_state()
 

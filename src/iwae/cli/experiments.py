@@ -11,6 +11,7 @@ import time
 import torch
 
 from iwae import data as iwae_data
+from iwae import experiments as iwae_experiments
 from iwae.cli.options import (
     DATASET_HELP,
     EXIT_TIME_LIMIT,
@@ -284,13 +285,9 @@ def parse_only(items: list[str]) -> dict[str, str | list[str]]:
     return only
 
 
-# _reproduce imports iwae.experiments.reproduce when it runs, not at the top of this module: tests
-# replace it on the module (monkeypatch), which a name imported here at start-up would not see.
 def _reproduce(args) -> int:
-    from iwae.experiments import reproduce
-
     only = parse_only(args.only)
-    results = reproduce(
+    results = iwae_experiments.reproduce(
         args.experiment,
         args.out,
         stages=args.stages,

@@ -5,17 +5,24 @@ a figure is drawn."""
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from iwae.data import atomic_write, tile_images
+from iwae.errors import IwaeError
 from iwae.report.cells import units_text
 from iwae.report.results import FIRST, RunResult, images_kind
+from iwae.rundir import WEIGHTS_FILE
+from iwae.runs import load_run
 
 
+# matplotlib is imported inside the functions that draw: importing it (pyplot: about a second)
+# at the top would slow down every command of the CLI, which imports this module.
 def _plt():
     """matplotlib's pyplot on the Agg backend (no display)."""
     import matplotlib
@@ -28,8 +35,6 @@ def _plt():
 
 def _save(fig, path: Path) -> None:
     """Save ``fig`` as a PNG at ``path`` atomically and close it."""
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     _plt().close(fig)
@@ -39,13 +44,10 @@ def _save(fig, path: Path) -> None:
 def save_image_grid(
     images: np.ndarray, path: str | Path, side: int = 28, cols: int | None = None, shape=None
 ) -> None:
-    """Save images (pixel values in [0, 1], ink = 1) as a PNG grid, black ink on white, atomically;
-    tiles of the image shape ``shape`` (see :func:`iwae.data.tile_images`), else side x side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Save images (pixel values in [0, 1], ink = 1) as a PNG grid, black ink on white,
+    atomically; tiles of the image shape ``shape`` (see :func:`iwae.data.tile_images`), else
+    side x side."""
+    plt = _plt()
     grid = tile_images(images, side, cols, shape=shape)
     atomic_write(
         Path(path),
@@ -324,11 +326,6 @@ def _plot_activity(results: list[RunResult], path: Path) -> None:
 def _save_samples(r: RunResult, meta, fig_dir: Path, name: str) -> bool:
     """Draw 64 samples of run ``r`` into ``fig_dir/samples/name`` unless drawn from its
     current weights already; False where its model cannot be loaded."""
-    import torch
-
-    from iwae.errors import IwaeError
-    from iwae.train import WEIGHTS_FILE, load_run
-
     path = fig_dir / "samples" / name
     weights = Path(meta["_dir"]) / "runs" / r.name / WEIGHTS_FILE
     if path.exists() and weights.exists() and path.stat().st_mtime >= weights.stat().st_mtime:

@@ -6,18 +6,18 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
 
 from iwae.data import TEST_SIZES
+from iwae.rundir import read_evaluation_images, read_metrics
 
 
 def paper_tables() -> dict:
     """The published numbers (Burda et al. 2016 Tables; Rainforth et al. 2018), shipped with
     the package."""
-    from importlib.resources import files
-
     return json.loads(files("iwae").joinpath("paper_tables.json").read_text())
 
 
@@ -59,8 +59,6 @@ class RunResult:
 def load_experiment(exp_dir: Path) -> tuple[dict, list[RunResult]]:
     """``(experiment.json, its runs)`` of the experiment directory ``exp_dir``, each run
     linked to the run it continues."""
-    from iwae.train import read_metrics
-
     meta = read_json_or_none(exp_dir / "experiment.json")
     results = []
     for run in meta["runs"]:
@@ -119,8 +117,6 @@ def per_image_values(r: RunResult) -> dict[str, np.ndarray] | None:
     where there are none or they do not belong to its evaluation.json."""
     if not r._images_read:
         r._images_read = True
-        from iwae.train import read_evaluation_images
-
         tensors = read_evaluation_images(r.run_dir) if r.run_dir is not None else None
         if tensors is not None and r.evaluation is not None:
             t = {

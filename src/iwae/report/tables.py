@@ -31,6 +31,7 @@ from iwae.report.results import (
     read_json_or_none,
     table_rows,
 )
+from iwae.rundir import AIS_FILE, BDMC_FIGURE, BDMC_FILE
 
 
 def _title(name: str) -> str:
@@ -216,8 +217,6 @@ def ais_section(directory: Path) -> list[str]:
     """The section on log p(x) beyond L_5000, from ``directory/ais/*/ais.json`` (``iwae
     evaluate --method ais --out``) and ``directory/ais/*/bdmc.json`` (``iwae bdmc --out``,
     with its figure ``bdmc.png``); no lines where there are none."""
-    from iwae.rundir import AIS_FILE, BDMC_FILE
-
     runs = sorted(p for p in (Path(directory) / AIS_DIR).glob("*") if p.is_dir())
     ais = [(p.name, read_json_or_none(p / AIS_FILE)) for p in runs]
     ais = [(name, r) for name, r in ais if isinstance(r, dict) and "log_px_ais" in r]
@@ -259,8 +258,6 @@ def _ais_table(ais: list[tuple[str, dict]]) -> list[str]:
 def _bdmc_table(bdmc: list[tuple[Path, dict]]) -> list[str]:
     """One row per model (directory, ``bdmc.json``) and number of annealing steps: the BDMC
     bounds and their gap; then the figures found."""
-    from iwae.rundir import BDMC_FIGURE
-
     lines = [
         "BDMC on images simulated from each model (mean over images; gap = upper − lower):",
         "",
