@@ -226,6 +226,6 @@ def add_time_limit(parser: argparse.ArgumentParser, continued_by: str, note: str
         metavar="MINUTES",
         help="stop training after this many minutes (wall clock), every run in training "
         f"checkpointed at the step it reached, and exit with code {EXIT_TIME_LIMIT}: "
-        f"{continued_by} continues (for batch-system jobs and lent machines; default: no limit)"
-        + note,
+        f"{continued_by} continues (for batch-system jobs and time-limited machines; "
+        "default: no limit)" + note,
     )
