@@ -129,11 +129,12 @@ def worker_main(phases: dict) -> None:
     with open(spec_path) as f:
         spec = json.load(f)
     threads = spec.get("threads")
-    import torch
+    import torch  # here, not at the top: the orchestrator imports this module without torch
 
     if threads:
         torch.set_num_threads(int(threads))
-    # denormals flushed to zero where the spec says (bench/run.py: iwae's default, on; pythae's, off)
+    # denormals flushed to zero where the spec says (bench/run.py: iwae's default, on;
+    # pythae's, off)
     torch.set_flush_denormal(bool(spec.get("flush_denormal", False)))
     rss_after_import = current_rss_mib()
     result = phases[spec["phase"]](spec)

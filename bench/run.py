@@ -141,7 +141,8 @@ class Runner:
         )
         if proc.returncode != 0:
             raise RuntimeError(
-                f"{worker} phase {spec['phase']} failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}"
+                f"{worker} phase {spec['phase']} failed (exit {proc.returncode}):\n"
+                f"{proc.stdout[-4000:]}"
             )
         result = json.loads(out_path.read_text())
         result["wall_s"] = round(time.perf_counter() - t0, 2)
@@ -196,7 +197,8 @@ def main(argv=None) -> int:
     use_pythae = not args.no_pythae
     if use_pythae and not Path(args.pythae_python).exists():
         p.error(
-            f"{args.pythae_python} not found: run `bash bench/setup_pythae.sh` first, or pass --no-pythae"
+            f"{args.pythae_python} not found: run `bash bench/setup_pythae.sh` first, or pass "
+            "--no-pythae"
         )
     started = time.perf_counter()
     py_iwae, py_pythae = sys.executable, args.pythae_python
@@ -206,7 +208,8 @@ def main(argv=None) -> int:
         data_file = str(Path(tmp) / "data.npz")
         base = {"data_file": data_file}
         print(
-            f"iwae benchmark ({'quick' if args.quick else 'full'}), {threads} thread(s), {cpu_model()}"
+            f"iwae benchmark ({'quick' if args.quick else 'full'}), {threads} thread(s), "
+            f"{cpu_model()}"
         )
         meta = runner.run(
             py_iwae,
@@ -457,8 +460,10 @@ def main(argv=None) -> int:
         "flops": {
             **flops,
             "formula": {
-                "train_per_example": "sum over Linear layers of 2*d_in*d_out*(2 + [input needs grad]) "
-                "* (k if the layer runs per sample else 1)",
+                "train_per_example": (
+                    "sum over Linear layers of 2*d_in*d_out*(2 + [input needs grad]) "
+                    "* (k if the layer runs per sample else 1)"
+                ),
                 "eval_per_sample": "sum over per-sample Linear layers of 2*d_in*d_out "
                 "+ (1/k) * sum over per-example Linear layers of 2*d_in*d_out",
             },
@@ -471,8 +476,10 @@ def main(argv=None) -> int:
             "iwae": train_ours,
             "pythae": train_pythae or None,
             "pythae_flushed": train_pythae_ftz or None,
-            "note": "iwae: iwae.train.train_step with iwae.train.adam, as iwae.train.train runs it; "
-            "pythae: BaseTrainer.train_step's body",
+            "note": (
+                "iwae: iwae.train.train_step with iwae.train.adam, as iwae.train.train runs it; "
+                "pythae: BaseTrainer.train_step's body"
+            ),
         },
         "eval": {"iwae": eval_ours, "pythae": eval_pythae, "k": EVAL_K},
         "correctness": correctness,
@@ -511,7 +518,8 @@ def _fmt(x, spec=".2f"):
 def print_table(r: dict) -> None:
     m = r["meta"]
     print(
-        f"\n{m['date']}  torch {m['torch']}  {m['cpu_model']}  threads={m['threads']}  data={m['data'][:40]}"
+        f"\n{m['date']}  torch {m['torch']}  {m['cpu_model']}  threads={m['threads']}  "
+        f"data={m['data'][:40]}"
     )
     print(
         f"matmul fp32 peak {r['roofline']['peak_gflops_fp32']:.1f} GFLOP/s; "
@@ -520,67 +528,74 @@ def print_table(r: dict) -> None:
         )
     )
     print(
-        "\nTRAINING (IWAE, Adam)       iwae ex/s   pythae ex/s   ratio   iwae GFLOP/s  roofline  peak RSS MiB (iwae/pythae)"
-        "  threads (iwae/pythae)"
+        "\nTRAINING (IWAE, Adam)       iwae ex/s   pythae ex/s   ratio   iwae GFLOP/s  roofline  "
+        "peak RSS MiB (iwae/pythae)  threads (iwae/pythae)"
     )
     py = {(x["layers"], x["k"], x["batch"]): x for x in (r["train"]["pythae"] or [])}
     for x in r["train"]["iwae"]:
         y = py.get((x["layers"], x["k"], x["batch"]))
+        ratio = _fmt(y and x["examples_per_s"] / y["examples_per_s"])
+        rss_pythae = _fmt(y and y["memory"]["peak_rss_mib"], ".0f")
         print(
-            f"  L{x['layers']} k={x['k']:<3} batch={x['batch']:<4}      {x['examples_per_s']:9.0f}   "
-            f"{_fmt(y and y['examples_per_s'], '11.0f'):>11}   {_fmt(y and x['examples_per_s'] / y['examples_per_s']):>5}"
-            f"   {x['gflops']:10.1f}   {x['roofline_fraction']:7.1%}   "
-            f"{x['memory']['peak_rss_mib']:.0f}/{_fmt(y and y['memory']['peak_rss_mib'], '.0f'):<9}"
-            f"  {x.get('threads', '-')}/{y.get('threads', '-') if y else '-'}"
+            f"  L{x['layers']} k={x['k']:<3} batch={x['batch']:<4}      "
+            f"{x['examples_per_s']:9.0f}   {_fmt(y and y['examples_per_s'], '11.0f'):>11}   "
+            f"{ratio:>5}   {x['gflops']:10.1f}   {x['roofline_fraction']:7.1%}   "
+            f"{x['memory']['peak_rss_mib']:.0f}/{rss_pythae:<9}  "
+            f"{x.get('threads', '-')}/{y.get('threads', '-') if y else '-'}"
         )
     print(
-        f"\nEVALUATION (k={r['eval']['k']})      iwae img/s  (10k in s)   pythae img/s (10k in s)   ratio   roofline  peak RSS MiB"
+        f"\nEVALUATION (k={r['eval']['k']})      iwae img/s  (10k in s)   "
+        "pythae img/s (10k in s)   ratio   roofline  peak RSS MiB"
     )
     pe = r["eval"]["pythae"]
     for x in r["eval"]["iwae"]:
         y = pe if x["layers"] == 1 else None
+        ratio = _fmt(y and x["images_per_s"] / y["images_per_s"])
+        rss_pythae = _fmt(y and y["memory"]["peak_rss_mib"], ".0f")
         print(
-            f"  L{x['layers']}                      {x['images_per_s']:8.1f}  ({x['seconds_per_10k']:7.0f})   "
-            f"{_fmt(y and y['images_per_s'], '10.1f'):>10} ({_fmt(y and y['seconds_per_10k'], '7.0f'):>7})    "
-            f"{_fmt(y and x['images_per_s'] / y['images_per_s']):>5}   {x['roofline_fraction']:7.1%}   "
-            f"{x['memory']['peak_rss_mib']:.0f}/{_fmt(y and y['memory']['peak_rss_mib'], '.0f')}"
+            f"  L{x['layers']}                      {x['images_per_s']:8.1f}  "
+            f"({x['seconds_per_10k']:7.0f})   {_fmt(y and y['images_per_s'], '10.1f'):>10} "
+            f"({_fmt(y and y['seconds_per_10k'], '7.0f'):>7})    {ratio:>5}   "
+            f"{x['roofline_fraction']:7.1%}   {x['memory']['peak_rss_mib']:.0f}/{rss_pythae}"
         )
     c = r["correctness"]
     print(
-        f"\nCORRECTNESS (fast vs float64 torch.distributions reference, same eps, tol {c['tolerance_nats']:g} nats): "
-        f"{'PASS' if c['passed'] else 'FAIL'}"
+        "\nCORRECTNESS (fast vs float64 torch.distributions reference, same eps, tol "
+        f"{c['tolerance_nats']:g} nats): {'PASS' if c['passed'] else 'FAIL'}"
     )
     for x in c["checks"]:
         d = x["max_abs_diff_per_example"]
         print(
-            f"  L{x['layers']} max_rows={x['max_rows'] or 'default'}: NLL {x['nll_fast']:.4f} vs {x['nll_reference']:.4f}; "
-            f"max |diff| log_px {d['log_px']:.1e}, iwae64 {d['small']:.1e}, elbo {d['elbo']:.1e}"
+            f"  L{x['layers']} max_rows={x['max_rows'] or 'default'}: NLL {x['nll_fast']:.4f} vs "
+            f"{x['nll_reference']:.4f}; max |diff| log_px {d['log_px']:.1e}, iwae64 "
+            f"{d['small']:.1e}, elbo {d['elbo']:.1e}"
         )
     f = r.get("ftz")
     if f:
         print(
-            f"\nDENORMALS (IWAE k=50, L1, batch 20, after one pass of k=5 over {f['n_train']} MNIST images; "
-            f"{f['denormal_values_in_state']} denormal values in weights and Adam state): flushed "
-            f"{f['examples_per_s_flushed']:.0f} ex/s, not flushed {f['examples_per_s_not_flushed']:.0f} ex/s, "
-            f"speed-up {f['ftz_speedup_k50']:.2f}x"
+            f"\nDENORMALS (IWAE k=50, L1, batch 20, after one pass of k=5 over {f['n_train']} "
+            f"MNIST images; {f['denormal_values_in_state']} denormal values in weights and Adam "
+            f"state): flushed {f['examples_per_s_flushed']:.0f} ex/s, not flushed "
+            f"{f['examples_per_s_not_flushed']:.0f} ex/s, speed-up {f['ftz_speedup_k50']:.2f}x"
         )
     ls = r.get("lockstep")
     if ls:
         print(
-            f"\nLOCKSTEP ({ls['models']} models: VAE and IWAE x 4 seeds, 1 layer, batch {ls['batch']}, "
-            f"{ls['threads']} thread): model-steps/s single / lockstep / ratio"
+            f"\nLOCKSTEP ({ls['models']} models: VAE and IWAE x 4 seeds, 1 layer, batch "
+            f"{ls['batch']}, {ls['threads']} thread): model-steps/s single / lockstep / ratio"
         )
         for k, v in ls["by_k"].items():
             print(
-                f"  k={k:<3} {v['single_model_steps_per_s']:8.0f} {v['lockstep_model_steps_per_s']:8.0f}   "
-                f"{v['lockstep_speedup']:.2f}x"
+                f"  k={k:<3} {v['single_model_steps_per_s']:8.0f} "
+                f"{v['lockstep_model_steps_per_s']:8.0f}   {v['lockstep_speedup']:.2f}x"
             )
     g = r.get("grid")
     if g:
         print(
-            f"GRID (table1 MNIST 1 layer k=5 x 4 seeds, n_train={g['overrides']['n_train']}, {g['workers']} workers): "
-            f"one run per process {g['seconds']['one_run_per_process']:.1f} s, lockstep {g['seconds']['lockstep']:.1f} s, "
-            f"{g['grid_speedup']:.2f}x"
+            f"GRID (table1 MNIST 1 layer k=5 x 4 seeds, n_train={g['overrides']['n_train']}, "
+            f"{g['workers']} workers): one run per process "
+            f"{g['seconds']['one_run_per_process']:.1f} s, "
+            f"lockstep {g['seconds']['lockstep']:.1f} s, {g['grid_speedup']:.2f}x"
         )
     print_groups(r.get("groups"))
     pf = (r["train"].get("pythae_flushed") or [None])[0]

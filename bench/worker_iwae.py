@@ -13,7 +13,9 @@ import copy
 import json
 import math
 import os
+import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,8 +29,21 @@ from _common import time_steps, worker_main  # noqa: E402
 import iwae  # noqa: E402
 from iwae import model as iwae_model  # noqa: E402
 from iwae.bounds import Objective  # noqa: E402
+from iwae.data import binarize_fixed, load_mnist  # noqa: E402
 from iwae.evaluate import MAX_ROWS, evaluate, log_weight_reductions  # noqa: E402
+from iwae.experiments import reproduce  # noqa: E402
 from iwae.model import PRESETS, VAE, ModelConfig  # noqa: E402
+from iwae.rundir import CHECKPOINT_FILE, load_checkpoint  # noqa: E402
+from iwae.train import (  # noqa: E402
+    LockstepStep,
+    TrainConfig,
+    adam,
+    auto_threads,
+    pick_device,
+    train,
+    train_lockstep,
+    train_step,
+)
 
 # -- data -------------------------------------------------------------------------------
 
@@ -40,8 +55,6 @@ def prepare_data(spec) -> dict:
     n_train, n_test = spec["n_train_pool"], spec["n_test"]
     source = "synthetic"
     try:
-        from iwae.data import binarize_fixed, load_mnist
-
         if spec.get("data_dir") is None:
             raise FileNotFoundError("no data dir")
         arrays = load_mnist(spec["data_dir"], download=False)
@@ -96,8 +109,6 @@ def matmul_gflops(m: int, k: int, n: int, dtype, min_s: float) -> float:
 
 
 def phase_meta(spec) -> dict:
-    from iwae.train import auto_threads
-
     source = prepare_data(spec)
     shapes = spec["matmul_shapes"]
     roof = []
@@ -138,8 +149,6 @@ def make_train_step(
     Objective.backward, the non-finite check, Adam.step) with its optimizer (iwae.train.adam)
     and its generator; the pool of images is re-binarized and re-shuffled each pass as
     train.py does for the whole training set."""
-    from iwae.train import adam, train_step
-
     torch.manual_seed(seed)
     model = VAE(ModelConfig.preset(layers), pixel_mean=pixel_mean)
     objective = Objective("iwae", k=k)
@@ -192,15 +201,31 @@ def phase_train(spec) -> dict:
 # -- denormals: k=50 steps with and without flushing, on a model trained for a pass -------
 
 
+def _ftz_step(model, objective, optimizer, params, train_x, seed: int):
+    """A training step (``train_step``) on the next batch of 20 of ``train_x``, binarized
+    with a generator seeded ``seed``, as a function of no arguments."""
+    generator, state = torch.Generator().manual_seed(seed), {"i": 0}
+
+    def step():
+        i = state["i"] % (train_x.shape[0] // 20)
+        state["i"] += 1
+        train_step(
+            model,
+            objective,
+            optimizer,
+            torch.bernoulli(train_x[i * 20 : (i + 1) * 20], generator=generator),
+            generator,
+            params,
+        )
+
+    return step
+
+
 def phase_ftz(spec) -> dict:
     """Train IWAE k=5 (1 layer, batch 20) for one pass over MNIST with iwae.train.train, so
     that weights, gradients and Adam's moments are those of a real run, then time IWAE k=50
     training steps from that state (weights and Adam state restored before each block)
     with denormals flushed and not, in alternating blocks; returns examples/s of each."""
-    import tempfile
-
-    from iwae.rundir import CHECKPOINT_FILE, load_checkpoint
-    from iwae.train import TrainConfig, adam, train, train_step
 
     t = spec["timing"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -240,24 +265,10 @@ def phase_ftz(spec) -> dict:
         torch.set_flush_denormal(flush)
         model.load_state_dict(saved[0])
         optimizer.load_state_dict(saved[1])
-        generator, state = torch.Generator().manual_seed(block), {"i": 0}
-
-        def step():
-            i = state["i"] % (train_x.shape[0] // 20)
-            state["i"] += 1
-            train_step(
-                model,
-                objective,
-                optimizer,
-                torch.bernoulli(train_x[i * 20 : (i + 1) * 20], generator=generator),
-                generator,
-                params,
-            )
-
+        step = _ftz_step(model, objective, optimizer, params, train_x, block)
         timing = time_steps(step, t["warmup_steps"], 0.0, 1, t["min_s"])
         rates[flush].append(timing["median_steps_per_s"] * 20)
     torch.set_flush_denormal(True)
-    import statistics
 
     on, off = statistics.median(rates[True]), statistics.median(rates[False])
     return {
@@ -276,8 +287,6 @@ def phase_ftz(spec) -> dict:
 
 def _eight_models(k: int, pixel_mean):
     """VAE and IWAE with k samples x seeds 0..3 (1 layer): models, objectives, generators."""
-    from iwae.train import adam
-
     models, objectives, generators, optimizers = [], [], [], []
     for seed in range(4):
         for name in ("vae", "iwae"):
@@ -289,35 +298,40 @@ def _eight_models(k: int, pixel_mean):
     return models, objectives, generators, optimizers
 
 
+def _eight_model_rounds(k: int, train_x, pixel_mean):
+    """(one step of each of :func:`_eight_models` in turn, one step of all 8 together by a
+    LockstepStep): 8 model-steps each, on the next batches of 20 of ``train_x``."""
+    models, objectives, generators, optimizers = _eight_models(k, pixel_mean)
+    params = [(m.encoder_parameters(), m.decoder_parameters()) for m in models]
+    n_batches, state = train_x.shape[0] // 20, {"i": 0}
+
+    def batch(j):
+        i = (state["i"] + j) % n_batches
+        return torch.bernoulli(train_x[i * 20 : (i + 1) * 20], generator=generators[j])
+
+    def single_round():
+        for j, m in enumerate(models):
+            train_step(m, objectives[j], optimizers[j], batch(j), generators[j], params[j])
+        state["i"] += 1
+
+    lock = LockstepStep(models, objectives, generators)
+
+    def lockstep_round():
+        lock.step(torch.stack([batch(j) for j in range(len(models))]))
+        state["i"] += 1
+
+    return single_round, lockstep_round
+
+
 def phase_lockstep(spec) -> dict:
     """Model-steps/s of 8 MNIST 1-layer models (VAE and IWAE x 4 seeds), batch 20: each
     stepped alone in turn by iwae.train.train_step, and all 8 by iwae.train.LockstepStep;
     ``lockstep_speedup`` = lockstep model-steps/s / single model-steps/s, per k."""
-    from iwae.train import LockstepStep, train_step
-
     train_x, _, pixel_mean = load_data(spec)
-    t, n_batches = spec["timing"], train_x.shape[0] // 20
+    t = spec["timing"]
     results = {}
     for k in spec["ks"]:
-        models, objectives, generators, optimizers = _eight_models(k, pixel_mean)
-        params = [(m.encoder_parameters(), m.decoder_parameters()) for m in models]
-        state = {"i": 0}
-
-        def batch(j):
-            i = (state["i"] + j) % n_batches
-            return torch.bernoulli(train_x[i * 20 : (i + 1) * 20], generator=generators[j])
-
-        def single_round():  # one step of each model in turn: 8 model-steps
-            for j, m in enumerate(models):
-                train_step(m, objectives[j], optimizers[j], batch(j), generators[j], params[j])
-            state["i"] += 1
-
-        lock = LockstepStep(models, objectives, generators)
-
-        def lockstep_round():  # one step of all 8 together: 8 model-steps
-            lock.step(torch.stack([batch(j) for j in range(len(models))]))
-            state["i"] += 1
-
+        single_round, lockstep_round = _eight_model_rounds(k, train_x, pixel_mean)
         single = time_steps(
             single_round, t["warmup_steps"], t["warmup_s"], t["repeats"], t["min_s"]
         )
@@ -338,9 +352,6 @@ def phase_grid(spec) -> dict:
     """Wall time of ``iwae reproduce table1 --only dataset=mnist --only layers=1 --only k=5
     --seeds 4`` (8 runs) at a fixed short budget on ``workers`` worker processes: one run per
     process, then in lockstep; ``grid_speedup`` = the first / the second."""
-    import tempfile
-
-    from iwae.experiments import reproduce
 
     walls = {}
     for lockstep in (False, True):
@@ -377,9 +388,6 @@ def phase_grid(spec) -> dict:
 def _time_group(layers: int, k: int, group: int, cuda_graphs: str, device, spec) -> dict:
     """Train ``group`` runs (IWAE and VAE alternating, seeds 0, 1, ...) side by side with
     :func:`iwae.train.train_lockstep` and time the last pass: one row of :func:`phase_groups`."""
-    import tempfile
-
-    from iwae.train import TrainConfig, train_lockstep
 
     configs = [
         TrainConfig(
@@ -431,8 +439,6 @@ def phase_groups(spec) -> dict:
     replayed from a CUDA graph. Off CUDA the rows that ask for graphs ``off`` are left out
     (the same as ``auto`` there). A ``cuda`` device without CUDA skips the phase
     (``skipped`` says why)."""
-    from iwae.train import pick_device
-
     if str(spec["device"]).startswith("cuda") and not torch.cuda.is_available():
         return {"skipped": f"device {spec['device']!r} asked for, but torch sees no CUDA device"}
     device = pick_device(spec["device"])

@@ -10,6 +10,7 @@ iwae's "exp" scale. Initialization as in iwae: Glorot-uniform weights, zero bias
 
 from __future__ import annotations
 
+import importlib.metadata as md
 import os
 import sys
 import time
@@ -80,9 +81,32 @@ def load_data(spec):
 
 
 def phase_meta(spec) -> dict:
-    import importlib.metadata as md
-
     return {"torch": torch.__version__, "pythae": md.version("pythae")}
+
+
+def _train_step(model, optimizer, train_x, batch: int):
+    """BaseTrainer.train_step's body on the next ``batch`` images of a pool re-binarized and
+    re-shuffled whenever it runs out, as a function of no arguments."""
+    n = train_x.shape[0]
+    state = {"i": n, "xb_all": None, "epoch_loss": 0.0}
+
+    def step():
+        if state["i"] + batch > n:
+            state["xb_all"] = torch.bernoulli(train_x[torch.randperm(n)])
+            state["i"] = 0
+        xb = state["xb_all"][state["i"] : state["i"] + batch]
+        state["i"] += batch
+        inputs = DatasetOutput(data=xb)
+        model_output = model(inputs, epoch=1, dataset_size=n, uses_ddp=False)
+        loss = model_output.loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        state["epoch_loss"] += loss.item()
+        if state["epoch_loss"] != state["epoch_loss"]:
+            raise ArithmeticError("NaN detected in train loss")
+
+    return step
 
 
 def phase_train(spec) -> dict:
@@ -99,25 +123,8 @@ def phase_train(spec) -> dict:
         model = build(job["k"], pixel_mean)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-4)
         model.train()
-        n, batch = train_x.shape[0], job["batch"]
-        state = {"i": n, "xb_all": None, "epoch_loss": 0.0}
-
-        def step():
-            if state["i"] + batch > n:
-                state["xb_all"] = torch.bernoulli(train_x[torch.randperm(n)])
-                state["i"] = 0
-            xb = state["xb_all"][state["i"] : state["i"] + batch]
-            state["i"] += batch
-            inputs = DatasetOutput(data=xb)
-            model_output = model(inputs, epoch=1, dataset_size=n, uses_ddp=False)
-            loss = model_output.loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            state["epoch_loss"] += loss.item()
-            if state["epoch_loss"] != state["epoch_loss"]:
-                raise ArithmeticError("NaN detected in train loss")
-
+        batch = job["batch"]
+        step = _train_step(model, optimizer, train_x, batch)
         timing = time_steps(step, t["warmup_steps"], t["warmup_s"], t["repeats"], t["min_s"])
         results.append(
             {

@@ -1,7 +1,8 @@
 # Showed: fused Adam, 4,096-row evaluation chunks, sigmoid-form tanh pay; torch.compile, bf16 don't.
 """Speed experiments for iwae's training step and evaluation (prototypes, not the package).
 
-    OMP_NUM_THREADS=1 PYTHONPATH=src python bench/prototypes/experiments_speed.py [train|eval|micro|all] [--rounds 7] [--only V ...] [--out FILE]
+    OMP_NUM_THREADS=1 PYTHONPATH=src python bench/prototypes/experiments_speed.py \
+        [train|eval|micro|all] [--rounds 7] [--only V ...] [--out FILE]
 
 Every variant is compared with the baseline IN THE SAME PROCESS, interleaved in rounds
 (baseline, variant 1, variant 2, ..., then again), and the median time per round is
@@ -16,12 +17,15 @@ Training variants (1 stochastic layer, batch 20, k = 5 and 50, the loop of iwae.
   ll_hybrid                          the direct form below 10 samples per example, iwae's form above
   proposed                           ll_hybrid + Adam(fused=True): the changes proposed for src/iwae
   merged_gauss                       one Linear for (mean, log-std) of each Gaussian layer
-  compile_lw / compile_lw_maxauto    torch.compile(model.log_weights), default / max-autotune-no-cudagraphs
-  compile_step                       torch.compile of the whole step (zero_grad, forward, backward, Adam)
+  compile_lw / compile_lw_maxauto    torch.compile(model.log_weights), default /
+                                     max-autotune-no-cudagraphs
+  compile_step                       torch.compile of the whole step (zero_grad, forward,
+                                     backward, Adam)
   threads2                           the baseline under torch.set_num_threads(2)
   torch_tanh                         torch.tanh in every hidden layer instead of iwae.model.Tanh
                                      (2 sigmoid(2x) - 1 on large CPU tensors)
-Evaluation variants (1 layer, k = 5000, a few MNIST test images, iwae.evaluate.log_weight_reductions):
+Evaluation variants (1 layer, k = 5000, a few MNIST test images,
+iwae.evaluate.log_weight_reductions):
   max_rows=R                         chunk size (default 32768); other R draw other samples, so
                                      their NLL differs by Monte Carlo noise, not error
   out_layer_bf16                     only the 200 -> 784 logits matmul in bf16
@@ -52,6 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from iwae.bounds import Objective
+from iwae.data import binarize_fixed, load_mnist
 from iwae.evaluate import log_weight_reductions
 from iwae.model import VAE, GaussianLayer, ModelConfig, Tanh, bernoulli_log_prob
 
@@ -61,8 +66,6 @@ ROOT = os.path.dirname(os.path.dirname(HERE))  # the repository: bench/prototype
 
 def load_images(n_train=2000, n_test=64):
     try:
-        from iwae.data import binarize_fixed, load_mnist
-
         d = load_mnist(
             os.environ.get("IWAE_DATA") or os.path.join(ROOT, "..", "shared", "data"),
             download=False,
@@ -238,7 +241,7 @@ def bench_variants(makers: dict, n_steps: int, rounds: int, threads: dict) -> di
             _settle(threads.get(name, 1))
     pooled = out["baseline"]["times"] + out.get("baseline_repeat", {"times": []})["times"]
     base_min, base_med = min(pooled), statistics.median(pooled)
-    for name, r in out.items():
+    for r in out.values():
         r["min_s_per_step"] = min(r["times"])
         r["median_s_per_step"] = statistics.median(r["times"])
         r["speedup_vs_baseline"] = base_min / r["min_s_per_step"]
@@ -277,7 +280,7 @@ def run_train(rounds: int, only=None) -> dict:
         for v in TRAIN_VARIANTS:
             if only and v not in only and v not in ("baseline", "baseline_repeat"):
                 continue
-            makers[v] = lambda v=v: make_step(
+            makers[v] = lambda v=v, k=k: make_step(
                 None if v in ("baseline", "baseline_repeat", "threads2") else v,
                 k,
                 20,
@@ -287,13 +290,14 @@ def run_train(rounds: int, only=None) -> dict:
         r = bench_variants(makers, n_steps, rounds, {"threads2": 2})
         results[f"k={k}"] = r
         print(
-            f"\nTRAIN 1 layer, batch 20, k={k}: speed vs baseline, best (median) of {rounds} rounds x {n_steps} steps"
+            f"\nTRAIN 1 layer, batch 20, k={k}: speed vs baseline, best (median) of {rounds} "
+            f"rounds x {n_steps} steps"
         )
         for name, x in r.items():
             print(
-                f"  {name:<20} {x['speedup_vs_baseline']:5.2f}x ({x['speedup_vs_baseline_median']:4.2f}x)"
-                f"   {1e3 * x['min_s_per_step']:7.2f} ms/step"
-                f"   warm-up/compile {x['compile_or_warmup_s']:6.1f} s",
+                f"  {name:<20} {x['speedup_vs_baseline']:5.2f}x "
+                f"({x['speedup_vs_baseline_median']:4.2f}x)   {1e3 * x['min_s_per_step']:7.2f} "
+                f"ms/step   warm-up/compile {x['compile_or_warmup_s']:6.1f} s",
                 flush=True,
             )
     return results
@@ -402,7 +406,8 @@ def run_eval(rounds: int, n_images: int = 12, k: int = 5000, only=None) -> dict:
     pooled = out["baseline"]["times"] + out.get("baseline_repeat", {"times": []})["times"]
     base = min(pooled)
     print(
-        f"\nEVAL 1 layer, k={k}, {n_images} images: speed vs baseline (max_rows=32768), best (median) of {rounds} rounds"
+        f"\nEVAL 1 layer, k={k}, {n_images} images: speed vs baseline (max_rows=32768), best "
+        f"(median) of {rounds} rounds"
     )
     for name, r in out.items():
         r["min_s"] = min(r["times"])
@@ -411,9 +416,11 @@ def run_eval(rounds: int, n_images: int = 12, k: int = 5000, only=None) -> dict:
         r["speedup_vs_baseline_median"] = statistics.median(pooled) / r["median_s"]
         r["images_per_s"] = n_images / r["min_s"]
         print(
-            f"  {name:<16} {r['speedup_vs_baseline']:5.2f}x ({r['speedup_vs_baseline_median']:4.2f}x) {r['images_per_s']:6.1f} img/s"
-            f"  first call {r['first_call_s']:5.1f} s  page faults/img {statistics.median(r['minor_page_faults']) / n_images:8.0f}"
-            f"  NLL diff vs fp32 {r['nll_diff_vs_fp32']:+.5f} (max per image {r['max_abs_diff_log_px']:.5f})",
+            f"  {name:<16} {r['speedup_vs_baseline']:5.2f}x "
+            f"({r['speedup_vs_baseline_median']:4.2f}x) {r['images_per_s']:6.1f} img/s  first call "
+            f"{r['first_call_s']:5.1f} s  page faults/img "
+            f"{statistics.median(r['minor_page_faults']) / n_images:8.0f}  NLL diff vs fp32 "
+            f"{r['nll_diff_vs_fp32']:+.5f} (max per image {r['max_abs_diff_log_px']:.5f})",
             flush=True,
         )
     return out
@@ -452,7 +459,7 @@ def run_micro() -> dict:
         for v in ("baseline", "ll_plain", "ll_bce", "ll_hybrid", "merged_gauss"):
             m = make_model(1, 0, None, None if v == "baseline" else v)
 
-            def f(m=m):
+            def f(m=m, k=k):
                 m.log_weights(x, k).logsumexp(0).sum().backward()
 
             r[v] = 1e3 * _tmin(f, max(4, 200 // (k + 4)))
@@ -490,7 +497,8 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(1)
     print(
-        f"torch {torch.__version__}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, load {os.getloadavg()}"
+        f"torch {torch.__version__}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, load "
+        f"{os.getloadavg()}"
     )
     res = {"torch": torch.__version__, "load_average_at_start": os.getloadavg()}
     if args.what in ("train", "all"):
