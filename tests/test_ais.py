@@ -29,7 +29,8 @@ def test_sigmoid_schedule():
     assert torch.allclose(
         beta + beta.flip(0), torch.ones(11, dtype=torch.float64), atol=1e-15
     )  # symmetric
-    # smaller steps at the ends than in the middle (delta = 4: s(-4 + 0.8) - s(-4) = 0.0218 of 0.9640)
+    # smaller steps at the ends than in the middle
+    # (delta = 4: s(-4 + 0.8) - s(-4) = 0.0218 of 0.9640)
     steps = beta.diff()
     assert steps[0] < steps[5] / 5
     assert steps[0].item() == pytest.approx(
@@ -55,7 +56,8 @@ def _gaussian(h):
 
 def test_hmc_leaves_a_gaussian_invariant():
     """Chains started far from N(mu, diag sigma^2) (all at 0) reach its mean and variance:
-    with a step of 1.1 sigma_min the leapfrog alone is far off (the Metropolis correction matters)."""
+    with a step of 1.1 sigma_min the leapfrog alone is far off (the Metropolis correction
+    matters)."""
     chains = 4000
     g = torch.Generator().manual_seed(0)
     point = _gaussian(torch.zeros(chains, 1, 3, dtype=torch.float64))

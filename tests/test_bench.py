@@ -52,7 +52,8 @@ def test_bench_quick(tmp_path):
         assert key in r, key
     for key in ("date", "torch", "cpu", "cpu_model", "threads"):
         assert r["meta"][key], key
-    # denormals: k=50 steps flushed / not, on a model trained for a pass (real MNIST beside the checkout)
+    # denormals: k=50 steps flushed / not, on a model trained for a pass (real MNIST beside the
+    # checkout)
     if r["ftz"] is not None:
         assert r["ftz_speedup_k50"] == pytest.approx(
             r["ftz"]["examples_per_s_flushed"] / r["ftz"]["examples_per_s_not_flushed"]

@@ -5,10 +5,14 @@ import math
 import subprocess
 import sys
 
+import matplotlib.image
 import numpy as np
 import pytest
+import torch
 
 from iwae.cli import main
+from iwae.data import binarize_fixed, load_dataset, test_subset_indices
+from iwae.train import read_evaluation_images
 
 
 @pytest.mark.parametrize(
@@ -105,10 +109,6 @@ def test_every_command_has_help():
 )
 def test_end_to_end_on_a_subset(shared_data_dir, tmp_path, capsys, monkeypatch, dataset, layers):
     """Train a few hundred steps, evaluate, sample: the NLL beats the pixel-mean model."""
-    import torch
-
-    from iwae.data import binarize_fixed, load_dataset, test_subset_indices
-    from iwae.train import read_evaluation_images
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     threads_before = torch.get_num_threads()
@@ -150,7 +150,8 @@ def test_end_to_end_on_a_subset(shared_data_dir, tmp_path, capsys, monkeypatch, 
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["pass"] for m in metrics] == [1, 2] and all("test_iwae64" in m for m in metrics)
     assert metrics[1]["train_bound"] > metrics[0]["train_bound"]
-    # --threads auto: batch 20 x 5 samples = 100 rows per step run on one thread; torch restored after
+    # --threads auto: batch 20 x 5 samples = 100 rows per step run on one thread;
+    # torch restored after
     assert json.loads((run / "summary.json").read_text())["torch_threads"] == 1
     assert torch.get_num_threads() == threads_before
 
@@ -187,7 +188,8 @@ def test_end_to_end_on_a_subset(shared_data_dir, tmp_path, capsys, monkeypatch, 
     assert math.isclose(result["neg_kl_q_p"], result["iwae64"] - result["log_px"], rel_tol=1e-9)
 
     # AIS on 50 of those images (the 50-image subset lies inside the 300-image one, so L_200
-    # is read from evaluation.safetensors, not computed again), into --out; evaluation.json untouched
+    # is read from evaluation.safetensors, not computed again), into --out; evaluation.json
+    # untouched
     ais_dir = tmp_path / "ais"
     assert (
         main(
@@ -298,13 +300,10 @@ def test_end_to_end_on_a_subset(shared_data_dir, tmp_path, capsys, monkeypatch, 
 
     grid = tmp_path / "grid.png"
     assert main(["sample", str(run), "--out", str(grid), "--n", "16"]) == 0
-    import matplotlib.image
 
     image = matplotlib.image.imread(grid)
     assert image.shape[:2] == (4 * 29 + 1, 4 * 29 + 1)
 
 
 def matplotlib_image_shape(path):
-    import matplotlib.image
-
     return matplotlib.image.imread(path).shape

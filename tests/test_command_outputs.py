@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_train import small_config, synthetic
 
-from iwae.cli import main
+from iwae.cli import build_parser, main
 from iwae.data import binarize_fixed, test_subset_indices
 from iwae.train import load_run, read_evaluation_images, train
 
@@ -194,8 +194,6 @@ def test_per_example_errors_come_before_any_work(trained, tmp_path, capsys, synt
 
 
 def test_help_names_the_new_options():
-    from iwae.cli import build_parser
-
     sub = build_parser()._subparsers._group_actions[0].choices
     for command, options in {
         "evaluate": ["--per-example", "--overwrite"],

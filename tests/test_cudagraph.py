@@ -13,13 +13,21 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import iwae.cudagraph as cg
+import iwae.experiments
 import iwae.lockstep
 import iwae.runs
 import iwae.train as train_module
+from iwae.bounds import Objective
+from iwae.cli import main
 from iwae.cudagraph import GraphedStep, GraphedSteps, ReplayedNoise
+from iwae.errors import IwaeError
+from iwae.model import VAE, ModelConfig
 from iwae.rundir import CHECKPOINT_FILE
 from iwae.train import (
+    LockstepStep,
     adam,
     learning_rate,
     read_metrics,
@@ -67,8 +75,6 @@ def test_replayed_noise_serves_the_generators_draws_in_order():
 
 
 def _step_body(model, optimizer, k):
-    from iwae.bounds import Objective
-
     objective = Objective("iwae", k=k)
     return lambda x, noise: train_step(model, objective, optimizer, x, noise=noise)
 
@@ -111,7 +117,7 @@ def test_graphed_steps_follow_the_eager_steps_bit_for_bit():
         step = (
             GraphedSteps(body, "cpu", _randn(g), capture=False)
             if graphed
-            else (lambda xb: body(xb, _randn(g)))
+            else (lambda xb, body=body, g=g: body(xb, _randn(g)))
         )
         values = [step(xb)[0].item() for xb in (x, x, x[:3], x, x[:3])]
         runs.append(
@@ -235,8 +241,6 @@ class _HostTraffic:
     OPS = ("aten.lift_fresh", "aten._local_scalar_dense")
 
     def __enter__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
         seen = self.seen = []
 
         class Mode(TorchDispatchMode):
@@ -261,9 +265,6 @@ def test_training_steps_send_nothing_between_host_and_device(objectives):
     the lockstep step (mixed objectives, both gradient routes) build no tensor from Python
     data and read no value back. Found on an H100: a list index in the lockstep bound
     reduction copied to the device in every step, so capture failed and every step waited."""
-    from iwae.bounds import Objective
-    from iwae.model import VAE, ModelConfig
-    from iwae.train import LockstepStep
 
     def objective(name):
         if name in ("dreg", "stl"):
@@ -301,7 +302,6 @@ def test_training_steps_send_nothing_between_host_and_device(objectives):
 def test_a_failed_capture_is_reported_in_the_summary(tmp_path, monkeypatch, lockstep):
     """Where capture fails the run still finishes (eagerly), and ``summary.json`` says so:
     ``cuda_graphs`` false and ``cuda_graph_failure`` the reason, not the path asked for."""
-    import iwae.cudagraph as cg
 
     def refuse(*args, **kwargs):
         raise RuntimeError("Cannot copy between CPU and CUDA tensors during CUDA graph capture")
@@ -324,8 +324,6 @@ def test_a_failed_capture_is_reported_in_the_summary(tmp_path, monkeypatch, lock
 
 
 def test_cuda_graphs_flag_is_checked():
-    from iwae.errors import IwaeError
-
     with pytest.raises(IwaeError, match="--cuda-graphs"):
         train_module.use_cuda_graphs("on", torch.device("cpu"), None)
     assert not train_module.use_cuda_graphs("auto", torch.device("cpu"), None)
@@ -337,9 +335,6 @@ def test_cuda_graphs_flag_is_checked():
 def test_cli_passes_cuda_graphs_on(monkeypatch, tmp_path):
     """``iwae train`` (new and --resume) and ``iwae reproduce`` hand --cuda-graphs to training
     (default auto); it is not a training option, so config.json does not record it."""
-    import iwae.experiments
-    from iwae.cli import main
-
     seen = []
     monkeypatch.setattr(
         train_module,
@@ -447,7 +442,6 @@ def test_captured_step_skips_non_finite_steps_on_cuda():
 def test_a_failed_capture_falls_back_to_eager_steps(monkeypatch):
     """Where capturing raises, the steps run eagerly (with a warning), from the same state and
     the same random stream: the results are the eager steps' bit for bit."""
-    import iwae.cudagraph as cg
 
     def refuse(self):
         raise RuntimeError("operation not permitted when stream is capturing")
@@ -462,7 +456,7 @@ def test_a_failed_capture_falls_back_to_eager_steps(monkeypatch):
             step = GraphedSteps(body, "cpu", _randn(g), capture=True)
         else:
 
-            def step(xb):
+            def step(xb, body=body, g=g):
                 return body(xb, _randn(g))
 
         if fallback:

@@ -1,5 +1,6 @@
 """Tests for iwae.data: loaders, validation of corrupted files, download, caching."""
 
+import csv
 import gzip
 import shutil
 from pathlib import Path
@@ -46,7 +47,8 @@ def _stray_files(*dirs: Path) -> list[Path]:
 
 
 def _mnist_dir(root: Path, shared: Path, skip=(), uncompressed=()) -> Path:
-    """``root/mnist`` with links to the real .gz files, minus ``skip``; ``uncompressed`` gunzipped."""
+    """``root/mnist`` with links to the real .gz files, minus ``skip``; ``uncompressed``
+    gunzipped."""
     d = root / "mnist"
     d.mkdir(parents=True)
     for name in MNIST_NAMES:
@@ -167,7 +169,7 @@ def test_mnist_broken_gzip_raises_naming_file(tmp_path, shared_data_dir, corrupt
     assert str(bad) in str(err.value)
 
 
-# --------------------------------------------------------------------------- MNIST: missing / download
+# ------------------------------------------------------------------------ MNIST: missing / download
 
 
 def test_mnist_missing_without_download_lists_files(tmp_path):
@@ -525,7 +527,7 @@ def test_chardata_mat_bad_values_and_garbage(tmp_path):
     assert str(path) in str(err.value)
 
 
-# --------------------------------------------------------------------------- load_dataset, binarize_fixed
+# --------------------------------------------------------------------- load_dataset, binarize_fixed
 
 
 def test_load_dataset_unknown_name():
@@ -606,8 +608,6 @@ def test_binarized_test_subset_is_the_full_binarization_restricted():
 def test_omniglot_test_subset_covers_every_alphabet(omniglot_built, shared_data_dir):
     """OMNIGLOT's test set is ordered by alphabet: its first 1,000 images come from a few
     alphabets only, a random subset of 1,000 from all of them."""
-    import csv
-
     with open(shared_data_dir / "omniglot" / "characters.csv", newline="") as f:
         alphabets = [
             row["alphabet"] for row in sorted(csv.DictReader(f), key=lambda r: int(r["char_id"]))

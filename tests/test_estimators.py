@@ -9,6 +9,8 @@ tested per parameter against a t quantile with a Bonferroni correction.
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,12 +18,16 @@ from scipy import stats
 from tiny import tiny_data, tiny_model
 
 from iwae.bounds import ESTIMATORS, Objective, miwae
+from iwae.cli import build_parser, main
 from iwae.errors import IwaeError
-from iwae.model import VAE, ModelConfig
+from iwae.evaluate import gradient_snr, gradient_snr_curve, loglog_slope
+from iwae.model import VAE, ModelConfig, gaussian_log_prob
+from iwae.train import TrainConfig, save_weights, write_json
 
 
 def gradients(model, x, objective, seed):
-    """(encoder gradient, decoder gradient, returned value) of ``objective.backward`` with samples from ``seed``."""
+    """(encoder gradient, decoder gradient, returned value) of ``objective.backward`` with
+    samples from ``seed``."""
     model.zero_grad(set_to_none=True)
     log_w = objective.log_weights(model, x, torch.Generator().manual_seed(seed))
     value = objective.backward(log_w, model.encoder_parameters(), model.decoder_parameters())
@@ -33,7 +39,8 @@ def gradients(model, x, objective, seed):
 
 
 def paired_z(model, x, a: Objective, b: Objective, groups=30, copies=400):
-    """Per encoder parameter, t statistic of E[grad_a - grad_b] (same samples for both), and its critical value."""
+    """Per encoder parameter, t statistic of E[grad_a - grad_b] (same samples for both), and
+    its critical value."""
     xs = x.repeat(copies, 1)
     diffs = torch.stack(
         [gradients(model, xs, a, g)[0] - gradients(model, xs, b, g)[0] for g in range(groups)]
@@ -66,7 +73,6 @@ def test_dreg_is_unbiased_with_two_stochastic_layers():
 
 def test_two_layer_test_detects_a_dreg_that_cuts_the_path_through_q_inputs(monkeypatch):
     """The hierarchical test has power: detaching h_{l-1} inside q(h_l | h_{l-1}) biases DReG."""
-    from iwae.model import gaussian_log_prob
 
     def cut(self, hs, x):
         total = 0.0
@@ -152,7 +158,6 @@ def test_estimator_validation_and_names():
         Objective("iwae", 5, estimator="reinforce")
     assert str(Objective("iwae", 5, estimator="dreg")) == "IWAE(k=5) DREG"
     assert str(Objective("iwae", 5)) == "IWAE(k=5)"
-    from iwae.train import TrainConfig
 
     assert TrainConfig(estimator="dreg", k=5).objective_spec.estimator == "dreg"
     with pytest.raises(IwaeError):
@@ -163,8 +168,6 @@ def test_estimator_validation_and_names():
 
 
 def test_gradient_snr_matches_direct_computation():
-    from iwae.evaluate import gradient_snr
-
     model, x = tiny_model(), tiny_data(n=3)
     objective, reps = Objective("iwae", 5), 30
     got = gradient_snr(model, x, objective, reps=reps, seed=4)
@@ -195,8 +198,6 @@ def test_snr_trends_on_a_tiny_model():
     DReG's encoder SNR does not fall. These are large-K trends: they need light-tailed
     weights, so q is made wider than the prior here (with a q narrower than p(h|x) the
     effective sample size grows far slower than K and the trends only set in much later)."""
-    from iwae.evaluate import gradient_snr_curve, loglog_slope
-
     torch.manual_seed(0)
     model, x = VAE(ModelConfig(x_dim=6, latent=(2,), hidden=((8,),))).double(), tiny_data(n=3)
     with torch.no_grad():
@@ -228,8 +229,6 @@ def test_snr_trends_on_a_tiny_model():
     ],
 )
 def test_bad_snr_arguments_exit_2_and_write_nothing(argv, tmp_path, capsys):
-    from iwae.cli import main
-
     out = tmp_path / "snr"
     preset = [] if argv in ([], ["--preset", "burda3"]) else ["--preset", "burda1"]
     with pytest.raises(SystemExit) as e:
@@ -243,9 +242,6 @@ def test_bad_snr_arguments_exit_2_and_write_nothing(argv, tmp_path, capsys):
 
 
 def test_snr_command_on_a_run_directory(shared_data_dir, tmp_path, capsys):
-    from iwae.cli import main
-    from iwae.train import TrainConfig, save_weights, write_json
-
     run = tmp_path / "run"
     run.mkdir()
     small = ModelConfig(latent=(2,), hidden=((4,),))
@@ -312,10 +308,6 @@ def test_snr_command_on_a_run_directory(shared_data_dir, tmp_path, capsys):
 
 
 def test_estimator_on_the_command_line(tmp_path, capsys):
-    import subprocess
-    import sys
-
-    from iwae.cli import build_parser, main
 
     assert (
         build_parser().parse_args(["train", "--estimator", "dreg", "--out", "x"]).estimator

@@ -1,19 +1,36 @@
 """Experiment grids, the resumable runner (local processes and Ray), the report, and the toy."""
 
+import argparse
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 
 import pytest
+import safetensors.torch
+import torch
 
-from iwae.cli import main
+import iwae.experiments as ex
+from iwae.cli import build_parser, main, parse_only
 from iwae.errors import IwaeError
-from iwae.experiments import VARIANTS, Run, grid, reproduce, toy
+from iwae.experiments import (
+    EXPERIMENTS,
+    VARIANTS,
+    Run,
+    _select,
+    grid,
+    reproduce,
+    reuse_runs,
+    run_one,
+    toy,
+)
 from iwae.report import paper_tables, write_report
+from iwae.schedule import run_tasks
 from iwae.train import TrainConfig
 
 TINY = dict(n_train=300, eval_n=50)  # every run of a test grid trains on 300 images
@@ -73,15 +90,16 @@ def test_toy_cli(tmp_path, capsys):
 
 def _sweep_cmd(out, data_dir, backend="local"):
     code = (
-        "import sys; from iwae.experiments import reproduce; "
-        f"reproduce('two-stage', {str(out)!r}, stages=2, workers=2, backend={backend!r}, data_dir={str(data_dir)!r}, "
+        f"import sys; from iwae.experiments import reproduce; reproduce('two-stage', {str(out)!r}, "
+        f"stages=2, workers=2, backend={backend!r}, data_dir={str(data_dir)!r}, "
         f"overrides={TINY!r}, eval_k=64, n_test=50, progress=False)"
     )
     return [sys.executable, "-c", code]
 
 
 def test_killed_sweep_resumes(shared_data_dir, tmp_path):
-    """Kill a sweep (and its workers) once a run has finished; the rerun skips it and finishes the rest."""
+    """Kill a sweep (and its workers) once a run has finished; the rerun skips it and finishes
+    the rest."""
     out = tmp_path / "exp"
     proc = subprocess.Popen(
         _sweep_cmd(out, shared_data_dir),
@@ -131,10 +149,6 @@ def test_killed_sweep_resumes(shared_data_dir, tmp_path):
 
 
 def test_second_stage_starts_from_first_stage_weights(shared_data_dir, tmp_path):
-    import safetensors.torch
-    import torch
-
-    from iwae.experiments import Run, run_one
 
     first = Run("a", dict(dataset="mnist", objective="vae", k=1, epochs=1, **TINY))
     run_one(vars(first), str(tmp_path), str(shared_data_dir), 1, eval_k=8, n_test=10)
@@ -189,9 +203,6 @@ def test_reproduce_cli_errors(tmp_path, capsys):
 
 
 def test_only_repeated_key_matches_any_of_its_values():
-    from iwae.cli import parse_only
-    from iwae.experiments import _select
-
     only = parse_only(["method=IWAE", "method=PIWAE(4,16)", "seed=1", "method=IWAE"])
     assert only == {"method": ["IWAE", "PIWAE(4,16)"], "seed": "1"}
     picked = _select(grid("variants", stages=1, seeds=2), "variants", only)
@@ -207,8 +218,6 @@ def test_only_repeated_key_matches_any_of_its_values():
 
 
 def test_runner_reevaluates_a_run_evaluated_with_other_settings(shared_data_dir, tmp_path):
-    from iwae.experiments import Run, run_one
-
     run = vars(Run("a", dict(dataset="mnist", objective="vae", k=1, epochs=1, **TINY)))
     assert (
         run_one(run, str(tmp_path), str(shared_data_dir), 1, eval_k=8, n_test=10)["status"]
@@ -227,8 +236,6 @@ def test_runner_reevaluates_a_run_evaluated_with_other_settings(shared_data_dir,
 
 
 def test_experiment_lists_the_runs_of_every_invocation(shared_data_dir, tmp_path, monkeypatch):
-    import iwae.experiments as ex
-
     monkeypatch.setattr(
         ex,
         "_execute_local",
@@ -245,10 +252,6 @@ def test_experiment_lists_the_runs_of_every_invocation(shared_data_dir, tmp_path
 
 
 def test_cli_choices_and_default_seeds_come_from_the_registry():
-    import argparse
-
-    from iwae.cli import build_parser
-    from iwae.experiments import EXPERIMENTS
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     experiment = next(a for a in sub.choices["reproduce"]._actions if a.dest == "experiment")
@@ -261,8 +264,6 @@ def test_cli_choices_and_default_seeds_come_from_the_registry():
 def test_reproduce_takes_runner_options_or_their_keywords(shared_data_dir, tmp_path, monkeypatch):
     """``reproduce(..., options=RunnerOptions(...), **keywords)``: the keywords change the
     options given; the tasks' shared settings come from them; bad options are refused."""
-    import iwae.experiments as ex
-
     seen = []
     monkeypatch.setattr(
         ex,
@@ -317,8 +318,6 @@ class _InProcess:
 
 
 def test_one_scheduling_loop_starts_a_task_once_the_runs_it_continues_are_done():
-    from iwae.schedule import run_tasks
-
     tasks = [(r,) for r in grid("two-stage", stages=1)]
     executor = _InProcess()
     results = run_tasks(
@@ -368,8 +367,8 @@ def test_report_states_whether_table1_orderings_hold(tmp_path):
     assert "6 of 6 runs finished (selected with --only: 6 of the grid's 24 runs)" in text
     assert "## Burda et al. (2016), Table 1 (MNIST)\n" in text
     assert (
-        "IWAE below VAE in NLL for every k > 1 — **does not hold** (k=5: IWAE 93.00 vs VAE 94.00, k=50: IWAE 92.50 vs VAE 92.00)"
-        in text
+        "IWAE below VAE in NLL for every k > 1 — **does not hold** (k=5: IWAE 93.00 vs VAE 94.00, "
+        "k=50: IWAE 92.50 vs VAE 92.00)" in text
     )
     assert "IWAE NLL falling with k — **holds** (k=1: 95.00, k=5: 93.00, k=50: 92.50)" in text
     assert "at least as many active units as VAE — **holds**" in text
@@ -379,8 +378,6 @@ def test_report_states_whether_table1_orderings_hold(tmp_path):
 def _fake_experiment(tmp_path, name, runs, evaluation_of, **meta):
     """An experiment directory with hand-made evaluations (no training); ``meta`` overrides
     keys of its experiment.json."""
-    from dataclasses import asdict
-
     tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "experiment.json").write_text(
         json.dumps(
@@ -419,20 +416,20 @@ def test_report_states_whether_two_stage_findings_hold(tmp_path):
     text = write_report(tmp_path).read_text()
     assert "| 1 | vae | 95.00 | 86.76 | 20 | 19 | iwae k=50 | 94.00 | 84.88 | 22 | 22 |" in text
     assert (
-        "vae then iwae k=50: the second stage lowers the NLL (paper 86.76 → 84.88) — **holds** (95.00 → 94.00)"
-        in text
+        "vae then iwae k=50: the second stage lowers the NLL (paper 86.76 → 84.88) — **holds** "
+        "(95.00 → 94.00)" in text
     )
     assert (
-        "vae then iwae k=50: the second stage adds active units (paper 19 → 22) — **holds** (20 → 22)"
-        in text
+        "vae then iwae k=50: the second stage adds active units (paper 19 → 22) — **holds** (20 → "
+        "22)" in text
     )
     assert (
-        "iwae k=50 then vae: the second stage raises the NLL (paper 84.78 → 86.02) — **does not hold** (93.00 → 92.50)"
-        in text
+        "iwae k=50 then vae: the second stage raises the NLL (paper 84.78 → 86.02) — **does not "
+        "hold** (93.00 → 92.50)" in text
     )
     assert (
-        "iwae k=50 then vae: the second stage removes active units (paper 25 → 23) — **does not hold** (25 → 25)"
-        in text
+        "iwae k=50 then vae: the second stage removes active units (paper 25 → 23) — **does not "
+        "hold** (25 → 25)" in text
     )
 
 
@@ -460,28 +457,26 @@ def test_report_states_whether_variant_findings_hold(tmp_path):
     text = write_report(tmp_path).read_text()
     assert "| IWAE | -94.90 ± 0.14 | -86.11 ± 0.10 | -93.00 ± 0.00 |" in text
     assert (
-        "PIWAE, MIWAE and CIWAE above IWAE in IWAE-64 (paper: −85.60 to −86.08 vs −86.11) — **does not hold** (IWAE -94.90;"
-        in text
+        "PIWAE, MIWAE and CIWAE above IWAE in IWAE-64 (paper: −85.60 to −86.08 vs −86.11) — "
+        "**does not hold** (IWAE -94.90;" in text
     )
     assert "CIWAE beta=0.5 -95.40" in text
-    # CIWAE beta=0.5 (-95.4 - -93.2 = -2.2) is below IWAE's -1.9 in -KL(Q||P) too; the others above it
+    # CIWAE beta=0.5 (-95.4 - -93.2 = -2.2) is below IWAE's -1.9 in -KL(Q||P) too; the others
+    # above it
     assert (
-        "every other method above IWAE in −KL(Q‖P), a better inference network (paper: −0.47 to −1.34 vs −1.59) — "
-        "**does not hold** (IWAE -1.90; PIWAE(4,16) -1.20,"
+        "every other method above IWAE in −KL(Q‖P), a better inference network (paper: −0.47 to "
+        "−1.34 vs −1.59) — **does not hold** (IWAE -1.90; PIWAE(4,16) -1.20,"
     ) in text
     assert "CIWAE beta=0.5 -2.20, VAE -0.40)" in text
     assert (
-        "the VAE lowest in log p̂(x), the worst generative model (paper: −86.21 vs −84.40 to −85.24) — **holds** (VAE -95.50;"
-        in text
+        "the VAE lowest in log p̂(x), the worst generative model (paper: −86.21 vs −84.40 to "
+        "−85.24) — **holds** (VAE -95.50;" in text
     )
 
 
 def test_reuse_copies_finished_runs_with_identical_configurations(tmp_path, capsys):
     """two-stage's first stages are table1 runs: --reuse copies them (not their checkpoints or
     logs), never a run that differs, starts from another run, or already exists here."""
-    from iwae.experiments import reuse_runs, run_one
-    from iwae.train import TrainConfig
-
     source = tmp_path / "table1"
     for run in grid("table1", stages=2):
         d = source / "runs" / run.name
@@ -562,9 +557,6 @@ def test_report_keeps_the_figures_of_two_table1_directories_apart(tmp_path):
 def test_reuse_takes_vae_k1_for_iwae_k1_and_nothing_else(tmp_path):
     """VAE and IWAE with k=1 are one objective (L_1, bit for bit): a finished IWAE k=1 run
     is reused for the VAE k=1 cell; at k=5 they differ and nothing is copied."""
-    from iwae.experiments import reuse_runs
-    from iwae.train import TrainConfig
-
     runs = [
         r
         for r in grid("table1", stages=2)
@@ -595,8 +587,6 @@ def test_runs_resume_where_their_data_has_moved(shared_data_dir, tmp_path, capsy
     machine (found on a GPU machine: the data elsewhere) the runner reads the data from its own
     --data-dir, for single runs and lockstep groups alike, and ``iwae train --resume`` takes
     --data-dir. Without it, the error names the recorded directory."""
-    import shutil
-
     old, new = tmp_path / "old", tmp_path / "new"
     shutil.copytree(shared_data_dir / "mnist", old / "mnist")
     out = tmp_path / "exp"

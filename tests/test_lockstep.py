@@ -13,7 +13,10 @@ import pytest
 import safetensors.torch
 import torch
 
+from iwae.bounds import Objective, backward_stacked
 from iwae.errors import IwaeError
+from iwae.experiments import grid, plan_tasks, reproduce
+from iwae.model import VAE, ModelConfig
 from iwae.rundir import (
     CHECKPOINT_FILE,
     CHECKPOINT_NEXT_FILE,
@@ -21,7 +24,14 @@ from iwae.rundir import (
     checkpoint_meta,
     save_checkpoint,
 )
-from iwae.train import read_metrics, settle_group_checkpoint, train, train_lockstep
+from iwae.train import (
+    StackedNoise,
+    adam,
+    read_metrics,
+    settle_group_checkpoint,
+    train,
+    train_lockstep,
+)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train import small_config, synthetic, weights  # noqa: E402
@@ -100,7 +110,10 @@ sys.path.insert(0, {tests!r})
 from test_train import small_config, synthetic
 from iwae.train import train_lockstep
 torch.set_num_threads(1)
-configs = [small_config(stages=3, checkpoint_minutes=0.001, seed=s, objective=o) for s, o in ((0, "iwae"), (1, "vae"))]
+configs = [
+    small_config(stages=3, checkpoint_minutes=0.001, seed=s, objective=o)
+    for s, o in ((0, "iwae"), (1, "vae"))
+]
 train_lockstep(configs, [{a!r}, {b!r}], dataset=synthetic(), progress=False, resume={resume})
 """
 
@@ -143,9 +156,6 @@ def test_killed_group_resumes_bit_for_bit(tmp_path):
 
 
 def _checkpoint_at(d: Path, name: str, passes: int, group: list[str]) -> None:
-    from iwae.model import VAE, ModelConfig
-    from iwae.train import adam
-
     model = VAE(ModelConfig(x_dim=4, latent=(2,), hidden=((3,),)))
     d.mkdir(parents=True, exist_ok=True)
     save_checkpoint(
@@ -188,8 +198,6 @@ def test_an_interrupted_group_checkpoint_is_undone_or_finished(tmp_path):
 def test_runner_groups_compatible_runs_only(tmp_path):
     """On the CPU: VAE and IWAE of one k (<= 5 at batch 20) share a group; k=50, runs that
     continue another run, finished runs and --no-lockstep stay single."""
-    from iwae.experiments import grid, plan_tasks
-
     runs = [r for r in grid("table1", stages=1) if r.label["dataset"] == "mnist"]
     tasks = plan_tasks(runs, tmp_path, None, group_size=8)
     groups = sorted(tuple(r.name for r in t) for t in tasks if len(t) > 1)
@@ -223,8 +231,6 @@ def test_runner_groups_compatible_runs_only(tmp_path):
 
 
 def test_reproduce_in_lockstep_writes_what_single_runs_write(shared_data_dir, tmp_path):
-    from iwae.experiments import reproduce
-
     tiny = dict(n_train=300, eval_n=50, stage_nll_k=100)
     kwargs = dict(
         stages=1,
@@ -256,10 +262,6 @@ def test_reproduce_in_lockstep_writes_what_single_runs_write(shared_data_dir, tm
 def test_a_stacked_vae_computes_what_each_model_computes(layers):
     """VAE.stack: model g's log-weights (samples from its own generator) and gradients equal
     those of the single model it was made from; member_state gives its weights back."""
-    from iwae.bounds import Objective, backward_stacked
-    from iwae.model import VAE, ModelConfig
-    from iwae.train import StackedNoise
-
     torch.manual_seed(0)
     config = ModelConfig(x_dim=30, latent=(4, 3)[:layers], hidden=((16,), (8,))[:layers])
     members = [VAE(config) for _ in range(3)]

@@ -7,10 +7,20 @@ import torch
 from torch import nn
 
 from iwae.errors import IwaeError
-from iwae.evaluate import active_units, evaluate, log_weight_reductions, unit_activity
+from iwae.evaluate import (
+    MAX_ROWS,
+    MAX_ROWS_CUDA,
+    active_units,
+    default_max_rows,
+    evaluate,
+    log_weight_reductions,
+    unit_activity,
+)
 from iwae.model import (
+    FAST_TANH_MIN,
     VAE,
     ModelConfig,
+    Tanh,
     bernoulli_log_prob,
     gaussian_log_prob,
     parse_hidden,
@@ -121,8 +131,6 @@ def test_active_units_on_a_constructed_model(layers):
 def test_evaluation_chunks_by_device():
     """Chunks of 4096 rows on the CPU (the numbers of earlier evaluations there unchanged),
     of 65,536 on a GPU, where small chunks leave it launching small kernels."""
-    from iwae.evaluate import MAX_ROWS, MAX_ROWS_CUDA, default_max_rows
-
     assert (
         (default_max_rows("cpu"), default_max_rows(torch.device("cuda", 0)))
         == (MAX_ROWS, MAX_ROWS_CUDA)
@@ -139,8 +147,6 @@ def test_evaluation_chunks_by_device():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_evaluation_agrees_with_the_cpu_one():
-    from iwae.evaluate import MAX_ROWS_CUDA
-
     torch.manual_seed(0)
     model = VAE(ModelConfig(x_dim=10, latent=(3,), hidden=((16,),)))
     x = torch.bernoulli(torch.full((40, 10), 0.3))
@@ -187,8 +193,6 @@ def test_evaluation_is_deterministic_and_consistent():
 
 
 def test_fast_tanh_matches_torch_tanh_in_value_and_gradient():
-    from iwae.model import FAST_TANH_MIN, Tanh
-
     tanh = Tanh()
     x = torch.cat(
         [

@@ -6,12 +6,15 @@ import json
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from PIL import Image
 
 from iwae import data
 from iwae.cli import main
 from iwae.errors import DataError, IwaeError
+from iwae.experiments import _as_written
+from iwae.train import TrainConfig, load_config
 
 
 def save_png(path, array, mode=None):
@@ -275,9 +278,10 @@ def test_png_order_is_the_order_of_the_names(tmp_path):
     assert np.array_equal(ds.train[:, 0], np.array(by_name, dtype=np.float32))
 
 
-# --------------------------------------------------------------------------- architectures and configurations
+# ----------------------------------------------------------------- architectures and configurations
 
-OLD_CONFIG = {  # a config.json written before image_shape, latent, hidden, binarize and the dataset hash existed
+# a config.json written before image_shape, latent, hidden, binarize and the dataset hash existed
+OLD_CONFIG = {
     "dataset": "omniglot",
     "layers": 2,
     "objective": "iwae",
@@ -313,9 +317,6 @@ OLD_CONFIG = {  # a config.json written before image_shape, latent, hidden, bina
 
 
 def test_old_configs_load_as_28x28(tmp_path):
-    from iwae.experiments import _as_written
-    from iwae.train import TrainConfig, load_config
-
     (tmp_path / "config.json").write_text(json.dumps(OLD_CONFIG))
     config = load_config(tmp_path)
     assert (
@@ -330,8 +331,6 @@ def test_old_configs_load_as_28x28(tmp_path):
 
 
 def test_latent_and_hidden_choose_the_architecture():
-    from iwae.train import TrainConfig
-
     c = TrainConfig(latent=[30, 20], hidden=[[60, 50], [40]], scale="softplus", stages=1)
     assert c.layers == 2 and c.model == {
         "x_dim": 784,
@@ -366,8 +365,6 @@ def test_latent_and_hidden_choose_the_architecture():
 
 
 def test_a_config_for_data_from_files(tmp_path):
-    from iwae.train import TrainConfig
-
     np.savez(tmp_path / "d.npz", train=np.full((3, 5, 4), 0.5), test=np.ones((2, 5, 4)))
     ds = data.load_files(tmp_path / "d.npz")
     c = TrainConfig(dataset=str(tmp_path / "d.npz"), latent="3", hidden="7", stages=1)
@@ -392,7 +389,7 @@ def test_a_config_for_data_from_files(tmp_path):
         TrainConfig(dataset=str(tmp_path / "d.npz"), binarize="none", stages=1).for_data(ds)
 
 
-# --------------------------------------------------------------------------- the command line, end to end
+# --------------------------------------------------------------------- the command line, end to end
 
 
 def grey_npz(path, n=(60, 20), side=(20, 20), seed=0):
@@ -421,9 +418,6 @@ TRAIN_SMALL = ["-k", "2", "--epochs", "1", "--eval-n", "10", "--stage-nll-k", "0
 
 
 def test_train_evaluate_sample_on_20x20_images(tmp_path, capsys):
-    import safetensors.torch
-    from PIL import Image
-
     npz = grey_npz(tmp_path / "data" / "d.npz")
     run = tmp_path / "run"
     code, _, err = run_cli(
@@ -502,8 +496,6 @@ def test_train_evaluate_sample_on_20x20_images(tmp_path, capsys):
 
 
 def test_a_runs_config_repeats_it_on_its_data(tmp_path, capsys):
-    import safetensors.torch
-
     npz = grey_npz(tmp_path / "d.npz", side=(6, 5))
     assert (
         run_cli(
@@ -584,8 +576,6 @@ def test_a_runs_config_repeats_it_on_its_data(tmp_path, capsys):
 
 def test_binary_images_are_used_as_they_are(tmp_path, capsys):
     """On 0/1 images --binarize dynamic is --binarize none, bit for bit, and the default."""
-    import safetensors.torch
-
     rng = np.random.default_rng(0)
     np.savez(
         tmp_path / "b.npz", train=rng.random((40, 5, 5)) < 0.3, test=rng.random((10, 5, 5)) < 0.3

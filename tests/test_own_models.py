@@ -10,11 +10,11 @@ from tiny import exact_log_px, fit_encoder, tiny_data, tiny_model
 from torch import nn
 
 from iwae.ais import bdmc, forward_ais
-from iwae.bounds import Bound, Objective, elbo, iwae
+from iwae.bounds import Bound, Objective, dreg_surrogate, elbo, iwae
 from iwae.errors import IwaeError
 from iwae.evaluate import active_units, evaluate
 from iwae.latent import LatentVariableModel, ModuleVAE
-from iwae.user_code import is_code_spec, load_bound
+from iwae.user_code import as_bound, is_code_spec, load_bound
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -115,8 +115,6 @@ def test_custom_bound_trains_like_the_builtin_one():
 
 def test_custom_bound_with_surrogate_routes_the_encoder_gradient():
     """A Bound with the DReG surrogate gives the built-in IWAE DReG gradient."""
-    from iwae.bounds import dreg_surrogate
-
     x = tiny_data()
     mine = Objective(custom=Bound(iwae, "mine", 5, surrogate=dreg_surrogate), estimator="dreg")
     grads = []
@@ -180,8 +178,6 @@ def test_a_ready_bound_object_in_a_file(tmp_path):
 def test_partial_params_reach_the_function():
     def scaled(log_w, c=1.0):
         return c * iwae(log_w)
-
-    from iwae.user_code import as_bound
 
     b = as_bound(scaled, "scaled", {"c": 2.0})
     log_w = torch.randn(4, 3)

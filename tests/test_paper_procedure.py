@@ -19,6 +19,7 @@ from importlib.resources import files
 import numpy as np
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import iwae.data as iwae_data
 import iwae.engine as iwae_engine
@@ -28,7 +29,7 @@ from iwae.cli import main
 from iwae.data import Dataset
 from iwae.errors import IwaeError
 from iwae.model import VAE, ModelConfig
-from iwae.train import TrainConfig, read_metrics, train
+from iwae.train import TrainConfig, read_evaluation_images, read_metrics, train
 
 TINY_MODEL = {"x_dim": 784, "latent": [2], "hidden": [[4]], "scale": "exp"}
 
@@ -59,8 +60,6 @@ class OptimizerLog:
         self.steps.append([(g["lr"], tuple(g["betas"]), g["eps"]) for g in optimizer.param_groups])
 
     def __enter__(self):
-        from torch.optim.optimizer import register_optimizer_step_pre_hook
-
         self.handle = register_optimizer_step_pre_hook(self)
         return self
 
@@ -166,7 +165,8 @@ def test_training_batches_are_fresh_bernoulli_samples_of_the_grey_images(tmp_pat
     # Over many passes each pixel averages to its grey value: count ~ Binomial(passes, p).
     # (a) the total, Z = sum(count - P p) / sqrt(sum P p q) ~ N(0, 1);
     # (b) Pearson's S = sum (count - P p)^2 / (P p q), mean N, variance
-    #     sum(2 - 6/P + 1/(P p q)) (binomial fourth moment), normal by the CLT over N = 31,040 terms.
+    #     sum(2 - 6/P + 1/(P p q)) (binomial fourth moment), normal by the CLT over
+    #     N = 31,040 terms.
     # Each is tested at 6 standard deviations: false-alarm rate about 2e-9 each (4e-9 together).
     q_grey = 1 - p_grey
     z = (count - passes * p_grey).sum() / (passes * p_grey * q_grey).sum().sqrt()
@@ -327,8 +327,6 @@ def test_iwae_evaluate_uses_the_documented_binary_test_images_on_every_call(tmp_
         "log_weight_reductions",
         lambda model, x, *a, **kw: seen.append(x.detach().clone()) or original(model, x, *a, **kw),
     )
-
-    from iwae.train import read_evaluation_images
 
     for n_test in (None, 25, None, 25):
         seen.clear()

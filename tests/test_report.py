@@ -5,17 +5,22 @@ import json
 import math
 from dataclasses import asdict
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
+from matplotlib.colors import to_hex
 
-from iwae.experiments import grid
+from iwae.experiments import EXPERIMENTS, Run, grid
 from iwae.report import (
     FAILS,
     HOLDS,
     NOISE,
+    SECTIONS,
     Margin,
+    RunResult,
     claim_verdict,
+    curves_figure,
     evaluated_images,
     load_experiment,
     paired_margin,
@@ -150,9 +155,6 @@ def _paired_experiment(path):
 
 def test_every_experiment_has_a_report_section_in_the_registry_s_order():
     """The report renders each experiment of the registry by its name, and nothing else."""
-    from iwae.experiments import EXPERIMENTS
-    from iwae.report import SECTIONS
-
     assert set(SECTIONS) == set(EXPERIMENTS)
     assert all(e.title and not e.title.startswith("#") for e in EXPERIMENTS.values())
 
@@ -192,16 +194,18 @@ def test_table1_claims_give_margins_standard_errors_and_verdicts(tmp_path):
     _paired_experiment(tmp_path)
     text = write_report(tmp_path).read_text()
     assert (
-        "- mnist, 1 layer(s): IWAE below VAE in NLL for every k > 1 — **does not hold** (k=5: IWAE 93.00 vs "
-        "VAE 96.00, k=50: IWAE 91.00 vs VAE 89.00); margin ± paired standard error over 4 test images: "
-        "k=5: IWAE − VAE = -2.00 ± 0.58 (holds), k=50: IWAE − VAE = +2.00 ± 0.58 (does not hold)"
+        "- mnist, 1 layer(s): IWAE below VAE in NLL for every k > 1 — **does not hold** (k=5: "
+        "IWAE 93.00 vs VAE 96.00, k=50: IWAE 91.00 vs VAE 89.00); margin ± paired standard error "
+        "over 4 test images: k=5: IWAE − VAE = -2.00 ± 0.58 (holds), k=50: IWAE − VAE = +2.00 ± "
+        "0.58 (does not hold)"
     ) in text
     assert (
-        "- mnist, 1 layer(s): IWAE NLL falling with k — **within noise** (k=1: 93.25, k=5: 93.00, k=50: 91.00); "
-        "margin ± paired standard error over 4 test images: k=5 − k=1 = -0.25 ± 0.43 (within noise), "
-        "k=50 − k=5 = -2.00 ± 0.00 (holds)"
+        "- mnist, 1 layer(s): IWAE NLL falling with k — **within noise** (k=1: 93.25, k=5: 93.00, "
+        "k=50: 91.00); margin ± paired standard error over 4 test images: k=5 − k=1 = -0.25 ± "
+        "0.43 (within noise), k=50 − k=5 = -2.00 ± 0.00 (holds)"
     ) in text
-    # random subsets of 4 (5) of the 10,000 images: marked beside the number, explained below the table
+    # random subsets of 4 (5) of the 10,000 images: marked beside the number, explained below
+    # the table
     assert "| mnist | 1 | 5 | 96.00† | 86.47 | 9.53 | 93.00† | 85.54 | 7.46 |" in text
     assert "† evaluated on a seeded random subset of 4 of the 10,000 test images." in text
     assert "† evaluated on a seeded random subset of 5 of the 10,000 test images." in text
@@ -213,8 +217,8 @@ def test_claims_without_per_image_values_say_so(tmp_path):
         _run(tmp_path, _name(objective, k), nll=nll)
     text = write_report(tmp_path).read_text()
     assert (
-        "IWAE below VAE in NLL for every k > 1 — **holds** (k=5: IWAE 93.00 vs VAE 94.00) — no per-image values: "
-        "standard error unavailable"
+        "IWAE below VAE in NLL for every k > 1 — **holds** (k=5: IWAE 93.00 vs VAE 94.00) — no "
+        "per-image values: standard error unavailable"
     ) in text
 
 
@@ -250,8 +254,8 @@ def test_budget_ladder_lists_every_budget_and_never_puts_a_first_n_evaluation_be
     ]
     assert "from `table1-mnist/` (13 passes), `table1-mnist-s5/` (121 passes)" in ladder
     assert (
-        "| layers | k | objective | 13 passes | 40 passes | 121 passes | paper (3,280 passes) | Δ to the paper |"
-        in ladder
+        "| layers | k | objective | 13 passes | 40 passes | 121 passes | paper (3,280 passes) | Δ "
+        "to the paper |" in ladder
     )
     # the first-N evaluation is replaced by the stage-end subset value of the longer run; a final
     # evaluation takes precedence over a stage-end value; Δ from the largest budget with a number
@@ -260,8 +264,8 @@ def test_budget_ladder_lists_every_budget_and_never_puts_a_first_n_evaluation_be
     assert "| 1 | 50 | IWAE | 92.50† | — | — | 84.78 | +7.72 at 13 passes |" in ladder
     assert "| 1 | 1 | VAE | — | — | — | 86.76 | — |" in ladder
     assert (
-        "§ no final evaluation at this budget (yet): −L_5000 at the end of the training stage on a seeded random "
-        "subset of 1,000 test images" in ladder
+        "§ no final evaluation at this budget (yet): −L_5000 at the end of the training stage on "
+        "a seeded random subset of 1,000 test images" in ladder
     )
     assert "† evaluated on a seeded random subset of 2 of the 10,000 test images." in ladder
     # the 13-pass directory's own table: "—‡" and a note, never 93.81 beside 85.54
@@ -307,8 +311,8 @@ def test_evaluated_images():
 def test_two_stage_claims_are_paired(tmp_path):
     runs = grid("two-stage", stages=2)
     _experiment(tmp_path, "two-stage", runs, stages=2)
-    # experiment 1: the second stage lowers the NLL by 1, 1.5, 1, 1.5 (holds); experiment 2: raises it by
-    # -0.5, +1, -0.5, +1 (mean 0.25, SE 0.433: within noise)
+    # experiment 1: the second stage lowers the NLL by 1, 1.5, 1, 1.5 (holds); experiment 2:
+    # raises it by -0.5, +1, -0.5, +1 (mean 0.25, SE 0.433: within noise)
     images = {
         "exp1-first-vae-k1-s0": [95.0, 95.0, 96.0, 96.0],
         "exp1-second-iwae-k50-s0": [94.0, 93.5, 95.0, 94.5],
@@ -319,13 +323,14 @@ def test_two_stage_claims_are_paired(tmp_path):
         _run(tmp_path, name, images=values, index=INDEX)
     text = write_report(tmp_path).read_text()
     assert (
-        "vae then iwae k=50: the second stage lowers the NLL (paper 86.76 → 84.88) — **holds** (95.50 → 94.25); "
-        "margin ± paired standard error over 4 test images: second − first = -1.25 ± 0.14 (holds)"
+        "vae then iwae k=50: the second stage lowers the NLL (paper 86.76 → 84.88) — **holds** "
+        "(95.50 → 94.25); margin ± paired standard error over 4 test images: second − first = "
+        "-1.25 ± 0.14 (holds)"
     ) in text
     assert (
-        "iwae k=50 then vae: the second stage raises the NLL (paper 84.78 → 86.02) — **within noise** "
-        "(93.50 → 93.75); margin ± paired standard error over 4 test images: second − first = +0.25 ± 0.43 "
-        "(within noise)"
+        "iwae k=50 then vae: the second stage raises the NLL (paper 84.78 → 86.02) — **within "
+        "noise** (93.50 → 93.75); margin ± paired standard error over 4 test images: second − "
+        "first = +0.25 ± 0.43 (within noise)"
     ) in text
 
 
@@ -346,13 +351,13 @@ def test_variants_and_dreg_differences_are_paired(tmp_path):
     )  # DReG: -1, -0.5, -1, -0.5
     text = write_report(tmp_path).read_text()
     assert (
-        "PIWAE, MIWAE and CIWAE above IWAE in IWAE-64 (paper: −85.60 to −86.08 vs −86.11) — **holds**"
-        in text
+        "PIWAE, MIWAE and CIWAE above IWAE in IWAE-64 (paper: −85.60 to −86.08 vs −86.11) — "
+        "**holds**" in text
     )
     assert "PIWAE(4,16) − IWAE = +0.75 ± 0.14 (holds)" in text
     assert (
-        "the VAE lowest in log p̂(x), the worst generative model (paper: −86.21 vs −84.40 to −85.24) — **holds**"
-        in text
+        "the VAE lowest in log p̂(x), the worst generative model (paper: −86.21 vs −84.40 to "
+        "−85.24) — **holds**" in text
     )
     assert "VAE − CIWAE beta=0.5 = -1.75 ± 0.14 (holds)" in text
     assert "| 1 | 5 | 90.50† | 89.75† | -0.75 ± 0.14 |" in text
@@ -405,8 +410,8 @@ def test_ais_section_reads_committed_ais_and_bdmc_results(tmp_path):
     text = write_report(tmp_path).read_text()
     assert "## log p(x) beyond L_5000: annealed importance sampling and BDMC" in text
     assert (
-        "| mnist-l1-iwae-k50-s0 | 1,000 | 400 | 4 | 10 | q | 0.70 | -92.50 | -91.25 ± 0.50 | +1.25 ± 0.03 | 600 s |"
-        in text
+        "| mnist-l1-iwae-k50-s0 | 1,000 | 400 | 4 | 10 | q | 0.70 | -92.50 | -91.25 ± 0.50 | "
+        "+1.25 ± 0.03 | 600 s |" in text
     )
     assert "| mnist-l1-iwae-k50-s0 | 100 | 4 | 10 | -95.00 | -80.00 | 15.00 | 3 s |" in text
     assert "| mnist-l1-iwae-k50-s0 | 100 | 4 | 100 | -92.00 | -91.00 | 1.00 | 30 s |" in text
@@ -419,8 +424,6 @@ def test_ais_section_reads_committed_ais_and_bdmc_results(tmp_path):
 
 def _curve_runs(runs, bound=lambda label, p: -100.0 - p):
     """RunResults of ``runs`` (experiments.Run) with a test IWAE-64 logged at passes 1, 4 and 13."""
-    from iwae.report import RunResult
-
     return [
         RunResult(
             r.name,
@@ -438,8 +441,6 @@ def _curve_runs(runs, bound=lambda label, p: -100.0 - p):
 
 def _panels(fig):
     """Per panel of ``fig`` (legend aside): its title and its lines' (colour, style, label)."""
-    from matplotlib.colors import to_hex
-
     return {
         ax.get_title(): [
             (to_hex(line.get_color()), line.get_linestyle(), line.get_label())
@@ -450,8 +451,6 @@ def _panels(fig):
 
 
 def test_table1_curves_are_small_multiples_coloured_by_k_styled_by_objective():
-    from iwae.report import curves_figure
-
     fig = curves_figure(_curve_runs(grid("table1", 3)))
     panels = _panels(fig)
     assert list(panels) == [
@@ -489,9 +488,6 @@ def test_table1_curves_are_small_multiples_coloured_by_k_styled_by_objective():
 def test_curves_never_repeat_a_colour_within_a_panel():
     """Twelve values of k in one panel (more than matplotlib's ten-colour cycle), and
     Rainforth et al.'s eight variants with two seeds each (averaged: eight lines)."""
-    from iwae.experiments import Run
-    from iwae.report import curves_figure
-
     ks = [1, 2, 3, 5, 8, 10, 20, 50, 64, 100, 500, 1000]
     runs = [
         Run(
@@ -531,8 +527,6 @@ def test_curves_never_repeat_a_colour_within_a_panel():
 
 
 def _plt_close(fig):
-    import matplotlib.pyplot as plt
-
     plt.close(fig)
 
 
@@ -553,8 +547,8 @@ def test_the_budget_line_names_runs_trained_on_a_gpu_and_lost_metrics(tmp_path):
     text = write_report(tmp_path).read_text()
     assert (
         ", 2.0 process hours in all (train + evaluate); trained on a GPU (NVIDIA H100 80GB HBM3): "
-        "omniglot-l1-iwae-k50-s0, 4 GPU minutes of training in all; per-pass metrics lost (`recovered` in "
-        "`summary.json`): omniglot-l1-iwae-k50-s0." in text
+        "omniglot-l1-iwae-k50-s0, 4 GPU minutes of training in all; per-pass metrics lost "
+        "(`recovered` in `summary.json`): omniglot-l1-iwae-k50-s0." in text
     )
     (tmp_path / "runs" / "omniglot-l1-iwae-k50-s0" / "summary.json").write_text(
         json.dumps({"device": "cpu"})
@@ -590,8 +584,8 @@ def test_the_budget_line_counts_gpu_time_by_machine_for_runs_that_moved(tmp_path
     text = write_report(tmp_path).read_text()
     assert (
         ", 1.5 process hours in all (train + evaluate); trained on a GPU (NVIDIA H100 80GB HBM3): "
-        "omniglot-l1-iwae-k5-s0, omniglot-l1-iwae-k50-s0 (in part), 40 GPU minutes of training in all."
-        in text
+        "omniglot-l1-iwae-k5-s0, omniglot-l1-iwae-k50-s0 (in part), 40 GPU minutes of training in "
+        "all." in text
     )
     assert "omniglot-l1-vae-k50-s0," not in text
 

@@ -1,7 +1,8 @@
 """``--time-limit``: training stops at a wall-clock limit with every run checkpointed, and
 continues from there as if it had never stopped (single runs, lockstep groups, the runner
-and the CLI). Found needed on a lent GPU machine, where a command killed at its limit lost
-every run's work since its last checkpoint."""
+and the CLI). Needed wherever a job has a wall-clock limit (a batch system's job, a machine
+held for a limited time), where a command killed at its limit would lose every run's work
+since its last checkpoint."""
 
 import json
 import sys
@@ -14,8 +15,11 @@ import safetensors.torch
 import torch
 
 import iwae.engine
+import iwae.evaluate
+import iwae.experiments as experiments
 from iwae.cli import main
 from iwae.errors import TimeLimitReached
+from iwae.experiments import Run, _device_label, run_group, run_one
 from iwae.train import read_metrics, resume, train, train_lockstep
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -23,7 +27,8 @@ from test_train import assert_bitwise_equal, small_config, synthetic, weights  #
 
 
 def _limit_after(monkeypatch, calls: int) -> None:
-    """The time limit is up from the ``calls``-th check on (one check per step, one per pass end)."""
+    """The time limit is up from the ``calls``-th check on (one check per step, one per pass
+    end)."""
     seen = []
 
     def time_up(run):
@@ -114,8 +119,6 @@ def test_the_runner_stops_and_continues_runs(shared_data_dir, tmp_path, monkeypa
     """run_one / run_group at the limit: status "stopped", the wall time so far in runner.json,
     nothing evaluated; again without a limit they finish with the weights of runs never
     stopped. Past the limit a run is not started at all."""
-    from iwae.experiments import Run, run_group, run_one
-
     tiny = dict(dataset="mnist", k=4, stages=2, n_train=110, eval_n=20, stage_nll_k=0)
     runs = [vars(Run(f"r{s}", dict(tiny, seed=s))) for s in (0, 1)]
     args = (str(shared_data_dir), 1)
@@ -135,7 +138,6 @@ def test_the_runner_stops_and_continues_runs(shared_data_dir, tmp_path, monkeypa
             ]
             == "stopped"
         )
-    from iwae.experiments import _device_label
 
     here = _device_label()
     for d, group in (
@@ -171,11 +173,8 @@ def test_the_runner_stops_and_continues_runs(shared_data_dir, tmp_path, monkeypa
 
 
 def test_training_time_is_recorded_before_evaluation(shared_data_dir, tmp_path, monkeypatch):
-    """A group whose evaluation is killed (a lent machine's call ended during it) keeps its
+    """A group whose evaluation is killed (its job's time ran out during it) keeps its
     training time in runner.json; evaluating it later adds no training time."""
-    import iwae.evaluate
-    from iwae.experiments import Run, _device_label, run_group
-
     tiny = dict(dataset="mnist", k=4, stages=1, n_train=110, eval_n=20, stage_nll_k=0)
     runs = [vars(Run(f"r{s}", dict(tiny, seed=s))) for s in (0, 1)]
 
@@ -204,10 +203,8 @@ def test_training_time_is_recorded_before_evaluation(shared_data_dir, tmp_path, 
 
 
 def test_training_time_is_kept_by_machine_when_a_run_moves(monkeypatch):
-    """A run trained on a lent GPU and continued on a CPU keeps both machines' seconds, and
-    its share of them where it trained in a lockstep group."""
-    import iwae.experiments as experiments
-
+    """A run trained on a GPU for one job's time and continued on a CPU keeps both machines'
+    seconds, and its share of them where it trained in a lockstep group."""
     timing = {}
     steps = (
         ("cuda (NVIDIA H100 80GB HBM3)", 300.0, 4),

@@ -1,7 +1,9 @@
-"""Training runs: schedule, exact resume after SIGKILL, checkpoints, the non-finite guard, configs."""
+"""Training runs: schedule, exact resume after SIGKILL, checkpoints, the non-finite guard,
+configs."""
 
 import json
 import os
+import pickle
 import random
 import signal
 import subprocess
@@ -15,11 +17,25 @@ import safetensors.torch
 import torch
 
 import iwae.engine
+from iwae.bounds import Objective
 from iwae.cli import main
 from iwae.data import Dataset, binarize_fixed, test_subset_indices
 from iwae.errors import IwaeError, RunDirError
-from iwae.model import VAE
-from iwae.train import CHECKPOINT_FILE, TrainConfig, load_run, read_metrics, resume, train
+from iwae.model import LOG_STD_LIMIT, VAE, GaussianLayer, ModelConfig
+from iwae.rundir import generator_state
+from iwae.train import (
+    CHECKPOINT_FILE,
+    SMALL_STEP_ROWS,
+    TrainConfig,
+    adam,
+    auto_threads,
+    flush_denormals,
+    load_run,
+    read_metrics,
+    resume,
+    train,
+    train_step,
+)
 
 SMALL_MODEL = {"x_dim": 784, "latent": [8], "hidden": [[32]], "scale": "exp"}
 
@@ -58,8 +74,6 @@ def test_schedule_is_burdas():
 
 
 def test_auto_threads():
-    from iwae.train import SMALL_STEP_ROWS, auto_threads
-
     assert auto_threads(20 * 5, cores=2) == 1 and auto_threads(20, cores=16) == 1
     assert auto_threads(20 * 50, cores=2) == 2 and auto_threads(SMALL_STEP_ROWS, cores=8) == 8
 
@@ -114,7 +128,8 @@ from test_train import small_config, synthetic
 from iwae.train import train, resume
 torch.set_num_threads(1)
 if sys.argv[1] == "new":
-    train(small_config(stages=4, checkpoint_minutes=0.002), sys.argv[2], dataset=synthetic(2000), progress=False)
+    config = small_config(stages=4, checkpoint_minutes=0.002)
+    train(config, sys.argv[2], dataset=synthetic(2000), progress=False)
 else:
     resume(sys.argv[2], dataset=synthetic(2000), progress=False)
 """
@@ -286,7 +301,6 @@ def test_checkpoint_state_metadata_is_validated(finished_run):
 
 def test_loading_never_unpickles(finished_run):
     """A run directory is JSON and safetensors: a pickle planted as weights is refused, not run."""
-    import pickle
 
     class Boom:
         def __reduce__(self):
@@ -355,8 +369,6 @@ def test_training_data_must_be_grey_values(tmp_path):
 
 
 def test_log_std_guard_is_inactive_at_normal_values():
-    from iwae.model import LOG_STD_LIMIT, GaussianLayer
-
     layer = GaussianLayer(3, (4,), 2)
     with torch.no_grad():
         layer.scale.bias.copy_(torch.tensor([0.5, 40.0]))
@@ -471,7 +483,8 @@ def test_resume_cli_errors(tmp_path, capsys):
     "objective", [["piwae", "-m", "2", "-k", "3"], ["iwae", "-k", "5", "--estimator", "dreg"]]
 )
 def test_torchrun_two_processes_match_one(shared_data_dir, tmp_path, objective):
-    """torchrun --nproc_per_node 2 (gloo) gives the single-process run with the same global batch."""
+    """torchrun --nproc_per_node 2 (gloo) gives the single-process run with the same global
+    batch."""
     args = [
         "train",
         "--objective",
@@ -555,8 +568,6 @@ def test_bad_run_directories_on_the_command_line(
 def test_flushing_denormals_leaves_the_printed_results_unchanged(shared_data_dir, tmp_path):
     """Denormals flushed (the default of every command) or not: the same bounds on a fixed
     seed, to the digits `iwae train` prints (real MNIST, two passes, stage-end NLL)."""
-    from iwae.train import flush_denormals
-
     config = TrainConfig(
         dataset="mnist",
         objective="iwae",
@@ -587,11 +598,8 @@ def test_flushing_denormals_leaves_the_printed_results_unchanged(shared_data_dir
 
 def test_train_step_skips_on_the_device_without_reading_the_host(monkeypatch):
     """The non-finite guard stays on the device: no .item()/bool() in a step (a host sync on
-    a GPU), and a skipped step leaves the weights, Adam's moments and its step count as they were."""
-    from iwae.bounds import Objective
-    from iwae.model import ModelConfig
-    from iwae.train import adam, train_step
-
+    a GPU), and a skipped step leaves the weights, Adam's moments and its step count as they
+    were."""
     torch.manual_seed(0)
     model = VAE(ModelConfig(x_dim=12, latent=(3,), hidden=((8,),)))
     optimizer = adam(model.parameters())
@@ -627,8 +635,6 @@ def test_train_step_skips_on_the_device_without_reading_the_host(monkeypatch):
 def test_a_checkpoint_from_another_device_kind_continues_with_a_reseeded_stream(tmp_path):
     """A run checkpointed on a GPU (a 16-byte CUDA generator state) continues on the CPU, and
     back: the random stream is re-seeded from the saved state, deterministically."""
-    from iwae.rundir import generator_state
-
     config = small_config(stages=2)
     train(config, tmp_path / "a", dataset=synthetic(), progress=False)
     path = tmp_path / "a" / CHECKPOINT_FILE
