@@ -212,8 +212,12 @@ class Objective:
         return self.estimator != "reparam"
 
     def __str__(self) -> str:
-        if self.custom is not None:
-            text = f"{self.name}(k={self.k})"
+        if self.custom is not None:  # name(k=5), or name(alpha=0.5, k=5) for a parameterized one
+            text = (
+                f"{self.name[:-1]}, k={self.k})"
+                if self.name.endswith(")")
+                else f"{self.name}(k={self.k})"
+            )
         elif self.name in ("miwae", "piwae"):
             text = f"{self.name.upper()}({self.m},{self.k})"
         elif self.name == "ciwae":

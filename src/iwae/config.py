@@ -23,6 +23,7 @@ from iwae.bounds import Objective
 from iwae.errors import IwaeError, RunDirError
 from iwae.model import ModelConfig, parse_hidden, parse_latent
 from iwae.rundir import CONFIG_FILE, read_json
+from iwae.user_code import is_code_spec, load_bound
 
 DATASETS = iwae_data.DATASETS  # the built-in sets
 BINARIZE = ("dynamic", "none")
@@ -125,11 +126,14 @@ class NetworkSection:
     model: dict = field(default_factory=dict)
     latent: list | str | None = None
     hidden: list | str | None = None
+    model_code: str | None = None
     x_dim: InitVar[int | None] = None
     config: ModelConfig | None = field(init=False, default=None, repr=False, compare=False)
 
     def __post_init__(self, x_dim: int | None):
         _check_types(self)
+        if self.model_code == GIVEN_IN_PYTHON:  # ``model`` describes it; nothing to build
+            return
         self._resolve_layers()
         if not self.model and x_dim is not None:
             self.model = self.architecture(x_dim).to_dict()
@@ -185,21 +189,57 @@ class NetworkSection:
         return ModelConfig.preset(self.layers, x_dim=x_dim, scale=self.scale)
 
 
+#: ``objective_code`` of a run whose objective or ``model_code`` of a run whose model was
+#: handed to :func:`iwae.fit` as a Python object (not named in a file or a configuration)
+GIVEN_IN_PYTHON = "python"
+
+
 @dataclass
 class BoundSection:
     """The training objective, its sample counts and estimator; ``spec`` is the
-    :class:`iwae.bounds.Objective` they name (built, and so checked, once)."""
+    :class:`iwae.bounds.Objective` they name (built, and so checked, once).
+
+    ``objective`` is a built-in name, or code of one's own named ``path/file.py:function``
+    or ``package.module:function`` (:mod:`iwae.user_code`; ``objective_params`` its keyword
+    arguments). For code, ``objective_code`` records the file it was loaded from and
+    ``objective_sha256`` that file's hash, checked whenever the run's configuration is read
+    again (resume, evaluate): a file changed since is refused, naming it. A bound handed
+    to :func:`iwae.fit` as an object has ``objective_code`` :data:`GIVEN_IN_PYTHON` and no
+    ``spec`` here (fit hands it to the engine again)."""
 
     objective: str = "iwae"
     k: int = 1
     m: int = 1
     beta: float = 0.5
     estimator: str = "reparam"
-    spec: Objective = field(init=False, repr=False, compare=False)
+    objective_params: dict | None = None
+    objective_code: str | None = None
+    objective_sha256: str | None = None
+    spec: Objective | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         _check_types(self)
-        self.spec = Objective(self.objective, self.k, self.m, self.beta, self.estimator)
+        if self.objective_code == GIVEN_IN_PYTHON:
+            self.spec = None
+        elif is_code_spec(self.objective):
+            bound, loaded = load_bound(
+                self.objective, self.objective_params, self.objective_sha256, self.objective_code
+            )
+            self.objective_code, self.objective_sha256 = loaded.path, loaded.sha256
+            self.spec = Objective(k=self.k, beta=self.beta, estimator=self.estimator, custom=bound)
+            self.k = self.spec.k
+        else:
+            if self.objective_params:
+                raise IwaeError(
+                    f"objective parameters apply to a bound of your own (file.py:function), "
+                    f"not to {self.objective}"
+                )
+            self.spec = Objective(self.objective, self.k, self.m, self.beta, self.estimator)
+
+    @property
+    def samples(self) -> int:
+        """Importance samples per example (M*K), known without the objective's code."""
+        return self.k * self.m
 
 
 @dataclass
@@ -292,6 +332,8 @@ KEYS = {
     **dict.fromkeys(("data_dir",), "data"),
     **dict.fromkeys(("model", "latent", "hidden"), "network"),
     **dict.fromkeys(("binarize", "image_shape", "dataset_path", "dataset_sha256"), "data"),
+    **dict.fromkeys(("objective_params", "objective_code", "objective_sha256"), "bound"),
+    **dict.fromkeys(("model_code",), "network"),
 }
 
 #: the sections of a configuration, in the order they are made (the network's input size
@@ -363,10 +405,25 @@ class TrainConfig:
 
     @property
     def objective_spec(self) -> Objective:
+        if self.bound.spec is None:
+            raise IwaeError(
+                f"the objective {self.objective} of this run was handed to iwae.fit as a Python "
+                "object: give it to iwae.fit again to continue the run"
+            )
         return self.bound.spec
 
     @property
+    def model_given_in_python(self) -> bool:
+        """The run's model was handed to :func:`iwae.fit` (``model`` only describes it)."""
+        return self.model_code == GIVEN_IN_PYTHON
+
+    @property
     def model_config(self) -> ModelConfig:
+        if self.model_given_in_python:
+            raise IwaeError(
+                f"the model of this run ({self.model.get('class', 'a model')}) was handed to "
+                "iwae.fit as a Python object: build it again and pass it (iwae.load(run, model))"
+            )
         if self.network.config is None:
             raise IwaeError(
                 f"the model's input size is not known before the data of {self.dataset} is read"
@@ -385,7 +442,7 @@ class TrainConfig:
     def rows_per_step(self) -> int:
         """(example, sample) rows a training step computes: batch size x samples per example
         (M*K). What the thread count and lockstep grouping are chosen by."""
-        return self.batch_size * self.objective_spec.samples
+        return self.batch_size * self.bound.samples
 
     @property
     def total_passes(self) -> int:
@@ -410,7 +467,7 @@ class TrainConfig:
             dataset_path=dataset.path,
             dataset_sha256=dataset.sha256,
         )
-        if config.model_config.x_dim != dataset.x_dim:
+        if not config.model_given_in_python and config.model_config.x_dim != dataset.x_dim:
             raise IwaeError(
                 f"the model takes {config.model_config.x_dim} pixels (model.x_dim), but the images "
                 f"of {dataset.name} have {dataset.x_dim} "

@@ -25,10 +25,12 @@ from typing import Protocol
 import torch
 
 from iwae import data as iwae_data
+from iwae.bounds import Objective
 from iwae.config import TrainConfig, resume_config
 from iwae.cudagraph import GraphedSteps
 from iwae.distributed import barrier
 from iwae.errors import IwaeError, TimeLimitReached
+from iwae.latent import LatentVariableModel
 from iwae.optim import set_lr, train_step
 from iwae.rundir import (
     CHECKPOINT_FILE,
@@ -168,9 +170,15 @@ def train(
     resume: bool = False,
     cuda_graphs: str = "auto",
     stop_at: float | None = None,
+    model: LatentVariableModel | None = None,
+    objective: Objective | None = None,
 ) -> dict:
     """Train a model as ``config`` says in the run directory ``out``, or with
     ``resume=True`` continue the run there from its checkpoint.
+
+    ``model`` and ``objective``: a model and an objective of your own in place of the ones
+    ``config`` names (:func:`iwae.fit`; ``model`` holds its initial weights, replaced by the
+    checkpoint's when resumed).
 
     ``dataset`` may be given directly (tests use small synthetic sets); otherwise it
     is loaded from ``config.data_dir``. ``cuda_graphs``: "auto" replays each step from a
@@ -182,7 +190,7 @@ def train(
     out = Path(out)
     if resume and (out / SUMMARY_FILE).exists():
         return read_json(out / SUMMARY_FILE)
-    run = open_run(config, out, dataset, overwrite, device, resume, cuda_graphs)
+    run = open_run(config, out, dataset, overwrite, device, resume, cuda_graphs, model, objective)
     if stop_at is not None and run.shard is not None:
         raise IwaeError(
             "--time-limit is not supported under torchrun (the processes would stop at "

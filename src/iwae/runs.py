@@ -19,6 +19,7 @@ from iwae.bounds import Objective
 from iwae.config import TrainConfig, load_config
 from iwae.distributed import barrier, distributed_setup
 from iwae.errors import IwaeError, RunDirError
+from iwae.latent import LatentVariableModel
 from iwae.model import VAE
 from iwae.optim import adam
 from iwae.rundir import (
@@ -96,12 +97,18 @@ def build_model(config: TrainConfig, pixel_mean: torch.Tensor | None = None) -> 
     return VAE(config.model_config, pixel_mean=pixel_mean)
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[TrainConfig, VAE]:
-    """The configuration and trained model of a run directory. Reads JSON and
-    safetensors only: nothing in a run directory is executed."""
+def load_run(
+    run_dir: str | Path,
+    device: str | torch.device = "cpu",
+    model: LatentVariableModel | None = None,
+) -> tuple[TrainConfig, LatentVariableModel]:
+    """The configuration and trained model of a run directory: the model its configuration
+    names, or ``model`` (one of your own, of the run's architecture) with the run's weights.
+    Reads JSON and safetensors only: nothing in a run directory is executed (a bound of
+    your own that the run names in a file is loaded from that file, as it was trained)."""
     run_dir = Path(run_dir)
     config = load_config(run_dir)
-    model = build_model(config)
+    model = build_model(config) if model is None else model
     path = run_dir / WEIGHTS_FILE
     if not path.exists():
         raise RunDirError(f"{path} is missing: the run has not finished its first stage yet")
@@ -162,6 +169,7 @@ class Run:
     board: object
     binarize: bool = True  # draw binary training images afresh (False: the images are 0/1 already)
     graphs: bool = False  # steps replayed from CUDA graphs (:mod:`iwae.cudagraph`)
+    own_objective: Objective | None = None  # one handed to iwae.fit, in place of the config's
     plan: list[tuple[int, float]] = field(init=False)
     stage_ends: set[int] = field(init=False)
 
@@ -174,7 +182,7 @@ class Run:
 
     @property
     def objective(self) -> Objective:
-        return self.config.objective_spec
+        return self.own_objective or self.config.objective_spec
 
 
 def open_run(
@@ -185,6 +193,8 @@ def open_run(
     device,
     resume: bool,
     cuda_graphs: str = "auto",
+    model: LatentVariableModel | None = None,
+    objective: Objective | None = None,
 ) -> Run:
     """Check the run directory, load the data, build the model and optimizer, and start the
     run's files, or restore all of it from the checkpoint. A run resumed before its first
@@ -201,7 +211,7 @@ def open_run(
     dataset = _run_data(config, out, dataset, resume)
     config = config.for_data(dataset)
     train_x, test_x = _images(config, dataset, dev)
-    model, optimizer, generator = _fresh_state(config, train_x, dev, capturable=graphs)
+    model, optimizer, generator = _fresh_state(config, train_x, dev, graphs, model)
     state, pass_start_rng = Progress(), None
     if resume:
         state, pass_start_rng = load_checkpoint(
@@ -228,6 +238,7 @@ def open_run(
         board,
         binarize=not dataset.binary,
         graphs=graphs,
+        own_objective=objective,
     )
 
 
@@ -278,14 +289,21 @@ def _images(
 
 
 def _fresh_state(
-    config: TrainConfig, train_x: torch.Tensor, dev: torch.device, capturable: bool = False
+    config: TrainConfig,
+    train_x: torch.Tensor,
+    dev: torch.device,
+    capturable: bool = False,
+    model: LatentVariableModel | None = None,
 ):
-    """Seeded model (or another run's weights, ``init_weights``), Adam (``capturable`` for
-    CUDA graphs: :func:`iwae.optim.adam`) and the run's generator."""
+    """Seeded model (``model`` where one is given; or another run's weights,
+    ``init_weights``), Adam (``capturable`` for CUDA graphs: :func:`iwae.optim.adam`) and
+    the run's generator."""
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
-    model = build_model(config, pixel_mean=train_x.mean(0)).to(dev)
+    if model is None:
+        model = build_model(config, pixel_mean=train_x.mean(0))
+    model = model.to(dev)
     if config.init_weights is not None:  # continue from another run's weights (fresh optimizer)
         path = Path(config.init_weights)
         load_state(model, read_safetensors(path)[0], path)

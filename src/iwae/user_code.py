@@ -73,9 +73,12 @@ def _load_module(name: str):
 
 def load_code(spec: str, path: str | None = None) -> LoadedCode:
     """The object ``spec`` names. ``path``: the file to load instead of the spec's own
-    (a run's recorded absolute path, so that a resumed run finds its file from anywhere)."""
+    (a run's recorded absolute path, so that a resumed run finds its file from anywhere;
+    where it no longer exists, the spec's own path is tried)."""
     source, name = _split(spec)
     is_file = source.endswith(".py") or "/" in source or "\\" in source
+    if path is not None and not Path(path).is_file() and is_file:
+        path = None  # moved with its project: the spec's own (relative) path
     if path is not None or is_file:
         file = Path(path or source).expanduser().resolve()
         module = _load_file(file)

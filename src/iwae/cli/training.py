@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -30,6 +31,7 @@ from iwae.cli.options import (
 )
 from iwae.errors import IwaeError
 from iwae.train import BINARIZE
+from iwae.user_code import is_code_spec
 
 EPILOG_TRAIN = """\
 examples:
@@ -112,9 +114,46 @@ def _add_model_options(t: argparse.ArgumentParser) -> None:
     )
 
 
+def _objective(text: str) -> str:
+    """A built-in objective's name or code named ``file.py:function``/``module:function``."""
+    if text in OBJECTIVES or is_code_spec(text):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is neither one of {', '.join(OBJECTIVES)} nor a bound in code "
+        "(path/file.py:function or package.module:function)"
+    )
+
+
+def _objective_param(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. alpha=0.5), got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def _add_objective_options(t: argparse.ArgumentParser) -> None:
     """The bound, its samples and the encoder's gradient estimator."""
-    t.add_argument("--objective", choices=OBJECTIVES, help="bound to maximize (default: iwae)")
+    t.add_argument(
+        "--objective",
+        type=_objective,
+        metavar="NAME|FILE.py:FUNCTION|MODULE:FUNCTION",
+        help=f"bound to maximize: {', '.join(OBJECTIVES)} (default: iwae), or a bound of your "
+        "own, a function of the [S, B] log-weights returning [B], named by its file or module "
+        "(e.g. examples/renyi.py:bound). Its code runs as `python FILE.py` would; the run "
+        "records the file's SHA-256, and --resume and evaluate refuse a file changed since",
+    )
+    t.add_argument(
+        "--objective-param",
+        type=_objective_param,
+        action="append",
+        metavar="KEY=VALUE",
+        dest="objective_params",
+        help="a keyword argument of a bound of your own, e.g. alpha=0.5 (repeatable; values are "
+        "read as JSON where they parse, else as text)",
+    )
     t.add_argument("-k", type=_positive_int, help="importance samples per group (default: 1)")
     t.add_argument(
         "-m", type=_positive_int, help="groups of k samples, for miwae and piwae (default: 1)"
@@ -248,6 +287,8 @@ def _train_run(args) -> int:
     from iwae.train import TrainConfig, load_config, read_config_file, resume, train
 
     given = {key: value for key, value in vars(args).items() if key not in _RUNTIME_OPTIONS}
+    if "objective_params" in given:  # [(key, value), ...] from --objective-param
+        given["objective_params"] = dict(given["objective_params"])
     progress, device = not getattr(args, "quiet", False), getattr(args, "device", "auto")
     cuda_graphs = getattr(args, "cuda_graphs", "auto")
     limit = getattr(args, "time_limit", None)
