@@ -82,10 +82,10 @@ def fit(
     keys.update(dataset=dataset.path or dataset.name, data_dir=data_dir)
     if objective_params is not None:
         keys["objective_params"] = objective_params
-    config = TrainConfig(**keys)
+    config = TrainConfig(**keys).for_data(dataset)
     resume = not overwrite and (out / CONFIG_FILE).exists()
     if resume:
-        _check_same_run(out, config.for_data(dataset))
+        _check_same_run(out, config)
         if (out / SUMMARY_FILE).exists():
             return read_json(out / SUMMARY_FILE)
     stop_at = None if time_limit is None else time.time() + 60 * time_limit

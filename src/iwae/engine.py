@@ -409,9 +409,8 @@ def _stage_bar(run: Run, p: int, bar, enabled: bool):
         bar.close()
     remaining = sum(1 for q in range(p, len(run.plan)) if run.plan[q][0] == stage)
     steps = math.ceil(run.train_x.shape[0] / run.config.batch_size)
-    return stage_bar(
-        remaining * steps - run.state.step, enabled and run.lead, run.config, stage, lr
-    )
+    total = remaining * steps - run.state.step
+    return stage_bar(total, enabled and run.lead, run.config, run.objective, stage, lr)
 
 
 def _record_pass(run: Run, p: int, record: dict, metrics) -> None:

@@ -146,6 +146,13 @@ class LockstepStep:
         eps: float = 1e-4,
         graphs: bool = False,
     ):
+        if not all(type(m) is VAE for m in models):
+            kinds = sorted({type(m).__name__ for m in models})
+            raise IwaeError(
+                f"lockstep training stacks models of iwae.model.VAE (Burda et al.'s MLPs) only; "
+                f"{', '.join(kinds)} cannot be stacked: train these runs one by one "
+                "(--no-lockstep)"
+            )
         self.model = VAE.stack(models)
         self.optimizer = adam(self.model.parameters(), lr, betas, eps, capturable=graphs)
         self.objectives = objectives

@@ -367,9 +367,8 @@ def load_checkpoint(
         for key, value in tensors.items():
             if key.startswith("optim."):
                 _, i, name = key.split(".", 2)
-                optim_state["state"].setdefault(int(i), {})[name] = value.to(
-                    model.output_layer.weight.device
-                )
+                device = next(model.parameters()).device
+                optim_state["state"].setdefault(int(i), {})[name] = value.to(device)
         optimizer.load_state_dict(optim_state)
         generator.set_state(generator_state(generator, tensors["rng.generator"]))
         torch.set_rng_state(tensors["rng.torch"])

@@ -91,8 +91,9 @@ def log_stage(board, model: VAE, test_x: torch.Tensor, passes: int, image_shape=
     board.flush()
 
 
-def stage_bar(total: int, enabled: bool, config, stage: int, lr: float):
-    """The progress bar of a stage of ``config``'s run at rate ``lr``: ``total`` steps."""
+def stage_bar(total: int, enabled: bool, config, objective, stage: int, lr: float):
+    """The progress bar of a stage of ``config``'s run (training ``objective``) at rate
+    ``lr``: ``total`` steps."""
     where = f"stage {stage + 1}/{config.stages}" if config.stages else "constant rate"
-    desc = f"{config.objective_spec} {where} lr={lr:.2e}"
+    desc = f"{objective} {where} lr={lr:.2e}"
     return progress_bar(total, desc, "step", enabled=enabled, mininterval=0.5)
