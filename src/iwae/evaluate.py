@@ -310,6 +310,24 @@ def gradient_snr_curve(
 # -- annealed importance sampling (iwae evaluate --method ais) ------------------------------
 
 
+def _reference_log_px(model, x, reference, k, seed, max_rows, progress) -> Tensor:
+    """The per-image L_k that AIS is set beside: ``reference`` (checked), or computed."""
+    if reference is not None:
+        if reference.shape != (x.shape[0],):
+            raise IwaeError(
+                f"reference L_k must hold one value per image ({x.shape[0]}), "
+                f"got shape {tuple(reference.shape)}"
+            )
+        return reference
+    was_training = model.training
+    model.eval()
+    reduced = log_weight_reductions(
+        model, x, k, k_small=1, seed=seed, max_rows=max_rows, progress=progress
+    )
+    model.train(was_training)
+    return reduced["log_px"]
+
+
 def evaluate_ais(
     model: LatentVariableModel,
     x: Tensor,
@@ -339,18 +357,7 @@ def evaluate_ais(
     - ``ais_steps``, ``chains``, ``hmc_leapfrog``, ``ais_init``, ``n_test``, ``ais_seconds``.
     """
     _check_test_images(model, x)
-    if reference is not None and reference.shape != (x.shape[0],):
-        raise IwaeError(
-            f"reference L_k must hold one value per image ({x.shape[0]}), "
-            f"got shape {tuple(reference.shape)}"
-        )
-    if reference is None:
-        was_training = model.training
-        model.eval()
-        reference = log_weight_reductions(
-            model, x, k, k_small=1, seed=seed, max_rows=max_rows, progress=progress
-        )["log_px"]
-        model.train(was_training)
+    reference = _reference_log_px(model, x, reference, k, seed, max_rows, progress)
     started = time.perf_counter()
     r = forward_ais(
         model,
