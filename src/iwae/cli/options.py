@@ -14,12 +14,12 @@ import argparse
 from pathlib import Path
 
 from iwae.bounds import ESTIMATORS
-from iwae.errors import IwaeError
+from iwae.errors import IwaeError, TimeLimitReached
 from iwae.model import parse_hidden, parse_latent
 from iwae.train import CUDA_GRAPHS
 
 #: the exit code of a command stopped by --time-limit: the same command continues
-EXIT_TIME_LIMIT = 3
+EXIT_TIME_LIMIT = TimeLimitReached.exit_code
 
 QUIET_HELP = (
     "no progress report (otherwise: a progress bar on a terminal, and where stderr is not a "
