@@ -21,6 +21,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ from iwae.rundir import (
     prepare_run_dir,
     promote_checkpoint,
     read_json,
+    recover_checkpoint,
     resume_position,
     save_checkpoint,
     save_weights,
@@ -177,6 +179,7 @@ def train(
     resume: bool = False,
     cuda_graphs: str = "auto",
     stop_at: float | None = None,
+    fallback: bool = False,
 ) -> dict:
     """Train a model as ``config`` says in the run directory ``out``, or with
     ``resume=True`` continue the run there from its checkpoint.
@@ -186,9 +189,11 @@ def train(
     CUDA graph on a (single-process) CUDA run, "off" never (:mod:`iwae.cudagraph`; the same
     numbers either way). ``stop_at``: a wall-clock time (``time.time()``) at which training
     stops, after the step or pass in progress, with a checkpoint (:class:`TimeLimitReached`);
-    SIGINT and SIGTERM stop it alike (:class:`iwae.errors.Interrupted`). Holds the lock of
-    ``out`` (:func:`iwae.runlock.locked`) while it writes there. Returns the summary that is
-    also written to ``summary.json``.
+    SIGINT and SIGTERM stop it alike (:class:`iwae.errors.Interrupted`). ``fallback``: a
+    resumed run whose newest checkpoint is missing, unreadable or corrupt continues from the
+    previous one, saying so on stderr (:func:`iwae.rundir.recover_checkpoint`); without it
+    that is an error. Holds the lock of ``out`` (:func:`iwae.runlock.locked`) while it
+    writes there. Returns the summary that is also written to ``summary.json``.
     """
     out = Path(out)
     if resume and (out / SUMMARY_FILE).exists():
@@ -196,6 +201,8 @@ def train(
     if not resume and lead_process() and not out.is_dir():
         prepare_run_dir(out, overwrite)  # its parents, before the lock makes it
     with locked(out, enabled=lead_process()):
+        if resume and fallback and lead_process():
+            say(recover_checkpoint(out))
         run = open_run(config, out, dataset, overwrite, device, resume, cuda_graphs)
         if stop_at is not None and run.shard is not None:
             raise IwaeError(
@@ -214,11 +221,13 @@ def resume(
     cuda_graphs: str = "auto",
     data_dir: str | None = None,
     stop_at: float | None = None,
+    fallback: bool = False,
 ) -> dict:
     """Continue an interrupted run from its checkpoint (``iwae train --resume``); a run killed
     before its first checkpoint starts again from its ``config.json`` (the same weights, bit
     for bit, as a run never interrupted). ``data_dir``: where the data is now, if not where
-    the run was trained (another machine); a file dataset is still checked by its hash."""
+    the run was trained (another machine); a file dataset is still checked by its hash.
+    ``fallback``: from the previous checkpoint where the newest is bad (:func:`train`)."""
     return train(
         resume_config(run_dir, data_dir),
         run_dir,
@@ -228,7 +237,14 @@ def resume(
         resume=True,
         cuda_graphs=cuda_graphs,
         stop_at=stop_at,
+        fallback=fallback,
     )
+
+
+def say(line: str | None) -> None:
+    """``line`` on stderr, where there is one."""
+    if line is not None:
+        print(line, file=sys.stderr)
 
 
 def train_group(group: Group, progress: bool) -> list[dict]:

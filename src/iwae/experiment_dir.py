@@ -108,8 +108,8 @@ RUNNER_FILE = "runner.json"
 def write_statuses(out: Path, results: list[dict]) -> None:
     """Record each run's status in ``out/runner.json`` under ``runs``: "done", "skipped"
     (finished before), "stopped" (the time limit), "interrupted" (a signal) or "failed
-    [after N retries]: REASON", with ``attempts`` where it failed; runs of earlier calls
-    keep theirs."""
+    [after N retries]: REASON", with ``attempts`` where a run's task was called more than
+    once (a worker died); runs of earlier calls keep theirs."""
     record = read_json(out / RUNNER_FILE, required=False)
     runs = record.get("runs", {}) if isinstance(record, dict) else {}
     for r in results:

@@ -365,7 +365,14 @@ def _train_one(
     from iwae.train import TrainConfig, resume, train
 
     if checkpoint_exists(out):  # interrupted (or finished: then resume does nothing)
-        resume(out, progress=False, cuda_graphs=cuda_graphs, data_dir=data_dir, stop_at=stop_at)
+        resume(
+            out,
+            progress=False,
+            cuda_graphs=cuda_graphs,
+            data_dir=data_dir,
+            stop_at=stop_at,
+            fallback=True,
+        )
     elif not trained_before:
         keys = dict(run.config, data_dir=data_dir)
         if run.after is not None:
@@ -440,7 +447,8 @@ def _train_group(
 
     outs = [out for _, out in members]
     if all(checkpoint_exists(out) for out in outs):
-        configs, start = [resume_config(out, data_dir) for out in outs], dict(resume=True)
+        configs = [resume_config(out, data_dir) for out in outs]
+        start = dict(resume=True, fallback=True)
     else:
         configs = [TrainConfig(**dict(run.config, data_dir=data_dir)) for run, _ in members]
         start = dict(overwrite=True)

@@ -20,7 +20,7 @@ from iwae import data as iwae_data
 from iwae.bounds import Objective, backward_stacked
 from iwae.config import TrainConfig
 from iwae.cudagraph import GraphedSteps
-from iwae.engine import Group, train_group
+from iwae.engine import Group, say, train_group
 from iwae.errors import IwaeError
 from iwae.model import VAE
 from iwae.optim import adam, learning_rate, set_lr, step_if_finite
@@ -32,6 +32,7 @@ from iwae.rundir import (
     prepare_run_dir,
     promote_checkpoint,
     read_json,
+    recover_checkpoint,
 )
 from iwae.runlock import locked
 from iwae.runs import Run, open_run
@@ -76,6 +77,7 @@ def train_lockstep(
     overwrite: bool = False,
     cuda_graphs: str = "auto",
     stop_at: float | None = None,
+    fallback: bool = False,
 ) -> list[dict]:
     """Train the runs ``configs`` in the run directories ``outs`` side by side in this
     process: one stacked model (:meth:`iwae.model.VAE.stack`), one fused Adam over the
@@ -89,7 +91,8 @@ def train_lockstep(
     for any run is skipped for the whole group and counted in every run's skipped_steps.
     Checkpoints are written for all runs at once, in two phases
     (:func:`iwae.engine.group_checkpoint`), so that a killed group resumes (``resume=True``)
-    bit for bit. ``stop_at``: as :func:`iwae.engine.train`'s, for the whole group. Holds
+    bit for bit. ``stop_at`` and ``fallback``: as :func:`iwae.engine.train`'s (a run that
+    falls back to an earlier step than the others stops the group: resume it alone). Holds
     every run directory's lock (:func:`iwae.runlock.locked`). Returns the summaries.
     """
     outs = [Path(o) for o in outs]
@@ -108,6 +111,8 @@ def train_lockstep(
         if resume:
             for out in outs:
                 settle_group_checkpoint(out)
+                if fallback:
+                    say(recover_checkpoint(out))
         if resume and all((o / SUMMARY_FILE).exists() for o in outs):
             return [read_json(o / SUMMARY_FILE) for o in outs]
         runs = [

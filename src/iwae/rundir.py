@@ -6,8 +6,8 @@ A run directory (``iwae train --out RUN_DIR``) holds
 - ``model.safetensors`` the weights, saved at the end of every stage,
 - ``checkpoint.safetensors`` weights, Adam state, every random-number state and the
   position in the schedule, saved every few minutes and at the end of every stage, with
-  a SHA-256 checksum; ``checkpoint.prev.safetensors`` the one before it (a resumed run
-  falls back to it when the newest is unreadable: :func:`read_checkpoint`),
+  a SHA-256 checksum; ``checkpoint.prev.safetensors`` the one before it (``--resume``
+  falls back to it when the newest is unreadable: :func:`recover_checkpoint`),
 - ``metrics.jsonl``     one JSON object per pass,
 - ``tb/``               TensorBoard event files,
 - ``summary.json``      written last by training: a run with it is finished,
@@ -33,7 +33,6 @@ import hashlib
 import json
 import os
 import random
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -52,6 +51,8 @@ CHECKPOINT_FILE = "checkpoint.safetensors"
 CHECKPOINT_NEXT_FILE = "checkpoint.next.safetensors"
 #: the checkpoint before the current one (:func:`promote_checkpoint`)
 CHECKPOINT_PREV_FILE = "checkpoint.prev.safetensors"
+#: a bad current checkpoint, put aside by :func:`recover_checkpoint`
+CHECKPOINT_CORRUPT_FILE = "checkpoint.corrupt.safetensors"
 #: the directory's lock, and who holds it (:mod:`iwae.runlock`): no part of a run
 LOCK_FILE = ".lock"
 LOCK_INFO_FILE = ".lock.json"
@@ -462,33 +463,54 @@ def read_checkpoint_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str,
     return tensors, metadata
 
 
-def read_checkpoint(run_dir: str | Path, quiet: bool = False):
-    """(path, content) of the checkpoint to resume ``run_dir`` from: the current one, or
-    where it is missing, unreadable or corrupt (:func:`read_checkpoint_file`) the previous
-    one, saying so in one line on stderr (unless ``quiet``). Neither valid: a
-    :class:`RunDirError` naming both. Reads only."""
+def usable_checkpoint(run_dir: str | Path):
+    """(path, content, why the current one is not used or None) of the checkpoint to resume
+    ``run_dir`` from: the current one, or where it is missing, unreadable or corrupt
+    (:func:`read_checkpoint_file`) the previous one. Neither valid: a :class:`RunDirError`
+    naming both. Reads only."""
     run_dir = Path(run_dir)
     current, previous = run_dir / CHECKPOINT_FILE, run_dir / CHECKPOINT_PREV_FILE
     try:
-        return current, read_checkpoint_file(current)
+        return current, read_checkpoint_file(current), None
     except RunDirError as e:
         if not previous.exists():
             raise
         problem = str(e)
     try:
-        content = read_checkpoint_file(previous)
+        return previous, read_checkpoint_file(previous), problem
     except RunDirError as e:
         raise RunDirError(
             f"no valid checkpoint in {run_dir}: {problem}; and {e} (nothing was changed)"
         ) from None
-    if not quiet:
-        p = json.loads(content[1]["state"])["progress"]
-        print(
-            f"iwae: {problem}; resuming from the previous checkpoint, {previous} (pass "
-            f"{p['passes'] + 1}, step {p['step']})",
-            file=sys.stderr,
-        )
-    return previous, content
+
+
+def recover_checkpoint(run_dir: str | Path) -> str | None:
+    """Put the previous checkpoint of ``run_dir`` back in place where the current one is
+    missing, unreadable or corrupt (:func:`usable_checkpoint`): the bad one is kept as
+    ``checkpoint.corrupt.safetensors``, the previous one becomes the current one (the
+    previous file stays). Returns one line saying so, or None where the current one is
+    good (or there is no previous one: loading the current one then says what is wrong).
+    Both bad: a :class:`RunDirError`, and nothing is changed."""
+    run_dir = Path(run_dir)
+    current, previous = run_dir / CHECKPOINT_FILE, run_dir / CHECKPOINT_PREV_FILE
+    if not previous.exists():
+        return None
+    path, (_, metadata), problem = usable_checkpoint(run_dir)
+    if problem is None:
+        return None
+    if current.exists():
+        os.replace(current, run_dir / CHECKPOINT_CORRUPT_FILE)
+    atomic_write(current, lambda f: f.write(previous.read_bytes()))
+    p = json.loads(metadata["state"])["progress"]
+    at = (
+        f"pass {p['passes'] + 1}, step {p['step']}"
+        if p["step"]
+        else f"the end of pass {p['passes']}"
+    )
+    return (
+        f"iwae: {problem}; resuming from the previous checkpoint ({at}; the bad file is kept "
+        f"as {run_dir / CHECKPOINT_CORRUPT_FILE})"
+    )
 
 
 def load_checkpoint(
@@ -547,10 +569,11 @@ def checkpoint_exists(run_dir: str | Path) -> bool:
 
 
 def resume_position(run_dir: str | Path) -> tuple[int, int] | None:
-    """(finished passes, step) of the checkpoint ``run_dir`` would resume from
-    (:func:`read_checkpoint`), or None where it has no valid one."""
+    """(finished passes, step) of the checkpoint ``run_dir`` resumes from where the
+    previous one may stand in for a bad current one (:func:`usable_checkpoint`), or None
+    where it has no valid one."""
     try:
-        _, (_, metadata) = read_checkpoint(run_dir, quiet=True)
+        _, (_, metadata), _ = usable_checkpoint(run_dir)
     except RunDirError:
         return None
     progress = json.loads(metadata["state"])["progress"]

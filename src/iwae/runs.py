@@ -36,7 +36,7 @@ from iwae.rundir import (
     load_checkpoint,
     load_state,
     prepare_run_dir,
-    read_checkpoint,
+    read_checkpoint_file,
     read_metrics,
     read_safetensors,
     write_json,
@@ -199,8 +199,8 @@ def open_run(
     resume, overwrite = _resumable(out, resume, overwrite)
     if not resume and lead:
         prepare_run_dir(out, overwrite)
-    # a bad checkpoint fails before the data loads (the previous one is taken if it is good)
-    checkpoint_path, checkpoint = read_checkpoint(out) if resume else (None, None)
+    # a bad checkpoint fails before the data loads
+    checkpoint = read_checkpoint_file(out / CHECKPOINT_FILE) if resume else None
     dataset = _run_data(config, out, dataset, resume)
     config = config.for_data(dataset)
     train_x, test_x = _images(config, dataset, dev)
@@ -208,7 +208,7 @@ def open_run(
     state, pass_start_rng = Progress(), None
     if resume:
         state, pass_start_rng = load_checkpoint(
-            checkpoint_path, model, optimizer, generator, checkpoint
+            out / CHECKPOINT_FILE, model, optimizer, generator, checkpoint
         )
         if lead:  # drop lines of passes after the checkpoint
             write_metrics(out, read_metrics(out)[: state.passes])

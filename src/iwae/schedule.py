@@ -209,10 +209,12 @@ def _orphans(tasks: list[Task], results: list[dict], started: set[str]) -> list[
 def _outcome(
     executor: Executor, handle, task: Task, attempt: int, max_retries: int, stopping: bool
 ) -> list[dict] | None:
-    """The statuses of a finished task's runs, or None where it failed and is to run again
-    (its ``attempt``-th call, at most ``max_retries`` + 1; none once stopping)."""
+    """The statuses of a finished task's runs (with ``attempts`` where it took more than
+    one call), or None where it failed and is to run again (its ``attempt``-th call, at
+    most ``max_retries`` + 1; none once stopping)."""
     try:
-        return executor.result(handle)
+        statuses = executor.result(handle)
+        return statuses if attempt == 1 else [{**r, "attempts": attempt} for r in statuses]
     except IwaeError as e:
         reason = f"failed: {e}"
     except Exception as e:  # its process died, or a bug
