@@ -387,7 +387,10 @@ def save_checkpoint(
         atomic_write(path, lambda f: f.write(data))
         return
     staged = path.with_name(f".{CHECKPOINT_FILE}.new")
-    atomic_write(staged, lambda f: f.write(data))
+    try:
+        atomic_write(staged, lambda f: f.write(data))
+    except OSError as e:  # named as the checkpoint it was to become
+        raise OSError(e.errno, e.strerror, str(path)) from e
     promote_checkpoint(staged)
 
 
