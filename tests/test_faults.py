@@ -269,21 +269,19 @@ def _flip(path: Path, where: float = 0.75) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "missing"])
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(
     reference, tmp_path, monkeypatch, capsys, damage
 ):
-    """Bytes flipped in the newest checkpoint (its checksum fails), the file cut short, or
-    gone: --resume says so in one line, continues from the previous checkpoint (one step
-    earlier, replayed) and ends with the weights of a run never interrupted."""
+    """Bytes flipped in the newest checkpoint's tensors (its checksum fails), or the file
+    cut short: --resume says so in one line, continues from the previous checkpoint (one
+    step earlier, replayed) and ends with the weights of a run never interrupted."""
     run = _cut(reference, tmp_path, monkeypatch)
     path = run / CHECKPOINT_FILE
     if damage == "flip":
         _flip(path)
-    elif damage == "truncate":
-        path.write_bytes(path.read_bytes()[:1000])
     else:
-        path.unlink()
+        path.write_bytes(path.read_bytes()[: path.stat().st_size * 3 // 4])
     capsys.readouterr()
     assert main(["train", "--resume", str(run), "--quiet"]) == 0
     err = capsys.readouterr().err.strip()

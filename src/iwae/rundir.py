@@ -468,15 +468,17 @@ def read_checkpoint_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str,
 
 def usable_checkpoint(run_dir: str | Path):
     """(path, content, why the current one is not used or None) of the checkpoint to resume
-    ``run_dir`` from: the current one, or where it is missing, unreadable or corrupt
-    (:func:`read_checkpoint_file`) the previous one. Neither valid: a :class:`RunDirError`
-    naming both. Reads only."""
+    ``run_dir`` from: the current one, or where it is damaged the previous one. Damaged: an
+    iwae checkpoint by its header (:func:`_checkpoint_header`) whose tensors fail their
+    checksum or are cut short. A current file that is missing or no checkpoint at all
+    (empty, its header unreadable) is the current one's error, as is a damaged one without
+    a valid previous one (then naming both). Reads only."""
     run_dir = Path(run_dir)
     current, previous = run_dir / CHECKPOINT_FILE, run_dir / CHECKPOINT_PREV_FILE
     try:
         return current, read_checkpoint_file(current), None
     except RunDirError as e:
-        if not previous.exists():
+        if not previous.exists() or _checkpoint_header(current) is None:
             raise
         problem = str(e)
     try:
@@ -487,9 +489,24 @@ def usable_checkpoint(run_dir: str | Path):
         ) from None
 
 
+def _checkpoint_header(path: Path) -> dict | None:
+    """The safetensors header of ``path`` where it is readable and an iwae checkpoint's (its
+    metadata holds the state with the progress), else None. Reads the header only."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size <= 100_000_000:
+                return None
+            header = json.loads(f.read(size))
+        json.loads(header["__metadata__"]["state"])["progress"]
+    except Exception:  # missing, empty, cut inside the header, foreign
+        return None
+    return header
+
+
 def recover_checkpoint(run_dir: str | Path) -> str | None:
     """Put the previous checkpoint of ``run_dir`` back in place where the current one is
-    missing, unreadable or corrupt (:func:`usable_checkpoint`): the bad one is kept as
+    damaged (:func:`usable_checkpoint`): the bad one is kept as
     ``checkpoint.corrupt.safetensors``, the previous one becomes the current one (the
     previous file stays). Returns one line saying so, or None where the current one is
     good (or there is no previous one: loading the current one then says what is wrong).
