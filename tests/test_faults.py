@@ -458,13 +458,19 @@ def test_a_failing_task_is_retried_then_recorded_and_the_others_finish():
     assert status["next"] == "failed: it continues bad, which failed"
 
 
-def test_reproduce_passes_a_signal_on_and_continues_bit_for_bit(grid_reference, tmp_path):
-    """SIGTERM to `reproduce` while its workers train: each worker checkpoints its run at
-    the step in progress, the runner exits with 143 and one line, runner.json says
-    "interrupted", no worker is left; run again, the experiment ends as one never stopped."""
+@pytest.mark.parametrize(
+    "backend", ["local", pytest.param("ray", marks=pytest.mark.slow)], ids=["local", "ray"]
+)
+def test_reproduce_passes_a_signal_on_and_continues_bit_for_bit(grid_reference, tmp_path, backend):
+    """SIGTERM to `reproduce` while its workers train: each worker (Ray: each task, by
+    ray.cancel) checkpoints its run at the step in progress, the runner exits with 143 and
+    one line, runner.json says "interrupted", no worker is left; run again, the experiment
+    ends as one never stopped."""
+    if backend == "ray":
+        pytest.importorskip("ray", reason="the ray extra is not installed")
     data, ref = grid_reference
     out = tmp_path / "exp"
-    proc = _reproduce(out, data)
+    proc = _reproduce(out, data, backend)
     found = []
     _wait_for(lambda: found.append(_training_worker(out)) or found[-1], proc, 600)
     proc.send_signal(signal.SIGTERM)
