@@ -166,11 +166,10 @@ def run_tasks(
                 stopping = True
                 getattr(executor, "interrupt", lambda *_: None)(interrupts.received(), pending)
             for task in _orphans(tasks, results, started):
-                results += [
+                orphaned = [
                     _status(r, f"failed: it continues {r.after}, which failed") for r in task
                 ]
-                done.update(r.name for r in task)
-                bar.update(len(task))
+                _finished(task, orphaned, results, done, bar)
             for task in [] if stopping else _ready(tasks, done, started):
                 pending[executor.submit(work, task)] = task
                 started.update(r.name for r in task)
@@ -182,20 +181,22 @@ def run_tasks(
                 if statuses is None:  # failed: again
                     pending[executor.submit(work, task)] = task
                     attempts[_names(task)] += 1
-                    continue
-                results += statuses
-                done.update(r.name for r in task)
-                bar.set_postfix_str(
-                    f"{'+'.join(r.name for r in task)}: {results[-1]['status']}", refresh=False
-                )
-                bar.update(len(task))
+                else:
+                    _finished(task, statuses, results, done, bar)
     if stopping:
         results += [_status(r, "interrupted") for t in tasks for r in t if r.name not in done]
-        signum = interrupts.received()
-        stop = Interrupted(signum, _interrupted_message(signum, results))
-        stop.results = results
-        raise stop
+        raise _interrupted(interrupts.received(), results)
     return results
+
+
+def _finished(task: Task, statuses: list[dict], results: list[dict], done: set[str], bar) -> None:
+    """Record the ``statuses`` of a finished ``task``'s runs, with a progress line."""
+    results += statuses
+    done.update(r.name for r in task)
+    bar.set_postfix_str(
+        f"{'+'.join(r.name for r in task)}: {statuses[-1]['status']}", refresh=False
+    )
+    bar.update(len(task))
 
 
 def _orphans(tasks: list[Task], results: list[dict], started: set[str]) -> list[Task]:
@@ -245,14 +246,18 @@ def _status(run: Run, status: str) -> dict:
     return {"name": run.name, "status": status}
 
 
-def _interrupted_message(signum: int, results: list[dict]) -> str:
-    """One line: the signal, what became of the runs, and how to continue."""
+def _interrupted(signum: int, results: list[dict]) -> Interrupted:
+    """The stop of the loop by ``signum``, with the runs' statuses (``results``) and one
+    line: the signal, what became of the runs, and how to continue."""
     counts = Counter(r["status"] for r in results)
-    return (
+    stop = Interrupted(
+        signum,
         f"interrupted by {interrupts.signal_name(signum)}: "
         + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
-        + "; the runs in training were checkpointed: the same command continues"
+        + "; the runs in training were checkpointed: the same command continues",
     )
+    stop.results = results
+    return stop
 
 
 class WorkerDied(Exception):

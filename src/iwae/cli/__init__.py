@@ -55,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run ``iwae`` on ``argv`` (default: the command line); the exit code: 0, 2 on an error
     (a run directory another process writes included), :data:`EXIT_TIME_LIMIT` when stopped
-    by --time-limit, and when stopped by a signal 128 + its number: 130 for SIGINT, 143 for
-    SIGTERM (training checkpointed at the step in progress)."""
+    by --time-limit, 4 (``iwae reproduce``) when runs failed after their retries, and when
+    stopped by a signal 128 + its number: 130 for SIGINT, 143 for SIGTERM (training
+    checkpointed at the step in progress)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in ("train", "evaluate", "snr", "reproduce", "bdmc"):
