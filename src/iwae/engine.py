@@ -6,9 +6,13 @@ How the group takes a step is its stepper (:class:`Stepper`): one run's
 a shard) or replayed from CUDA graphs (:class:`GraphedStep`), or G runs' models stacked into
 one (:class:`iwae.lockstep.GroupStep`). The loop does the rest once for all of them: the
 pass's data, the running sums and the non-finite guard, the time limit
-(:class:`iwae.errors.TimeLimitReached`), checkpoints (one file for a single run, two phases
-for a lockstep group: :func:`group_checkpoint`), the metrics lines with the test bounds due,
-the stage-end weights, and ``summary.json``.
+(:class:`iwae.errors.TimeLimitReached`) and SIGINT/SIGTERM (:class:`iwae.errors.Interrupted`:
+the step in progress ends, a checkpoint is written there; :mod:`iwae.interrupts`),
+checkpoints (one file for a single run, two phases for a lockstep group:
+:func:`group_checkpoint`), the metrics lines with the test bounds due, the stage-end
+weights, and ``summary.json``. A write that fails (a full disk) stops training with an
+:class:`iwae.errors.IwaeError` naming the file and the last good checkpoint
+(:func:`write_failed`). :func:`train` holds the run directory's lock (:mod:`iwae.runlock`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +30,12 @@ from typing import Protocol
 import torch
 
 from iwae import data as iwae_data
+from iwae import interrupts
 from iwae.bounds import Objective
 from iwae.config import TrainConfig, resume_config
 from iwae.cudagraph import GraphedSteps
 from iwae.distributed import barrier
-from iwae.errors import IwaeError, TimeLimitReached
+from iwae.errors import Interrupted, IwaeError, TimeLimitReached, TrainingStopped
 from iwae.latent import LatentVariableModel
 from iwae.optim import set_lr, train_step
 from iwae.rundir import (
@@ -39,11 +45,16 @@ from iwae.rundir import (
     SUMMARY_FILE,
     WEIGHTS_FILE,
     Progress,
+    prepare_run_dir,
+    promote_checkpoint,
     read_json,
+    recover_checkpoint,
+    resume_position,
     save_checkpoint,
     save_weights,
     write_json,
 )
+from iwae.runlock import lead_process, locked
 from iwae.runlog import log_pass, log_stage, pass_record, stage_bar, stage_nll, test_bounds
 from iwae.runs import Run, open_run
 
@@ -170,6 +181,7 @@ def train(
     resume: bool = False,
     cuda_graphs: str = "auto",
     stop_at: float | None = None,
+    fallback: bool = False,
     model: LatentVariableModel | None = None,
     objective: Objective | None = None,
 ) -> dict:
@@ -184,20 +196,31 @@ def train(
     is loaded from ``config.data_dir``. ``cuda_graphs``: "auto" replays each step from a
     CUDA graph on a (single-process) CUDA run, "off" never (:mod:`iwae.cudagraph`; the same
     numbers either way). ``stop_at``: a wall-clock time (``time.time()``) at which training
-    stops, after the step or pass in progress, with a checkpoint (:class:`TimeLimitReached`).
-    Returns the summary that is also written to ``summary.json``.
+    stops, after the step or pass in progress, with a checkpoint (:class:`TimeLimitReached`);
+    SIGINT and SIGTERM stop it alike (:class:`iwae.errors.Interrupted`). ``fallback``: a
+    resumed run whose newest checkpoint is missing, unreadable or corrupt continues from the
+    previous one, saying so on stderr (:func:`iwae.rundir.recover_checkpoint`); without it
+    that is an error. Holds the lock of ``out`` (:func:`iwae.runlock.locked`) while it
+    writes there. Returns the summary that is also written to ``summary.json``.
     """
     out = Path(out)
     if resume and (out / SUMMARY_FILE).exists():
         return read_json(out / SUMMARY_FILE)
-    run = open_run(config, out, dataset, overwrite, device, resume, cuda_graphs, model, objective)
-    if stop_at is not None and run.shard is not None:
-        raise IwaeError(
-            "--time-limit is not supported under torchrun (the processes would stop at "
-            "different steps)"
+    if not resume and lead_process() and not out.is_dir():
+        prepare_run_dir(out, overwrite)  # its parents, before the lock makes it
+    with locked(out, enabled=lead_process()):
+        if resume and fallback and lead_process():
+            say(recover_checkpoint(out))
+        run = open_run(
+            config, out, dataset, overwrite, device, resume, cuda_graphs, model, objective
         )
-    stepper = GraphedStep(run) if run.graphs else EagerStep(run)
-    return train_group(Group([run], stepper, stop_at=stop_at), progress)[0]
+        if stop_at is not None and run.shard is not None:
+            raise IwaeError(
+                "--time-limit is not supported under torchrun (the processes would stop at "
+                "different steps)"
+            )
+        stepper = GraphedStep(run) if run.graphs else EagerStep(run)
+        return train_group(Group([run], stepper, stop_at=stop_at), progress)[0]
 
 
 def resume(
@@ -208,11 +231,13 @@ def resume(
     cuda_graphs: str = "auto",
     data_dir: str | None = None,
     stop_at: float | None = None,
+    fallback: bool = False,
 ) -> dict:
     """Continue an interrupted run from its checkpoint (``iwae train --resume``); a run killed
     before its first checkpoint starts again from its ``config.json`` (the same weights, bit
     for bit, as a run never interrupted). ``data_dir``: where the data is now, if not where
-    the run was trained (another machine); a file dataset is still checked by its hash."""
+    the run was trained (another machine); a file dataset is still checked by its hash.
+    ``fallback``: from the previous checkpoint where the newest is bad (:func:`train`)."""
     return train(
         resume_config(run_dir, data_dir),
         run_dir,
@@ -222,12 +247,31 @@ def resume(
         resume=True,
         cuda_graphs=cuda_graphs,
         stop_at=stop_at,
+        fallback=fallback,
     )
+
+
+def say(line: str | None) -> None:
+    """``line`` on stderr, where there is one."""
+    if line is not None:
+        print(line, file=sys.stderr)
 
 
 def train_group(group: Group, progress: bool) -> list[dict]:
     """The remaining passes of ``group``, each followed by its metrics lines, the stage-end
-    weights and the checkpoints due; returns the runs' summaries."""
+    weights and the checkpoints due; returns the runs' summaries. SIGINT and SIGTERM are
+    deferred meanwhile (:func:`iwae.interrupts.deferred`): training stops at the step
+    in progress, checkpointed. A failed write stops it too (:func:`write_failed`)."""
+    try:
+        with interrupts.deferred():
+            records = _train_passes(group, progress)
+            return [_finish_run(r, record, group.stepper) for r, record in zip(group.runs, records)]
+    except OSError as e:
+        raise write_failed(group.runs, e) from e
+
+
+def _train_passes(group: Group, progress: bool) -> list[dict]:
+    """The remaining passes of ``group``; the metrics records of the last."""
     runs, first = group.runs, group.first
     bar, records = None, [{} for _ in runs]
     try:
@@ -246,13 +290,13 @@ def train_group(group: Group, progress: bool) -> list[dict]:
                 if first.lead and (up or _checkpoint_due(group, p)):
                     group.checkpoint([r.generator.get_state() for r in runs])
                 if up and p + 1 < len(first.plan):
-                    raise TimeLimitReached(_stopped_message(runs))
+                    raise _stopped(runs)
     finally:
         if bar is not None:
             bar.close()
         for run in runs:
             run.board.close()
-    return [_finish_run(run, record, group.stepper) for run, record in zip(runs, records)]
+    return records
 
 
 def run_pass(group: Group, p: int, bar) -> list[dict]:
@@ -282,7 +326,7 @@ def run_pass(group: Group, p: int, bar) -> list[dict]:
                 run.state.step, run.state.seconds = step + 1, seconds
             group.checkpoint([r.pass_start_rng for r in runs])
             if up:
-                raise TimeLimitReached(_stopped_message(runs))
+                raise _stopped(runs)
     totals.into([r.state for r in runs])
     seconds = time.perf_counter() - t0
     return [pass_record(p, stage, lr, run.state, seconds) for run in runs]
@@ -356,8 +400,9 @@ def time_limit_passed(stop_at: float | None) -> bool:
 
 
 def _time_up(group: Group) -> bool:
-    """The group's time limit has passed (:func:`train`'s ``stop_at``)."""
-    return time_limit_passed(group.stop_at)
+    """The group's time limit has passed (:func:`train`'s ``stop_at``), or a stop signal
+    came (:func:`iwae.interrupts.received`)."""
+    return time_limit_passed(group.stop_at) or interrupts.received() is not None
 
 
 def _mid_pass_checkpoint(group: Group) -> tuple[bool, bool]:
@@ -375,13 +420,39 @@ def _checkpoint_due(group: Group, p: int) -> bool:
     return p in group.first.stage_ends or time.monotonic() - group.last_checkpoint > minutes * 60
 
 
-def _stopped_message(runs: list[Run]) -> str:
+def _stopped(runs: list[Run]) -> TrainingStopped:
+    """What stops the checkpointed ``runs``: a stop signal (:class:`Interrupted`), else the
+    time limit (:class:`TimeLimitReached`), with one line saying where and how to go on."""
     s = runs[0].state
     where = f"pass {s.passes + 1}, step {s.step}" if s.step else f"the end of pass {s.passes}"
     names = ", ".join(str(r.out) for r in runs)
-    return (
-        f"time limit reached: {names} checkpointed at {where} of {len(runs[0].plan)}; "
+    tail = (
+        f"{names} checkpointed at {where} of {len(runs[0].plan)}; "
         f"the same command (or iwae train --resume RUN) continues"
+    )
+    signum = interrupts.received()
+    if signum is not None:
+        return Interrupted(signum, f"interrupted by {interrupts.signal_name(signum)}: {tail}")
+    return TimeLimitReached(f"time limit reached: {tail}")
+
+
+def write_failed(runs: list[Run], error: OSError) -> IwaeError:
+    """The error that stops ``runs`` when a write fails (``error``: a full disk, an I/O
+    error, a permission): what failed, where, and the checkpoint the runs resume from,
+    which the failed write left intact."""
+    what = error.strerror or str(error)
+    where = f" {error.filename}" if error.filename else f" in {runs[0].out}"
+    position = resume_position(runs[0].out)
+    if position is None:
+        kept = "there is no checkpoint yet: --resume starts the run again from its config.json"
+    else:
+        passes, step = position
+        at = f"pass {passes + 1}, step {step}" if step else f"the end of pass {passes}"
+        kept = f"the last good checkpoint, at {at}, is intact"
+    names = " ".join(str(r.out) for r in runs)
+    return IwaeError(
+        f"training stopped: cannot write{where} ({what}); {kept}; once the cause is fixed "
+        f"(space freed), iwae train --resume {names} (or the same reproduce command) continues"
     )
 
 
@@ -396,8 +467,8 @@ def group_checkpoint(runs: list[Run], pass_start_rngs: list[torch.Tensor]) -> No
         group = [os.path.relpath(r.out, run.out) for r in runs]
         path = run.out / CHECKPOINT_NEXT_FILE
         save_checkpoint(path, run.model, run.optimizer, run.generator, rng, run.state, group)
-    for run in runs:
-        os.replace(run.out / CHECKPOINT_NEXT_FILE, run.out / CHECKPOINT_FILE)
+    for run in runs:  # each current checkpoint becomes the previous one
+        promote_checkpoint(run.out / CHECKPOINT_NEXT_FILE)
 
 
 def _stage_bar(run: Run, p: int, bar, enabled: bool):

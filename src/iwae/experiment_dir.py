@@ -1,7 +1,8 @@
-"""An experiment directory's record, ``experiment.json``: the experiment, its budget, what
+"""An experiment directory's records: ``experiment.json`` (the experiment, its budget, what
 shrinks or filters it (``overrides``, ``eval_k``, ``n_test``, ``--only``, ``--reuse``) and
-its runs, over every invocation of :func:`iwae.experiments.reproduce` on it; and the
-``--only`` selection of a grid's runs by their labels."""
+its runs, over every invocation of :func:`iwae.experiments.reproduce` on it) and
+``runner.json`` (each run's status, :func:`write_statuses`); and the ``--only`` selection
+of a grid's runs by their labels."""
 
 from __future__ import annotations
 
@@ -98,3 +99,19 @@ def merged_with_previous(out: Path, meta: dict, only: dict | None) -> dict:
 
 def _as_list(only) -> list:
     return only if isinstance(only, list) else [only] if only else []
+
+
+#: the experiment directory's record of its runs' statuses (:func:`write_statuses`)
+RUNNER_FILE = "runner.json"
+
+
+def write_statuses(out: Path, results: list[dict]) -> None:
+    """Record each run's status in ``out/runner.json`` under ``runs``: "done", "skipped"
+    (finished before), "stopped" (the time limit), "interrupted" (a signal) or "failed
+    [after N retries]: REASON", with ``attempts`` where a run's task was called more than
+    once (a worker died); runs of earlier calls keep theirs."""
+    record = read_json(out / RUNNER_FILE, required=False)
+    runs = record.get("runs", {}) if isinstance(record, dict) else {}
+    for r in results:
+        runs[r["name"]] = {k: r[k] for k in ("status", "attempts") if k in r}
+    write_json(out / RUNNER_FILE, {"runs": runs})

@@ -18,6 +18,7 @@ directories: :mod:`iwae.reuse`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import socket
@@ -27,13 +28,15 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from iwae.errors import IwaeError, TimeLimitReached
-from iwae.experiment_dir import experiment_record, only_values, write_record
+from iwae import interrupts
+from iwae.errors import Interrupted, IwaeError, TimeLimitReached, TrainingStopped
+from iwae.experiment_dir import experiment_record, only_values, write_record, write_statuses
 from iwae.experiment_dir import select_runs as _select
 from iwae.grids import VARIANTS, Run, dreg, table1, toy, two_stage, variants
 from iwae.reuse import _as_written as _as_written  # re-exported: tests read configs with it
 from iwae.reuse import reuse_runs
 from iwae.rundir import read_json
+from iwae.runlock import locked
 from iwae.schedule import LocalPool, RayCluster, Task, plan_tasks, run_tasks
 
 __all__ = [  # with names of iwae.grids, iwae.experiment_dir, iwae.reuse and iwae.schedule
@@ -138,8 +141,9 @@ class RunnerOptions:
     images. ``flush_denormal`` and ``cuda_graphs`` ("auto": replay training steps from CUDA
     graphs on a GPU; "off": never): as :func:`iwae.train.train`. ``time_limit``: minutes
     after which training stops, every run in training checkpointed (status "stopped"; runs
-    not yet started are not started): the same call continues them. ``progress``: a line
-    per finished task."""
+    not yet started are not started): the same call continues them. ``max_retries``: times
+    a task whose process died is run again from its runs' checkpoints
+    (:func:`iwae.schedule.run_tasks`). ``progress``: a line per finished task."""
 
     workers: int = 1
     backend: str = "local"
@@ -152,10 +156,13 @@ class RunnerOptions:
     cuda_graphs: str = "auto"
     time_limit: float | None = None
     progress: bool = True
+    max_retries: int = 2
 
     def __post_init__(self):
         if self.workers < 1:
             raise IwaeError(f"workers must be >= 1, got {self.workers}")
+        if self.max_retries < 0:
+            raise IwaeError(f"max retries must be >= 0, got {self.max_retries}")
         if self.group_size < 1:
             raise IwaeError(f"group size must be >= 1, got {self.group_size}")
         if self.time_limit is not None and not self.time_limit > 0:
@@ -194,8 +201,29 @@ def reproduce(
     an experiment for tests and smoke runs. All of them are recorded in ``experiment.json``.
     ``reuse``: experiment directories whose finished runs are copied in, instead of trained
     again, wherever a run here has the identical training configuration
-    (:func:`iwae.reuse.reuse_runs`)."""
+    (:func:`iwae.reuse.reuse_runs`).
+
+    Holds the lock of ``out`` (:mod:`iwae.runlock`; each worker holds its runs'), and
+    writes every run's status to ``out/runner.json`` (:func:`write_statuses`). SIGINT or
+    SIGTERM is passed on to the runs in training, which checkpoint and stop; then
+    :class:`iwae.errors.Interrupted` is raised (:func:`iwae.schedule.run_tasks`)."""
     options = replace(options or RunnerOptions(), **runner)
+    with locked(out):
+        return _reproduce(name, Path(out), stages, seeds, data_dir, overrides, only, reuse, options)
+
+
+def _reproduce(
+    name: str,
+    out: Path,
+    stages: int,
+    seeds: int | None,
+    data_dir: str | None,
+    overrides: dict | None,
+    only: dict | None,
+    reuse: list | None,
+    options: RunnerOptions,
+) -> list[dict]:
+    """:func:`reproduce` in the locked experiment directory ``out``."""
     stop_at = None if options.time_limit is None else time.time() + 60 * options.time_limit
     runs = [
         Run(r.name, {**r.config, **(overrides or {})}, r.after, r.label)
@@ -224,7 +252,13 @@ def reproduce(
         stop_at,
     )
     execute = _execute_ray if options.backend == "ray" else _execute_local
-    return execute(tasks, work, options)
+    try:
+        results = execute(tasks, work, options)
+    except Interrupted as stop:
+        write_statuses(out, stop.results)
+        raise
+    write_statuses(out, results)
+    return results
 
 
 @dataclass(frozen=True)
@@ -244,27 +278,35 @@ class _Work:
     stop_at: float | None
 
     def __call__(self, task: Task) -> list[dict]:
-        return run_group(
-            [asdict(r) for r in task],
-            self.exp_dir,
-            self.data_dir,
-            self.threads,
-            self.eval_k,
-            self.n_test,
-            self.flush_denormal,
-            self.cuda_graphs,
-            self.stop_at,
-        )
+        """The statuses of the task's runs; a stop signal (:mod:`iwae.interrupts`) ends it
+        with its runs checkpointed ("interrupted")."""
+        try:
+            with interrupts.catching():
+                return run_group(
+                    [asdict(r) for r in task],
+                    self.exp_dir,
+                    self.data_dir,
+                    self.threads,
+                    self.eval_k,
+                    self.n_test,
+                    self.flush_denormal,
+                    self.cuda_graphs,
+                    self.stop_at,
+                )
+        except Interrupted:
+            return [{"name": r.name, "status": "interrupted"} for r in task]
 
 
 def _execute_local(tasks: list[Task], work: _Work, options: RunnerOptions) -> list[dict]:
     """The tasks in ``options.workers`` processes here (:class:`iwae.schedule.LocalPool`)."""
-    return run_tasks(tasks, LocalPool(options.workers), work, options.progress)
+    pool = LocalPool(options.workers)
+    return run_tasks(tasks, pool, work, options.progress, options.max_retries)
 
 
 def _execute_ray(tasks: list[Task], work: _Work, options: RunnerOptions) -> list[dict]:
     """The tasks as Ray tasks of ``work.threads`` CPUs (:class:`iwae.schedule.RayCluster`)."""
-    return run_tasks(tasks, RayCluster(work.threads), work, options.progress)
+    cluster = RayCluster(work.threads)
+    return run_tasks(tasks, cluster, work, options.progress, options.max_retries)
 
 
 # -- what a worker does with one task -------------------------------------------------------------
@@ -282,38 +324,73 @@ def run_one(
     stop_at: float | None = None,
 ) -> dict:
     """Train (or resume) and evaluate one run in ``exp_dir/runs/NAME``; a finished run is
-    skipped. Runs in a worker process (local backend) or a Ray task. ``cuda_graphs`` and
-    ``stop_at`` (a wall-clock time): as :func:`iwae.train.train`; a run stopped there (or
-    not started, the time being past) has status "stopped"."""
-    from iwae.rundir import CHECKPOINT_FILE, SUMMARY_FILE
-    from iwae.train import TrainConfig, resume, time_limit_passed, train
+    skipped. Runs in a worker process (local backend) or a Ray task, holding the run
+    directory's lock (:mod:`iwae.runlock`). ``cuda_graphs`` and ``stop_at`` (a wall-clock
+    time): as :func:`iwae.train.train`; a run stopped there (or not started, the time being
+    past) has status "stopped", a run stopped by SIGINT or SIGTERM (checkpointed, not
+    evaluated) "interrupted"."""
+    from iwae.rundir import SUMMARY_FILE
+    from iwae.train import time_limit_passed
 
     run, out = _worker_setup(run, exp_dir, threads, flush_denormal)
     if _evaluated(run, out, eval_k, n_test):
         return {"name": run.name, "status": "skipped"}
     if time_limit_passed(stop_at):  # not started
         return _stopped([run])[0]
-    started, trained_before = time.perf_counter(), (out / SUMMARY_FILE).exists()
-    try:
-        if (out / CHECKPOINT_FILE).exists():  # interrupted (or finished: then resume does nothing)
-            resume(out, progress=False, cuda_graphs=cuda_graphs, data_dir=data_dir, stop_at=stop_at)
-        elif not trained_before:
-            keys = dict(run.config, data_dir=data_dir)
-            if run.after is not None:
-                keys["init_weights"] = str(Path(exp_dir) / "runs" / run.after / "model.safetensors")
-            train(
-                TrainConfig(**keys),
-                out,
-                progress=False,
-                overwrite=True,
-                cuda_graphs=cuda_graphs,
-                stop_at=stop_at,
-            )
-    except TimeLimitReached:
-        return _stopped([run], [out], time.perf_counter() - started)[0]
-    if not trained_before:
-        _record_training([out], time.perf_counter() - started)
-    return _evaluate_run(run, out, data_dir, threads, eval_k, n_test)
+    with interrupts.catching(), locked(out):
+        started, trained_before = time.perf_counter(), (out / SUMMARY_FILE).exists()
+        try:
+            _train_one(run, out, exp_dir, data_dir, cuda_graphs, stop_at, trained_before)
+        except TrainingStopped as stop:
+            return _stopped([run], [out], time.perf_counter() - started, _stop_status(stop))[0]
+        if not trained_before:
+            _record_training([out], time.perf_counter() - started)
+        if interrupts.received() is not None:  # training ended as the signal came
+            return {"name": run.name, "status": "interrupted"}
+        return _evaluate_run(run, out, data_dir, threads, eval_k, n_test)
+
+
+def _train_one(
+    run: Run,
+    out: Path,
+    exp_dir: str,
+    data_dir: str | None,
+    cuda_graphs: str,
+    stop_at: float | None,
+    trained_before: bool,
+) -> None:
+    """Resume the run in ``out`` from its checkpoint (a finished one: nothing to do), or
+    train it from the start (a second stage from its first stage's weights)."""
+    from iwae.rundir import checkpoint_exists
+    from iwae.train import TrainConfig, resume, train
+
+    if checkpoint_exists(out):  # interrupted (or finished: then resume does nothing)
+        resume(
+            out,
+            progress=False,
+            cuda_graphs=cuda_graphs,
+            data_dir=data_dir,
+            stop_at=stop_at,
+            fallback=True,
+        )
+    elif not trained_before:
+        keys = dict(run.config, data_dir=data_dir)
+        if run.after is not None:
+            keys["init_weights"] = str(Path(exp_dir) / "runs" / run.after / "model.safetensors")
+        train(
+            TrainConfig(**keys),
+            out,
+            progress=False,
+            overwrite=True,
+            cuda_graphs=cuda_graphs,
+            stop_at=stop_at,
+        )
+
+
+def _stop_status(stop: TrainingStopped) -> str:
+    """A run's status when its training stopped: "stopped" at the time limit, else
+    "interrupted" (a signal)."""
+    return "stopped" if isinstance(stop, TimeLimitReached) else "interrupted"
 
 
 def run_group(
@@ -328,8 +405,9 @@ def run_group(
     stop_at: float | None = None,
 ) -> list[dict]:
     """Train (or resume) the runs ``runs`` in lockstep (:func:`iwae.train.train_lockstep`),
-    then evaluate each as :func:`run_one` does. The runner groups runs that share a
-    lockstep key and stand at the same step (:func:`plan_tasks`)."""
+    then evaluate each as :func:`run_one` does, holding their directories' locks. The
+    runner groups runs that share a lockstep key and stand at the same step
+    (:func:`plan_tasks`)."""
     from iwae.rundir import SUMMARY_FILE
     from iwae.train import time_limit_passed
 
@@ -340,17 +418,23 @@ def run_group(
     outs = [out for _, out in members]
     if time_limit_passed(stop_at):  # not started
         return _stopped([run for run, _ in members])
-    started = time.perf_counter()
-    trained_before = all((out / SUMMARY_FILE).exists() for out in outs)
-    try:
-        _train_group(members, data_dir, cuda_graphs, stop_at)
-    except TimeLimitReached:
-        return _stopped([run for run, _ in members], outs, time.perf_counter() - started)
-    if not trained_before:
-        _record_training(
-            outs, time.perf_counter() - started, lockstep=[run.name for run, _ in members]
-        )
-    return [_evaluate_run(run, out, data_dir, threads, eval_k, n_test) for run, out in members]
+    with interrupts.catching(), contextlib.ExitStack() as held:
+        for out in outs:
+            held.enter_context(locked(out))
+        started = time.perf_counter()
+        trained_before = all((out / SUMMARY_FILE).exists() for out in outs)
+        try:
+            _train_group(members, data_dir, cuda_graphs, stop_at)
+        except TrainingStopped as stop:
+            train_s = time.perf_counter() - started
+            return _stopped([run for run, _ in members], outs, train_s, _stop_status(stop))
+        if not trained_before:
+            _record_training(
+                outs, time.perf_counter() - started, lockstep=[run.name for run, _ in members]
+            )
+        if interrupts.received() is not None:  # training ended as the signal came
+            return [{"name": run.name, "status": "interrupted"} for run, _ in members]
+        return [_evaluate_run(run, out, data_dir, threads, eval_k, n_test) for run, out in members]
 
 
 def _train_group(
@@ -358,24 +442,28 @@ def _train_group(
 ) -> None:
     """Train the runs ``members`` (run, its directory) in lockstep: resumed where every one
     has a checkpoint (finished ones: nothing to do), else from the start."""
-    from iwae.rundir import CHECKPOINT_FILE
+    from iwae.rundir import checkpoint_exists
     from iwae.train import TrainConfig, resume_config, train_lockstep
 
     outs = [out for _, out in members]
-    if all((out / CHECKPOINT_FILE).exists() for out in outs):
-        configs, start = [resume_config(out, data_dir) for out in outs], dict(resume=True)
+    if all(checkpoint_exists(out) for out in outs):
+        configs = [resume_config(out, data_dir) for out in outs]
+        start = dict(resume=True, fallback=True)
     else:
         configs = [TrainConfig(**dict(run.config, data_dir=data_dir)) for run, _ in members]
         start = dict(overwrite=True)
     train_lockstep(configs, outs, progress=False, cuda_graphs=cuda_graphs, stop_at=stop_at, **start)
 
 
-def _stopped(runs: list[Run], outs: list[Path] = (), train_s: float = 0.0) -> list[dict]:
-    """The "stopped" statuses of runs at their time limit; the wall time ``train_s`` they
-    trained before it is added to the ``runner.json`` of their directories ``outs`` (one
-    lockstep group: each is charged its share of those seconds, :func:`_add_train_time`)."""
+def _stopped(
+    runs: list[Run], outs: list[Path] = (), train_s: float = 0.0, status: str = "stopped"
+) -> list[dict]:
+    """The statuses of runs stopped at their time limit ("stopped") or by a signal
+    ("interrupted"); the wall time ``train_s`` they trained before it is added to the
+    ``runner.json`` of their directories ``outs`` (one lockstep group: each is charged its
+    share of those seconds, :func:`_add_train_time`)."""
     _record_training([out for out in outs if out.is_dir()], train_s, group_size=len(outs))
-    return [{"name": run.name, "status": "stopped"} for run in runs]
+    return [{"name": run.name, "status": status} for run in runs]
 
 
 def _record_training(
@@ -451,7 +539,11 @@ def _evaluated(run: Run, out: Path, eval_k: int, n_test: int | None) -> bool:
     from iwae import data as iwae_data
 
     done = read_json(out / "evaluation.json", required=False)
-    return _evaluated_as_asked(done, eval_k, n_test, iwae_data.TEST_SIZES[run.config["dataset"]])
+    if not done:
+        return False
+    dataset = run.config["dataset"]
+    full = iwae_data.TEST_SIZES.get(dataset) or iwae_data.load_dataset(dataset).test.shape[0]
+    return _evaluated_as_asked(done, eval_k, n_test, full)
 
 
 def _evaluate_run(

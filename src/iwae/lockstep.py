@@ -10,8 +10,8 @@ Runs can share a group when their :func:`lockstep_key` agree.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -20,7 +20,7 @@ from iwae import data as iwae_data
 from iwae.bounds import Objective, backward_stacked
 from iwae.config import TrainConfig
 from iwae.cudagraph import GraphedSteps
-from iwae.engine import Group, train_group
+from iwae.engine import Group, say, train_group
 from iwae.errors import IwaeError
 from iwae.model import VAE
 from iwae.optim import adam, learning_rate, set_lr, step_if_finite
@@ -29,8 +29,12 @@ from iwae.rundir import (
     CHECKPOINT_NEXT_FILE,
     SUMMARY_FILE,
     checkpoint_meta,
+    prepare_run_dir,
+    promote_checkpoint,
     read_json,
+    recover_checkpoint,
 )
+from iwae.runlock import locked
 from iwae.runs import Run, open_run
 
 #: configuration keys that must agree for runs to share a lockstep group: the data, the
@@ -73,6 +77,7 @@ def train_lockstep(
     overwrite: bool = False,
     cuda_graphs: str = "auto",
     stop_at: float | None = None,
+    fallback: bool = False,
 ) -> list[dict]:
     """Train the runs ``configs`` in the run directories ``outs`` side by side in this
     process: one stacked model (:meth:`iwae.model.VAE.stack`), one fused Adam over the
@@ -86,8 +91,9 @@ def train_lockstep(
     for any run is skipped for the whole group and counted in every run's skipped_steps.
     Checkpoints are written for all runs at once, in two phases
     (:func:`iwae.engine.group_checkpoint`), so that a killed group resumes (``resume=True``)
-    bit for bit. ``stop_at``: as :func:`iwae.engine.train`'s, for the whole group. Returns
-    the summaries.
+    bit for bit. ``stop_at`` and ``fallback``: as :func:`iwae.engine.train`'s (a run that
+    falls back to an earlier step than the others stops the group: resume it alone). Holds
+    every run directory's lock (:func:`iwae.runlock.locked`). Returns the summaries.
     """
     outs = [Path(o) for o in outs]
     if len({lockstep_key(c) for c in configs}) != 1:
@@ -95,22 +101,31 @@ def train_lockstep(
             "runs trained in lockstep must share the data, architecture, samples per example, "
             "estimator family, schedule and Adam settings"
         )
-    if resume:
+    if not resume:
+        for out in outs:  # their parents, before the locks make them
+            if not out.is_dir():
+                prepare_run_dir(out, overwrite)
+    with contextlib.ExitStack() as held:
         for out in outs:
-            settle_group_checkpoint(out)
-    if resume and all((o / SUMMARY_FILE).exists() for o in outs):
-        return [read_json(o / SUMMARY_FILE) for o in outs]
-    runs = [
-        open_run(c, o, dataset, overwrite, device, resume, cuda_graphs)
-        for c, o in zip(configs, outs)
-    ]
-    if len({(r.state.passes, r.state.step) for r in runs}) != 1 or any(r.shard for r in runs):
-        raise IwaeError(
-            "runs resumed in lockstep must stand at the same step of their schedule (resume "
-            "them one by one)"
-        )
-    group = Group(runs, GroupStep(runs), two_phase=True, stop_at=stop_at)
-    return train_group(group, progress)
+            held.enter_context(locked(out))
+        if resume:
+            for out in outs:
+                settle_group_checkpoint(out)
+                if fallback:
+                    say(recover_checkpoint(out))
+        if resume and all((o / SUMMARY_FILE).exists() for o in outs):
+            return [read_json(o / SUMMARY_FILE) for o in outs]
+        runs = [
+            open_run(c, o, dataset, overwrite, device, resume, cuda_graphs)
+            for c, o in zip(configs, outs)
+        ]
+        if len({(r.state.passes, r.state.step) for r in runs}) != 1 or any(r.shard for r in runs):
+            raise IwaeError(
+                "runs resumed in lockstep must stand at the same step of their schedule (resume "
+                "them one by one)"
+            )
+        group = Group(runs, GroupStep(runs), two_phase=True, stop_at=stop_at)
+        return train_group(group, progress)
 
 
 class StackedNoise:
@@ -269,7 +284,7 @@ def settle_group_checkpoint(out: str | Path) -> None:
     complete = all(ready(d) for d in members)
     for d in members:
         if (d / CHECKPOINT_NEXT_FILE).exists():
-            if complete:
-                os.replace(d / CHECKPOINT_NEXT_FILE, d / CHECKPOINT_FILE)
+            if complete:  # the current checkpoint becomes the previous one
+                promote_checkpoint(d / CHECKPOINT_NEXT_FILE)
             else:
                 (d / CHECKPOINT_NEXT_FILE).unlink()

@@ -68,8 +68,8 @@ def _finished_runs(sources: list[Path]) -> list[tuple[dict, dict, Path]]:
 
 
 def _copy_run(source: Path, target: Path) -> None:
-    """Copy the run directory ``source`` to ``target`` without its checkpoints and
-    TensorBoard logs, noting ``reused_from`` in its ``runner.json``; the copy appears all at
+    """Copy the run directory ``source`` to ``target`` without its checkpoints, TensorBoard
+    logs and lock, noting ``reused_from`` in its ``runner.json``; the copy appears all at
     once (renamed into place), so a half-copied run is never taken for a run."""
     partial = target.with_name(target.name + ".copying")
     shutil.rmtree(partial, ignore_errors=True)
@@ -77,7 +77,13 @@ def _copy_run(source: Path, target: Path) -> None:
         source,
         partial,
         ignore=shutil.ignore_patterns(
-            "checkpoint.safetensors", "checkpoint.next.safetensors", "tb"
+            "checkpoint.safetensors",
+            "checkpoint.next.safetensors",
+            "checkpoint.prev.safetensors",
+            ".checkpoint.*",
+            ".lock",
+            ".lock.json",
+            "tb",
         ),
     )
     timing = read_json(partial / "runner.json", required=False) or {}

@@ -5,7 +5,9 @@ A run directory (``iwae train --out RUN_DIR``) holds
 - ``config.json``       the resolved configuration (``iwae train --config`` takes it back),
 - ``model.safetensors`` the weights, saved at the end of every stage,
 - ``checkpoint.safetensors`` weights, Adam state, every random-number state and the
-  position in the schedule, saved every few minutes and at the end of every stage,
+  position in the schedule, saved every few minutes and at the end of every stage, with
+  a SHA-256 checksum; ``checkpoint.prev.safetensors`` the one before it (``--resume``
+  falls back to it when the newest is unreadable: :func:`recover_checkpoint`),
 - ``metrics.jsonl``     one JSON object per pass,
 - ``tb/``               TensorBoard event files,
 - ``summary.json``      written last by training: a run with it is finished,
@@ -19,7 +21,9 @@ It also checks and writes the result files that commands put outside a run direc
 is replaced only with ``--overwrite``.
 
 Every file is written atomically (temporary file, fsync, rename), so a run killed at any
-moment keeps its previous files. Nothing in a run directory is executed when it is
+moment, or a write that fails (a full disk), keeps its previous files; a failed write
+raises an ``OSError`` naming the file. ``.lock`` and ``.lock.json`` belong to the directory's
+writer (:mod:`iwae.runlock`). Nothing in a run directory is executed when it is
 loaded: tensors are safetensors, the rest is JSON.
 """
 
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,15 +40,23 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from iwae.data import atomic_write
+from iwae.data import atomic_write as _data_atomic_write
 from iwae.errors import IwaeError, RunDirError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CHECKPOINT_FILE = "checkpoint.safetensors"
 #: a lockstep group's next checkpoint, before every member has one
-#: (see iwae.train.settle_group_checkpoint)
+#: (see iwae.lockstep.settle_group_checkpoint)
 CHECKPOINT_NEXT_FILE = "checkpoint.next.safetensors"
+#: the checkpoint before the current one (:func:`promote_checkpoint`)
+CHECKPOINT_PREV_FILE = "checkpoint.prev.safetensors"
+#: a bad current checkpoint, put aside by :func:`recover_checkpoint`
+CHECKPOINT_CORRUPT_FILE = "checkpoint.corrupt.safetensors"
+#: the directory's lock, and who holds it (:mod:`iwae.runlock`): no part of a run
+LOCK_FILE = ".lock"
+LOCK_INFO_FILE = ".lock.json"
+LOCK_FILES = (LOCK_FILE, LOCK_INFO_FILE)
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 TENSORBOARD_DIR = "tb"
@@ -59,6 +72,18 @@ BDMC_FIGURE = "bdmc.png"
 
 
 # -- JSON and weights --------------------------------------------------------------------------
+
+
+def atomic_write(path: Path, write) -> None:
+    """:func:`iwae.data.atomic_write` (temporary file, fsync, rename: ``path`` keeps its old
+    content if anything fails), with an ``OSError`` of the write itself (ENOSPC, EIO, ...)
+    naming ``path``."""
+    try:
+        _data_atomic_write(path, write)
+    except OSError as e:
+        if e.filename is not None or e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e
 
 
 def write_json(path: Path, obj) -> None:
@@ -270,11 +295,18 @@ def write_per_example(path: str | Path, per_image: dict[str, torch.Tensor], test
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The lines of ``metrics.jsonl``; a last line cut short (an append that failed: a full
+    disk, a kill) is left out."""
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    records = [json.loads(line) for line in lines[:-1]]
+    try:
+        return records + [json.loads(line) for line in lines[-1:]]
+    except json.JSONDecodeError:
+        return records
 
 
 def write_metrics(run_dir: str | Path, records: list[dict]) -> None:
@@ -293,10 +325,10 @@ def prepare_run_dir(out: str | Path, overwrite: bool = False) -> Path:
     if out.exists() and not out.is_dir():
         raise RunDirError(f"{out} exists and is not a directory")
     _check_parents(out, "--out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if out.is_dir() and any(p.name not in LOCK_FILES for p in out.iterdir()) and not overwrite:
         raise RunDirError(
-            f"{out} is not empty: choose another --out, continue it with --resume, "
-            "or pass --overwrite to replace it"
+            f"{out} is not empty: choose another --out, continue it with --resume, or pass "
+            "--overwrite to replace it"
         )
     return out
 
@@ -327,8 +359,11 @@ def save_checkpoint(
     progress: Progress,
     group: list[str] | None = None,
 ) -> None:
-    """Weights, Adam state, RNG states and progress in one safetensors file, atomically
-    (``group``: the run directories of a lockstep group, recorded in the metadata)."""
+    """Weights, Adam state, RNG states and progress in one safetensors file, with their
+    checksum (:func:`checkpoint_checksum`), atomically (``group``: the run directories of a
+    lockstep group, recorded in the metadata). Written as ``checkpoint.safetensors``, it
+    becomes the current checkpoint and the current one the previous
+    (:func:`promote_checkpoint`); a write that fails leaves both as they were."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     for i, state in optimizer.state_dict()["state"].items():
         for name, value in state.items():
@@ -346,9 +381,157 @@ def save_checkpoint(
     }
     if group is not None:
         meta["group"] = group
-    atomic_write(
-        path,
-        lambda f: f.write(safetensors.torch.save(tensors, metadata={"state": json.dumps(meta)})),
+    state = json.dumps(meta)
+    metadata = {"state": state, "sha256": checkpoint_checksum(tensors, state)}
+    data = safetensors.torch.save(tensors, metadata=metadata)
+    path = Path(path)
+    if path.name != CHECKPOINT_FILE:  # a lockstep group's next checkpoint
+        atomic_write(path, lambda f: f.write(data))
+        return
+    staged = path.with_name(f".{CHECKPOINT_FILE}.new")
+    try:
+        atomic_write(staged, lambda f: f.write(data))
+    except OSError as e:  # named as the checkpoint it was to become
+        raise OSError(e.errno, e.strerror, str(path)) from e
+    promote_checkpoint(staged)
+
+
+def checkpoint_checksum(tensors: dict[str, torch.Tensor], state: str) -> str:
+    """SHA-256 of a checkpoint's content: its ``state`` metadata, then each tensor's name,
+    dtype, shape and bytes, in the order of the names."""
+    h = hashlib.sha256(state.encode())
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(f"\0{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def promote_checkpoint(source: Path) -> None:
+    """Make the complete checkpoint ``source`` (a file in the run directory) the current
+    ``checkpoint.safetensors``: the current one, if it is valid, first becomes
+    ``checkpoint.prev.safetensors`` (a hard link renamed over it; a copy where the file
+    system has no hard links), then ``source`` is renamed over it. At every moment the
+    directory holds a current checkpoint and a previous one that were each complete; an
+    invalid current one (:func:`read_checkpoint_file`) never replaces a valid previous one."""
+    directory = Path(source).parent
+    current, previous = directory / CHECKPOINT_FILE, directory / CHECKPOINT_PREV_FILE
+    if current.exists() and _valid_checkpoint(current):
+        link = directory / f".{CHECKPOINT_PREV_FILE}.link"
+        link.unlink(missing_ok=True)
+        try:
+            os.link(current, link)
+        except OSError:  # no hard links on this file system
+            atomic_write(previous, lambda f: f.write(current.read_bytes()))
+        else:
+            os.replace(link, previous)
+    os.replace(source, current)
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the renames in ``directory`` durable (where the platform allows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _valid_checkpoint(path: Path) -> bool:
+    try:
+        read_checkpoint_file(path)
+    except RunDirError:
+        return False
+    return True
+
+
+def read_checkpoint_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of the checkpoint ``path``, checked: a readable safetensors
+    file whose state metadata is JSON and whose checksum, where it has one (checkpoints
+    written before checksums have none), matches; else a :class:`RunDirError` saying why."""
+    tensors, metadata = read_safetensors(path)
+    try:
+        json.loads(metadata["state"])["progress"]
+    except Exception as e:  # missing, not JSON, or not ours
+        raise RunDirError(
+            f"{path} is not a valid iwae checkpoint ({type(e).__name__}: {e})"
+        ) from None
+    stored = metadata.get("sha256")
+    if stored is not None and stored != checkpoint_checksum(tensors, metadata["state"]):
+        raise RunDirError(f"{path} is corrupt: its content does not match its SHA-256 checksum")
+    return tensors, metadata
+
+
+def usable_checkpoint(run_dir: str | Path):
+    """(path, content, why the current one is not used or None) of the checkpoint to resume
+    ``run_dir`` from: the current one, or where it is damaged the previous one. Damaged: an
+    iwae checkpoint by its header (:func:`_checkpoint_header`) whose tensors fail their
+    checksum or are cut short. A current file that is missing or no checkpoint at all
+    (empty, its header unreadable) is the current one's error, as is a damaged one without
+    a valid previous one (then naming both). Reads only."""
+    run_dir = Path(run_dir)
+    current, previous = run_dir / CHECKPOINT_FILE, run_dir / CHECKPOINT_PREV_FILE
+    try:
+        return current, read_checkpoint_file(current), None
+    except RunDirError as e:
+        if not previous.exists() or _checkpoint_header(current) is None:
+            raise
+        problem = str(e)
+    try:
+        return previous, read_checkpoint_file(previous), problem
+    except RunDirError as e:
+        raise RunDirError(
+            f"no valid checkpoint in {run_dir}: {problem}; and {e} (nothing was changed)"
+        ) from None
+
+
+def _checkpoint_header(path: Path) -> dict | None:
+    """The safetensors header of ``path`` where it is readable and an iwae checkpoint's (its
+    metadata holds the state with the progress), else None. Reads the header only."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size <= 100_000_000:
+                return None
+            header = json.loads(f.read(size))
+        json.loads(header["__metadata__"]["state"])["progress"]
+    except Exception:  # missing, empty, cut inside the header, foreign
+        return None
+    return header
+
+
+def recover_checkpoint(run_dir: str | Path) -> str | None:
+    """Put the previous checkpoint of ``run_dir`` back in place where the current one is
+    damaged (:func:`usable_checkpoint`): the bad one is kept as
+    ``checkpoint.corrupt.safetensors``, the previous one becomes the current one (the
+    previous file stays). Returns one line saying so, or None where the current one is
+    good (or there is no previous one: loading the current one then says what is wrong).
+    Both bad: a :class:`RunDirError`, and nothing is changed."""
+    run_dir = Path(run_dir)
+    current, previous = run_dir / CHECKPOINT_FILE, run_dir / CHECKPOINT_PREV_FILE
+    if not previous.exists():
+        return None
+    path, (_, metadata), problem = usable_checkpoint(run_dir)
+    if problem is None:
+        return None
+    if current.exists():
+        os.replace(current, run_dir / CHECKPOINT_CORRUPT_FILE)
+    atomic_write(current, lambda f: f.write(previous.read_bytes()))
+    p = json.loads(metadata["state"])["progress"]
+    at = (
+        f"pass {p['passes'] + 1}, step {p['step']}"
+        if p["step"]
+        else f"the end of pass {p['passes']}"
+    )
+    return (
+        f"iwae: {problem}; resuming from the previous checkpoint ({at}; the bad file is kept "
+        f"as {run_dir / CHECKPOINT_CORRUPT_FILE})"
     )
 
 
@@ -356,9 +539,9 @@ def load_checkpoint(
     path: Path, model, optimizer, generator, content=None
 ) -> tuple[Progress, torch.Tensor]:
     """Restore what :func:`save_checkpoint` saved (``content``: the file already read by
-    :func:`read_safetensors`); returns the progress and the RNG state at the start of the
-    unfinished pass."""
-    tensors, metadata = content or read_safetensors(path)
+    :func:`read_checkpoint_file`); returns the progress and the RNG state at the start of
+    the unfinished pass."""
+    tensors, metadata = content or read_checkpoint_file(path)
     try:
         meta = json.loads(metadata["state"])
         progress = Progress(**meta["progress"])
@@ -400,8 +583,22 @@ def generator_state(generator: torch.Generator, state: torch.Tensor) -> torch.Te
 
 
 def checkpoint_exists(run_dir: str | Path) -> bool:
-    """Whether the run in ``run_dir`` has a checkpoint to resume from."""
-    return (Path(run_dir) / CHECKPOINT_FILE).exists()
+    """Whether the run in ``run_dir`` has a checkpoint to resume from (the current one, or
+    the previous one)."""
+    run_dir = Path(run_dir)
+    return (run_dir / CHECKPOINT_FILE).exists() or (run_dir / CHECKPOINT_PREV_FILE).exists()
+
+
+def resume_position(run_dir: str | Path) -> tuple[int, int] | None:
+    """(finished passes, step) of the checkpoint ``run_dir`` resumes from where the
+    previous one may stand in for a bad current one (:func:`usable_checkpoint`), or None
+    where it has no valid one."""
+    try:
+        _, (_, metadata), _ = usable_checkpoint(run_dir)
+    except RunDirError:
+        return None
+    progress = json.loads(metadata["state"])["progress"]
+    return progress["passes"], progress["step"]
 
 
 def checkpoint_meta(path: Path) -> dict | None:

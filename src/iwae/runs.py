@@ -24,6 +24,7 @@ from iwae.model import VAE
 from iwae.optim import adam
 from iwae.rundir import (
     CHECKPOINT_FILE,
+    CHECKPOINT_PREV_FILE,
     CONFIG_FILE,
     EVALUATION_FILE,
     EVALUATION_IMAGES_FILE,
@@ -32,9 +33,11 @@ from iwae.rundir import (
     TENSORBOARD_DIR,
     WEIGHTS_FILE,
     Progress,
+    checkpoint_exists,
     load_checkpoint,
     load_state,
     prepare_run_dir,
+    read_checkpoint_file,
     read_metrics,
     read_safetensors,
     write_json,
@@ -207,7 +210,7 @@ def open_run(
     if not resume and lead:
         prepare_run_dir(out, overwrite)
     # a bad checkpoint fails before the data loads
-    checkpoint = read_safetensors(out / CHECKPOINT_FILE) if resume else None
+    checkpoint = read_checkpoint_file(out / CHECKPOINT_FILE) if resume else None
     dataset = _run_data(config, out, dataset, resume)
     config = config.for_data(dataset)
     train_x, test_x = _images(config, dataset, dev)
@@ -245,7 +248,7 @@ def open_run(
 def _resumable(out: Path, resume: bool, overwrite: bool) -> tuple[bool, bool]:
     """(resume, overwrite) for the run directory ``out``: a run killed before its first
     checkpoint is the same run started again."""
-    if resume and not (out / CHECKPOINT_FILE).exists():
+    if resume and not checkpoint_exists(out):
         if not (out / CONFIG_FILE).exists():
             raise RunDirError(
                 f"{out / CHECKPOINT_FILE} is missing: nothing to resume (start the run again "
@@ -323,6 +326,7 @@ def _start_run_dir(out: Path, config: TrainConfig) -> None:
         SUMMARY_FILE,
         METRICS_FILE,
         CHECKPOINT_FILE,
+        CHECKPOINT_PREV_FILE,
         WEIGHTS_FILE,
         EVALUATION_FILE,
         EVALUATION_IMAGES_FILE,

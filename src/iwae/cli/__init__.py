@@ -22,7 +22,7 @@ from iwae.cli.experiments import (
 )
 from iwae.cli.options import EXIT_TIME_LIMIT, _Parser
 from iwae.cli.training import add_train_parser
-from iwae.errors import IwaeError, TimeLimitReached
+from iwae.errors import IwaeError, TrainingStopped
 from iwae.train import flush_denormals
 
 __all__ = ["EXIT_TIME_LIMIT", "build_parser", "main", "parse_only"]
@@ -53,8 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``iwae`` on ``argv`` (default: the command line); the exit code: 0, 2 on an error,
-    :data:`EXIT_TIME_LIMIT` when stopped by --time-limit, 130 when interrupted."""
+    """Run ``iwae`` on ``argv`` (default: the command line); the exit code: 0, 2 on an error
+    (a run directory another process writes included), :data:`EXIT_TIME_LIMIT` when stopped
+    by --time-limit, 4 (``iwae reproduce``) when runs failed after their retries, and when
+    stopped by a signal 128 + its number: 130 for SIGINT, 143 for SIGTERM (training
+    checkpointed at the step in progress)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in ("train", "evaluate", "snr", "reproduce", "bdmc"):
@@ -64,9 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     except IwaeError as e:
         print(f"iwae {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except TimeLimitReached as e:
+    except TrainingStopped as e:  # a time limit (EXIT_TIME_LIMIT) or a signal
         print(f"iwae {args.command}: {e}", file=sys.stderr)
-        return EXIT_TIME_LIMIT
+        return e.exit_code
     except KeyboardInterrupt:
         print("iwae: interrupted", file=sys.stderr)
         return 130

@@ -46,6 +46,7 @@ from iwae.rundir import (
     write_evaluation,
     write_per_example,
 )
+from iwae.runlock import locked
 from iwae.train import load_run, pick_device, run_dataset
 
 #: iwae evaluate --method ais: annealing steps, chains per image, leapfrog steps per HMC transition
@@ -253,12 +254,17 @@ def _evaluate(args) -> int:
 
 def _evaluate_iwae(args) -> int:
     """L_k, IWAE-64, ELBO and active units on the test set -> RUN_DIR/evaluation.json and
-    evaluation.safetensors (and --per-example FILE)."""
+    evaluation.safetensors (and --per-example FILE), holding RUN_DIR's lock."""
     per_example = None
     if args.per_example:  # checked before any work
         per_example = check_output_file(
             args.per_example, args.overwrite, "--per-example", PER_EXAMPLE_FORMATS
         )
+    with locked(args.run_dir):
+        return _evaluate_iwae_locked(args, per_example)
+
+
+def _evaluate_iwae_locked(args, per_example: Path | None) -> int:
     device = pick_device(args.device)
     config, model = load_run(args.run_dir, device)
     dataset = run_dataset(
@@ -295,8 +301,14 @@ def _evaluate_iwae(args) -> int:
 
 
 def _evaluate_ais(args) -> int:
-    """log p(x) by AIS beside L_k on the same test images -> ais.json and ais.safetensors."""
+    """log p(x) by AIS beside L_k on the same test images -> ais.json and ais.safetensors,
+    holding the lock of their directory."""
     out = _out_dir(args, (AIS_FILE, AIS_IMAGES_FILE))
+    with locked(out):
+        return _evaluate_ais_locked(args, out)
+
+
+def _evaluate_ais_locked(args, out: Path) -> int:
     device = pick_device(args.device)
     config, model = load_run(args.run_dir, device)
     dataset = run_dataset(
@@ -342,8 +354,14 @@ def _evaluate_ais(args) -> int:
 
 
 def _bdmc(args) -> int:
-    """AIS lower and upper bounds on simulated images -> bdmc.json, .safetensors and .png."""
+    """AIS lower and upper bounds on simulated images -> bdmc.json, .safetensors and .png,
+    holding the lock of their directory."""
     out = _out_dir(args, (BDMC_FILE, BDMC_IMAGES_FILE, BDMC_FIGURE))
+    with locked(out):
+        return _bdmc_locked(args, out)
+
+
+def _bdmc_locked(args, out: Path) -> int:
     device = pick_device(args.device)
     _, model = load_run(args.run_dir, device)
     result = bdmc(

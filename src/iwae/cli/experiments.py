@@ -6,6 +6,7 @@ K)."""
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
@@ -14,11 +15,13 @@ from iwae import data as iwae_data
 from iwae import experiments as iwae_experiments
 from iwae.cli.options import (
     DATASET_HELP,
+    EXIT_RUNS_FAILED,
     EXIT_TIME_LIMIT,
     _estimator_list,
     _hidden,
     _k_list,
     _latent,
+    _non_negative_int,
     _positive_int,
     _stages,
     add_cuda_graphs,
@@ -112,6 +115,13 @@ def _add_workers(r: argparse.ArgumentParser) -> None:
         default="local",
         help="local worker processes, or Ray tasks on the cluster ray.init() connects to "
         "(default: local)",
+    )
+    r.add_argument(
+        "--max-retries",
+        type=_non_negative_int,
+        default=2,
+        help="times a run whose process dies (killed, crashed) is started again from its "
+        "checkpoint before it counts as failed (default: 2)",
     )
 
 
@@ -305,19 +315,25 @@ def _reproduce(args) -> int:
         group_size=args.group_size,
         cuda_graphs=args.cuda_graphs,
         time_limit=args.time_limit,
+        max_retries=args.max_retries,
     )
     done = sum(r["status"] == "done" for r in results)
     stopped = sum(r["status"] == "stopped" for r in results)
+    failed = [r for r in results if r["status"].startswith("failed")]
+    for r in failed:
+        print(f"iwae reproduce: {r['name']}: {r['status']}", file=sys.stderr)
     print(
-        f"{args.experiment}: {done} runs done, {len(results) - done - stopped} already finished"
+        f"{args.experiment}: {done} runs done, "
+        f"{len(results) - done - stopped - len(failed)} already finished"
         + (
             f", {stopped} stopped at the time limit (run the same command again to continue them)"
             if stopped
             else ""
         )
+        + (f", {len(failed)} failed (see {args.out}/runner.json)" if failed else "")
         + f" -> {args.out}; next: iwae report {args.out}"
     )
-    return EXIT_TIME_LIMIT if stopped else 0
+    return EXIT_RUNS_FAILED if failed else EXIT_TIME_LIMIT if stopped else 0
 
 
 def _report(args) -> int:

@@ -14,12 +14,14 @@ import argparse
 from pathlib import Path
 
 from iwae.bounds import ESTIMATORS
-from iwae.errors import IwaeError
+from iwae.errors import IwaeError, TimeLimitReached
 from iwae.model import parse_hidden, parse_latent
 from iwae.train import CUDA_GRAPHS
 
 #: the exit code of a command stopped by --time-limit: the same command continues
-EXIT_TIME_LIMIT = 3
+EXIT_TIME_LIMIT = TimeLimitReached.exit_code
+#: the exit code of ``iwae reproduce`` when runs failed (after their retries); the others ran
+EXIT_RUNS_FAILED = 4
 
 QUIET_HELP = (
     "no progress report (otherwise: a progress bar on a terminal, and where stderr is not a "
@@ -72,6 +74,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 

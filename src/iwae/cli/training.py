@@ -315,6 +315,7 @@ def _train_run(args) -> int:
             cuda_graphs=cuda_graphs,
             data_dir=data_dir,
             stop_at=stop_at,
+            fallback=True,  # a bad newest checkpoint: the previous one, saying so
         )
         out = args.resume
     else:
