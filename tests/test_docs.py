@@ -218,3 +218,13 @@ def test_the_building_blocks_example_runs(capsys):
     assert "Objective" in code
     exec(compile(code, "getting-started.md", "exec"), {"__name__": "building_blocks"})
     assert capsys.readouterr().out.strip()
+
+
+def test_ci_runs_the_readmes_install_and_test_commands():
+    """.ci/run installs with the README's line plus the docs extra, and runs its tests."""
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    readme = README.read_text(encoding="utf-8")
+    install, tests = [body.strip() for lang, body in FENCE.findall(readme) if lang == "bash"][:2]
+    assert install == 'pip install torch==2.13.0 -e ".[test,ray]"'
+    assert install.replace('".[test,ray]"', '".[test,ray,docs]"') in ci
+    assert tests in ci
