@@ -297,15 +297,15 @@ def _train_run(args) -> int:
         data_dir = given.pop("data_dir", None)
         if given or hasattr(args, "config") or hasattr(args, "out"):
             raise IwaeError(
-                "--resume takes the run's own configuration: give only --resume RUN_DIR [--data-dir] "
-                "[--device] [--threads] [--cuda-graphs] [--time-limit] [--quiet]"
+                "--resume takes the run's own configuration: give only --resume RUN_DIR "
+                "[--data-dir] [--device] [--threads] [--cuda-graphs] [--time-limit] [--quiet]"
             )
         config = load_config(args.resume)
         _set_threads(getattr(args, "threads", "auto"), config)
         if not checkpoint_exists(args.resume):
             print(
-                f"note: {args.resume} has no checkpoint (stopped before its first): the run starts again from its "
-                f"config.json",
+                f"note: {args.resume} has no checkpoint (stopped before its first): the run "
+                "starts again from its config.json",
                 file=sys.stderr,
             )
         summary = resume(
