@@ -59,7 +59,9 @@ def add_evaluate_parser(sub) -> None:
         help="test NLL (L_5000), IWAE-64, log p-hat(x), -KL(Q||P), ELBO and active units",
         description="Evaluate a trained run on its test set: NLL = -mean L_k with its standard "
         "error, IWAE-64, log p-hat(x) = mean L_k, -KL(Q||P) = IWAE-64 - log p-hat(x), the ELBO and "
-        "the active units per layer. The test images are binarized once with a fixed seed. The "
+        "the active units per layer (and, for logistic-256, the NLL in bits per dimension). The "
+        "test images are binarized once with a fixed seed for a Bernoulli decoder, used as they "
+        "are for every other likelihood. The "
         "result is also written to RUN_DIR/evaluation.json, and the per-image values (L_k, "
         "IWAE-64, ELBO and each image's index in the test set) to RUN_DIR/evaluation.safetensors.",
     )
