@@ -242,6 +242,8 @@ def test_eight_bit_files_are_read_as_levels(tmp_path):
     assert np.array_equal(data.train, floats["train"].reshape(6, 12))
     Logistic256().check_data(torch.tensor(data.train), "train")
     assert from_arrays(levels["train"], levels["test"], eight_bit=True).sha256 == data.sha256
+    mnist_grid = np.arange(256, dtype=np.uint8).astype(np.float32) / np.float32(255.0)
+    Logistic256().check_data(torch.from_numpy(mnist_grid), "load_mnist's values")
     np.savez(tmp_path / "bad.npz", train=np.full((2, 3), 300), test=np.zeros((1, 3), np.int64))
     with pytest.raises(DataError, match="levels 0 to 255"):
         load_files(tmp_path / "bad.npz", eight_bit=True)
