@@ -162,6 +162,8 @@ def test_conv_configuration_is_checked():
         TrainConfig(arch="conv", layers=2, stages=1)
     with pytest.raises(IwaeError, match="--hidden is for --arch mlp"):
         TrainConfig(arch="conv", latent="4", hidden="8", stages=1)
+    with pytest.raises(IwaeError, match="--scale is for --arch mlp"):
+        TrainConfig(arch="conv", scale="softplus", stages=1)
     with pytest.raises(IwaeError, match="--channels is for --arch conv"):
         TrainConfig(channels="8", stages=1)
     with pytest.raises(IwaeError, match="at most 2 entries"):
@@ -196,6 +198,13 @@ def test_likelihood_configuration():
         TrainConfig(likelihood="gaussian", model=ModelConfig().to_dict(), stages=1)
     with pytest.raises(IwaeError, match="--binarize dynamic draws binary images"):
         TrainConfig(likelihood="continuous-bernoulli", binarize="dynamic", stages=1)
+    grey = from_arrays(np.full((4, 2, 2), 0.3), np.full((2, 2, 2), 0.6))
+    for likelihood in ("continuous-bernoulli", "gaussian"):  # grey images, as they are
+        TrainConfig(dataset="arrays", likelihood=likelihood, binarize="none", stages=1).for_data(
+            grey
+        )
+    with pytest.raises(IwaeError, match="the Bernoulli decoder needs binary images"):
+        TrainConfig(dataset="arrays", binarize="none", stages=1).for_data(grey)
     with pytest.raises(IwaeError, match="unknown likelihood"):
         TrainConfig(likelihood="poisson", stages=1)
     with pytest.raises(IwaeError, match="unknown gaussian_scale"):

@@ -191,6 +191,8 @@ class NetworkSection:
         :data:`iwae.conv.DEFAULT_CHANNELS`); ``hidden`` and more than one layer refused."""
         if self.hidden is not None:
             raise IwaeError("--hidden is for --arch mlp (the conv architecture has --channels)")
+        if self.scale != "exp":
+            raise IwaeError("--scale is for --arch mlp (the conv model's sigma is exp(linear))")
         latent = [50] if self.latent is None else self.latent
         latent = parse_latent(latent) if isinstance(latent, str) else latent
         if len(latent) != 1 or self.layers not in (None, 1):
