@@ -64,8 +64,9 @@ def fit(
     ``options``); ``schedule``: the first ``schedule`` stages of Burda et al.'s (1-8;
     "paper" = 8, 3,280 passes), or ``epochs`` passes at the constant rate ``lr``.
     ``options``: any other key of :class:`iwae.config.TrainConfig` (``batch_size``, ``lr``,
-    ``seed``, ``estimator``, ``m``, ``beta``, ``layers``/``latent``/``hidden`` for the
-    built-in model, ``eval_every``, ``stage_nll_k``, ...). ``objective_params``: keyword
+    ``seed``, ``estimator``, ``m``, ``beta``, ``layers``/``latent``/``hidden``, ``likelihood``
+    (``gaussian_scale``), ``arch`` and ``channels`` for the built-in models, ``eval_every``,
+    ``stage_nll_k``, ...). ``objective_params``: keyword
     arguments of a bound named in code.
 
     Calling it again with the same arguments continues the run from its checkpoint (a
@@ -76,7 +77,9 @@ def fit(
     ``out/summary.json``); the trained weights are in ``model`` and ``out``.
     """
     out = Path(out)
-    dataset = as_dataset(data, data_dir)
+    likelihood = options.get("likelihood", "bernoulli") if model is None else None
+    likelihood = likelihood or model.likelihood.name
+    dataset = as_dataset(data, data_dir, eight_bit=likelihood == "logistic-256")
     own_objective, keys = _objective_keys(objective, k, options.pop("estimator", None))
     keys.update(_model_keys(model), **_schedule_keys(schedule, epochs), **options)
     keys.update(dataset=dataset.path or dataset.name, data_dir=data_dir)
@@ -104,18 +107,19 @@ def fit(
     )
 
 
-def as_dataset(data, data_dir: str | None = None) -> iwae_data.Dataset:
+def as_dataset(data, data_dir: str | None = None, eight_bit: bool = False) -> iwae_data.Dataset:
     """``data`` as a :class:`iwae.data.Dataset`: a built-in name or a path (loaded), a
     Dataset (as it is), ``(train, test)`` or ``{"train": ..., "test": ...}`` of arrays or
-    tensors (:func:`iwae.data.from_arrays`)."""
+    tensors (:func:`iwae.data.from_arrays`). ``eight_bit``: integer arrays hold the levels
+    0..255 of 8-bit images, read as v / 255 (:func:`iwae.data.load_files`)."""
     if isinstance(data, iwae_data.Dataset):
         return data
     if isinstance(data, (str, Path)):
-        return iwae_data.load_dataset(str(data), data_dir)
+        return iwae_data.load_dataset(str(data), data_dir, eight_bit=eight_bit)
     if isinstance(data, dict):
-        return iwae_data.from_arrays(**data)
+        return iwae_data.from_arrays(**data, eight_bit=eight_bit)
     if isinstance(data, (tuple, list)) and len(data) in (2, 3):
-        return iwae_data.from_arrays(*data)
+        return iwae_data.from_arrays(*data, eight_bit=eight_bit)
     raise IwaeError(
         "data must be a dataset name, a path, an iwae.data.Dataset, or (train, test) arrays "
         f"or tensors, got {type(data).__name__}"
@@ -168,7 +172,11 @@ def _model_keys(model) -> dict:
         "parameters": sum(p.numel() for p in model.parameters()),
         "likelihood": model.likelihood.name,
     }
-    return {"model": described, "model_code": GIVEN_IN_PYTHON}
+    return {
+        "model": described,
+        "model_code": GIVEN_IN_PYTHON,
+        "likelihood": described["likelihood"],
+    }
 
 
 def _schedule_keys(schedule: int | str, epochs: int | None) -> dict:
@@ -217,11 +225,9 @@ def _model_and_images(model, data, n_test, data_dir) -> tuple[LatentVariableMode
         x = torch.as_tensor(np.asarray(data.detach().cpu() if hasattr(data, "detach") else data))
         x = x.reshape(x.shape[0], -1).float()
         return model, x[:n_test] if n_test else x
-    dataset = as_dataset(data, data_dir)
-    if model.likelihood.name == "bernoulli":
-        return model, torch.from_numpy(iwae_data.binarized_test(dataset, n_test))
-    indices = iwae_data.test_subset_indices(dataset.test.shape[0], n_test)
-    return model, torch.from_numpy(np.ascontiguousarray(dataset.test[indices]))
+    name = model.likelihood.name
+    dataset = as_dataset(data, data_dir, eight_bit=name == "logistic-256")
+    return model, torch.from_numpy(iwae_data.test_images(dataset, n_test, name == "bernoulli"))
 
 
 def evaluate_model(

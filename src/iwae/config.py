@@ -13,6 +13,7 @@ in a ``--config`` file and as attributes (``config.k``, ``config.objective``).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 from dataclasses import InitVar, dataclass, field, fields
@@ -20,8 +21,9 @@ from pathlib import Path
 
 from iwae import data as iwae_data
 from iwae.bounds import Objective
+from iwae.conv import ARCHITECTURES, DEFAULT_CHANNELS, ConvConfig, parse_channels
 from iwae.errors import IwaeError, RunDirError
-from iwae.model import ModelConfig, parse_hidden, parse_latent
+from iwae.model import ModelConfig, check_likelihood, parse_hidden, parse_latent
 from iwae.rundir import CONFIG_FILE, read_json
 from iwae.user_code import is_code_spec, load_bound
 
@@ -118,7 +120,13 @@ class NetworkSection:
     ``hidden`` (any sizes; ``layers`` then is their length), with the Gaussian layers'
     ``scale``; ``model`` is the resolved :class:`iwae.model.ModelConfig` as a table (built
     from them once the input size ``x_dim`` is known), ``config`` the object itself (None
-    before). ``init_weights``: another run's weights to start from."""
+    before). ``init_weights``: another run's weights to start from.
+
+    ``likelihood`` names p(x | h_1) (:data:`iwae.likelihoods.LIKELIHOODS`; a run without
+    the key is Bernoulli), ``gaussian_scale`` a Gaussian's scale (from the decoder or
+    learned). ``arch``: ``mlp`` (the above) or ``conv`` (:mod:`iwae.conv`: ``channels``
+    widths, one stochastic layer of ``latent`` units, for images ``image_shape``; ``model``
+    is then a :class:`iwae.conv.ConvConfig` table)."""
 
     layers: int | None = None
     scale: str = "exp"
@@ -127,20 +135,73 @@ class NetworkSection:
     latent: list | str | None = None
     hidden: list | str | None = None
     model_code: str | None = None
+    likelihood: str = "bernoulli"
+    gaussian_scale: str = "decoder"
+    arch: str = "mlp"
+    channels: list | str | None = None
     x_dim: InitVar[int | None] = None
-    config: ModelConfig | None = field(init=False, default=None, repr=False, compare=False)
+    image_shape: InitVar[list | None] = None
+    config: ModelConfig | ConvConfig | None = field(
+        init=False, default=None, repr=False, compare=False
+    )
 
-    def __post_init__(self, x_dim: int | None):
+    def __post_init__(self, x_dim: int | None, image_shape: list | None):
         _check_types(self)
         if self.model_code == GIVEN_IN_PYTHON:  # ``model`` describes it; nothing to build
             return
-        self._resolve_layers()
-        if not self.model and x_dim is not None:
-            self.model = self.architecture(x_dim).to_dict()
-        if self.model:
-            self.config = ModelConfig.from_dict(self.model)  # validates the architecture
+        check_likelihood(self.likelihood, self.gaussian_scale)
+        if self.arch == "conv":
+            self._resolve_conv()
+        elif self.arch == "mlp":
+            if self.channels is not None:
+                raise IwaeError("--channels is for --arch conv (the MLP has --latent/--hidden)")
+            self._resolve_layers()
         else:
-            self.architecture(1)  # validates the layers; the input size comes with the data
+            raise IwaeError(f"unknown arch {self.arch!r}: choose one of {', '.join(ARCHITECTURES)}")
+        if not self.model and x_dim is not None:
+            self.model = self.architecture(x_dim, image_shape).to_dict()
+        if self.model:
+            self.config = self._model_config()  # validates the architecture
+        else:  # validates the layers; the input size comes with the data
+            self.architecture(1, [2 ** len(self.channels or ())] * 2)
+
+    def _model_config(self) -> ModelConfig | ConvConfig:
+        """The object of the table ``model``, which must describe ``arch`` and ``likelihood``
+        (a table written before these keys existed is an MLP with a Bernoulli decoder)."""
+        described = {
+            "arch": self.model.get("arch", "mlp"),
+            "likelihood": self.model.get("likelihood", "bernoulli"),
+            "gaussian_scale": self.model.get("gaussian_scale", "decoder"),
+        }
+        given = {"arch": self.arch, "likelihood": self.likelihood}
+        given["gaussian_scale"] = self.gaussian_scale
+        if self.likelihood != "gaussian":  # the scale is a Gaussian's only
+            del described["gaussian_scale"], given["gaussian_scale"]
+        if described != given:
+            raise IwaeError(
+                f"the model table describes {described}, but the configuration says {given}: "
+                "drop the model table (it is resolved again from the other keys)"
+            )
+        if self.arch == "conv":
+            return ConvConfig.from_dict(self.model)
+        return ModelConfig.from_dict(self.model)
+
+    def _resolve_conv(self) -> None:
+        """``--arch conv``: ``latent`` one size (default 50), ``channels`` parsed (default
+        :data:`iwae.conv.DEFAULT_CHANNELS`); ``hidden`` and more than one layer refused."""
+        if self.hidden is not None:
+            raise IwaeError("--hidden is for --arch mlp (the conv architecture has --channels)")
+        if self.scale != "exp":
+            raise IwaeError("--scale is for --arch mlp (the conv model's sigma is exp(linear))")
+        latent = [50] if self.latent is None else self.latent
+        latent = parse_latent(latent) if isinstance(latent, str) else latent
+        if len(latent) != 1 or self.layers not in (None, 1):
+            raise IwaeError(
+                "--arch conv has one stochastic layer: give --latent D (one size) and no --layers 2"
+            )
+        channels = DEFAULT_CHANNELS if self.channels is None else self.channels
+        channels = parse_channels(channels) if isinstance(channels, str) else channels
+        self.latent, self.channels, self.layers = list(latent), list(channels), 1
 
     def _resolve_layers(self) -> None:
         """``latent`` and ``hidden`` (lists, or text as on the command line) parsed and
@@ -180,13 +241,19 @@ class NetworkSection:
             )
         self.layers = len(self.latent)
 
-    def architecture(self, x_dim: int) -> ModelConfig:
-        """The model of ``latent``/``hidden`` (or of the ``layers`` preset) for ``x_dim`` pixels."""
+    def architecture(self, x_dim: int, image_shape: list | None = None) -> ModelConfig | ConvConfig:
+        """The model of ``latent``/``hidden`` (or of the ``layers`` preset) for ``x_dim`` pixels,
+        or (``arch`` conv) of ``channels`` and ``latent`` for images ``image_shape``."""
+        likelihood = {"likelihood": self.likelihood, "gaussian_scale": self.gaussian_scale}
+        if self.arch == "conv":
+            shape = image_shape if image_shape is not None else [x_dim]
+            return ConvConfig(shape, self.channels, self.latent, **likelihood)
         if self.latent is not None:
             return ModelConfig(
-                x_dim=x_dim, latent=self.latent, hidden=self.hidden, scale=self.scale
+                x_dim=x_dim, latent=self.latent, hidden=self.hidden, scale=self.scale, **likelihood
             )
-        return ModelConfig.preset(self.layers, x_dim=x_dim, scale=self.scale)
+        preset = ModelConfig.preset(self.layers, x_dim=x_dim, scale=self.scale)
+        return dataclasses.replace(preset, **likelihood)
 
 
 #: ``objective_code`` of a run whose objective or ``model_code`` of a run whose model was
@@ -334,6 +401,7 @@ KEYS = {
     **dict.fromkeys(("binarize", "image_shape", "dataset_path", "dataset_sha256"), "data"),
     **dict.fromkeys(("objective_params", "objective_code", "objective_sha256"), "bound"),
     **dict.fromkeys(("model_code",), "network"),
+    **dict.fromkeys(("likelihood", "gaussian_scale", "arch", "channels"), "network"),
 }
 
 #: the sections of a configuration, in the order they are made (the network's input size
@@ -370,9 +438,12 @@ class TrainConfig:
             by_section[KEYS[key]][key] = value
         made = {}
         for name, section in SECTIONS.items():
-            extra = {"x_dim": made["data"].x_dim} if name == "network" else {}
+            extra = {}
+            if name == "network":
+                extra = {"x_dim": made["data"].x_dim, "image_shape": made["data"].image_shape}
             made[name] = section(**by_section[name], **extra)
         object.__setattr__(self, "_sections", made)
+        _check_binarize(made["data"].binarize, made["network"].likelihood)
 
     data: DataSection = property(lambda self: self._sections["data"])
     network: NetworkSection = property(lambda self: self._sections["network"])
@@ -418,7 +489,20 @@ class TrainConfig:
         return self.model_code == GIVEN_IN_PYTHON
 
     @property
-    def model_config(self) -> ModelConfig:
+    def binarizes(self) -> bool:
+        """The likelihood models binary pixels (Bernoulli): grey training images are
+        binarized afresh at every use and test images once. Every other likelihood takes the
+        images as they are."""
+        return self.likelihood == "bernoulli"
+
+    @property
+    def eight_bit(self) -> bool:
+        """The likelihood models 8-bit data (logistic-256): integer image files hold the
+        levels 0..255, read as v / 255 (:func:`iwae.data.load_files`)."""
+        return self.likelihood == "logistic-256"
+
+    @property
+    def model_config(self) -> ModelConfig | ConvConfig:
         if self.model_given_in_python:
             raise IwaeError(
                 f"the model of this run ({self.model.get('class', 'a model')}) was handed to "
@@ -430,9 +514,10 @@ class TrainConfig:
             )
         return self.network.config
 
-    def architecture(self, x_dim: int) -> ModelConfig:
-        """The model of ``latent``/``hidden`` (or of the ``layers`` preset) for ``x_dim`` pixels."""
-        return self.network.architecture(x_dim)
+    def architecture(self, x_dim: int) -> ModelConfig | ConvConfig:
+        """The model of ``latent``/``hidden`` (or of the ``layers`` preset) for ``x_dim`` pixels
+        (``arch`` conv: for images of the data's ``image_shape``)."""
+        return self.network.architecture(x_dim, self.image_shape)
 
     def schedule(self) -> list[tuple[int, int, float]]:
         """(stage, passes, learning rate) for each stage."""
@@ -457,7 +542,7 @@ class TrainConfig:
                 f"dataset {dataset.name}: image_shape {list(dataset.image_shape)} does not hold "
                 f"its {dataset.x_dim} pixels per image"
             )
-        if self.binarize == "none" and not dataset.binary:
+        if self.binarizes and self.binarize == "none" and not dataset.binary:
             raise IwaeError(
                 f"--binarize none: the training images of {dataset.name} are grey (not all 0 or "
                 "1), and the Bernoulli decoder needs binary images: use --binarize dynamic"
@@ -515,11 +600,21 @@ class TrainConfig:
             if given in cli_keys:
                 for key in dropped:
                     keys.pop(key, None)
-        if {"layers", "scale", "latent", "hidden", "dataset"} & cli_keys.keys():
+        architecture = {"layers", "scale", "latent", "hidden", "dataset", "arch", "channels"}
+        if (architecture | {"likelihood", "gaussian_scale"}) & cli_keys.keys():
             keys.pop("model", None)
         if out is None:
             raise IwaeError("give --out RUN_DIR (or --resume RUN_DIR)")
         return cls.from_dict({**keys, **cli_keys}), out
+
+
+def _check_binarize(binarize: str | None, likelihood: str) -> None:
+    """``--binarize dynamic`` draws binary images: for the Bernoulli likelihood only."""
+    if binarize == "dynamic" and likelihood != "bernoulli":
+        raise IwaeError(
+            f"--binarize dynamic draws binary images, which only the Bernoulli likelihood "
+            f"models: {likelihood} takes the images as they are (--binarize none, its default)"
+        )
 
 
 def read_config_file(path: str | Path) -> dict:

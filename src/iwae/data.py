@@ -5,8 +5,10 @@ Own data (``--dataset PATH``, :func:`load_files`) is either an ``.npz`` file wit
 ``train`` and ``test`` (and optionally ``validation``) of shape [N, H, W] or [N, D], or a
 directory with ``train/`` and ``test/`` (optionally ``validation/``) holding PNG images of
 one size (pixel value / 255 is the grey value: white = 1, as in MNIST's files; colour is
-converted to grey). Values must lie in [0, 1]; training images that are all 0 or 1 are
-used as they are, grey ones are binarized dynamically as MNIST's are. A dataset read from
+converted to grey). Values must lie in [0, 1] (for 8-bit data, ``eight_bit``: integer
+arrays of the levels 0..255, read as v / 255); training images that are all 0 or 1 are
+used as they are, grey ones are binarized dynamically as MNIST's are for a Bernoulli
+likelihood (:func:`test_images`: the test images of either kind). A dataset read from
 files carries its image shape and a content hash (:func:`content_sha256`).
 
 Layout of the data directory (``--data-dir``, else ``$IWAE_DATA``, else
@@ -86,6 +88,7 @@ __all__ = [
     "display_shape",
     "load_files",
     "binarized_test",
+    "test_images",
     "test_subset_indices",
     "test_subset_record",
     "load_dataset",
@@ -655,11 +658,16 @@ def _load_dataset_cached(name: str, data_dir: Path, validation: bool) -> Dataset
 
 
 def load_dataset(
-    name: str, data_dir: str | os.PathLike[str] | None = None, validation: bool = False
+    name: str,
+    data_dir: str | os.PathLike[str] | None = None,
+    validation: bool = False,
+    eight_bit: bool = False,
 ) -> Dataset:
     """Load ``"mnist"`` or ``"omniglot"`` (cached in-process per resolved data dir), or
     anything else as the path of the user's own data (:func:`load_files`, not cached;
-    ``validation`` does not apply: a ``validation`` split in the files is always held out)."""
+    ``validation`` does not apply: a ``validation`` split in the files is always held out;
+    ``eight_bit``: integer arrays hold 8-bit levels). The built-in sets are v / 255 of
+    their files' bytes already (MNIST: the 256 levels of its 8-bit images)."""
     key = name.lower()
     if key in DATASETS:
         return _load_dataset_cached(key, resolve_data_dir(data_dir), bool(validation))
@@ -668,7 +676,7 @@ def load_dataset(
             "--validation holds out MNIST's last 400 training images; a dataset read from files "
             "keeps its own validation split apart instead"
         )
-    return load_files(name)
+    return load_files(name, eight_bit=eight_bit)
 
 
 # --------------------------------------------------------------------------- own data from files
@@ -678,9 +686,13 @@ FILE_SPLITS = ("train", "validation", "test")
 _REQUIRED_SPLITS = ("train", "test")
 
 
-def load_files(path: str | os.PathLike[str]) -> Dataset:
+def load_files(path: str | os.PathLike[str], eight_bit: bool = False) -> Dataset:
     """The user's own images: an ``.npz`` file (:func:`read_npz_images`) or a directory of
     PNG images (:func:`read_png_dir`), checked (:func:`_checked_splits`) and hashed.
+
+    With ``eight_bit`` (the logistic-256 likelihood), arrays of integers (``uint8``) hold
+    the levels v = 0..255 of 8-bit images and are read as v / 255 (8-bit PNGs are v / 255
+    in any case); otherwise, and for arrays of floats, values must lie in [0, 1].
 
     Raises :class:`DataError` naming the file and what is wrong: not found, unreadable, a
     missing or empty split, images of different sizes, values outside [0, 1].
@@ -701,7 +713,7 @@ def load_files(path: str | os.PathLike[str]) -> Dataset:
         raise DataError(
             f"{path}: expected an .npz file or a directory with train/ and test/ of PNG images"
         )
-    splits, image_shape = _checked_splits(path, arrays)
+    splits, image_shape = _checked_splits(path, arrays, eight_bit)
     binary = _is_binary(splits["train"])  # what training uses as it is (validation is held out)
     for array in splits.values():
         array.flags.writeable = False
@@ -716,13 +728,19 @@ def load_files(path: str | os.PathLike[str]) -> Dataset:
 
 
 def from_arrays(
-    train, test, validation=None, name: str = "arrays", image_shape: Sequence[int] | None = None
+    train,
+    test,
+    validation=None,
+    name: str = "arrays",
+    image_shape: Sequence[int] | None = None,
+    eight_bit: bool = False,
 ) -> Dataset:
     """Images given in memory (NumPy arrays, torch tensors or anything ``np.asarray`` takes)
     as a :class:`Dataset`, checked as files are (:func:`_checked_splits`: [N, H, W] or
     [N, D], values in [0, 1]) and hashed (:func:`content_sha256`), so that a resumed run
     is checked to continue on the same images. ``image_shape``: the shape of one image for
-    flat [N, D] arrays (e.g. ``(28, 28)``; default ``(D,)``)."""
+    flat [N, D] arrays (e.g. ``(28, 28)``; default ``(D,)``). ``eight_bit``: integer arrays
+    hold the levels 0..255 of 8-bit images, read as v / 255 (:func:`load_files`)."""
     given = {"train": train, "test": test, "validation": validation}
     arrays = {}
     for split, value in given.items():
@@ -731,7 +749,7 @@ def from_arrays(
         if hasattr(value, "detach"):  # a torch tensor
             value = value.detach().cpu().numpy()
         arrays[split] = np.asarray(value)
-    splits, shape = _checked_splits(Path(f"<{name}>"), arrays)
+    splits, shape = _checked_splits(Path(f"<{name}>"), arrays, eight_bit)
     if image_shape is not None:
         if int(np.prod(image_shape)) != splits["train"].shape[1]:
             raise DataError(
@@ -833,10 +851,13 @@ def read_png(path: Path) -> np.ndarray:
 
 
 def _checked_splits(
-    path: Path, arrays: dict[str, np.ndarray]
+    path: Path, arrays: dict[str, np.ndarray], eight_bit: bool = False
 ) -> tuple[dict[str, np.ndarray], tuple[int, ...]]:
-    """Each split as float32 [N, D] (:func:`_checked_images`), and the shape of one image,
-    the same in every split: ``(H, W)`` from [N, H, W] arrays, ``(D,)`` from [N, D] ones."""
+    """Each split as float32 [N, D] (:func:`_checked_images`; ``eight_bit``: integer arrays
+    are 8-bit levels, :func:`_eight_bit_levels`), and the shape of one image, the same in
+    every split: ``(H, W)`` from [N, H, W] arrays, ``(D,)`` from [N, D] ones."""
+    if eight_bit:
+        arrays = {split: _eight_bit_levels(path, split, a) for split, a in arrays.items()}
     splits = {split: _checked_images(path, split, array) for split, array in arrays.items()}
     shapes = {split: array.shape[1:] for split, array in splits.items()}
     if len(set(shapes.values())) > 1:
@@ -882,6 +903,19 @@ def _checked_images(path: Path, split: str, array: np.ndarray) -> np.ndarray:
                 "scaled to [0, 1] (8-bit pixels: divide by 255)"
             )
     return array.astype(np.float32)
+
+
+def _eight_bit_levels(path: Path, split: str, array: np.ndarray) -> np.ndarray:
+    """An integer array of 8-bit levels 0..255 as float32 v / 255 (the grid of MNIST's
+    values); any other array as it is."""
+    if not np.issubdtype(array.dtype, np.integer) or array.size == 0:
+        return array
+    if array.min() < 0 or array.max() > 255:
+        raise DataError(
+            f"{path}: '{split}' holds integers from {array.min()} to {array.max()}; 8-bit "
+            "images (logistic-256) hold the levels 0 to 255"
+        )
+    return array.astype(np.float32) / np.float32(255.0)
 
 
 def _is_binary(x: np.ndarray) -> bool:
@@ -967,6 +1001,19 @@ def binarized_test(dataset: Dataset, n: int | None = None) -> np.ndarray:
     ``n`` images (:func:`test_subset_indices`; default all): the test images every
     evaluation and every logged test bound uses."""
     return binarize_fixed(dataset.test, seed=0)[test_subset_indices(dataset.test.shape[0], n)]
+
+
+def test_images(dataset: Dataset, n: int | None = None, binarize: bool = True) -> np.ndarray:
+    """The test images every evaluation uses: :func:`binarized_test` for a likelihood of
+    binary pixels (``binarize``, Bernoulli), else the test set as it is (grey or 8-bit
+    values), restricted alike to the seeded random subset of ``n`` images."""
+    if binarize:
+        return binarized_test(dataset, n)
+    index = test_subset_indices(dataset.test.shape[0], n)
+    return np.ascontiguousarray(dataset.test[index], dtype=np.float32)
+
+
+test_images.__test__ = False  # not a test, for pytest's collection
 
 
 def tile_images(

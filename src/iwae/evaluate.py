@@ -26,6 +26,7 @@ from iwae.ais import forward_ais
 from iwae.bounds import Objective
 from iwae.errors import IwaeError
 from iwae.latent import LatentVariableModel, gaussian_rsample
+from iwae.likelihoods import bits_per_dim
 from iwae.progress import progress_bar
 
 #: (example, sample) rows alive at once. Each [rows, 784] float32 buffer (12.8 MB) stays
@@ -57,6 +58,20 @@ def _check_test_images(model: LatentVariableModel, x: Tensor) -> None:
             "test images must be binarized (every pixel 0 or 1), as in Burda et al.; these have "
             "grey values: binarize them once with iwae.data.binarized_test (or binarize_fixed)"
         )
+
+
+#: the likelihoods of discrete data with 256 levels per dimension, for which an NLL in nats
+#: is also reported in bits per dimension (nats / (D ln 2))
+EIGHT_BIT_LIKELIHOODS = ("logistic-256",)
+
+
+def eight_bit_record(model: LatentVariableModel, nll: float, dims: int) -> dict:
+    """``{"bits_per_dim": nll / (D ln 2)}`` (the NLL of the 8-bit data in bits per
+    dimension) where the model's likelihood is one of :data:`EIGHT_BIT_LIKELIHOODS`,
+    else ``{}``."""
+    if model.likelihood.name not in EIGHT_BIT_LIKELIHOODS:
+        return {}
+    return {"bits_per_dim": bits_per_dim(nll, dims)}
 
 
 def _standard_error(values: Tensor) -> float:
@@ -159,8 +174,9 @@ def active_units(
 
 
 def evaluate(model: LatentVariableModel, x: Tensor, k: int = 5000, **kwargs) -> dict:
-    """All test metrics for binarized test images ``x`` [N, D]; the keys of ``iwae evaluate
-    --json`` (the options of :func:`evaluate_images`: ``seed``, ``max_rows``, ``progress``)."""
+    """All test metrics for test images ``x`` [N, D] (binarized for a Bernoulli decoder):
+    the keys of ``iwae evaluate --json`` (the options of :func:`evaluate_images`: ``seed``,
+    ``max_rows``, ``progress``)."""
     return evaluate_images(model, x, k, **kwargs)[0]
 
 
@@ -176,8 +192,10 @@ def evaluate_images(
     ``log_px`` = L_k(x), ``iwae64`` and ``elbo``. Two models evaluated on the same images
     are compared with the paired standard error of their per-image differences.
 
-    ``x`` must hold binarized images (every pixel 0 or 1): a grey test set is refused,
-    never evaluated as it is (binarize it once with :func:`iwae.data.binarized_test`)."""
+    For a Bernoulli decoder ``x`` must hold binarized images (every pixel 0 or 1): a grey
+    test set is refused, never evaluated as it is (binarize it once with
+    :func:`iwae.data.binarized_test`); for another likelihood, values in its support. For
+    8-bit data (logistic-256) the result also holds ``bits_per_dim`` = nll / (D ln 2)."""
     _check_test_images(model, x)
     was_training = model.training
     model.eval()
@@ -197,6 +215,7 @@ def evaluate_images(
         "n_test": n,
         "k": k,
     }
+    result.update(eight_bit_record(model, result["nll"], x.shape[1]))
     model.train(was_training)
     per_image = {
         name: r[key].cpu()
@@ -354,7 +373,8 @@ def evaluate_ais(
     - ``log_px_iwae``, ``iwae_k``: mean L_k on the same images and k;
     - ``ais_gap``, ``ais_gap_stderr``: mean of log_px_ais - L_k per image and its paired
       standard error;
-    - ``ais_steps``, ``chains``, ``hmc_leapfrog``, ``ais_init``, ``n_test``, ``ais_seconds``.
+    - ``ais_steps``, ``chains``, ``hmc_leapfrog``, ``ais_init``, ``n_test``, ``ais_seconds``;
+    - for 8-bit data (logistic-256), ``bits_per_dim``: -log_px_ais / (D ln 2).
     """
     _check_test_images(model, x)
     reference = _reference_log_px(model, x, reference, k, seed, max_rows, progress)
@@ -390,6 +410,7 @@ def evaluate_ais(
         "n_test": n,
         "ais_seconds": seconds,
     }
+    result.update(eight_bit_record(model, -result["log_px_ais"], x.shape[1]))
     per_image = {
         "log_px_ais": ais.float(),
         "acceptance": r["acceptance"].float().cpu(),

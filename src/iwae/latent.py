@@ -131,6 +131,9 @@ def gaussian_rsample(
     return h, log_prob
 
 
+_BERNOULLI = Bernoulli()
+
+
 # -- the protocol from three parts ------------------------------------------------------------
 
 
@@ -149,7 +152,14 @@ class GaussianLatentModel(nn.Module):
     """
 
     latent_sizes: tuple[int, ...]
-    likelihood: Likelihood = Bernoulli()
+
+    @property
+    def likelihood(self) -> Likelihood:
+        """p(x | h_1)'s likelihood: the module a subclass assigns to ``self.likelihood``
+        (registered as a submodule, so a learned scale trains and is saved), else Bernoulli.
+        (A property: a class attribute would hide the assigned submodule.)"""
+        own = self._modules.get("likelihood")
+        return _BERNOULLI if own is None else own
 
     def q_layers(self) -> Sequence[nn.Module]:
         raise NotImplementedError

@@ -47,6 +47,13 @@ class Likelihood(nn.Module):
     def check_data(self, x: Tensor, what: str) -> None:
         """Raise :class:`IwaeError` if ``x`` lies outside this likelihood's support."""
 
+    def initial_bias(self, pixel_mean: Tensor) -> Tensor:
+        """The decoder's output bias at initialization, [params_per_dim * D], from the
+        training images' mean ``pixel_mean`` [D]: parameters whose E[x] is the pixel mean,
+        in the likelihood's own parameterization (scales, where the decoder gives them,
+        log-scale 0)."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -74,6 +81,14 @@ class Bernoulli(Likelihood):
     def check_data(self, x: Tensor, what: str) -> None:
         if not bool(((x == 0) | (x == 1)).all()):
             raise IwaeError(f"{what}: the Bernoulli likelihood needs binary values (0 or 1)")
+
+    def initial_bias(self, pixel_mean: Tensor) -> Tensor:
+        """The logit of the pixel mean clipped to 0.001..0.999 (Burda et al.'s code)."""
+        return torch.logit(_mean_vector(pixel_mean).clamp(0.001, 0.999))
+
+
+def _mean_vector(pixel_mean: Tensor) -> Tensor:
+    return torch.as_tensor(pixel_mean, dtype=torch.float32).reshape(-1)
 
 
 def bernoulli_log_prob(logits: Tensor, x: Tensor) -> Tensor:
@@ -130,6 +145,17 @@ class ContinuousBernoulli(Likelihood):
         if not bool(((x >= 0) & (x <= 1)).all()):
             raise IwaeError(f"{what}: the continuous Bernoulli needs values in [0, 1]")
 
+    def initial_bias(self, pixel_mean: Tensor) -> Tensor:
+        """The logits whose mean (:meth:`mean`, increasing in l) is the pixel mean clipped
+        to 0.01..0.99 (|l| <= 100), found by bisection."""
+        target = _mean_vector(pixel_mean).double().clamp(0.01, 0.99)
+        lo, hi = torch.full_like(target, -101.0), torch.full_like(target, 101.0)
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            below = self.mean(mid) < target
+            lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+        return ((lo + hi) / 2).float()
+
 
 #: The floor of a Gaussian's or a logistic's log-scale: log sigma = floor + softplus(raw -
 #: floor) stays above log(1e-3) and follows raw above it (sigma >= 0.001 on data in [0, 1]).
@@ -181,6 +207,11 @@ class Gaussian(Likelihood):
 
     def mean(self, params: Tensor) -> Tensor:
         return self._mean_log_scale(params)[0]
+
+    def initial_bias(self, pixel_mean: Tensor) -> Tensor:
+        """mu = the pixel mean, and (scale from the decoder) raw log sigma 0."""
+        mu = _mean_vector(pixel_mean)
+        return mu if self.scale == "learned" else torch.cat([mu, torch.zeros_like(mu)])
 
     def __repr__(self) -> str:
         return f"Gaussian(scale={self.scale!r})"
@@ -235,6 +266,11 @@ class Logistic256(Likelihood):
         """The location mu mapped to [0, 1] (what sample grids show)."""
         return ((self._mu_log_s(params)[0].clamp(-1.0, 1.0)) + 1.0) / 2.0
 
+    def initial_bias(self, pixel_mean: Tensor) -> Tensor:
+        """mu = 2 m - 1 for the pixel mean m (the location in [-1, 1]), raw log s 0."""
+        mu = 2.0 * _mean_vector(pixel_mean) - 1.0
+        return torch.cat([mu, torch.zeros_like(mu)])
+
     def check_data(self, x: Tensor, what: str) -> None:
         levels = x * 255
         if not bool(((x >= 0) & (x <= 1) & ((levels - levels.round()).abs() < 1e-3)).all()):
@@ -250,6 +286,19 @@ def bits_per_dim(nats: float, dims: int) -> float:
 LIKELIHOODS: dict[str, type[Likelihood]] = {
     c.name: c for c in (Bernoulli, ContinuousBernoulli, Gaussian, Logistic256)
 }
+
+
+#: how a Gaussian likelihood's scale is given (``--gaussian-scale``): by the decoder, one
+#: log sigma per dimension and image, or learned, one log sigma per dimension for all images
+GAUSSIAN_SCALES = ("decoder", "learned")
+
+
+def make_likelihood(name: str, gaussian_scale: str = "decoder", dim: int | None = None):
+    """The likelihood ``name`` of a model of ``dim`` data dimensions: for ``gaussian``, with
+    its scale ``gaussian_scale`` (:data:`GAUSSIAN_SCALES`; ignored by the others)."""
+    if name == Gaussian.name:
+        return Gaussian(gaussian_scale, dim)
+    return get_likelihood(name)
 
 
 def get_likelihood(name: str | Likelihood) -> Likelihood:

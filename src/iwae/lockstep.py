@@ -57,6 +57,17 @@ LOCKSTEP_KEYS = (
 )
 
 
+def stackable(config: TrainConfig) -> bool:
+    """The run's model can be stacked with others (:meth:`iwae.model.VAE.stack`): Burda et
+    al.'s MLP (not the conv architecture, nor a model handed to iwae.fit) whose likelihood
+    has no parameters of its own (not a Gaussian with a learned scale)."""
+    return (
+        config.arch == "mlp"
+        and not config.model_given_in_python
+        and not (config.likelihood == "gaussian" and config.gaussian_scale == "learned")
+    )
+
+
 def lockstep_key(config: TrainConfig) -> tuple:
     """Runs with equal keys can be trained in lockstep (:func:`train_lockstep`)."""
     spec = config.objective_spec
@@ -96,6 +107,12 @@ def train_lockstep(
     every run directory's lock (:func:`iwae.runlock.locked`). Returns the summaries.
     """
     outs = [Path(o) for o in outs]
+    if not all(stackable(c) for c in configs):
+        raise IwaeError(
+            "lockstep training stacks Burda et al.'s MLPs whose likelihood has no parameters of "
+            "its own: train conv models, models of your own and Gaussians with a learned scale "
+            "one by one"
+        )
     if len({lockstep_key(c) for c in configs}) != 1:
         raise IwaeError(
             "runs trained in lockstep must share the data, architecture, samples per example, "

@@ -27,7 +27,7 @@ from iwae.latent import (  # noqa: F401 (re-exported: their home before iwae.lat
     gaussian_rsample,
     standard_normal_log_prob,
 )
-from iwae.likelihoods import bernoulli_log_prob
+from iwae.likelihoods import GAUSSIAN_SCALES, LIKELIHOODS, bernoulli_log_prob, make_likelihood
 
 LOG_STD_LIMIT = (
     15.0  # |log sigma| of every Gaussian layer is clamped here (never reached in training)
@@ -46,12 +46,16 @@ PRESETS = {
 class ModelConfig:
     """Shape of a model: ``latent[l]`` units in stochastic layer l+1, reached by
     tanh layers ``hidden[l]``; ``scale`` is how a Gaussian layer's standard
-    deviation is parameterized ("exp" as in the original code, or "softplus")."""
+    deviation is parameterized ("exp" as in the original code, or "softplus");
+    ``likelihood`` names p(x | h_1) (:data:`iwae.likelihoods.LIKELIHOODS`; a Gaussian's
+    scale from the decoder or learned, ``gaussian_scale``)."""
 
     x_dim: int = 784
     latent: tuple[int, ...] = (50,)
     hidden: tuple[tuple[int, ...], ...] = ((200, 200),)
     scale: str = "exp"
+    likelihood: str = "bernoulli"
+    gaussian_scale: str = "decoder"
 
     def __post_init__(self):
         object.__setattr__(self, "latent", tuple(int(d) for d in self.latent))
@@ -63,6 +67,7 @@ class ModelConfig:
             )
         if self.scale not in ("exp", "softplus"):
             raise IwaeError(f"unknown scale {self.scale!r}: choose exp or softplus")
+        check_likelihood(self.likelihood, self.gaussian_scale)
         if self.x_dim < 1 or min(self.latent) < 1 or any(h < 1 for hs in self.hidden for h in hs):
             raise IwaeError(f"layer sizes must be positive: {self}")
 
@@ -79,10 +84,27 @@ class ModelConfig:
         return cls(**d)
 
     def to_dict(self) -> dict:
+        """The fields as a table; ``likelihood`` only where it is not Bernoulli, and
+        ``gaussian_scale`` only for a Gaussian (a Bernoulli MLP's table is the one written
+        before these fields existed)."""
         d = asdict(self)
         d["latent"] = list(self.latent)
         d["hidden"] = [list(h) for h in self.hidden]
+        if self.likelihood != "gaussian":
+            del d["gaussian_scale"]
+        if self.likelihood == "bernoulli":
+            del d["likelihood"]
         return d
+
+
+def check_likelihood(name: str, gaussian_scale: str) -> None:
+    """``name`` is a likelihood and ``gaussian_scale`` one of :data:`GAUSSIAN_SCALES`."""
+    if name not in LIKELIHOODS:
+        raise IwaeError(f"unknown likelihood {name!r}: choose one of {', '.join(LIKELIHOODS)}")
+    if gaussian_scale not in GAUSSIAN_SCALES:
+        raise IwaeError(
+            f"unknown gaussian_scale {gaussian_scale!r}: choose one of {', '.join(GAUSSIAN_SCALES)}"
+        )
 
 
 def parse_latent(text: str) -> tuple[int, ...]:
@@ -255,7 +277,8 @@ class VAE(GaussianLatentModel):
     """A VAE with ``len(config.latent)`` stochastic layers (see the module docstring).
 
     ``encoder[l]`` is q(h_{l+1} | h_l) with h_0 = x; ``decoder[l]`` is p(h_l | h_{l+1})
-    for l >= 1 and ``decoder[0]`` the Bernoulli network p(x | h_1) giving logits.
+    for l >= 1 and ``decoder[0]`` the network p(x | h_1) giving the likelihood's
+    parameters (``config.likelihood``; Bernoulli: logits), ``params_per_dim * x_dim`` outputs.
     """
 
     def __init__(
@@ -266,6 +289,10 @@ class VAE(GaussianLatentModel):
     ):
         super().__init__()
         self.config, self.models = config, models
+        if config.likelihood != "bernoulli":  # Bernoulli: the default, no submodule
+            self.likelihood = make_likelihood(
+                config.likelihood, config.gaussian_scale, config.x_dim
+            )
         sizes = (config.x_dim, *config.latent)
         self.encoder = nn.ModuleList(
             GaussianLayer(sizes[l], config.hidden[l], sizes[l + 1], config.scale, models)
@@ -276,7 +303,8 @@ class VAE(GaussianLatentModel):
             hidden = tuple(reversed(config.hidden[l]))
             if l == 0:
                 net, d = _mlp(sizes[1], hidden, models)
-                decoder.append(nn.Sequential(*net, _linear(d, config.x_dim, models)))
+                outputs = self.likelihood.params_per_dim * config.x_dim
+                decoder.append(nn.Sequential(*net, _linear(d, outputs, models)))
             else:
                 decoder.append(GaussianLayer(sizes[l + 1], hidden, sizes[l], config.scale, models))
         self.decoder = nn.ModuleList(decoder)
@@ -290,7 +318,13 @@ class VAE(GaussianLatentModel):
         len(members)`` and a leading model dimension on every parameter and on every
         tensor it computes with: x [G, B, D], samples [G, k, B, d], log-weights [G, k, B].
         Model g computes what ``members[g]`` computes (up to the rounding of batched
-        matmuls), from a copy of its weights."""
+        matmuls), from a copy of its weights. A likelihood with parameters of its own (a
+        Gaussian's learned scale) is not stacked."""
+        if any(True for _ in members[0].likelihood.parameters()):
+            raise IwaeError(
+                f"{members[0].likelihood!r} has parameters of its own: models with it are not "
+                "stacked (train them one by one)"
+            )
         stacked = cls(members[0].config, models=len(members)).to(
             next(members[0].parameters()).device
         )
@@ -321,16 +355,18 @@ class VAE(GaussianLatentModel):
         }
 
     def reset_parameters(self, pixel_mean: Tensor | None = None) -> None:
-        """Glorot-uniform weights, zero biases; the output bias is the logit of the
-        clipped (0.001..0.999) training-set pixel mean when one is given."""
+        """Glorot-uniform weights, zero biases; the output bias, when the training-set pixel
+        mean is given, is :meth:`iwae.likelihoods.Likelihood.initial_bias` of it (Bernoulli:
+        the logit of the clipped (0.001..0.999) mean; the others: the mean in their own
+        parameterization, log-scales 0)."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
         if pixel_mean is not None:
-            p = torch.as_tensor(pixel_mean, dtype=torch.float32).reshape(-1).clamp(0.001, 0.999)
+            bias = self.likelihood.initial_bias(pixel_mean)
             with torch.no_grad():
-                self.output_layer.bias.copy_(torch.logit(p).expand_as(self.output_layer.bias))
+                self.output_layer.bias.copy_(bias.expand_as(self.output_layer.bias))
 
     @property
     def output_layer(self) -> nn.Module:
@@ -356,7 +392,7 @@ class VAE(GaussianLatentModel):
         return list(self.encoder.parameters())
 
     def decoder_parameters(self) -> list[nn.Parameter]:
-        return list(self.decoder.parameters())
+        return list(self.decoder.parameters()) + list(self.likelihood.parameters())
 
     def logits(self, h1: Tensor) -> Tensor:
         """Bernoulli logits of p(x | h_1), shape h1.shape[:-1] + [x_dim]."""
@@ -368,8 +404,10 @@ class VAE(GaussianLatentModel):
         The same value as :func:`iwae.likelihoods.bernoulli_log_prob`; with 10 or more
         samples per example computed without a pixel-wide product: sum_d x_d l_d =
         a . (W^T x) + b . x, where a is the last hidden layer (faster from about 10 samples
-        on; bench/README.md).
+        on; bench/README.md). Other likelihoods: their own ``log_prob``.
         """
+        if self.likelihood.name != "bernoulli":
+            return super().log_likelihood(x, h1)
         out = self.output_layer
         a = self.decoder[0][:-1](h1)
         if h1.dim() > x.dim():  # samples [..., k, B, d] of examples [..., B, D]

@@ -84,9 +84,9 @@ def log_stage(board, model: VAE, test_x: torch.Tensor, passes: int, image_shape=
     model.eval()
     for layer, count in enumerate(active_units(model, test_x)):
         board.add_scalar(f"active_units/layer{layer + 1}", count, passes)
-    images = (
-        model.sample_images(64, torch.Generator(device=test_x.device).manual_seed(0)).cpu().numpy()
-    )
+    generator = torch.Generator(device=test_x.device).manual_seed(0)
+    # E[x | h] in [0, 1] (a Gaussian's mean may stray outside)
+    images = model.sample_images(64, generator).clamp(0.0, 1.0).cpu().numpy()
     board.add_image("samples", tile_images(images, shape=image_shape), passes, dataformats="HW")
     board.flush()
 

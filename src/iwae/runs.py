@@ -17,9 +17,11 @@ import torch
 from iwae import data as iwae_data
 from iwae.bounds import Objective
 from iwae.config import TrainConfig, load_config
+from iwae.conv import ConvConfig, ConvVAE
 from iwae.distributed import barrier, distributed_setup
 from iwae.errors import IwaeError, RunDirError
 from iwae.latent import LatentVariableModel
+from iwae.likelihoods import get_likelihood
 from iwae.model import VAE
 from iwae.optim import adam
 from iwae.rundir import (
@@ -94,9 +96,12 @@ def use_cuda_graphs(cuda_graphs: str, dev: torch.device, shard) -> bool:
     return cuda_graphs == "auto" and dev.type == "cuda" and shard is None
 
 
-def build_model(config: TrainConfig, pixel_mean: torch.Tensor | None = None) -> VAE:
+def build_model(config: TrainConfig, pixel_mean: torch.Tensor | None = None) -> VAE | ConvVAE:
     """The untrained model of ``config`` (output biases from ``pixel_mean``, the training
-    images' mean, where given), on the CPU."""
+    images' mean, where given), on the CPU: Burda et al.'s MLP (:class:`iwae.model.VAE`)
+    or, for ``arch`` conv, :class:`iwae.conv.ConvVAE`."""
+    if isinstance(config.model_config, ConvConfig):
+        return ConvVAE(config.model_config, pixel_mean=pixel_mean)
     return VAE(config.model_config, pixel_mean=pixel_mean)
 
 
@@ -132,7 +137,7 @@ def run_dataset(
     :class:`IwaeError` (``iwae evaluate --ignore-dataset-hash`` skips this check). Its
     images must have the model's number of pixels in any case."""
     source = dataset or config.dataset_path or config.dataset
-    data = iwae_data.load_dataset(source, data_dir or config.data_dir)
+    data = iwae_data.load_dataset(source, data_dir or config.data_dir, eight_bit=config.eight_bit)
     if check_hash:
         if config.dataset_sha256 is not None and data.sha256 != config.dataset_sha256:
             raise IwaeError(
@@ -239,7 +244,7 @@ def open_run(
         state,
         pass_start_rng,
         board,
-        binarize=not dataset.binary,
+        binarize=config.binarizes and not dataset.binary,
         graphs=graphs,
         own_objective=objective,
     )
@@ -263,7 +268,10 @@ def _run_data(config: TrainConfig, out: Path, dataset, resume: bool) -> iwae_dat
     absolute path, whatever the working directory); a resumed run's must be its own."""
     if dataset is None:
         dataset = iwae_data.load_dataset(
-            config.dataset_path or config.dataset, config.data_dir, validation=config.validation
+            config.dataset_path or config.dataset,
+            config.data_dir,
+            validation=config.validation,
+            eight_bit=config.eight_bit,
         )
     if resume and config.dataset_sha256 != dataset.sha256:
         raise RunDirError(
@@ -277,7 +285,9 @@ def _run_data(config: TrainConfig, out: Path, dataset, resume: bool) -> iwae_dat
 def _images(
     config: TrainConfig, dataset: iwae_data.Dataset, dev: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The grey training images (checked) and the binarized test subset of the logged bounds."""
+    """The grey training images (checked) and the test subset of the logged bounds
+    (:func:`iwae.data.test_images`: binarized for a Bernoulli likelihood); for any other
+    likelihood both must lie in its support."""
     # a copy: the loaded arrays are read-only
     train_x = torch.tensor(dataset.train, dtype=torch.float32)
     if config.n_train is not None:
@@ -287,8 +297,17 @@ def _images(
             f"training images of {dataset.name} must be grey values in [0, 1] (found NaN, inf "
             "or others)"
         )
-    test_x = torch.from_numpy(iwae_data.binarized_test(dataset, config.eval_n))
+    test_x = torch.from_numpy(iwae_data.test_images(dataset, config.eval_n, config.binarizes))
+    if not config.binarizes and config.likelihood in LIKELIHOODS_CHECKED:
+        likelihood = get_likelihood(config.likelihood)
+        likelihood.check_data(train_x, f"training images of {dataset.name}")
+        likelihood.check_data(test_x, f"test images of {dataset.name}")
     return train_x.to(dev), test_x.to(dev)
+
+
+#: the likelihoods whose support :func:`_images` checks the data against (a model handed to
+#: iwae.fit may name a likelihood of its own)
+LIKELIHOODS_CHECKED = ("continuous-bernoulli", "gaussian", "logistic-256")
 
 
 def _fresh_state(

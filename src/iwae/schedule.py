@@ -43,13 +43,15 @@ def plan_tasks(
 ) -> list[Task]:
     """The runner's tasks: groups of up to ``group_size`` runs trained in lockstep, and
     single runs. Runs are grouped when their training can share one stacked model
-    (:func:`iwae.train.lockstep_key`), they stand at the same step (none started, or all
+    (:func:`iwae.train.lockstep_key`; never conv models: :func:`iwae.lockstep.stackable`),
+    they stand at the same step (none started, or all
     checkpointed at one position), they do not continue another run, and lockstep pays on
     this machine (always on a GPU; on the CPU below :data:`LOCKSTEP_MAX_ROWS_CPU` rows per
     step). Groups are formed in grid order, and the largest is halved while there are
     fewer tasks than ``workers`` (no idle worker), so a killed group is formed again alike."""
     import torch
 
+    from iwae.lockstep import stackable
     from iwae.rundir import SUMMARY_FILE, resume_position
     from iwae.train import TrainConfig, lockstep_key, settle_group_checkpoint
 
@@ -65,6 +67,7 @@ def plan_tasks(
             group_size < 2
             or run.after
             or (d / SUMMARY_FILE).exists()
+            or not stackable(config)
             or not (cuda or config.rows_per_step < LOCKSTEP_MAX_ROWS_CPU)
         ):
             tasks.append((run,))

@@ -60,7 +60,9 @@ def add_evaluate_parser(sub) -> None:
         help="test NLL (L_5000), IWAE-64, log p-hat(x), -KL(Q||P), ELBO and active units",
         description="Evaluate a trained run on its test set: NLL = -mean L_k with its standard "
         "error, IWAE-64, log p-hat(x) = mean L_k, -KL(Q||P) = IWAE-64 - log p-hat(x), the ELBO and "
-        "the active units per layer. The test images are binarized once with a fixed seed. The "
+        "the active units per layer (and, for logistic-256, the NLL in bits per dimension). The "
+        "test images are binarized once with a fixed seed for a Bernoulli decoder, used as they "
+        "are for every other likelihood. The "
         "result is also written to RUN_DIR/evaluation.json, and the per-image values (L_k, "
         "IWAE-64, ELBO and each image's index in the test set) to RUN_DIR/evaluation.safetensors.",
     )
@@ -223,7 +225,10 @@ def add_sample_parser(sub) -> None:
     s.add_argument("--n", type=_positive_int, default=100, help="number of images (default: 100)")
     add_seed(s)
     s.add_argument(
-        "--binary", action="store_true", help="show Bernoulli samples instead of probabilities"
+        "--binary",
+        action="store_true",
+        help="show Bernoulli samples instead of probabilities (a Bernoulli decoder's runs; "
+        "other likelihoods show E[x | h], clipped to [0, 1])",
     )
     s.set_defaults(func=_sample)
 
@@ -270,7 +275,7 @@ def _evaluate_iwae_locked(args, per_example: Path | None) -> int:
     dataset = run_dataset(
         config, args.dataset, args.data_dir, check_hash=not args.ignore_dataset_hash
     )
-    x = torch.from_numpy(iwae_data.binarized_test(dataset, args.n_test)).to(device)
+    x = torch.from_numpy(iwae_data.test_images(dataset, args.n_test, config.binarizes)).to(device)
     result, per_image = evaluate_images(model, x, k=args.k, seed=args.seed, progress=not args.quiet)
     result.update(iwae_data.test_subset_record(dataset.test.shape[0], args.n_test))
     test_index = iwae_data.test_subset_indices(dataset.test.shape[0], args.n_test)
@@ -290,6 +295,8 @@ def _evaluate_iwae_locked(args, per_example: Path | None) -> int:
             f"-KL(Q||P) {result['neg_kl_q_p']:.2f}   ELBO {result['elbo']:.2f}   "
             f"active units {units}"
         )
+        if "bits_per_dim" in result:
+            print(_bits_line(result["bits_per_dim"], "L_" + str(result["k"]), x.shape[1]))
         if per_example is not None:
             print(f"per-image values ({result['n_test']} images) -> {per_example}")
     if not (args.run_dir / SUMMARY_FILE).exists():
@@ -314,7 +321,7 @@ def _evaluate_ais_locked(args, out: Path) -> int:
     dataset = run_dataset(
         config, args.dataset, args.data_dir, check_hash=not args.ignore_dataset_hash
     )
-    x = torch.from_numpy(iwae_data.binarized_test(dataset, args.n_test)).to(device)
+    x = torch.from_numpy(iwae_data.test_images(dataset, args.n_test, config.binarizes)).to(device)
     test_index = iwae_data.test_subset_indices(dataset.test.shape[0], args.n_test)
     stored = read_evaluation_log_px(args.run_dir, test_index)
     reference, k = (stored[0].to(device), stored[1]) if stored is not None else (None, args.k)
@@ -350,7 +357,17 @@ def _evaluate_ais_locked(args, out: Path) -> int:
             f"AIS - L_{k} = {result['ais_gap']:+.3f} +- {result['ais_gap_stderr']:.3f} nats "
             f"({result['ais_seconds']:.0f} s) -> {out / AIS_FILE}"
         )
+        if "bits_per_dim" in result:
+            print(_bits_line(result["bits_per_dim"], "AIS", x.shape[1]))
     return 0
+
+
+def _bits_line(bits: float, method: str, dims: int) -> str:
+    """The NLL in bits per dimension of the 8-bit data (logistic-256)."""
+    return (
+        f"{bits:.4f} bits per dimension of the 8-bit data ({method}: NLL / ({dims} ln 2), "
+        "the levels v = 0..255 of each of the D dimensions)"
+    )
 
 
 def _bdmc(args) -> int:
@@ -404,7 +421,11 @@ def _sample(args) -> int:
     out = check_output_file(args.out, args.overwrite, "--out", (".png",))
     config, model = load_run(args.run_dir)
     generator = torch.Generator().manual_seed(args.seed)
-    images = model.sample_images(args.n, generator)
+    if args.binary and model.likelihood.name != "bernoulli":
+        raise IwaeError(
+            f"--binary draws Bernoulli pixels: this run's likelihood is {model.likelihood.name}"
+        )
+    images = model.sample_images(args.n, generator).clamp(0.0, 1.0)
     if args.binary:
         images = torch.bernoulli(images, generator=generator)
     save_image_grid(images.numpy(), make_parents(out), shape=config.image_shape)

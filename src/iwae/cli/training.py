@@ -29,7 +29,9 @@ from iwae.cli.options import (
     add_seed,
     add_time_limit,
 )
+from iwae.conv import ARCHITECTURES
 from iwae.errors import IwaeError
+from iwae.likelihoods import GAUSSIAN_SCALES, LIKELIHOODS, LOG_SCALE_FLOOR
 from iwae.train import BINARIZE
 from iwae.user_code import is_code_spec
 
@@ -39,6 +41,8 @@ examples:
   iwae train --dataset mnist --objective piwae -m 4 -k 16 --stages 4 --out runs/piwae-4-16
   iwae train --dataset omniglot --layers 2 --objective vae -k 50 --epochs 10 --out runs/vae
   iwae train --dataset my_images.npz --latent 20 --hidden 100x100 -k 5 --epochs 50 --out runs/mine
+  iwae train --dataset eight_bit.npz --likelihood logistic-256 --arch conv --channels 32,64 \
+      --latent 16 -k 5 --epochs 20 --out runs/conv8   (docs/eight-bit.md)
 
 Each example uses M*K importance samples: MIWAE(M,K) and PIWAE(M,K) as in Rainforth et
 al. (2018); VAE with -k K averages K log-weights; CIWAE(beta) mixes the VAE and IWAE
@@ -89,7 +93,7 @@ def _add_model_options(t: argparse.ArgumentParser) -> None:
         "every time they are used; none uses them as they are and needs images that are all 0 or 1 "
         "(the Bernoulli decoder models binary pixels). On 0/1 images dynamic is the same as none. "
         "Default: none for 0/1 images, dynamic for grey ones. Test images are binarized once, with "
-        "a fixed seed",
+        "a fixed seed. Every other --likelihood: none (the images as they are, test images too)",
     )
     t.add_argument(
         "--layers",
@@ -111,6 +115,41 @@ def _add_model_options(t: argparse.ArgumentParser) -> None:
         metavar="SIZES",
         help="the tanh hidden layers before each stochastic layer, one x-separated list per "
         "--latent entry, e.g. 200x200,100x100 (the decoder mirrors them)",
+    )
+    _add_likelihood_options(t)
+
+
+def _add_likelihood_options(t: argparse.ArgumentParser) -> None:
+    """p(x | h) and the convolutional architecture."""
+    t.add_argument(
+        "--likelihood",
+        choices=tuple(LIKELIHOODS),
+        help="p(x | h): bernoulli (binary pixels, the default), continuous-bernoulli (grey "
+        "values in [0, 1]), gaussian (real values), logistic-256 (8-bit data: a .npz of uint8 "
+        "levels 0-255 or 8-bit PNGs is read as v / 255; bits per dimension in evaluate). "
+        "Every likelihood but bernoulli takes the images as they are (--binarize none)",
+    )
+    t.add_argument(
+        "--gaussian-scale",
+        choices=GAUSSIAN_SCALES,
+        help="with --likelihood gaussian: decoder gives each pixel's log sigma with its mean "
+        "(the default), learned has one log sigma per pixel for all images; either way log "
+        f"sigma is floored smoothly at log 1e-3 = {LOG_SCALE_FLOOR:.3f} "
+        "(iwae.likelihoods.LOG_SCALE_FLOOR)",
+    )
+    t.add_argument(
+        "--arch",
+        choices=ARCHITECTURES,
+        help="mlp: Burda et al.'s tanh MLPs (the default; --layers or --latent/--hidden); conv: "
+        "strided convolutions (kernel 4, stride 2, padding 1) down to one Gaussian layer of "
+        "--latent units (default 50) and transposed convolutions back up, for images of any "
+        "H x W (iwae.conv)",
+    )
+    t.add_argument(
+        "--channels",
+        metavar="WIDTHS",
+        help="with --arch conv: the channels of each strided convolution, e.g. 32,64 (the "
+        "default; each halves the image's sides)",
     )
 
 
