@@ -251,7 +251,8 @@ class OptimizerSection:
     ``batch_size``; training stops after ``max_bad_steps`` consecutive skipped steps.
     ``precision``: the networks' arithmetic in training steps (:mod:`iwae.precision`): fp32,
     bf16, or auto until a run starts, which records the precision it decided on here and
-    what was asked for in ``precision_requested`` (a config.json without them: fp32)."""
+    ``precision_requested`` auto (None: the precision was asked for as it is; a config.json
+    without either key: fp32)."""
 
     batch_size: int = 20
     lr: float = 1e-3

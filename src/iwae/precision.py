@@ -137,15 +137,16 @@ def decide(
     device,
     shard: tuple[int, int] | None = None,
 ) -> tuple[TrainConfig, dict | None]:
-    """The configuration a new run trains with, ``precision`` fp32 or bf16 and
-    ``precision_requested`` what was asked for (auto, fp32 or bf16), and what ``auto``
-    was decided on (None for fp32 or bf16 asked for): ``native_bf16`` and, where bf16 is
-    native, the measured ``step_seconds`` of each precision. ``objective``: the run's own
+    """The configuration a new run trains with, ``precision`` fp32 or bf16 (and
+    ``precision_requested`` auto where it was decided here; None where it was asked for as
+    it is), and what ``auto`` was decided on (None for fp32 or bf16 asked for):
+    ``native_bf16`` and, where bf16 is native, the measured ``step_seconds`` of each
+    precision. ``objective``: the run's own
     (None: the configuration's). A model not built on
     :class:`iwae.latent.GaussianLatentModel` trains in fp32 (its networks cannot be told
     apart from its log-weights); under torchrun (``shard``) auto is fp32 (the processes
     would time differently)."""
-    requested = config.precision_requested or config.precision
+    requested = "auto" if config.precision == "auto" else config.precision_requested
     precision, record = config.precision, None
     gaussian = isinstance(model, GaussianLatentModel)
     if precision == "bf16" and not gaussian:
