@@ -110,8 +110,9 @@ def measure(
 ) -> dict[str, float]:
     """Seconds per training step in fp32 and in bf16 (:func:`step_seconds`) of ``model``
     with ``objective`` on random binary batches of ``batch_size`` x ``x_dim``: measured once
-    per shape (architecture, batch, samples per example, estimator, device, threads) in
-    this process, the generators of torch left as they were."""
+    per shape (architecture, batch, samples per example, q stopped or not, device, threads)
+    in this process, so that the runs of a lockstep group (:func:`iwae.lockstep.lockstep_key`)
+    decide alike; the generators of torch are left as they were."""
     device = torch.device(device)
     key = (
         str(device),
@@ -120,7 +121,7 @@ def measure(
         tuple(tuple(p.shape) for p in model.parameters()),
         batch_size,
         objective.samples,
-        objective.estimator,
+        objective.stops_q,
     )
     if key not in _MEASURED:
         x = torch.bernoulli(torch.full((batch_size, x_dim), 0.5), generator=torch.Generator())
