@@ -3,6 +3,7 @@ and a correctness check, for iwae and (optionally) pythae, in one run on one mac
 
     python bench/run.py [--quick] [--no-pythae] [--threads N] [--iwae-threads same|auto]
                         [--device auto|cpu|cuda|cuda:N] [--data-dir D] [--out bench/results.json]
+    python bench/run.py --only precision [--quick] [--data-dir D] [--out FILE.json]
 
 See bench/README.md for what is measured and how each ratio is defined. This process
 imports no torch: every phase runs in its own worker process (bench/worker_iwae.py with
@@ -86,6 +87,9 @@ GROUPS = [
     (2, 5, 2, "auto"),
 ]
 TOLERANCE_NATS = 1e-3
+#: the ``precision`` phase (``--only precision``): fp32 against bf16 training steps of IWAE,
+#: Burda et al.'s models, on one thread
+PRECISION = {"layers": [1, 2], "ks": [1, 5, 50], "batch": 20, "threads": 1}
 
 
 def cpu_model() -> str:
@@ -97,6 +101,57 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def lscpu_model_name() -> str | None:
+    """``lscpu``'s "Model name" (None where lscpu is missing)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    names = [line.split(":", 1)[1].strip() for line in out.splitlines() if "Model name" in line]
+    return names[0] if names else None
+
+
+def run_precision(args, cfg: dict, data_dir: str | None) -> int:
+    """The ``precision`` phase alone (bench/worker_iwae.py): step times of fp32 and bf16
+    training steps (:data:`PRECISION`), with the CPU's model name; writes ``--out``."""
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="iwae-bench-") as tmp:
+        runner = Runner(PRECISION["threads"], Path(tmp))
+        spec = {
+            "phase": "precision",
+            "label": "fp32 vs bf16",
+            "data_file": str(Path(tmp) / "data.npz"),
+            "data_dir": data_dir,
+            "n_train_pool": cfg["n_train_pool"],
+            "n_test": 64,
+            "timing": cfg["timing"],
+            **PRECISION,
+        }
+        r = runner.run(sys.executable, "worker_iwae.py", spec)
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join(["python", *sys.argv]),
+        "cpu_model": cpu_model(),
+        "lscpu_model_name": lscpu_model_name(),
+        "load_average": os.getloadavg(),
+        "quick": args.quick,
+        **r,
+        "total_seconds": round(time.perf_counter() - started, 1),
+    }
+    print(f"fp32 vs bf16 training steps, batch {PRECISION['batch']}, 1 thread, {cpu_model()}")
+    print("layers  k   fp32 ms  bf16 ms  bf16 speed-up  auto")
+    for row in r["results"]:
+        print(
+            f"{row['layers']:>6} {row['k']:>3} {row['fp32_ms_per_step']:>8.2f} "
+            f"{row['bf16_ms_per_step']:>8.2f} {row['bf16_speedup']:>13.2f}x  {row['auto_choice']}"
+        )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out} in {result['total_seconds']} s")
+    return 0
 
 
 def default_data_dir() -> str | None:
@@ -188,12 +243,19 @@ def main(argv=None) -> int:
         help="where the groups phase trains lockstep groups: cpu, cuda, cuda:N or auto "
         "(default: auto, CUDA where torch sees it); every other phase measures the CPU",
     )
+    p.add_argument(
+        "--only",
+        choices=("precision",),
+        help="run this phase alone: precision = fp32 against bf16 training steps (1 thread)",
+    )
     p.add_argument("--out", default=str(HERE / "results.json"))
     args = p.parse_args(argv)
 
     cfg = QUICK if args.quick else FULL
     threads = args.threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count()
     data_dir = args.data_dir or default_data_dir()
+    if args.only == "precision":
+        return run_precision(args, cfg, data_dir)
     use_pythae = not args.no_pythae
     if use_pythae and not Path(args.pythae_python).exists():
         p.error(

@@ -1,10 +1,11 @@
 """Benchmark phases run in iwae's own venv, one phase per process (see bench/run.py).
 
 Phases: ``meta`` (versions, data, matmul roofline), ``train`` (throughput of the
-training step), ``ftz`` (denormals flushed or not), ``lockstep`` and ``grid`` (runs trained
-together against one at a time), ``groups`` (lockstep groups on ``--device``, a GPU where
-there is one), ``eval`` (throughput of iwae.evaluate.evaluate) and ``correctness`` (fast
-evaluation against a float64 torch.distributions reference fed the same eps).
+training step), ``precision`` (fp32 against bf16 training steps), ``ftz`` (denormals
+flushed or not), ``lockstep`` and ``grid`` (runs trained together against one at a time),
+``groups`` (lockstep groups on ``--device``, a GPU where there is one), ``eval``
+(throughput of iwae.evaluate.evaluate) and ``correctness`` (fast evaluation against a
+float64 torch.distributions reference fed the same eps).
 """
 
 from __future__ import annotations
@@ -33,6 +34,14 @@ from iwae.data import binarize_fixed, load_mnist  # noqa: E402
 from iwae.evaluate import MAX_ROWS, evaluate, log_weight_reductions  # noqa: E402
 from iwae.experiments import reproduce  # noqa: E402
 from iwae.model import PRESETS, VAE, ModelConfig  # noqa: E402
+from iwae.precision import (  # noqa: E402
+    BF16_CPU_FLAGS,
+    BF16_MARGIN,
+    cpu_flags,
+    measure,
+    native_bf16,
+    step_context,
+)
 from iwae.rundir import CHECKPOINT_FILE, load_checkpoint  # noqa: E402
 from iwae.train import (  # noqa: E402
     LockstepStep,
@@ -143,11 +152,18 @@ def phase_meta(spec) -> dict:
 
 
 def make_train_step(
-    layers: int, k: int, batch: int, train_x: torch.Tensor, pixel_mean, seed: int = 0
+    layers: int,
+    k: int,
+    batch: int,
+    train_x: torch.Tensor,
+    pixel_mean,
+    seed: int = 0,
+    precision: str = "fp32",
 ):
     """The training step of iwae.train.train: its own train_step (zero_grad, log-weights,
     Objective.backward, the non-finite check, Adam.step) with its optimizer (iwae.train.adam)
-    and its generator; the pool of images is re-binarized and re-shuffled each pass as
+    and its generator, in ``precision`` (iwae.precision.step_context, as the engine's
+    steppers run it); the pool of images is re-binarized and re-shuffled each pass as
     train.py does for the whole training set."""
     torch.manual_seed(seed)
     model = VAE(ModelConfig.preset(layers), pixel_mean=pixel_mean)
@@ -167,7 +183,8 @@ def make_train_step(
             state["i"] = 0
         xb = state["xb_all"][state["i"] : state["i"] + batch]
         state["i"] += batch
-        value, _ = train_step(model, objective, optimizer, xb, generator, params)
+        with step_context(model, precision):
+            value, _ = train_step(model, objective, optimizer, xb, generator, params)
         state["bound_sum"] += value * xb.shape[0]
 
     return step, state
@@ -196,6 +213,48 @@ def phase_train(spec) -> dict:
             }
         )
     return {"results": results}
+
+
+# -- precision: fp32 against bf16 training steps -----------------------------------------
+
+
+def phase_precision(spec) -> dict:
+    """Training-step times in fp32 and in bf16 (the networks under bfloat16 autocast:
+    iwae.precision), for Burda et al.'s models of ``spec["layers"]`` stochastic layers, IWAE
+    with k in ``spec["ks"]``, batch ``spec["batch"]``, timed as the train phase times its
+    steps; beside each row, what ``--precision auto`` measures for that shape
+    (iwae.precision.measure: a short timing on random data) and would choose."""
+    if not Path(spec["data_file"]).exists():
+        spec["source"] = prepare_data(spec)
+    train_x, _, pixel_mean = load_data(spec)
+    t = spec["timing"]
+    rows = []
+    for layers in spec["layers"]:
+        for k in spec["ks"]:
+            row = {"layers": layers, "k": k, "batch": spec["batch"]}
+            for p in ("fp32", "bf16"):
+                step, state = make_train_step(
+                    layers, k, spec["batch"], train_x, pixel_mean, precision=p
+                )
+                timing = time_steps(
+                    step, t["warmup_steps"], t["warmup_s"], t["repeats"], t["min_s"]
+                )
+                if not math.isfinite(state["bound_sum"].item()):
+                    raise RuntimeError(f"training diverged in the benchmark: {row} {p}")
+                row[f"{p}_ms_per_step"] = 1e3 / timing["median_steps_per_s"]
+                row[f"{p}_timing"] = timing
+            row["bf16_speedup"] = row["fp32_ms_per_step"] / row["bf16_ms_per_step"]
+            model = VAE(ModelConfig.preset(layers), pixel_mean=pixel_mean)
+            auto = measure(model, Objective("iwae", k=k), spec["batch"], 784, "cpu")
+            row["auto_step_seconds"] = auto
+            row["auto_choice"] = "bf16" if auto["bf16"] < BF16_MARGIN * auto["fp32"] else "fp32"
+            rows.append(row)
+    return {
+        "results": rows,
+        "native_bf16": native_bf16(torch.device("cpu")),
+        "bf16_cpu_flags": sorted(set(BF16_CPU_FLAGS) & cpu_flags()),
+        "torch": torch.__version__,
+    }
 
 
 # -- denormals: k=50 steps with and without flushing, on a model trained for a pass -------
@@ -627,5 +686,6 @@ if __name__ == "__main__":
             "lockstep": phase_lockstep,
             "grid": phase_grid,
             "groups": phase_groups,
+            "precision": phase_precision,
         }
     )

@@ -66,7 +66,8 @@ def fit(
     ``options``: any other key of :class:`iwae.config.TrainConfig` (``batch_size``, ``lr``,
     ``seed``, ``estimator``, ``m``, ``beta``, ``layers``/``latent``/``hidden``, ``likelihood``
     (``gaussian_scale``), ``arch`` and ``channels`` for the built-in models, ``eval_every``,
-    ``stage_nll_k``, ...). ``objective_params``: keyword
+    ``stage_nll_k``, ``precision`` = "fp32" (default), "bf16" or "auto"
+    (:mod:`iwae.precision`), ...). ``objective_params``: keyword
     arguments of a bound named in code.
 
     Calling it again with the same arguments continues the run from its checkpoint (a
@@ -193,6 +194,9 @@ def _check_same_run(out: Path, config: TrainConfig) -> None:
     """Refuse to continue the run in ``out`` with other settings than it was started with."""
     old = load_config(out).to_dict()
     new = config.to_dict()
+    # the run records the precision it decided on and the one asked for: compare what was asked
+    old["precision"] = old.pop("precision_requested") or old["precision"]
+    new.pop("precision_requested")
     differ = [key for key in new if key not in _NOT_COMPARED and old.get(key) != new[key]]
     if differ:
         shown = "; ".join(f"{key}: {old.get(key)!r} there, {new[key]!r} now" for key in differ)

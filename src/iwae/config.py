@@ -29,6 +29,9 @@ from iwae.user_code import is_code_spec, load_bound
 
 DATASETS = iwae_data.DATASETS  # the built-in sets
 BINARIZE = ("dynamic", "none")
+#: ``--precision`` choices: the arithmetic of the networks in training steps
+#: (:mod:`iwae.precision`); auto is decided when a run starts
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def _check_types(section) -> None:
@@ -312,7 +315,11 @@ class BoundSection:
 @dataclass
 class OptimizerSection:
     """Adam (Burda et al.: lr 1e-3, betas 0.9 and 0.999, eps 1e-4) on batches of
-    ``batch_size``; training stops after ``max_bad_steps`` consecutive skipped steps."""
+    ``batch_size``; training stops after ``max_bad_steps`` consecutive skipped steps.
+    ``precision``: the networks' arithmetic in training steps (:mod:`iwae.precision`): fp32,
+    bf16, or auto until a run starts, which records the precision it decided on here and
+    ``precision_requested`` auto (None: the precision was asked for as it is; a config.json
+    without either key: fp32)."""
 
     batch_size: int = 20
     lr: float = 1e-3
@@ -320,12 +327,22 @@ class OptimizerSection:
     beta2: float = 0.999
     adam_eps: float = 1e-4
     max_bad_steps: int = 20
+    precision: str = "fp32"
+    precision_requested: str | None = None
 
     def __post_init__(self):
         _check_types(self)
         _at_least_one(self, ("batch_size", "max_bad_steps"))
         if not (self.lr > 0 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.adam_eps > 0):
             raise IwaeError("Adam needs lr > 0, 0 <= beta1, beta2 < 1 and eps > 0")
+        for key, allowed in (
+            ("precision", PRECISIONS),
+            ("precision_requested", (*PRECISIONS, None)),
+        ):
+            if getattr(self, key) not in allowed:
+                raise IwaeError(
+                    f"{key} must be one of {', '.join(PRECISIONS)}, got {getattr(self, key)!r}"
+                )
 
 
 @dataclass
@@ -402,6 +419,7 @@ KEYS = {
     **dict.fromkeys(("objective_params", "objective_code", "objective_sha256"), "bound"),
     **dict.fromkeys(("model_code",), "network"),
     **dict.fromkeys(("likelihood", "gaussian_scale", "arch", "channels"), "network"),
+    **dict.fromkeys(("precision", "precision_requested"), "optimizer"),
 }
 
 #: the sections of a configuration, in the order they are made (the network's input size
@@ -594,6 +612,7 @@ class TrainConfig:
         keys.pop("out", None)
         for key in DATA_RECORDS:
             keys.pop(key, None)
+        keys.pop("precision_requested", None)  # a record of the run that decided its precision
         replaced = {"epochs": ("stages",), "stages": ("epochs",), "layers": ("latent", "hidden")}
         replaced.update(dict.fromkeys(("latent", "hidden"), ("layers",)))
         for given, dropped in replaced.items():

@@ -38,6 +38,7 @@ from iwae.distributed import barrier
 from iwae.errors import Interrupted, IwaeError, TimeLimitReached, TrainingStopped
 from iwae.latent import LatentVariableModel
 from iwae.optim import set_lr, train_step
+from iwae.precision import step_context, summary_record
 from iwae.rundir import (
     CHECKPOINT_FILE,
     CHECKPOINT_NEXT_FILE,
@@ -82,7 +83,8 @@ class Stepper(Protocol):
 
 class EagerStep:
     """The step of one run: :func:`iwae.optim.train_step` on its model, with its generator's
-    noise; data parallel (:mod:`iwae.distributed`) where the run has a torchrun shard."""
+    noise, in the run's precision (:func:`iwae.precision.step_context`); data parallel
+    (:mod:`iwae.distributed`) where the run has a torchrun shard."""
 
     graph_failure = None
 
@@ -98,9 +100,10 @@ class EagerStep:
     def __call__(self, batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         (xb,) = batches
         run = self.run
-        return train_step(
-            run.model, run.objective, run.optimizer, xb, run.generator, self.params, run.shard
-        )
+        with step_context(run.model, run.config.precision):
+            return train_step(
+                run.model, run.objective, run.optimizer, xb, run.generator, self.params, run.shard
+            )
 
     def to_members(self) -> None:
         pass
@@ -119,9 +122,10 @@ class GraphedStep(EagerStep):
 
     def _body(self, x: torch.Tensor, noise) -> tuple[torch.Tensor, torch.Tensor]:
         run = self.run
-        return train_step(
-            run.model, run.objective, run.optimizer, x, params=self.params, noise=noise
-        )
+        with step_context(run.model, run.config.precision):
+            return train_step(
+                run.model, run.objective, run.optimizer, x, params=self.params, noise=noise
+            )
 
     def __call__(self, batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         (xb,) = batches
@@ -519,6 +523,7 @@ def _finish_run(run: Run, record: dict, stepper: Stepper) -> dict:
         "torch_threads": torch.get_num_threads() if dev.type == "cpu" else None,
         "cuda_graphs": run.graphs and stepper.graph_failure is None,
         "torch": torch.__version__,
+        **summary_record(run.config, run.precision_measured),
     }
     if stepper.graph_failure is not None:  # the steps ran eagerly: say why
         summary["cuda_graph_failure"] = stepper.graph_failure

@@ -20,6 +20,7 @@ layers, the likelihood's network); :class:`iwae.model.VAE` (Burda et al.'s MLPs)
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
@@ -149,6 +150,12 @@ class GaussianLatentModel(nn.Module):
 
     The encoder's parameters are those of the q layers, the decoder's all others. Each
     module sees tensors with any leading dimensions ([B, .] or [k, B, .]).
+
+    Every call of one of these networks goes through :meth:`call_network`: inside
+    :meth:`network_precision` (a bf16 training step, :mod:`iwae.precision`) the networks
+    compute under autocast and their outputs are cast back to float32, so that every
+    log-density, log-weight and reduction computed from them is float32; outside it (and
+    always in evaluation) they compute in their parameters' float32.
     """
 
     latent_sizes: tuple[int, ...]
@@ -160,6 +167,10 @@ class GaussianLatentModel(nn.Module):
         (A property: a class attribute would hide the assigned submodule.)"""
         own = self._modules.get("likelihood")
         return _BERNOULLI if own is None else own
+
+    #: the dtype the networks compute in under autocast (None: their own, float32); set
+    #: only inside :meth:`network_precision`
+    network_dtype: torch.dtype | None = None
 
     def q_layers(self) -> Sequence[nn.Module]:
         raise NotImplementedError
@@ -182,10 +193,38 @@ class GaussianLatentModel(nn.Module):
         encoder = {id(p) for p in self.encoder_parameters()}
         return [p for p in self.parameters() if id(p) not in encoder]
 
+    # -- the precision of the networks ------------------------------------------------------
+
+    @contextlib.contextmanager
+    def network_precision(self, dtype: torch.dtype | None):
+        """A context in which this model's networks compute under autocast to ``dtype``
+        (``torch.bfloat16``; None: in float32, as outside it), their outputs cast back to
+        float32 (:meth:`call_network`). Everything else (sampling, log-densities,
+        log-weights, bounds, gradients of the float32 parameters) stays float32."""
+        previous, self.network_dtype = self.network_dtype, dtype
+        try:
+            yield self
+        finally:
+            self.network_dtype = previous
+
+    def call_network(self, network: Callable, *inputs: Tensor):
+        """``network(*inputs)``: one network's forward pass (a module, or a function of one).
+        Under :meth:`network_precision` it runs under autocast to :attr:`network_dtype` and
+        its outputs (a tensor, or a tuple of them) come back as float32; otherwise it is the
+        plain call."""
+        dtype = self.network_dtype
+        if dtype is None:
+            return network(*inputs)
+        with torch.autocast(inputs[0].device.type, dtype=dtype, cache_enabled=False):
+            out = network(*inputs)
+        if isinstance(out, (tuple, list)):
+            return tuple(o.float() for o in out)
+        return out.float()
+
     # -- the distributions, one method per term of the maths --------------------------------
 
     def q_params(self, l: int, u: Tensor) -> tuple[Tensor, Tensor]:
-        return self.q_layers()[l](u)
+        return self.call_network(self.q_layers()[l], u)
 
     def sample_q(
         self, x: Tensor, k: int, generator=None, noise: Noise | None = None
@@ -197,7 +236,7 @@ class GaussianLatentModel(nn.Module):
         """log q(h_1..h_L | x), shape [k, B]."""
         total = 0.0
         for layer, u, h in zip(self.q_layers(), [x, *hs[:-1]], hs):
-            total = total + gaussian_log_prob(h, *layer(u))
+            total = total + gaussian_log_prob(h, *self.call_network(layer, u))
         return total
 
     def log_q_stopped(self, hs: list[Tensor], x: Tensor) -> Tensor:
@@ -207,7 +246,10 @@ class GaussianLatentModel(nn.Module):
         total = 0.0
         for layer, u, h in zip(self.q_layers(), [x, *hs[:-1]], hs):
             fixed = {name: p.detach() for name, p in layer.named_parameters()}
-            mean, log_std = torch.func.functional_call(layer, fixed, (u,))
+            mean, log_std = self.call_network(
+                lambda v, layer=layer, fixed=fixed: torch.func.functional_call(layer, fixed, (v,)),
+                u,
+            )
             total = total + gaussian_log_prob(h, mean, log_std)
         return total
 
@@ -215,12 +257,12 @@ class GaussianLatentModel(nn.Module):
         """log p(h_1..h_L) = log p(h_L) + sum_l log p(h_l | h_{l+1}), shape [k, B]."""
         total = standard_normal_log_prob(hs[-1])
         for l, layer in enumerate(self.p_layers(), start=1):
-            total = total + gaussian_log_prob(hs[l - 1], *layer(hs[l]))
+            total = total + gaussian_log_prob(hs[l - 1], *self.call_network(layer, hs[l]))
         return total
 
     def likelihood_params(self, h1: Tensor) -> Tensor:
         """The parameters of p(x | h_1) (Bernoulli: logits), shape h1.shape[:-1] + [...]."""
-        return self.likelihood_net(h1)
+        return self.call_network(self.likelihood_net, h1)
 
     def log_likelihood(self, x: Tensor, h1: Tensor) -> Tensor:
         """log p(x | h_1), shape [k, B] for samples h1 [k, B, d_1] of examples x [B, D]."""
@@ -257,7 +299,8 @@ class GaussianLatentModel(nn.Module):
         log_q = 0.0
         u = x
         for l, layer in enumerate(self.q_layers()):
-            h, lp = gaussian_rsample(*layer(u), k if l == 0 else None, generator, noise)
+            mean, log_std = self.call_network(layer, u)
+            h, lp = gaussian_rsample(mean, log_std, k if l == 0 else None, generator, noise)
             hs.append(h)
             log_q = log_q + lp
             u = h
@@ -273,7 +316,7 @@ class GaussianLatentModel(nn.Module):
         )
         hs = [h]
         for layer in reversed(list(self.p_layers())):
-            h, _ = gaussian_rsample(*layer(h), generator=generator)
+            h, _ = gaussian_rsample(*self.call_network(layer, h), generator=generator)
             hs.insert(0, h)
         return hs
 

@@ -24,6 +24,7 @@ from iwae.engine import Group, say, train_group
 from iwae.errors import IwaeError
 from iwae.model import VAE
 from iwae.optim import adam, learning_rate, set_lr, step_if_finite
+from iwae.precision import step_context
 from iwae.rundir import (
     CHECKPOINT_FILE,
     CHECKPOINT_NEXT_FILE,
@@ -38,8 +39,9 @@ from iwae.runlock import locked
 from iwae.runs import Run, open_run
 
 #: configuration keys that must agree for runs to share a lockstep group: the data, the
-#: architecture, the samples drawn per example, the schedule and Adam's settings (the
-#: objective, its estimator family aside, the seed and what is logged may differ)
+#: architecture, the samples drawn per example, the schedule, Adam's settings and the
+#: precision of the steps (the objective, its estimator family aside, the seed and what is
+#: logged may differ)
 LOCKSTEP_KEYS = (
     "dataset",
     "validation",
@@ -54,6 +56,7 @@ LOCKSTEP_KEYS = (
     "model",
     "init_weights",
     "binarize",
+    "precision",
 )
 
 
@@ -141,6 +144,11 @@ def train_lockstep(
                 "runs resumed in lockstep must stand at the same step of their schedule (resume "
                 "them one by one)"
             )
+        if len({r.config.precision for r in runs}) != 1:
+            raise IwaeError(
+                "runs trained in lockstep must train in one precision, got "
+                f"{', '.join(sorted({r.config.precision for r in runs}))}"
+            )
         group = Group(runs, GroupStep(runs), two_phase=True, stop_at=stop_at)
         return train_group(group, progress)
 
@@ -166,7 +174,7 @@ class LockstepStep:
     VAE) with objective ``objectives[g]`` and noise from ``generators[g]``, one fused Adam
     over the stacked parameters. ``step(xb)`` with ``xb`` [G, B, D] is every model's
     :func:`iwae.optim.train_step` on its own batch ``xb[g]`` in one batched forward and
-    backward."""
+    backward, in ``precision`` (:func:`iwae.precision.step_context`)."""
 
     def __init__(
         self,
@@ -177,6 +185,7 @@ class LockstepStep:
         betas=(0.9, 0.999),
         eps: float = 1e-4,
         graphs: bool = False,
+        precision: str = "fp32",
     ):
         if not all(type(m) is VAE for m in models):
             kinds = sorted({type(m).__name__ for m in models})
@@ -188,6 +197,7 @@ class LockstepStep:
         self.model = VAE.stack(models)
         self.optimizer = adam(self.model.parameters(), lr, betas, eps, capturable=graphs)
         self.objectives = objectives
+        self.precision = precision
         self.stop_q = objectives[0].stops_q
         self.noise = StackedNoise(generators)
         self.params = (self.model.encoder_parameters(), self.model.decoder_parameters())
@@ -205,9 +215,10 @@ class LockstepStep:
     def _step(self, xb: torch.Tensor, noise) -> tuple[torch.Tensor, torch.Tensor]:
         enc, dec = self.params
         self.optimizer.zero_grad(set_to_none=True)
-        log_w = self.model.log_weights(
-            xb, self.objectives[0].samples, stop_q=self.stop_q, noise=noise
-        )
+        with step_context(self.model, self.precision):
+            log_w = self.model.log_weights(
+                xb, self.objectives[0].samples, stop_q=self.stop_q, noise=noise
+            )
         values = backward_stacked(self.objectives, log_w, enc, dec)
         return values, step_if_finite(self.optimizer, values, enc + dec)
 
@@ -226,6 +237,7 @@ class GroupStep(LockstepStep):
             (c.beta1, c.beta2),
             c.adam_eps,
             graphs=runs[0].graphs,
+            precision=c.precision,
         )
         self.runs = runs
         if runs[0].optimizer.state:  # resumed: the members' Adam moments, stacked

@@ -396,7 +396,7 @@ class VAE(GaussianLatentModel):
 
     def logits(self, h1: Tensor) -> Tensor:
         """Bernoulli logits of p(x | h_1), shape h1.shape[:-1] + [x_dim]."""
-        return self.decoder[0](h1)
+        return self.call_network(self.decoder[0], h1)
 
     def log_likelihood(self, x: Tensor, h1: Tensor) -> Tensor:
         """log p(x | h_1) = sum_d x_d l_d - softplus(l_d) with logits l = W a + b, shape [k, B].
@@ -404,18 +404,21 @@ class VAE(GaussianLatentModel):
         The same value as :func:`iwae.likelihoods.bernoulli_log_prob`; with 10 or more
         samples per example computed without a pixel-wide product: sum_d x_d l_d =
         a . (W^T x) + b . x, where a is the last hidden layer (faster from about 10 samples
-        on; bench/README.md). Other likelihoods: their own ``log_prob``.
+        on; bench/README.md). Other likelihoods: their own ``log_prob``. The networks (the
+        hidden layers and the output layer) run through :meth:`call_network`: in a bf16 step
+        ``a`` and the logits come back float32.
         """
         if self.likelihood.name != "bernoulli":
             return super().log_likelihood(x, h1)
         out = self.output_layer
-        a = self.decoder[0][:-1](h1)
+        a = self.call_network(self.decoder[0][:-1], h1)
         if h1.dim() > x.dim():  # samples [..., k, B, d] of examples [..., B, D]
             x = x.unsqueeze(-3)
         if h1.dim() < 3 or h1.shape[-3] < 10:  # few samples: x @ W costs more than it saves
-            return bernoulli_log_prob(out(a), x)
+            return bernoulli_log_prob(self.call_network(out, a), x)
+        softplus = F.softplus(self.call_network(out, a)).sum(-1)
         if out.bias.dim() == 1:
-            return (a * (x @ out.weight)).sum(-1) + x @ out.bias - F.softplus(out(a)).sum(-1)
+            return (a * (x @ out.weight)).sum(-1) + x @ out.bias - softplus
         # stacked: [G, 1, D, H], [G, 1, D, 1]
         w, b = out.weight.transpose(1, 2).unsqueeze(1), out.bias[:, None, :, None]
-        return (a * (x @ w)).sum(-1) + (x @ b).squeeze(-1) - F.softplus(out(a)).sum(-1)
+        return (a * (x @ w)).sum(-1) + (x @ b).squeeze(-1) - softplus

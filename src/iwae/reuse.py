@@ -14,7 +14,7 @@ from iwae.grids import Run
 from iwae.rundir import CONFIG_FILE, SUMMARY_FILE, WEIGHTS_FILE, read_json, write_json
 
 #: configuration keys that do not change what a run computes
-_NOT_COMPARED = ("data_dir", "checkpoint_minutes", "stage_nll_k")
+_NOT_COMPARED = ("data_dir", "checkpoint_minutes", "stage_nll_k", "precision_requested")
 
 
 def reuse_runs(

@@ -24,6 +24,7 @@ from iwae.latent import LatentVariableModel
 from iwae.likelihoods import get_likelihood
 from iwae.model import VAE
 from iwae.optim import adam
+from iwae.precision import decide as decide_precision
 from iwae.rundir import (
     CHECKPOINT_FILE,
     CHECKPOINT_PREV_FILE,
@@ -178,6 +179,8 @@ class Run:
     binarize: bool = True  # draw binary training images afresh (False: the images are 0/1 already)
     graphs: bool = False  # steps replayed from CUDA graphs (:mod:`iwae.cudagraph`)
     own_objective: Objective | None = None  # one handed to iwae.fit, in place of the config's
+    # how auto decided the precision, when it did in this process (iwae.precision.decide)
+    precision_measured: dict | None = None
     plan: list[tuple[int, float]] = field(init=False)
     stage_ends: set[int] = field(init=False)
 
@@ -220,6 +223,9 @@ def open_run(
     config = config.for_data(dataset)
     train_x, test_x = _images(config, dataset, dev)
     model, optimizer, generator = _fresh_state(config, train_x, dev, graphs, model)
+    measured = None
+    if not resume:  # a resumed run trains in the precision its config.json records
+        config, measured = decide_precision(config, model, objective, dev, shard)
     state, pass_start_rng = Progress(), None
     if resume:
         state, pass_start_rng = load_checkpoint(
@@ -247,6 +253,7 @@ def open_run(
         binarize=config.binarizes and not dataset.binary,
         graphs=graphs,
         own_objective=objective,
+        precision_measured=measured,
     )
 
 

@@ -30,6 +30,7 @@ from iwae.cli.options import (
     add_device,
     add_flush_denormal,
     add_overwrite,
+    add_precision,
     add_quiet,
     add_run_dir,
     add_seed,
@@ -86,6 +87,7 @@ def add_reproduce_parser(sub) -> None:
     add_quiet(r)
     add_flush_denormal(r)
     add_cuda_graphs(r)
+    add_precision(r)
     add_time_limit(
         r,
         "the same command",
@@ -316,6 +318,7 @@ def _reproduce(args) -> int:
         cuda_graphs=args.cuda_graphs,
         time_limit=args.time_limit,
         max_retries=args.max_retries,
+        overrides=None if args.precision is None else {"precision": args.precision},
     )
     done = sum(r["status"] == "done" for r in results)
     stopped = sum(r["status"] == "stopped" for r in results)

@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 
 from iwae.bounds import ESTIMATORS
+from iwae.config import PRECISIONS
 from iwae.errors import IwaeError, TimeLimitReached
 from iwae.model import parse_hidden, parse_latent
 from iwae.train import CUDA_GRAPHS
@@ -240,4 +241,19 @@ def add_time_limit(parser: argparse.ArgumentParser, continued_by: str, note: str
         f"checkpointed at the step it reached, and exit with code {EXIT_TIME_LIMIT}: "
         f"{continued_by} continues (for batch-system jobs and time-limited machines; "
         "default: no limit)" + note,
+    )
+
+
+def add_precision(p: argparse.ArgumentParser) -> None:
+    """``--precision``: the arithmetic of the networks in training steps (:mod:`iwae.precision`);
+    not given: the configuration's (fp32)."""
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=_default(p, None),
+        help="training steps' arithmetic: fp32, or bf16 (the encoder and decoder networks under "
+        "bfloat16 autocast; log-weights, bounds and Adam in float32), or auto: bf16 where the "
+        "hardware has it natively (AVX512-BF16 or AMX, a GPU) and a timing of both on the run's "
+        "model shape at the start finds it faster. The run records the precision used and "
+        "resumes in it; evaluation is always fp32 (default: fp32)",
     )

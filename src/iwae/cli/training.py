@@ -25,6 +25,7 @@ from iwae.cli.options import (
     add_device,
     add_flush_denormal,
     add_overwrite,
+    add_precision,
     add_quiet,
     add_seed,
     add_time_limit,
@@ -226,6 +227,7 @@ def _add_schedule_options(t: argparse.ArgumentParser) -> None:
     t.add_argument(
         "--scale", choices=("exp", "softplus"), help="Gaussian std parameterization (default: exp)"
     )
+    add_precision(t)
     t.add_argument(
         "--validation",
         action="store_true",
