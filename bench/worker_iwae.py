@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import time_steps, worker_main  # noqa: E402
 
 import iwae  # noqa: E402
-from iwae import model as iwae_model  # noqa: E402
+from iwae import latent as iwae_latent  # noqa: E402
 from iwae.bounds import Objective  # noqa: E402
 from iwae.data import binarize_fixed, load_mnist  # noqa: E402
 from iwae.evaluate import MAX_ROWS, evaluate, log_weight_reductions  # noqa: E402
@@ -545,7 +545,7 @@ def phase_eval(spec) -> dict:
 
 
 class _RandnRecorder:
-    """Stands in for the ``torch`` module inside iwae.model only: records every
+    """Stands in for the ``torch`` module inside iwae.latent only: records every
     torch.randn draw (the eps of the reparameterization) and passes everything else on."""
 
     def __init__(self, real):
@@ -567,11 +567,11 @@ def fast_with_eps(model: VAE, x, k: int, seed: int, max_rows: int):
     if max_rows is None:
         max_rows = MAX_ROWS
     recorder = _RandnRecorder(torch)
-    iwae_model.torch = recorder
+    iwae_latent.torch = recorder
     try:
         r = log_weight_reductions(model, x, k, k_small=64, seed=seed, max_rows=max_rows)
     finally:
-        iwae_model.torch = torch
+        iwae_latent.torch = torch
     L, n = model.n_layers, x.shape[0]
     eps = [torch.empty(n, k, d) for d in model.config.latent]
     draws = recorder.draws
