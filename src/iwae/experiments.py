@@ -490,7 +490,7 @@ def _record_training(
 def _add_train_time(timing: dict, seconds: float, group_size: int = 1) -> dict:
     """Add ``seconds`` of training to ``timing`` (a ``runner.json``): to ``train_wall_s``
     and, under the machine that trained them (:func:`_device_label`), to
-    ``train_wall_s_by_device``: a run may train on a lent GPU, then continue on a CPU.
+    ``train_wall_s_by_device``: a run may train on a GPU, then continue on a CPU.
 
     ``group_size``: how many runs trained in those ``seconds`` in one lockstep group (one
     process). ``train_share_s_by_device`` gets this run's share, ``seconds / group_size``,
