@@ -249,6 +249,13 @@ def test_experiment_lists_the_runs_of_every_invocation(shared_data_dir, tmp_path
     )
     meta = json.loads((tmp_path / "experiment.json").read_text())
     assert len(meta["runs"]) == 8 and len(meta["only"]) == 2
+    # the same command again (a resumed run) lists its selection once
+    ex.reproduce(
+        "table1", tmp_path, stages=1, only={"layers": "2", "k": "50"}, data_dir=str(shared_data_dir)
+    )
+    meta = json.loads((tmp_path / "experiment.json").read_text())
+    assert len(meta["runs"]) == 8
+    assert meta["only"] == [{"layers": "1", "k": "5"}, {"layers": "2", "k": "50"}]
 
 
 def test_cli_choices_and_default_seeds_come_from_the_registry():

@@ -92,7 +92,8 @@ def merged_with_previous(out: Path, meta: dict, only: dict | None) -> dict:
         )
     names = {r["name"] for r in meta["runs"]}
     meta["runs"] = [r for r in previous.get("runs", []) if r["name"] not in names] + meta["runs"]
-    meta["only"] = [f for f in (*_as_list(previous.get("only")), *_as_list(only)) if f]
+    selections = [f for f in (*_as_list(previous.get("only")), *_as_list(only)) if f]
+    meta["only"] = [f for i, f in enumerate(selections) if f not in selections[:i]]  # once each
     meta["reuse"] = list(dict.fromkeys([*previous.get("reuse", []), *meta["reuse"]]))
     return meta
 
