@@ -1,6 +1,7 @@
 """Table 1 across budgets, the budget ladder: every Table 1 cell's test NLL after each
 training budget found in the table1 experiment directories (final evaluations, else
-stage-end values), beside the paper's after 3,280 passes."""
+stage-end values), beside the paper's after 3,280 passes and, where there is one, an
+independent reproduction's at the same budget (:func:`~iwae.report.results.independent_table1`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ from pathlib import Path
 from iwae.experiments import EXPERIMENTS
 from iwae.report.cells import STAGE_END_MARK, fmt, image_notes, value_cell
 from iwae.report.plots import plot_ladder
-from iwae.report.results import RunResult, mean_of, paper_table1
+from iwae.report.results import (
+    RunResult,
+    independent_reproductions,
+    independent_table1,
+    mean_of,
+    paper_table1,
+)
 
 
 def ladder_sections(experiments: list[tuple[dict, list[RunResult]]], fig_dir: Path) -> list[str]:
@@ -25,8 +32,10 @@ def ladder_sections(experiments: list[tuple[dict, list[RunResult]]], fig_dir: Pa
 
 def _ladder_section(dataset: str, runs: list[RunResult], fig_dir: Path) -> list[str]:
     """Rows: Table 1's cells; columns: every budget found (passes), the paper's NLL and the
-    distance to it from the largest budget with a number; then the notes and the figure."""
+    distance to it from the largest budget with a number, then the same for the independent
+    reproduction where it has the dataset; then the notes and the figure."""
     paper, budgets = paper_table1(), _ladder_budgets(runs)
+    second = {key: v for key, v in independent_table1().items() if key[0] == dataset}
     cells: dict[tuple, list[RunResult]] = {}
     for r in runs:
         cells.setdefault((r.label["layers"], r.label["k"], r.label["objective"]), []).append(r)
@@ -45,14 +54,15 @@ def _ladder_section(dataset: str, runs: list[RunResult], fig_dir: Path) -> list[
         "",
         "| layers | k | objective | "
         + " | ".join(f"{b:,} passes" for b in budgets)
-        + " | paper (3,280 passes) | Δ to the paper |",
-        "|---|---|---|" + "---|" * len(budgets) + "---|---|",
+        + " | paper (3,280 passes) | Δ to the paper |"
+        + (" nbip/IWAE (3,280 passes) | Δ to nbip/IWAE |" if second else ""),
+        "|---|---|---|" + "---|" * len(budgets) + "---|---|" + ("---|---|" if second else ""),
     ]
-    lines += [_ladder_row(dataset, cell, cells[cell], budgets, paper) for cell in order]
-    lines += [""] + _ladder_notes(runs, budgets) + [""]
+    lines += [_ladder_row(dataset, cell, cells[cell], budgets, paper, second) for cell in order]
+    lines += [""] + _ladder_notes(runs, budgets, bool(second)) + [""]
     fig_dir.mkdir(parents=True, exist_ok=True)
     name = f"table1-ladder-{dataset}.png"
-    plot_ladder(dataset, runs, paper, fig_dir / name)
+    plot_ladder(dataset, runs, paper, fig_dir / name, second)
     return lines + [f"![test NLL against passes, {dataset.upper()}]({fig_dir.name}/{name})", ""]
 
 
@@ -85,23 +95,28 @@ def _ladder_point(runs: list[RunResult], budget: int) -> tuple[str, float | None
     return text, value
 
 
-def _ladder_row(dataset, cell, runs, budgets, paper) -> str:
+def _ladder_row(dataset, cell, runs, budgets, paper, second: dict) -> str:
+    """One cell's row; with ``second`` (the independent reproduction's NLL by cell) two
+    more columns: its value and our latest number's distance to it."""
     layers, k, objective = cell
     points = [_ladder_point(runs, b) for b in budgets]
-    ref = paper[(dataset, layers, k, objective)]["nll"]
     found = [(b, v) for b, (_, v) in zip(budgets, points) if v is not None]
-    delta = f"{found[-1][1] - ref:+.2f} at {found[-1][0]:,} passes" if found else "—"
-    return (
-        "| "
-        + " | ".join(
-            [str(layers), str(k), objective.upper(), *(t for t, _ in points), fmt(ref), delta]
-        )
-        + " |"
-    )
+
+    def delta(ref: float | None) -> str:
+        if ref is None or not found:
+            return "—"
+        return f"{found[-1][1] - ref:+.2f} at {found[-1][0]:,} passes"
+
+    ref = paper[(dataset, layers, k, objective)]["nll"]
+    cells = [str(layers), str(k), objective.upper(), *(t for t, _ in points), fmt(ref), delta(ref)]
+    if second:
+        other = second.get((dataset, layers, k, objective))
+        cells += [fmt(other) if other is not None else "—", delta(other)]
+    return "| " + " | ".join(cells) + " |"
 
 
-def _ladder_notes(runs: list[RunResult], budgets: list[int]) -> list[str]:
-    """What the ladder's plain numbers and marks mean."""
+def _ladder_notes(runs: list[RunResult], budgets: list[int], second: bool) -> list[str]:
+    """What the ladder's plain numbers, marks and references mean."""
     notes = [
         "Plain numbers: the final evaluation (−L_5000 on the whole test set, `evaluation.json`), "
         "the mean over seeds where there are several."
@@ -121,4 +136,10 @@ def _ladder_notes(runs: list[RunResult], budgets: list[int]) -> list[str]:
             "`metrics.jsonl`)."
         )
     notes.append("Δ: our latest number minus the paper's (after 3,280 passes).")
+    if second:
+        notes.append(
+            "nbip/IWAE: an independent reproduction of Table 1 at the paper's budget, as a "
+            f"second reference ({independent_reproductions()['source']}); Δ to nbip/IWAE: "
+            "our latest number minus its."
+        )
     return [n + "  " for n in notes[:-1]] + notes[-1:]

@@ -363,10 +363,13 @@ def _final_point(r: RunResult) -> tuple[int, float] | None:
     return r.passes, r.evaluation["nll"]
 
 
-def plot_ladder(dataset: str, runs: list[RunResult], paper: dict, path: Path) -> None:
+def plot_ladder(
+    dataset: str, runs: list[RunResult], paper: dict, path: Path, second: dict | None = None
+) -> None:
     """Test NLL against passes (log scale), one panel per number of stochastic layers:
     colour by k, dashed VAE and solid IWAE; circles the stage-end subset values, squares
-    the final evaluations, stars the paper's values at 3,280 passes."""
+    the final evaluations, stars the paper's values at 3,280 passes, crosses the
+    independent reproduction's (``second``: NLL by (dataset, layers, k, objective)) there."""
     plt = _plt()
     layers = sorted({r.label["layers"] for r in runs})
     fig, axes = plt.subplots(
@@ -385,6 +388,11 @@ def plot_ladder(dataset: str, runs: list[RunResult], paper: dict, path: Path) ->
                 color=K_COLOURS.get(k, "k"),
                 mfc="none" if objective == "vae" else K_COLOURS.get(k, "k"),
             )
+            other = (second or {}).get((dataset, n_layers, k, objective))
+            if other is not None:
+                ax.plot(
+                    [PAPER_PASSES * 1.12], [other], marker="X", ms=8, color=K_COLOURS.get(k, "k")
+                )
         ax.set_xscale("log")
         ax.set_xticks(STAGE_ENDS, [f"{p:,}" for p in STAGE_ENDS])
         ax.set_xlabel("passes over the training set (stage ends)")
@@ -392,7 +400,10 @@ def plot_ladder(dataset: str, runs: list[RunResult], paper: dict, path: Path) ->
         ax.grid(alpha=0.3, which="both")
     axes[0][0].set_ylabel("test NLL (nats)")
     axes[0][-1].legend(
-        handles=_ladder_legend(), fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0)
+        handles=_ladder_legend(bool(second)),
+        fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1.0),
     )
     _save(fig, path)
 
@@ -410,7 +421,7 @@ def _plot_ladder_run(ax, r: RunResult) -> None:
         ax.plot([final[0]], [final[1]], marker="s", ms=6, color=colour, ls="none")
 
 
-def _ladder_legend() -> list:
+def _ladder_legend(second: bool = False) -> list:
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color=c, lw=2, label=f"k={k}") for k, c in K_COLOURS.items()]
@@ -432,6 +443,12 @@ def _ladder_legend() -> list:
             label="the paper, 3,280 passes (hollow: VAE)",
         ),
     ]
+    if second:
+        handles.append(
+            Line2D(
+                [], [], color="gray", marker="X", ms=8, ls="none", label="nbip/IWAE, 3,280 passes"
+            )
+        )
     return handles
 
 
