@@ -277,6 +277,40 @@ def test_budget_ladder_lists_every_budget_and_never_puts_a_first_n_evaluation_be
     assert "![test NLL against passes, MNIST](figures/table1-ladder-mnist.png)" in ladder
 
 
+def test_budget_ladder_puts_the_independent_reproduction_beside_the_paper(tmp_path):
+    """MNIST's ladder has nbip/IWAE's full-schedule NLL (shipped with the package, with its
+    source) and our latest number's distance to it; OMNIGLOT, which it did not run, has not."""
+    from iwae.report.results import independent_reproductions, independent_table1
+
+    assert "nbip/IWAE" in independent_reproductions()["source"]
+    refs = independent_table1()
+    assert refs[("mnist", 1, 1, "iwae")] == 86.35 and refs[("mnist", 1, 5, "iwae")] == 85.18
+    assert refs[("mnist", 1, 5, "vae")] == 86.10 and ("mnist", 1, 5, "iwae_dreg") not in refs
+    _ladder_experiments(tmp_path)
+    omniglot = tmp_path / "table1-omniglot"
+    _experiment(omniglot, "table1", _table1(dataset="omniglot"))
+    _run(omniglot, "omniglot-l1-iwae-k5-s0", nll=110.0, size=8070)
+    text = write_report(tmp_path).read_text()
+    mnist = text[text.index("(MNIST): the budget ladder") : text.index("(OMNIGLOT): the budget")]
+    assert (
+        "| paper (3,280 passes) | Δ to the paper | nbip/IWAE (3,280 passes) | Δ to nbip/IWAE |"
+        in mnist
+    )
+    assert (
+        "| 1 | 5 | VAE | 94.00 | 91.00§ | 90.00 | 86.47 | +3.53 at 121 passes | 86.10 "
+        "| +3.90 at 121 passes |" in mnist
+    )
+    assert (
+        "| 1 | 5 | IWAE | 95.50§ | 92.25§ | — | 85.54 | +6.71 at 40 passes | 85.18 "
+        "| +7.07 at 40 passes |" in mnist
+    )
+    assert "nbip/IWAE: an independent reproduction of Table 1 at the paper's budget" in mnist
+    omniglot_ladder = text[text.index("(OMNIGLOT): the budget ladder") :]
+    omniglot_ladder = omniglot_ladder[: omniglot_ladder.index("![")]
+    assert "| 1 | 5 | IWAE | 110.00 | 106.12 | +3.88 at 13 passes |" in omniglot_ladder
+    assert "nbip" not in omniglot_ladder
+
+
 def test_a_first_n_omniglot_evaluation_is_never_beside_the_paper(tmp_path):
     runs = _table1(dataset="omniglot")
     _experiment(tmp_path, "table1", runs)
@@ -417,6 +451,77 @@ def test_ais_section_reads_committed_ais_and_bdmc_results(tmp_path):
     assert "| mnist-l1-iwae-k50-s0 | 100 | 4 | 100 | -92.00 | -91.00 | 1.00 | 30 s |" in text
     assert "![BDMC mnist-l1-iwae-k50-s0](ais/mnist-l1-iwae-k50-s0/bdmc.png)" in text
     assert "broken" not in text
+
+
+def _likelihood_run(root, name, likelihood, log_px, index, arch="mlp", bits=True):
+    """A run directory of ``likelihoods/`` with the files ``iwae train``, ``evaluate`` and
+    ``sample`` write; per-image L_k ``log_px`` on the test images ``index``."""
+    import safetensors.torch
+
+    d = root / "likelihoods" / name
+    d.mkdir(parents=True)
+    config = {"dataset": "mnist", "likelihood": likelihood, "arch": arch, "layers": 1}
+    if arch == "conv":
+        config.update(channels="32,64", latent=50)
+    (d / "config.json").write_text(json.dumps(config))
+    (d / "summary.json").write_text(json.dumps({"passes": 13, "train_seconds": 1234.4}))
+    safetensors.torch.save_file(
+        {"w": torch.zeros(10, 3), "b": torch.zeros(5)}, d / "model.safetensors"
+    )
+    log_px = torch.tensor(log_px, dtype=torch.float64)
+    nll = float(-log_px.mean())
+    result = {
+        "nll": nll,
+        "nll_stderr": float(log_px.std() / math.sqrt(len(log_px))),
+        "elbo": -nll - 5.0,
+        "active_units": [7],
+        "n_test": len(log_px),
+        "k": 5000,
+    }
+    if bits:
+        result["bits_per_dim"] = nll / (784 * math.log(2))
+    per_image = {"log_px": log_px, "iwae64": log_px.clone(), "elbo": log_px - 5.0}
+    write_evaluation(d, result, per_image, index)
+    (d / "samples.png").write_bytes(b"")
+
+
+def test_likelihoods_section_gives_nats_bits_and_paired_differences(tmp_path):
+    """results/likelihoods/RUN gives a row per run in nats and bits/dim, the paired
+    difference of two runs of one likelihood on their common images (in both units, by
+    the constant 784 ln 2), what each number is comparable to, and the sample grids."""
+    _paired_experiment(tmp_path / "table1")
+    assert "Beyond binarized pixels" not in write_report(tmp_path).read_text()
+
+    _likelihood_run(tmp_path, "mnist8-mlp", "logistic-256", [-800.0, -900.0, -1000.0], [4, 2, 9])
+    # the conv run saw images 2, 4 and 7: the common ones are 2 and 4 (nll -10 and -20 lower)
+    _likelihood_run(
+        tmp_path, "mnist8-conv", "logistic-256", [-880.0, -790.0, -500.0], [2, 4, 7], arch="conv"
+    )
+    _likelihood_run(
+        tmp_path, "mnistgrey-cb", "continuous-bernoulli", [100.0, 300.0], [0, 1], bits=False
+    )
+    text = write_report(tmp_path).read_text()
+    assert "## Beyond binarized pixels: likelihoods for grey and 8-bit MNIST" in text
+    bits = 900.0 / (784 * math.log(2))
+    assert (
+        "| mnist8-mlp | 8-bit levels v = 0..255 | logistic-256 | MLP, 1 stochastic layer | 35 "
+        f"| 13 | 1,234 s | 3 | 900.00 ± 57.74 | {bits:.4f} | -905.00 | 7 |" in text
+    )
+    assert (
+        "| mnist8-conv | 8-bit levels v = 0..255 | logistic-256 | conv 32,64, latent 50 |" in text
+    )
+    assert "| mnistgrey-cb | grey values in [0, 1] | continuous-bernoulli |" in text
+    assert "| -200.00 ± 100.00 | — |" in text  # a density: no bits/dim
+    # conv - mlp over images 2 and 4: differences -20 and -10 nats
+    scale = 1 / (784 * math.log(2))
+    assert (
+        "- mnist8-conv − mnist8-mlp, paired over the 2 test images both saw: -15.00 ± 5.00 "
+        f"nats, {-15 * scale:+.4f} ± {5 * scale:.4f} bits/dim." in text
+    )
+    assert "mnistgrey-cb − " not in text and " − mnistgrey-cb" not in text  # other likelihood
+    assert "**logistic-256** is a distribution over the 256 levels" in text
+    assert "**continuous-Bernoulli** (and Gaussian) values are log-densities" in text
+    assert "![mnist8-conv](likelihoods/mnist8-conv/samples.png)" in text
 
 
 # -- the learning-curve figure -------------------------------------------------------------

@@ -5,6 +5,7 @@ in a directory, one section per experiment in the order of
 :data:`iwae.experiments.EXPERIMENTS`. The modules: :mod:`~iwae.report.results` (reading run
 directories), :mod:`~iwae.report.cells` (table cells and notes), :mod:`~iwae.report.claims`
 (margins and verdicts), :mod:`~iwae.report.tables` (the sections),
+:mod:`~iwae.report.likelihoods` (grey and 8-bit data, in nats and bits/dim),
 :mod:`~iwae.report.ladder` (Table 1 across budgets), :mod:`~iwae.report.plots` (figures).
 """
 
@@ -25,6 +26,7 @@ from iwae.report.claims import (
     paired_margin,
 )
 from iwae.report.ladder import ladder_sections
+from iwae.report.likelihoods import LIKELIHOODS_DIR, likelihoods_section
 from iwae.report.plots import (
     curves_figure,
     plot_toy,
@@ -47,6 +49,7 @@ __all__ = [
     "AIS_DIR",
     "FAILS",
     "FIRST",
+    "LIKELIHOODS_DIR",
     "HOLDS",
     "NOISE",
     "PER_IMAGE",
@@ -60,6 +63,7 @@ __all__ = [
     "claim_verdict",
     "curves_figure",
     "evaluated_images",
+    "likelihoods_section",
     "load_experiment",
     "paired_margin",
     "paper_tables",
@@ -78,7 +82,7 @@ def write_report(directory: str | Path) -> Path:
     """Write ``directory/REPORT.md`` (and its figures in ``directory/figures/``) for every
     experiment directory in or under ``directory``: the sections in the order of
     :data:`iwae.experiments.EXPERIMENTS`, the budget ladder before the first Table 1, then
-    AIS and BDMC."""
+    AIS and BDMC (``ais/``), then the likelihoods beyond binarized pixels (``likelihoods/``)."""
     directory = Path(directory)
     experiments = [(load_experiment(d), d) for d in _experiment_dirs(directory)]
     order = list(EXPERIMENTS)
@@ -107,6 +111,7 @@ def write_report(directory: str | Path) -> Path:
         lines += SECTIONS[meta["experiment"]](meta, results, fig_dir)
         lines += [f"Runs: `{where}/runs/`", ""]
     lines += ais_section(directory)
+    lines += likelihoods_section(directory)
     path = directory / REPORT_FILE
     atomic_write(path, lambda f: f.write("\n".join(lines).encode()))
     return path
