@@ -745,3 +745,27 @@ def test_the_budget_line_counts_runs_stopped_at_a_time_limit(tmp_path):
     (stopped / "runner.json").write_text(json.dumps({"train_wall_s": 3600.0}))
     text = write_report(tmp_path).read_text()
     assert ", 2.0 CPU-process hours in all (train + evaluate)." in text
+
+
+def test_the_budget_line_counts_a_run_s_own_training_clock_where_runner_json_has_less(tmp_path):
+    """A run continued by commands that did not add their wall time to ``runner.json`` still
+    counts the training its own metrics record (per-pass ``seconds``), shared by its lockstep
+    group; ``summary.json``'s ``train_seconds`` where it has finished."""
+    runs = _table1(dataset="omniglot")
+    _experiment(tmp_path, "table1", runs, stages=5)
+    unfinished = tmp_path / "runs" / "omniglot-l1-iwae-k50-s0"
+    unfinished.mkdir(parents=True)
+    (unfinished / "runner.json").write_text(json.dumps({"train_wall_s": 600.0}))
+    passes = [{"pass": p, "seconds": 20.0} for p in range(1, 361)]  # 7,200 s
+    (unfinished / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in passes))
+    text = write_report(tmp_path).read_text()
+    assert ", 2.0 CPU-process hours in all (train + evaluate)." in text
+    # the same run in a lockstep pair: half of it
+    (unfinished / "runner.json").write_text(
+        json.dumps({"train_wall_s": 600.0, "lockstep": ["a", "b"]})
+    )
+    assert ", 1.0 CPU-process hours in all" in write_report(tmp_path).read_text()
+    # finished: summary.json's clock
+    (unfinished / "runner.json").write_text(json.dumps({"train_wall_s": 600.0}))
+    (unfinished / "summary.json").write_text(json.dumps({"passes": 121, "train_seconds": 10800.0}))
+    assert ", 3.0 CPU-process hours in all" in write_report(tmp_path).read_text()

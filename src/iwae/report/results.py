@@ -189,14 +189,21 @@ def training_by_device(r: RunResult) -> dict[str, float] | None:
 
 
 def process_seconds(r: RunResult) -> float:
-    """A run's share of process time, training (:func:`training_by_device`) and evaluation."""
+    """A run's share of process time, training (:func:`training_by_device`) and evaluation.
+    Training is never less than the run's own clock (``summary.json``'s ``train_seconds``,
+    else the sum of ``metrics.jsonl``'s per-pass ``seconds``), shared the same way: a run
+    continued by commands that did not record their wall time in ``runner.json`` still
+    counts all of its training."""
     by_device = training_by_device(r)
     train = (
         sum(by_device.values())
         if by_device
         else r.runner["train_wall_s"] / _lockstep_size(r.runner)
     )
-    return train + r.runner.get("eval_wall_s", 0.0)
+    own = (r.summary or {}).get("train_seconds")
+    if not isinstance(own, (int, float)):
+        own = sum(m.get("seconds", 0.0) for m in r.metrics)
+    return max(train, own / _lockstep_size(r.runner)) + r.runner.get("eval_wall_s", 0.0)
 
 
 def gpu_training(r: RunResult) -> tuple[dict[str, float], bool]:
