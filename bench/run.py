@@ -167,7 +167,9 @@ class Runner:
         self.threads, self.workdir, self.verbose = threads, workdir, verbose
         self.count = 0
 
-    def run(self, python: str, worker: str, spec: dict) -> dict:
+    def run(self, python: str, worker: str, spec: dict, root: Path = ROOT) -> dict:
+        """Run ``root/bench/worker`` (with ``root/src`` first on the path for iwae's worker)
+        on ``spec``; its result."""
         self.count += 1
         spec_path = self.workdir / f"spec{self.count}.json"
         out_path = self.workdir / f"out{self.count}.json"
@@ -180,7 +182,7 @@ class Runner:
             {"OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"])}
         )
         if worker == "worker_iwae.py":
-            src = str(ROOT / "src")
+            src = str(root / "src")
             env["PYTHONPATH"] = src + (
                 os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
             )
@@ -188,7 +190,7 @@ class Runner:
             env.pop("PYTHONPATH", None)
         t0 = time.perf_counter()
         proc = subprocess.run(
-            [python, str(HERE / worker), str(spec_path), str(out_path)],
+            [python, str(root / "bench" / worker), str(spec_path), str(out_path)],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -84,3 +84,40 @@ def test_bench_quick(tmp_path):
     assert r["flops"]["train_per_example"]["L1_k50"] == pytest.approx(63.03e6, rel=1e-3)
     assert r["correctness"]["passed"] and r["correctness_passed"]
     assert all(c["max_abs_diff_per_example"]["log_px"] <= 1e-3 for c in r["correctness"]["checks"])
+
+
+@pytest.mark.slow
+def test_compare_times_two_checkouts_in_rounds(tmp_path):
+    """bench/compare.py against this same checkout (quick, no pythae): each round has both
+    arms' three rates, and each summarized ratio is the median of the per-round ratios."""
+    out = tmp_path / "compare.json"
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "compare.py"),
+            "--baseline",
+            str(ROOT),
+            "--rounds",
+            "2",
+            "--quick",
+            "--no-pythae",
+            "--out",
+            str(out),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    r = json.loads(out.read_text())
+    assert "this_vs_pythae" not in r and len(r["rounds"]) == 2
+    assert list(r["rounds"][0]) == ["this", "baseline"]
+    assert list(r["rounds"][1]) == ["baseline", "this"]  # each arm first in turn
+    for key in ("train_k50", "train_k5", "eval"):
+        ratios = [x["this"][key] / x["baseline"][key] for x in r["rounds"]]
+        assert r["this_vs_baseline"][key]["rounds"] == pytest.approx(ratios)
+        assert r["this_vs_baseline"][key]["median"] == pytest.approx(sum(ratios) / 2)
+    assert "this_vs_baseline" in proc.stdout
