@@ -1,14 +1,17 @@
 """Smoke test of the benchmark: `bench/run.py --quick --no-pythae` runs, writes the
 documented JSON keys, and its correctness check (fast evaluation against a float64
-torch.distributions reference fed the same eps) passes."""
+torch.distributions reference fed the same eps) passes; `bench/compare.py` times two
+checkouts in rounds; `bench/precision_quality.py` computes its paired differences."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,3 +124,53 @@ def test_compare_times_two_checkouts_in_rounds(tmp_path):
         assert r["this_vs_baseline"][key]["rounds"] == pytest.approx(ratios)
         assert r["this_vs_baseline"][key]["median"] == pytest.approx(sum(ratios) / 2)
     assert "this_vs_baseline" in proc.stdout
+
+
+def _precision_run(root, precision, seed, log_px, index, train_seconds):
+    """A run directory as scripts/precision.sh leaves it (the files the analysis reads)."""
+    from iwae.rundir import write_evaluation
+
+    d = root / f"mnist-l1-iwae-k50-{precision}-s{seed}"
+    d.mkdir()
+    config = {"dataset": "mnist", "k": 50, "precision": precision, "seed": seed}
+    (d / "config.json").write_text(json.dumps(config))
+    (d / "summary.json").write_text(json.dumps({"train_seconds": train_seconds}))
+    log_px = torch.tensor(log_px, dtype=torch.float64)
+    result = {"nll": float(-log_px.mean()), "n_test": len(log_px), "k": 5000}
+    write_evaluation(d, result, {"log_px": log_px}, index)
+
+
+def test_precision_quality_pairs_seeds_and_images(tmp_path, capsys):
+    """bench/precision_quality.py: per seed, NLL(bf16) - NLL(fp32) paired over the common
+    test images; over seeds, the mean and the seeds' standard error, and the verdict."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "precision_quality", ROOT / "bench" / "precision_quality.py"
+    )
+    pq = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pq)
+    # seed 0: images 1, 2 and 3 in common; differences (bf16 worse by) 1, 2, 3 nats
+    _precision_run(tmp_path, "fp32", 0, [-90.0, -91.0, -92.0, -50.0], [1, 2, 3, 9], 100.0)
+    _precision_run(tmp_path, "bf16", 0, [-95.0, -91.0, -93.0], [3, 1, 2], 50.0)
+    # seed 1: differences -1 and +1
+    _precision_run(tmp_path, "fp32", 1, [-90.0, -90.0], [0, 1], 90.0)
+    _precision_run(tmp_path, "bf16", 1, [-89.0, -91.0], [0, 1], 60.0)
+    out = tmp_path / "quality.json"
+    assert pq.main([str(tmp_path), "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    s0, s1 = r["per_seed"]["0"], r["per_seed"]["1"]
+    assert (s0["images"], s0["diff"], s0["diff_se"]) == (3, 2.0, pytest.approx(1 / math.sqrt(3)))
+    assert (s1["diff"], s1["diff_se"]) == (0.0, pytest.approx(1.0))
+    assert s0["bf16_speedup"] == 2.0 and s1["bf16_speedup"] == 1.5
+    # over seeds: mean 1.0, se = std([2, 0]) / sqrt(2) = 1.0: within 2 se of 0
+    assert r["diff"] == 1.0 and r["diff_se_over_seeds"] == pytest.approx(1.0)
+    assert r["diff_se_paired_images"] == pytest.approx(math.sqrt(1 / 3 + 1) / 2)
+    assert r["within_noise"] is True
+    assert "mean over 2 seed(s): +1.000 nats ± 1.000 (seeds)" in capsys.readouterr().out
+    # another configuration in the same directory is refused
+    (tmp_path / "mnist-l1-iwae-k50-bf16-s1" / "config.json").write_text(
+        json.dumps({"dataset": "mnist", "k": 5, "precision": "bf16", "seed": 1})
+    )
+    with pytest.raises(SystemExit, match="not one configuration"):
+        pq.main([str(tmp_path)])
