@@ -40,7 +40,7 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from iwae.data import atomic_write as _data_atomic_write
+from iwae.data.store import atomic_write
 from iwae.errors import IwaeError, RunDirError
 
 CONFIG_FILE = "config.json"
@@ -72,18 +72,6 @@ BDMC_FIGURE = "bdmc.png"
 
 
 # -- JSON and weights --------------------------------------------------------------------------
-
-
-def atomic_write(path: Path, write) -> None:
-    """:func:`iwae.data.atomic_write` (temporary file, fsync, rename: ``path`` keeps its old
-    content if anything fails), with an ``OSError`` of the write itself (ENOSPC, EIO, ...)
-    naming ``path``."""
-    try:
-        _data_atomic_write(path, write)
-    except OSError as e:
-        if e.filename is not None or e.errno is None:
-            raise
-        raise OSError(e.errno, e.strerror, str(path)) from e
 
 
 def write_json(path: Path, obj) -> None:

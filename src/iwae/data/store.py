@@ -52,7 +52,18 @@ def is_writable_dir(path: Path) -> bool:
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Write ``path`` via ``write(file)`` to a temp file in the same directory, fsync,
-    then ``os.replace``: a crash at any moment leaves the old file or the new one."""
+    then ``os.replace``: a crash at any moment leaves the old file or the new one, and so
+    does a failed write (its temporary file is removed). An ``OSError`` of the write itself
+    (ENOSPC, EIO, ...) is raised naming ``path``."""
+    try:
+        _atomic_write(path, write)
+    except OSError as e:
+        if e.filename is not None or e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
