@@ -30,6 +30,7 @@ from _common import time_steps, worker_main  # noqa: E402
 import iwae  # noqa: E402
 from iwae import latent as iwae_latent  # noqa: E402
 from iwae.bounds import Objective  # noqa: E402
+from iwae.checkpoint import CHECKPOINT_FILE, load_checkpoint  # noqa: E402
 from iwae.data import binarize_fixed, load_mnist  # noqa: E402
 from iwae.evaluate import MAX_ROWS, evaluate, log_weight_reductions  # noqa: E402
 from iwae.experiments import reproduce  # noqa: E402
@@ -42,7 +43,6 @@ from iwae.precision import (  # noqa: E402
     native_bf16,
     step_context,
 )
-from iwae.rundir import CHECKPOINT_FILE, load_checkpoint  # noqa: E402
 from iwae.train import (  # noqa: E402
     LockstepStep,
     TrainConfig,

@@ -17,9 +17,10 @@ from torch import nn
 
 import iwae
 from iwae.bounds import ESTIMATORS, OBJECTIVES
+from iwae.checkpoint import CHECKPOINT_FILE
 from iwae.cli import main
 from iwae.errors import IwaeError
-from iwae.rundir import CHECKPOINT_FILE, read_metrics, read_safetensors
+from iwae.rundir import read_metrics, read_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
 

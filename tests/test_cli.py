@@ -77,7 +77,7 @@ def test_bad_ais_arguments_exit_2_and_write_nothing(argv, words, tmp_path, capsy
 
 
 def test_missing_data_is_a_clear_error(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("iwae.data.MNIST_MIRRORS", [])  # offline
+    monkeypatch.setattr("iwae.data.mnist.MNIST_MIRRORS", [])  # offline
     code = main(
         [
             "train",

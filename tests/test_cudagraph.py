@@ -21,11 +21,11 @@ import iwae.lockstep
 import iwae.runs
 import iwae.train as train_module
 from iwae.bounds import Objective
+from iwae.checkpoint import CHECKPOINT_FILE
 from iwae.cli import main
 from iwae.cudagraph import GraphedStep, GraphedSteps, ReplayedNoise
 from iwae.errors import IwaeError
 from iwae.model import VAE, ModelConfig
-from iwae.rundir import CHECKPOINT_FILE
 from iwae.train import (
     LockstepStep,
     adam,

@@ -10,6 +10,7 @@ import pytest
 import scipy.io
 
 from iwae import data
+from iwae.data import mnist, omniglot, store
 from iwae.errors import DataError, IwaeError
 
 MNIST_NAMES = list(data.MNIST_MD5)
@@ -22,9 +23,9 @@ def _isolate(tmp_path, monkeypatch):
     """No network, no $IWAE_DATA, and a private user cache directory for every test."""
     monkeypatch.delenv("IWAE_DATA", raising=False)
     monkeypatch.setattr(
-        data.platformdirs, "user_cache_dir", lambda *a, **k: str(tmp_path / "usercache")
+        store.platformdirs, "user_cache_dir", lambda *a, **k: str(tmp_path / "usercache")
     )
-    monkeypatch.setattr(data, "MNIST_MIRRORS", [(tmp_path / "no-such-mirror").as_uri() + "/"])
+    monkeypatch.setattr(mnist, "MNIST_MIRRORS", [(tmp_path / "no-such-mirror").as_uri() + "/"])
     data._load_dataset_cached.cache_clear()
     yield
     data._load_dataset_cached.cache_clear()
@@ -276,7 +277,7 @@ def omniglot_built(tmp_path_factory, shared_data_dir):
     root = tmp_path_factory.mktemp("omniglot_data")
     _omniglot_copy(root, shared_data_dir)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(data.platformdirs, "user_cache_dir", lambda *a, **k: str(root / "usercache"))
+        mp.setattr(store.platformdirs, "user_cache_dir", lambda *a, **k: str(root / "usercache"))
         arrays = data.load_omniglot(root)
     return root, arrays
 
@@ -312,7 +313,7 @@ def test_omniglot_cache_is_used(omniglot_built, monkeypatch):
     def no_build(*args):
         raise AssertionError("rebuilt although the cache is valid")
 
-    monkeypatch.setattr(data, "_build_omniglot_from_raw", no_build)
+    monkeypatch.setattr(omniglot, "_build_omniglot_from_raw", no_build)
     cached = data.load_omniglot(root)
     for split in arrays:
         np.testing.assert_array_equal(cached[split], arrays[split])
@@ -324,9 +325,9 @@ def test_omniglot_corrupt_cache_is_rebuilt_deterministically(tmp_path, omniglot_
     cache = tmp_path / "omniglot" / CACHE_NAME
     cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])
     calls = []
-    real_build = data._build_omniglot_from_raw
+    real_build = omniglot._build_omniglot_from_raw
     monkeypatch.setattr(
-        data, "_build_omniglot_from_raw", lambda *a: calls.append(a) or real_build(*a)
+        omniglot, "_build_omniglot_from_raw", lambda *a: calls.append(a) or real_build(*a)
     )
 
     rebuilt = data.load_omniglot(tmp_path)
@@ -349,7 +350,7 @@ def _fake_split():
 def fake_build(monkeypatch):
     calls = []
     monkeypatch.setattr(
-        data, "_build_omniglot_from_raw", lambda *a: calls.append(a) or _fake_split()
+        omniglot, "_build_omniglot_from_raw", lambda *a: calls.append(a) or _fake_split()
     )
     return calls
 

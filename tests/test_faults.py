@@ -19,8 +19,9 @@ import safetensors
 import safetensors.torch
 
 import iwae.engine
+from iwae.checkpoint import CHECKPOINT_FILE, CHECKPOINT_PREV_FILE
 from iwae.cli import main
-from iwae.rundir import CHECKPOINT_FILE, CHECKPOINT_PREV_FILE, read_metrics
+from iwae.rundir import read_metrics
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train import assert_bitwise_equal, synthetic, weights  # noqa: E402

@@ -17,14 +17,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from iwae.data import (
-    DataError,
-    _load_chardata,
-    _read_raw_images,
-    content_sha256,
-    load_files,
-    read_idx,
-)
+from iwae.data import DataError, content_sha256, load_files, read_idx
+from iwae.data.omniglot import _load_chardata, _read_raw_images
 
 FAST, SLOW = 100, 4000
 

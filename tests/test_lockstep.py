@@ -14,16 +14,16 @@ import safetensors.torch
 import torch
 
 from iwae.bounds import Objective, backward_stacked
-from iwae.errors import IwaeError
-from iwae.experiments import grid, plan_tasks, reproduce
-from iwae.model import VAE, ModelConfig
-from iwae.rundir import (
+from iwae.checkpoint import (
     CHECKPOINT_FILE,
     CHECKPOINT_NEXT_FILE,
     Progress,
     checkpoint_meta,
     save_checkpoint,
 )
+from iwae.errors import IwaeError
+from iwae.experiments import grid, plan_tasks, reproduce
+from iwae.model import VAE, ModelConfig
 from iwae.train import (
     StackedNoise,
     adam,

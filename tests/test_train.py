@@ -18,11 +18,11 @@ import torch
 
 import iwae.engine
 from iwae.bounds import Objective
+from iwae.checkpoint import generator_state
 from iwae.cli import main
 from iwae.data import Dataset, binarize_fixed, test_subset_indices
 from iwae.errors import IwaeError, RunDirError
 from iwae.model import LOG_STD_LIMIT, VAE, GaussianLayer, ModelConfig
-from iwae.rundir import generator_state
 from iwae.train import (
     CHECKPOINT_FILE,
     SMALL_STEP_ROWS,

@@ -32,6 +32,15 @@ import torch
 from iwae import data as iwae_data
 from iwae import interrupts
 from iwae.bounds import Objective
+from iwae.checkpoint import (
+    CHECKPOINT_FILE,
+    CHECKPOINT_NEXT_FILE,
+    Progress,
+    promote_checkpoint,
+    recover_checkpoint,
+    resume_position,
+    save_checkpoint,
+)
 from iwae.config import TrainConfig, resume_config
 from iwae.cudagraph import GraphedSteps
 from iwae.distributed import barrier
@@ -40,18 +49,11 @@ from iwae.latent import LatentVariableModel
 from iwae.optim import set_lr, train_step
 from iwae.precision import step_context, summary_record
 from iwae.rundir import (
-    CHECKPOINT_FILE,
-    CHECKPOINT_NEXT_FILE,
     METRICS_FILE,
     SUMMARY_FILE,
     WEIGHTS_FILE,
-    Progress,
     prepare_run_dir,
-    promote_checkpoint,
     read_json,
-    recover_checkpoint,
-    resume_position,
-    save_checkpoint,
     save_weights,
     write_json,
 )
@@ -203,7 +205,7 @@ def train(
     stops, after the step or pass in progress, with a checkpoint (:class:`TimeLimitReached`);
     SIGINT and SIGTERM stop it alike (:class:`iwae.errors.Interrupted`). ``fallback``: a
     resumed run whose newest checkpoint is missing, unreadable or corrupt continues from the
-    previous one, saying so on stderr (:func:`iwae.rundir.recover_checkpoint`); without it
+    previous one, saying so on stderr (:func:`iwae.checkpoint.recover_checkpoint`); without it
     that is an error. Holds the lock of ``out`` (:func:`iwae.runlock.locked`) while it
     writes there. Returns the summary that is also written to ``summary.json``.
     """

@@ -361,7 +361,7 @@ def _train_one(
 ) -> None:
     """Resume the run in ``out`` from its checkpoint (a finished one: nothing to do), or
     train it from the start (a second stage from its first stage's weights)."""
-    from iwae.rundir import checkpoint_exists
+    from iwae.checkpoint import checkpoint_exists
     from iwae.train import TrainConfig, resume, train
 
     if checkpoint_exists(out):  # interrupted (or finished: then resume does nothing)
@@ -442,7 +442,7 @@ def _train_group(
 ) -> None:
     """Train the runs ``members`` (run, its directory) in lockstep: resumed where every one
     has a checkpoint (finished ones: nothing to do), else from the start."""
-    from iwae.rundir import checkpoint_exists
+    from iwae.checkpoint import checkpoint_exists
     from iwae.train import TrainConfig, resume_config, train_lockstep
 
     outs = [out for _, out in members]

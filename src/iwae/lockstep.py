@@ -18,6 +18,13 @@ import torch
 
 from iwae import data as iwae_data
 from iwae.bounds import Objective, backward_stacked
+from iwae.checkpoint import (
+    CHECKPOINT_FILE,
+    CHECKPOINT_NEXT_FILE,
+    checkpoint_meta,
+    promote_checkpoint,
+    recover_checkpoint,
+)
 from iwae.config import TrainConfig
 from iwae.cudagraph import GraphedSteps
 from iwae.engine import Group, say, train_group
@@ -25,16 +32,7 @@ from iwae.errors import IwaeError
 from iwae.model import VAE
 from iwae.optim import adam, learning_rate, set_lr, step_if_finite
 from iwae.precision import step_context
-from iwae.rundir import (
-    CHECKPOINT_FILE,
-    CHECKPOINT_NEXT_FILE,
-    SUMMARY_FILE,
-    checkpoint_meta,
-    prepare_run_dir,
-    promote_checkpoint,
-    read_json,
-    recover_checkpoint,
-)
+from iwae.rundir import SUMMARY_FILE, prepare_run_dir, read_json
 from iwae.runlock import locked
 from iwae.runs import Run, open_run
 

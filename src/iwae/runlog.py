@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
+from iwae.checkpoint import Progress
 from iwae.model import VAE
 from iwae.progress import progress_bar
-from iwae.rundir import TENSORBOARD_DIR, Progress
+from iwae.rundir import TENSORBOARD_DIR
 
 
 def pass_record(p: int, stage: int, lr: float, state: Progress, seconds: float) -> dict:

@@ -16,6 +16,14 @@ import torch
 
 from iwae import data as iwae_data
 from iwae.bounds import Objective
+from iwae.checkpoint import (
+    CHECKPOINT_FILE,
+    CHECKPOINT_PREV_FILE,
+    Progress,
+    checkpoint_exists,
+    load_checkpoint,
+    read_checkpoint_file,
+)
 from iwae.config import TrainConfig, load_config
 from iwae.conv import ConvConfig, ConvVAE
 from iwae.distributed import barrier, distributed_setup
@@ -26,8 +34,6 @@ from iwae.model import VAE
 from iwae.optim import adam
 from iwae.precision import decide as decide_precision
 from iwae.rundir import (
-    CHECKPOINT_FILE,
-    CHECKPOINT_PREV_FILE,
     CONFIG_FILE,
     EVALUATION_FILE,
     EVALUATION_IMAGES_FILE,
@@ -35,12 +41,8 @@ from iwae.rundir import (
     SUMMARY_FILE,
     TENSORBOARD_DIR,
     WEIGHTS_FILE,
-    Progress,
-    checkpoint_exists,
-    load_checkpoint,
     load_state,
     prepare_run_dir,
-    read_checkpoint_file,
     read_metrics,
     read_safetensors,
     write_json,

@@ -51,8 +51,9 @@ def plan_tasks(
     fewer tasks than ``workers`` (no idle worker), so a killed group is formed again alike."""
     import torch
 
+    from iwae.checkpoint import resume_position
     from iwae.lockstep import stackable
-    from iwae.rundir import SUMMARY_FILE, resume_position
+    from iwae.rundir import SUMMARY_FILE
     from iwae.train import TrainConfig, lockstep_key, settle_group_checkpoint
 
     cuda = torch.cuda.is_available()

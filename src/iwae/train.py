@@ -30,6 +30,14 @@ The names here are those modules' objects: to replace one that the loop calls (a
 
 from __future__ import annotations
 
+from iwae.checkpoint import (
+    CHECKPOINT_FILE,
+    CHECKPOINT_NEXT_FILE,
+    Progress,
+    checkpoint_meta,
+    load_checkpoint,
+    save_checkpoint,
+)
 from iwae.config import (
     BINARIZE,
     DATASETS,
@@ -50,8 +58,6 @@ from iwae.lockstep import (
 )
 from iwae.optim import adam, learning_rate, set_lr, train_step
 from iwae.rundir import (
-    CHECKPOINT_FILE,
-    CHECKPOINT_NEXT_FILE,
     CONFIG_FILE,
     EVALUATION_FILE,
     EVALUATION_IMAGES_FILE,
@@ -59,16 +65,12 @@ from iwae.rundir import (
     SUMMARY_FILE,
     TENSORBOARD_DIR,
     WEIGHTS_FILE,
-    Progress,
-    checkpoint_meta,
-    load_checkpoint,
     load_state,
     prepare_run_dir,
     read_evaluation_images,
     read_json,
     read_metrics,
     read_safetensors,
-    save_checkpoint,
     save_weights,
     write_evaluation,
     write_json,

@@ -324,7 +324,7 @@ def _train(args) -> int:
 # replace iwae.train.train, resume and load_config on the module (monkeypatch), which a name
 # imported here at start-up would not see.
 def _train_run(args) -> int:
-    from iwae.rundir import checkpoint_exists
+    from iwae.checkpoint import checkpoint_exists
     from iwae.train import TrainConfig, load_config, read_config_file, resume, train
 
     given = {key: value for key, value in vars(args).items() if key not in _RUNTIME_OPTIONS}
