@@ -16,11 +16,12 @@ import torch
 
 import iwae.engine
 import iwae.evaluate
-import iwae.experiments as experiments
+import iwae.worker as worker
 from iwae.cli import main
 from iwae.errors import TimeLimitReached
-from iwae.experiments import Run, _device_label, run_group, run_one
+from iwae.experiments import Run, run_group, run_one
 from iwae.train import read_metrics, resume, train, train_lockstep
+from iwae.worker import _device_label
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train import assert_bitwise_equal, small_config, synthetic, weights  # noqa: E402
@@ -216,17 +217,15 @@ def test_training_time_is_kept_by_machine_when_a_run_moves(monkeypatch):
         seconds,
         group,
     ) in steps:  # 300 s in a lockstep group of 4 runs, then 60 s alone, 40 s in a pair
-        monkeypatch.setattr(experiments, "_device_label", lambda label=label: label)
-        timing = experiments._add_train_time(timing, seconds, group)
+        monkeypatch.setattr(worker, "_device_label", lambda label=label: label)
+        timing = worker._add_train_time(timing, seconds, group)
     assert timing == {
         "train_wall_s": 400.0,
         "train_wall_s_by_device": {"cuda (NVIDIA H100 80GB HBM3)": 300.0, "cpu (AMD EPYC)": 100.0},
         "train_share_s_by_device": {"cuda (NVIDIA H100 80GB HBM3)": 75.0, "cpu (AMD EPYC)": 80.0},
     }
     monkeypatch.undo()  # the real one names this machine
-    assert experiments._device_label().startswith(
-        "cuda (" if torch.cuda.is_available() else "cpu ("
-    )
+    assert worker._device_label().startswith("cuda (" if torch.cuda.is_available() else "cpu (")
 
 
 def test_cli_time_limit(tmp_path, capsys):

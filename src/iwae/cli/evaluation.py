@@ -27,7 +27,6 @@ from iwae.cli.options import (
 )
 from iwae.errors import IwaeError
 from iwae.evaluate import evaluate_ais, evaluate_images
-from iwae.experiments import _cpu_name
 from iwae.report import save_bdmc_plot, save_image_grid
 from iwae.rundir import (
     AIS_FILE,
@@ -48,6 +47,7 @@ from iwae.rundir import (
 )
 from iwae.runlock import locked
 from iwae.train import load_run, pick_device, run_dataset
+from iwae.worker import _cpu_name
 
 #: iwae evaluate --method ais: annealing steps, chains per image, leapfrog steps per HMC transition
 AIS_DEFAULTS = {"steps": 1000, "chains": 16, "leapfrog": 10}
