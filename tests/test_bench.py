@@ -16,19 +16,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_bench_quick(tmp_path):
-    out = tmp_path / "results.json"
+def _bench(script: str, *args: str) -> subprocess.CompletedProcess:
+    """``python bench/SCRIPT ARGS`` on one thread (unless OMP_NUM_THREADS says otherwise);
+    it must exit 0."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "run.py"),
-            "--quick",
-            "--no-pythae",
-            "--out",
-            str(out),
-        ],
+        [sys.executable, str(ROOT / "bench" / script), *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -36,6 +29,13 @@ def test_bench_quick(tmp_path):
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-4000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_bench_quick(tmp_path):
+    out = tmp_path / "results.json"
+    _bench("run.py", "--quick", "--no-pythae", "--out", str(out))
     r = json.loads(out.read_text())
     for key in (
         "train_vs_pythae",
@@ -94,27 +94,10 @@ def test_compare_times_two_checkouts_in_rounds(tmp_path):
     """bench/compare.py against this same checkout (quick, no pythae): each round has both
     arms' three rates, and each summarized ratio is the median of the per-round ratios."""
     out = tmp_path / "compare.json"
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "compare.py"),
-            "--baseline",
-            str(ROOT),
-            "--rounds",
-            "2",
-            "--quick",
-            "--no-pythae",
-            "--out",
-            str(out),
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:]
+    proc = _bench(
+        "compare.py", "--baseline", str(ROOT), "--rounds", "2", "--quick", "--no-pythae",
+        "--out", str(out),
+    )  # fmt: skip
     r = json.loads(out.read_text())
     assert "this_vs_pythae" not in r and len(r["rounds"]) == 2
     assert list(r["rounds"][0]) == ["this", "baseline"]
