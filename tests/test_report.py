@@ -462,7 +462,7 @@ def _likelihood_run(root, name, likelihood, log_px, index, arch="mlp", bits=True
     d.mkdir(parents=True)
     config = {"dataset": "mnist", "likelihood": likelihood, "arch": arch, "layers": 1}
     if arch == "conv":
-        config.update(channels="32,64", latent=50)
+        config.update(channels=[32, 64], latent=[50])  # as config.json records them
     (d / "config.json").write_text(json.dumps(config))
     (d / "summary.json").write_text(json.dumps({"passes": 13, "train_seconds": 1234.4}))
     safetensors.torch.save_file(

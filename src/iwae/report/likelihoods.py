@@ -36,6 +36,11 @@ _DATA = {  # likelihood -> what the model sees of each image
 }
 
 
+def _joined(value) -> str:
+    """A config value as the command line writes it: a list as comma-separated numbers."""
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
 @dataclass
 class LikelihoodRun:
     """One run of ``likelihoods/``: its directory and files as the section reads them."""
@@ -54,7 +59,7 @@ class LikelihoodRun:
         """The architecture in words: the MLP's stochastic layers or the conv net's widths."""
         c = self.config
         if c.get("arch", "mlp") == "conv":
-            return f"conv {c.get('channels')}, latent {c.get('latent') or 50}"
+            return f"conv {_joined(c.get('channels'))}, latent {_joined(c.get('latent') or 50)}"
         layers = c.get("layers", 1)
         return f"MLP, {layers} stochastic layer{'s' if layers != 1 else ''}"
 
