@@ -39,6 +39,9 @@ def _ladder_section(dataset: str, runs: list[RunResult], fig_dir: Path) -> list[
     cells: dict[tuple, list[RunResult]] = {}
     for r in runs:
         cells.setdefault((r.label["layers"], r.label["k"], r.label["objective"]), []).append(r)
+    for layers in {layers for layers, k, _ in cells if k == 1}:  # one objective at k=1
+        pooled = cells.get((layers, 1, "vae"), []) + cells.get((layers, 1, "iwae"), [])
+        cells[(layers, 1, "vae")] = cells[(layers, 1, "iwae")] = pooled
     order = sorted(cells, key=lambda c: (c[0], c[1], c[2] != "vae"))
     sources = sorted(
         {(r.passes or 0, r.run_dir.parent.parent.name) for r in runs if r.run_dir is not None}
@@ -134,6 +137,11 @@ def _ladder_notes(runs: list[RunResult], budgets: list[int], second: bool) -> li
             f"{STAGE_END_MARK} no final evaluation at this budget (yet): −L_{k} at the end of the "
             f"training stage on a seeded random subset of {n:,} test images (`test_nll_subset` in "
             "`metrics.jsonl`)."
+        )
+    if any(r.label["k"] == 1 for r in runs):
+        notes.append(
+            "k=1: VAE and IWAE are one objective (the one-sample ELBO), so both rows show the "
+            "runs of either."
         )
     notes.append("Δ: our latest number minus the paper's (after 3,280 passes).")
     if second:
