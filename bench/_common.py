@@ -143,5 +143,7 @@ def worker_main(phases: dict) -> None:
         "peak_rss_mib": round(peak_rss_mib(), 1),
     }
     result["torch_threads"] = torch.get_num_threads()
+    # glibc's malloc settings this process started with (bench/run.py: REUSE_FREED_MEMORY_ENV)
+    result["malloc_env"] = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
     with open(out_path, "w") as f:
         json.dump(result, f)

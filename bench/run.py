@@ -162,6 +162,14 @@ def default_data_dir() -> str | None:
     return None
 
 
+#: glibc's settings of iwae.runs.reuse_freed_memory (its REUSE_MMAP_THRESHOLD and
+#: REUSE_TRIM_THRESHOLD), as environment variables, which glibc reads when a process starts
+REUSE_FREED_MEMORY_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+    "MALLOC_TRIM_THRESHOLD_": str(512 << 20),
+}
+
+
 class Runner:
     def __init__(self, threads: int, workdir: Path, verbose: bool = True):
         self.threads, self.workdir, self.verbose = threads, workdir, verbose
@@ -176,11 +184,16 @@ class Runner:
         spec = {"threads": self.threads, **spec}  # a phase may ask for its own thread count
         # denormals flushed: iwae's default (every iwae command); pythae's default is torch's, off
         spec.setdefault("flush_denormal", worker == "worker_iwae.py")
+        # freed memory kept for reuse: iwae's default when training on the CPU
+        # (iwae.runs.reuse_freed_memory); pythae's is glibc's
+        spec.setdefault("reuse_freed_memory", worker == "worker_iwae.py")
         spec_path.write_text(json.dumps(spec))
         env = dict(os.environ)
         env.update(
             {"OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"])}
         )
+        if spec["reuse_freed_memory"]:
+            env.update(REUSE_FREED_MEMORY_ENV)
         if worker == "worker_iwae.py":
             src = str(root / "src")
             env["PYTHONPATH"] = src + (
@@ -315,17 +328,22 @@ def main(argv=None) -> int:
                 for j in group
             ]
             r = runner.run(py_iwae, "worker_iwae.py", {**train_spec, "jobs": ours, "label": label})
-            train_ours += [{**x, "memory": r["memory"]} for x in r["results"]]
+            train_ours += [
+                {**x, "memory": r["memory"], "malloc_env": r["malloc_env"]} for x in r["results"]
+            ]
             if use_pythae:
                 g1 = [j for j in group if j["layers"] == 1]
                 if g1:
                     r = runner.run(
                         py_pythae, "worker_pythae.py", {**train_spec, "jobs": g1, "label": label}
                     )
-                    train_pythae += [{**x, "memory": r["memory"]} for x in r["results"]]
+                    train_pythae += [
+                        {**x, "memory": r["memory"], "malloc_env": r["malloc_env"]}
+                        for x in r["results"]
+                    ]
 
         # pythae with denormals flushed too, so that the comparison is honest both ways
-        train_pythae_ftz = []
+        train_pythae_ftz, train_pythae_tuned = [], []
         if use_pythae:
             r = runner.run(
                 py_pythae,
@@ -338,7 +356,30 @@ def main(argv=None) -> int:
                 },
             )
             train_pythae_ftz = [
-                {**x, "memory": r["memory"], "flush_denormal": True} for x in r["results"]
+                {**x, "memory": r["memory"], "malloc_env": r["malloc_env"], "flush_denormal": True}
+                for x in r["results"]
+            ]
+            # and with freed memory kept for reuse as well, as iwae trains on the CPU
+            r = runner.run(
+                py_pythae,
+                "worker_pythae.py",
+                {
+                    **train_spec,
+                    "jobs": [{"layers": 1, "k": 50, "batch": 20}],
+                    "flush_denormal": True,
+                    "reuse_freed_memory": True,
+                    "label": "L1 k=50 B=20 flushed, freed memory reused",
+                },
+            )
+            train_pythae_tuned = [
+                {
+                    **x,
+                    "memory": r["memory"],
+                    "malloc_env": r["malloc_env"],
+                    "flush_denormal": True,
+                    "reuse_freed_memory": True,
+                }
+                for x in r["results"]
             ]
         ftz = None
         if data_dir is not None:  # needs real MNIST: a model trained for a pass
@@ -495,6 +536,9 @@ def main(argv=None) -> int:
         "train_vs_pythae_ftz": ratio(
             ours50["examples_per_s"], train_pythae_ftz and train_pythae_ftz[0]["examples_per_s"]
         ),
+        "train_vs_pythae_tuned": ratio(
+            ours50["examples_per_s"], train_pythae_tuned and train_pythae_tuned[0]["examples_per_s"]
+        ),
         "ftz_speedup_k50": ftz and ftz["ftz_speedup_k50"],
         "lockstep_speedup": {k: v["lockstep_speedup"] for k, v in lockstep["by_k"].items()},
         "grid_speedup": grid and grid["grid_speedup"],
@@ -540,6 +584,7 @@ def main(argv=None) -> int:
             "iwae": train_ours,
             "pythae": train_pythae or None,
             "pythae_flushed": train_pythae_ftz or None,
+            "pythae_tuned": train_pythae_tuned or None,
             "note": (
                 "iwae: iwae.train.train_step with iwae.train.adam, as iwae.train.train runs it; "
                 "pythae: BaseTrainer.train_step's body"
@@ -593,7 +638,7 @@ def print_table(r: dict) -> None:
     )
     print(
         "\nTRAINING (IWAE, Adam)       iwae ex/s   pythae ex/s   ratio   iwae GFLOP/s  roofline  "
-        "peak RSS MiB (iwae/pythae)  threads (iwae/pythae)"
+        "peak RSS MiB (iwae/pythae)  threads (iwae/pythae)  iwae precision"
     )
     py = {(x["layers"], x["k"], x["batch"]): x for x in (r["train"]["pythae"] or [])}
     for x in r["train"]["iwae"]:
@@ -605,7 +650,8 @@ def print_table(r: dict) -> None:
             f"{x['examples_per_s']:9.0f}   {_fmt(y and y['examples_per_s'], '11.0f'):>11}   "
             f"{ratio:>5}   {x['gflops']:10.1f}   {x['roofline_fraction']:7.1%}   "
             f"{x['memory']['peak_rss_mib']:.0f}/{rss_pythae:<9}  "
-            f"{x.get('threads', '-')}/{y.get('threads', '-') if y else '-'}"
+            f"{x.get('threads', '-')}/{y.get('threads', '-') if y else '-':<20} "
+            f"{x.get('precision', 'fp32')}"
         )
     print(
         f"\nEVALUATION (k={r['eval']['k']})      iwae img/s  (10k in s)   "
@@ -665,6 +711,11 @@ def print_table(r: dict) -> None:
     pf = (r["train"].get("pythae_flushed") or [None])[0]
     if pf:
         print(f"pythae L1 k=50 batch=20 with denormals flushed: {pf['examples_per_s']:.0f} ex/s")
+    pt = (r["train"].get("pythae_tuned") or [None])[0]
+    if pt:
+        print(
+            f"pythae L1 k=50 batch=20 flushed, freed memory reused: {pt['examples_per_s']:.0f} ex/s"
+        )
     print(
         "\nRATIOS: "
         + ", ".join(
@@ -672,6 +723,7 @@ def print_table(r: dict) -> None:
             for k in (
                 "train_vs_pythae",
                 "train_vs_pythae_ftz",
+                "train_vs_pythae_tuned",
                 "train_k5_vs_pythae",
                 "eval_vs_pythae",
                 "ftz_speedup_k50",

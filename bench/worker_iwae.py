@@ -39,6 +39,7 @@ from iwae.precision import (  # noqa: E402
     BF16_CPU_FLAGS,
     BF16_MARGIN,
     cpu_flags,
+    decide,
     measure,
     native_bf16,
     step_context,
@@ -190,6 +191,16 @@ def make_train_step(
     return step, state
 
 
+def default_precision(layers: int, k: int, batch: int, pixel_mean) -> tuple[str, dict | None]:
+    """The precision ``iwae train`` trains IWAE of this shape in on this machine by default:
+    TrainConfig's default ``precision``, with auto decided as a run decides it
+    (iwae.precision.decide); and what auto measured (None where it did not decide)."""
+    config = TrainConfig(objective="iwae", k=k, batch_size=batch, layers=layers)
+    model = VAE(ModelConfig.preset(layers), pixel_mean=pixel_mean)
+    config, measured = decide(config, model, None, "cpu")
+    return config.precision, measured
+
+
 def phase_train(spec) -> dict:
     train_x, _, pixel_mean = load_data(spec)
     t = spec["timing"]
@@ -198,7 +209,10 @@ def phase_train(spec) -> dict:
         torch.set_num_threads(
             int(job.get("threads") or spec["threads"])
         )  # --iwae-threads auto: per configuration
-        step, state = make_train_step(job["layers"], job["k"], job["batch"], train_x, pixel_mean)
+        precision, measured = default_precision(job["layers"], job["k"], job["batch"], pixel_mean)
+        step, state = make_train_step(
+            job["layers"], job["k"], job["batch"], train_x, pixel_mean, precision=precision
+        )
         timing = time_steps(step, t["warmup_steps"], t["warmup_s"], t["repeats"], t["min_s"])
         bound = state["bound_sum"].item()
         if not math.isfinite(bound):
@@ -210,6 +224,8 @@ def phase_train(spec) -> dict:
                 "best_examples_per_s": timing["best_steps_per_s"] * job["batch"],
                 "timing": timing,
                 "threads": torch.get_num_threads(),
+                "precision": precision,
+                "precision_measured": measured,
             }
         )
     return {"results": results}

@@ -63,6 +63,7 @@ def test_bench_quick(tmp_path):
         )
         assert r["ftz_speedup_k50"] > 0 and r["ftz"]["warm_pass_seconds"] > 0
     assert r["train_vs_pythae_ftz"] is None  # --no-pythae
+    assert r["train_vs_pythae_tuned"] is None
     assert set(r["lockstep_speedup"]) == {"1", "5", "50"} and all(
         v > 0 for v in r["lockstep_speedup"].values()
     )

@@ -59,7 +59,7 @@ from iwae.rundir import (
 )
 from iwae.runlock import lead_process, locked
 from iwae.runlog import log_pass, log_stage, pass_record, stage_bar, stage_nll, test_bounds
-from iwae.runs import Run, open_run
+from iwae.runs import Run, open_run, reuse_freed_memory
 
 #: steps between host reads of the non-finite-step count (the count itself stays on the device)
 GUARD_EVERY = 100
@@ -267,7 +267,10 @@ def train_group(group: Group, progress: bool) -> list[dict]:
     """The remaining passes of ``group``, each followed by its metrics lines, the stage-end
     weights and the checkpoints due; returns the runs' summaries. SIGINT and SIGTERM are
     deferred meanwhile (:func:`iwae.interrupts.deferred`): training stops at the step
-    in progress, checkpointed. A failed write stops it too (:func:`write_failed`)."""
+    in progress, checkpointed. A failed write stops it too (:func:`write_failed`). On the
+    CPU, the memory of each step's tensors is kept for the next (:func:`reuse_freed_memory`)."""
+    if group.first.train_x.device.type == "cpu":
+        reuse_freed_memory()
     try:
         with interrupts.deferred():
             records = _train_passes(group, progress)

@@ -84,6 +84,7 @@ from iwae.runs import (
     flush_denormals,
     load_run,
     pick_device,
+    reuse_freed_memory,
     run_dataset,
     use_cuda_graphs,
 )
@@ -123,6 +124,7 @@ __all__ = [
     "pick_device",
     "prepare_run_dir",
     "read_config_file",
+    "reuse_freed_memory",
     "read_evaluation_images",
     "read_json",
     "read_metrics",
