@@ -58,11 +58,20 @@ def _rate(result: dict, phase: str) -> float:
     return result["results"][0]["examples_per_s"] if phase == "train" else result["images_per_s"]
 
 
+def reuses_freed_memory(root: Path) -> bool:
+    """Whether the checkout at ``root`` keeps freed memory for reuse when it trains on the CPU
+    (iwae.runs.reuse_freed_memory): its workers then start with that setting, as it trains;
+    an older checkout's with glibc's defaults, as it trained."""
+    runs = root / "src" / "iwae" / "runs.py"
+    return runs.exists() and "def reuse_freed_memory(" in runs.read_text()
+
+
 def _measure(runner: Runner, arm: dict, base: dict, quick: bool) -> dict[str, float]:
     """One arm's three rates, measured one after another (``quick``: tiny timings)."""
     rates = {}
     for key, phase, spec in MEASURES:
         spec = {**base, **spec, "phase": phase, "label": f"{arm['name']} {key}"}
+        spec["reuse_freed_memory"] = arm["reuse_freed_memory"]
         if phase == "train":
             spec["timing"] = (QUICK if quick else FULL)["timing"]
         else:
@@ -111,6 +120,7 @@ def main(argv=None) -> int:
     for arm in arms:
         arm.setdefault("python", sys.executable)
         arm["worker"] = f"worker_{arm['kind']}.py"
+        arm["reuse_freed_memory"] = arm["kind"] == "iwae" and reuses_freed_memory(arm["root"])
     started, load = time.perf_counter(), list(os.getloadavg())
     names = ", ".join(["this checkout", str(baseline), *(["pythae"] if len(arms) == 3 else [])])
     print(f"iwae A/B: {names}; {threads} thread(s), {cpu_model()}")

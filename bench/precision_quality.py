@@ -25,6 +25,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
+from iwae.report.claims import paired_images  # noqa: E402
 from iwae.rundir import (  # noqa: E402
     CONFIG_FILE,
     EVALUATION_FILE,
@@ -61,11 +62,9 @@ def read_pairs(runs_dir: Path) -> dict[int, dict[str, Path]]:
 
 def paired_difference(fp32: Path, bf16: Path) -> dict:
     """NLL(bf16) − NLL(fp32) over the test images both runs were evaluated on."""
-    a, b = read_evaluation_images(fp32), read_evaluation_images(bf16)
-    common, ia, ib = np.intersect1d(
-        a["test_index"].numpy(), b["test_index"].numpy(), return_indices=True
-    )
-    d = a["log_px"].double().numpy()[ia] - b["log_px"].double().numpy()[ib]
+    a, b = (read_evaluation_images(p) for p in (fp32, bf16))
+    # log p_fp32 - log p_bf16 = NLL_bf16 - NLL_fp32
+    d = paired_images(*((t["test_index"].numpy(), t["log_px"].numpy()) for t in (b, a)))
     seconds = [
         (read_json(p / SUMMARY_FILE, required=False) or {}).get("train_seconds")
         for p in (fp32, bf16)
@@ -75,9 +74,9 @@ def paired_difference(fp32: Path, bf16: Path) -> dict:
         "bf16_run": bf16.name,
         "fp32_nll": float(read_json(fp32 / EVALUATION_FILE)["nll"]),
         "bf16_nll": float(read_json(bf16 / EVALUATION_FILE)["nll"]),
-        "images": len(common),
-        "diff": float(d.mean()),
-        "diff_se": float(d.std(ddof=1) / math.sqrt(len(d))),
+        "images": d.n,
+        "diff": d.diff,
+        "diff_se": d.se,
         "fp32_train_seconds": seconds[0],
         "bf16_train_seconds": seconds[1],
         "bf16_speedup": seconds[0] / seconds[1] if all(seconds) else None,

@@ -118,7 +118,7 @@ def run_precision(args, cfg: dict, data_dir: str | None) -> int:
     training steps (:data:`PRECISION`), with the CPU's model name; writes ``--out``."""
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="iwae-bench-") as tmp:
-        runner = Runner(PRECISION["threads"], Path(tmp))
+        runner = Runner(PRECISION["threads"], Path(tmp), iwae_malloc=args.iwae_malloc)
         spec = {
             "phase": "precision",
             "label": "fp32 vs bf16",
@@ -137,6 +137,7 @@ def run_precision(args, cfg: dict, data_dir: str | None) -> int:
         "lscpu_model_name": lscpu_model_name(),
         "load_average": os.getloadavg(),
         "quick": args.quick,
+        "iwae_malloc": args.iwae_malloc,
         **r,
         "total_seconds": round(time.perf_counter() - started, 1),
     }
@@ -171,8 +172,15 @@ REUSE_FREED_MEMORY_ENV = {
 
 
 class Runner:
-    def __init__(self, threads: int, workdir: Path, verbose: bool = True):
+    """Runs benchmark workers, one process each. ``iwae_malloc``: "reuse" (iwae's own
+    setting when it trains on the CPU, :data:`REUSE_FREED_MEMORY_ENV`) or "glibc" (glibc's
+    defaults) for iwae's workers; pythae's run at glibc's defaults unless a spec says."""
+
+    def __init__(
+        self, threads: int, workdir: Path, verbose: bool = True, iwae_malloc: str = "reuse"
+    ):
         self.threads, self.workdir, self.verbose = threads, workdir, verbose
+        self.iwae_malloc = iwae_malloc
         self.count = 0
 
     def run(self, python: str, worker: str, spec: dict, root: Path = ROOT) -> dict:
@@ -186,7 +194,9 @@ class Runner:
         spec.setdefault("flush_denormal", worker == "worker_iwae.py")
         # freed memory kept for reuse: iwae's default when training on the CPU
         # (iwae.runs.reuse_freed_memory); pythae's is glibc's
-        spec.setdefault("reuse_freed_memory", worker == "worker_iwae.py")
+        spec.setdefault(
+            "reuse_freed_memory", worker == "worker_iwae.py" and self.iwae_malloc == "reuse"
+        )
         spec_path.write_text(json.dumps(spec))
         env = dict(os.environ)
         env.update(
@@ -263,6 +273,14 @@ def main(argv=None) -> int:
         choices=("precision",),
         help="run this phase alone: precision = fp32 against bf16 training steps (1 thread)",
     )
+    p.add_argument(
+        "--iwae-malloc",
+        choices=("reuse", "glibc"),
+        default="reuse",
+        help="iwae's workers start with freed memory kept for reuse, as iwae trains on the CPU "
+        "(reuse, the default), or with glibc's defaults (glibc: to measure what that setting "
+        "is worth)",
+    )
     p.add_argument("--out", default=str(HERE / "results.json"))
     args = p.parse_args(argv)
 
@@ -281,7 +299,7 @@ def main(argv=None) -> int:
     py_iwae, py_pythae = sys.executable, args.pythae_python
 
     with tempfile.TemporaryDirectory(prefix="iwae-bench-") as tmp:
-        runner = Runner(threads, Path(tmp))
+        runner = Runner(threads, Path(tmp), iwae_malloc=args.iwae_malloc)
         data_file = str(Path(tmp) / "data.npz")
         base = {"data_file": data_file}
         print(
@@ -558,6 +576,7 @@ def main(argv=None) -> int:
             "cpu_count": os.cpu_count(),
             "threads": threads,
             "iwae_train_threads": args.iwae_threads,
+            "iwae_malloc": args.iwae_malloc,
             "device": args.device,
             "torch_threads_in_workers": meta["torch_threads"],
             "data": meta["data"],

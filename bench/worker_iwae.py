@@ -209,7 +209,11 @@ def phase_train(spec) -> dict:
         torch.set_num_threads(
             int(job.get("threads") or spec["threads"])
         )  # --iwae-threads auto: per configuration
-        precision, measured = default_precision(job["layers"], job["k"], job["batch"], pixel_mean)
+        precision, measured = job.get("precision"), None  # a job may name its own
+        if precision is None:
+            precision, measured = default_precision(
+                job["layers"], job["k"], job["batch"], pixel_mean
+            )
         step, state = make_train_step(
             job["layers"], job["k"], job["batch"], train_x, pixel_mean, precision=precision
         )

@@ -23,6 +23,7 @@ from iwae.report import (
     curves_figure,
     evaluated_images,
     load_experiment,
+    paired_images,
     paired_margin,
     write_report,
 )
@@ -169,6 +170,15 @@ def test_verdicts_need_two_standard_errors():
         claim_verdict(Margin(0.01), expect=1) == HOLDS
         and claim_verdict(Margin(-0.01), expect=1) == FAILS
     )
+
+
+def test_paired_images_differ_b_minus_a_on_common_images():
+    a = (np.array([0, 2, 5, 9]), np.array([1.0, 2.0, 3.0, 4.0]))
+    b = (np.array([5, 0, 2, 7]), np.array([6.0, 2.0, 2.0, 100.0]))  # 0, 2, 5 in common
+    m = paired_images(a, b)  # differences 1, 0, 3
+    assert m.n == 3 and m.diff == pytest.approx(4 / 3)
+    assert m.se == pytest.approx(math.sqrt(((1 / 3) ** 2 + (4 / 3) ** 2 + (5 / 3) ** 2) / 2 / 3))
+    assert paired_images(a, (np.array([2, 11]), np.array([0.0, 0.0]))) is None  # one in common
 
 
 def test_paired_margin_matches_images_by_test_index(tmp_path):

@@ -23,6 +23,7 @@ from iwae.report.claims import (
     PER_IMAGE,
     Margin,
     claim_verdict,
+    paired_images,
     paired_margin,
 )
 from iwae.report.ladder import ladder_sections
@@ -65,6 +66,7 @@ __all__ = [
     "evaluated_images",
     "likelihoods_section",
     "load_experiment",
+    "paired_images",
     "paired_margin",
     "paper_tables",
     "plot_toy",

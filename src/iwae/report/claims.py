@@ -1,7 +1,8 @@
 """The papers' statements checked on our runs: the margin b − a between two models with its
-paired standard error over common test images (:func:`paired_margin`), a verdict that needs
-two standard errors (:func:`claim_verdict`), and the claims of each experiment as report
-lines (:func:`table1_claims`, :func:`two_stage_claims`, :func:`variants_claims`)."""
+paired standard error over common test images (:func:`paired_margin`; of any two per-image
+tables, :func:`paired_images`), a verdict that needs two standard errors
+(:func:`claim_verdict`), and the claims of each experiment as report lines
+(:func:`table1_claims`, :func:`two_stage_claims`, :func:`variants_claims`)."""
 
 from __future__ import annotations
 
@@ -56,6 +57,19 @@ def _cell_images(runs: list[RunResult], key: str) -> tuple[np.ndarray, np.ndarra
     return common, np.mean(values, axis=0)
 
 
+def paired_images(
+    a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]
+) -> Margin | None:
+    """b − a over the test images both were evaluated on: ``a`` and ``b`` are (test index,
+    per-image value); the mean of the per-image differences with its paired standard error
+    (std / sqrt(n)), in float64; None where they share fewer than two images."""
+    common, ia, ib = np.intersect1d(a[0], b[0], assume_unique=True, return_indices=True)
+    if len(common) < 2:
+        return None
+    d = np.asarray(b[1], dtype=np.float64)[ib] - np.asarray(a[1], dtype=np.float64)[ia]
+    return Margin(float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))), len(d))
+
+
 def paired_margin(a: list[RunResult], b: list[RunResult], key: str) -> Margin | None:
     """b − a in ``key`` (a quantity of :data:`PER_IMAGE`): paired over the test images both
     were evaluated on where both have per-image values, else the difference of their
@@ -63,11 +77,9 @@ def paired_margin(a: list[RunResult], b: list[RunResult], key: str) -> Margin | 
     if not a or not b:
         return None
     pa, pb = _cell_images(a, key), _cell_images(b, key)
-    if pa is not None and pb is not None:
-        common, ia, ib = np.intersect1d(pa[0], pb[0], assume_unique=True, return_indices=True)
-        if len(common) > 1:
-            d = pb[1][ib] - pa[1][ia]
-            return Margin(float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))), len(d))
+    paired = paired_images(pa, pb) if pa is not None and pb is not None else None
+    if paired is not None:
+        return paired
     same = len({images_kind(r) for r in a + b}) == 1
     return Margin(
         mean_of([r.evaluation[key] for r in b]) - mean_of([r.evaluation[key] for r in a]),

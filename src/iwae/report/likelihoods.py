@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iwae.report.claims import Margin
+from iwae.report.claims import Margin, paired_images
 from iwae.report.results import read_json_or_none
 from iwae.rundir import (
     CONFIG_FILE,
@@ -94,11 +94,7 @@ def nll_margin(a: LikelihoodRun, b: LikelihoodRun) -> Margin | None:
     pa, pb = a.log_px(), b.log_px()
     if pa is None or pb is None:
         return None
-    common, ia, ib = np.intersect1d(pa[0], pb[0], assume_unique=True, return_indices=True)
-    if len(common) < 2:
-        return None
-    d = pa[1][ia] - pb[1][ib]  # -log p_b + log p_a
-    return Margin(float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))), len(d))
+    return paired_images(pb, pa)  # log p_a - log p_b = NLL_b - NLL_a
 
 
 def likelihoods_section(directory: Path) -> list[str]:
