@@ -276,6 +276,17 @@ def test_a_resumed_auto_run_keeps_its_precision(tmp_path, monkeypatch):
     assert (old.precision, old.precision_requested) == ("fp32", None)
 
 
+def test_auto_is_the_default_everywhere(capsys):
+    """TrainConfig, and so iwae.fit, iwae train and iwae reproduce, default to auto."""
+    assert TrainConfig().precision == "auto" and TrainConfig().precision_requested is None
+    for command in ("train", "reproduce"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "evaluation is always fp32 (default: auto)" in " ".join(
+            capsys.readouterr().out.split()
+        )
+
+
 def test_decide_without_auto_and_with_models_it_cannot_split(monkeypatch):
     """fp32 and bf16 are taken as asked (nothing measured); a model not built on
     GaussianLatentModel trains in fp32 under auto and is refused bf16; bad values are refused."""

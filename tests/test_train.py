@@ -50,7 +50,17 @@ def synthetic(n=400, seed=0) -> Dataset:
 
 
 def small_config(**kw) -> TrainConfig:
-    base = dict(objective="iwae", k=3, stages=3, model=SMALL_MODEL, eval_n=50, eval_every=2)
+    """A tiny run in fp32, the numbers of which do not hang on a timing (the default, auto,
+    times both precisions: tests/test_precision.py)."""
+    base = dict(
+        objective="iwae",
+        k=3,
+        stages=3,
+        model=SMALL_MODEL,
+        eval_n=50,
+        eval_every=2,
+        precision="fp32",
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -495,6 +505,8 @@ def test_torchrun_two_processes_match_one(shared_data_dir, tmp_path, objective):
         "310",
         "--eval-n",
         "50",
+        "--precision",
+        "fp32",  # auto is fp32 under torchrun, and may be bf16 in one process
         "--data-dir",
         str(shared_data_dir),
         "--quiet",

@@ -66,7 +66,7 @@ def fit(
     ``options``: any other key of :class:`iwae.config.TrainConfig` (``batch_size``, ``lr``,
     ``seed``, ``estimator``, ``m``, ``beta``, ``layers``/``latent``/``hidden``, ``likelihood``
     (``gaussian_scale``), ``arch`` and ``channels`` for the built-in models, ``eval_every``,
-    ``stage_nll_k``, ``precision`` = "fp32" (default), "bf16" or "auto"
+    ``stage_nll_k``, ``precision`` = "auto" (default), "fp32" or "bf16"
     (:mod:`iwae.precision`), ...). ``objective_params``: keyword
     arguments of a bound named in code.
 

@@ -257,7 +257,12 @@ def open_run(
     train_x, test_x = _images(config, dataset, dev)
     model, optimizer, generator = _fresh_state(config, train_x, dev, graphs, model)
     measured = None
-    if not resume:  # a resumed run trains in the precision its config.json records
+    if resume:  # a resumed run trains in the precision its config.json records
+        recorded = load_config(out)
+        config = config.replace(
+            precision=recorded.precision, precision_requested=recorded.precision_requested
+        )
+    else:
         config, measured = decide_precision(config, model, objective, dev, shard)
     state, pass_start_rng = Progress(), None
     if resume:

@@ -244,7 +244,7 @@ def add_time_limit(parser: argparse.ArgumentParser, continued_by: str, note: str
 
 def add_precision(p: argparse.ArgumentParser) -> None:
     """``--precision``: the arithmetic of the networks in training steps (:mod:`iwae.precision`);
-    not given: the configuration's (fp32)."""
+    not given: the configuration's (auto)."""
     p.add_argument(
         "--precision",
         choices=PRECISIONS,
@@ -253,5 +253,5 @@ def add_precision(p: argparse.ArgumentParser) -> None:
         "bfloat16 autocast; log-weights, bounds and Adam in float32), or auto: bf16 where the "
         "hardware has it natively (AVX512-BF16 or AMX, a GPU) and a timing of both on the run's "
         "model shape at the start finds it faster. The run records the precision used and "
-        "resumes in it; evaluation is always fp32 (default: fp32)",
+        "resumes in it; evaluation is always fp32 (default: auto)",
     )

@@ -334,12 +334,16 @@ def read_config_file(path: str | Path) -> dict:
 
 
 def load_config(run_dir: str | Path) -> TrainConfig:
-    """The configuration of the run directory ``run_dir`` (its ``config.json``)."""
+    """The configuration of the run directory ``run_dir`` (its ``config.json``). A run
+    recorded before runs recorded their precision trained in fp32, and says so here."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunDirError(f"run directory {run_dir} does not exist")
     try:
-        return TrainConfig.from_dict(read_json(run_dir / CONFIG_FILE))
+        keys = read_json(run_dir / CONFIG_FILE)
+        if isinstance(keys, dict):
+            keys.setdefault("precision", "fp32")
+        return TrainConfig.from_dict(keys)
     except RunDirError:
         raise
     except IwaeError as e:

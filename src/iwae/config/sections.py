@@ -318,9 +318,9 @@ class OptimizerSection:
     """Adam (Burda et al.: lr 1e-3, betas 0.9 and 0.999, eps 1e-4) on batches of
     ``batch_size``; training stops after ``max_bad_steps`` consecutive skipped steps.
     ``precision``: the networks' arithmetic in training steps (:mod:`iwae.precision`): fp32,
-    bf16, or auto until a run starts, which records the precision it decided on here and
-    ``precision_requested`` auto (None: the precision was asked for as it is; a config.json
-    without either key: fp32)."""
+    bf16, or auto (the default) until a run starts, which records the precision it decided on
+    here and ``precision_requested`` auto (None: the precision was asked for as it is; a
+    run's config.json without either key: fp32, :func:`iwae.config.load_config`)."""
 
     batch_size: int = 20
     lr: float = 1e-3
@@ -328,7 +328,7 @@ class OptimizerSection:
     beta2: float = 0.999
     adam_eps: float = 1e-4
     max_bad_steps: int = 20
-    precision: str = "fp32"
+    precision: str = "auto"
     precision_requested: str | None = None
 
     def __post_init__(self):
