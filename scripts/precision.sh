@@ -5,7 +5,8 @@
 # NLL), each then evaluated with `iwae evaluate --k 5000` on the whole test set. One thread
 # per process. A run with its evaluation.json is skipped; an interrupted one continues from
 # its checkpoint. Then `python bench/precision_quality.py results/precision` compares them.
-#   bash scripts/precision.sh DATA_DIR [SEED ...]
+# PRECISIONS="fp32" or "bf16" runs one precision only (two processes, one a precision each).
+#   [PRECISIONS="fp32 bf16"] bash scripts/precision.sh DATA_DIR [SEED ...]
 set -euo pipefail
 if [ $# -lt 1 ]; then
     echo "usage: bash scripts/precision.sh DATA_DIR [SEED ...]   (DATA_DIR holds mnist/)" >&2
@@ -18,7 +19,7 @@ mkdir -p "$(dirname "$0")/../results/precision"
 cd "$(dirname "$0")/../results/precision"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 for seed in "${seeds[@]}"; do
-    for precision in fp32 bf16; do
+    for precision in ${PRECISIONS:-fp32 bf16}; do
         name=mnist-l1-iwae-k50-$precision-s$seed
         if [ -f "$name/evaluation.json" ]; then echo "skip $name (done)"; continue; fi
         if [ -f "$name/checkpoint.safetensors" ]; then
