@@ -60,10 +60,10 @@ def _rate(result: dict, phase: str) -> float:
 
 def reuses_freed_memory(root: Path) -> bool:
     """Whether the checkout at ``root`` keeps freed memory for reuse when it trains on the CPU
-    (iwae.runs.reuse_freed_memory): its workers then start with that setting, as it trains;
-    an older checkout's with glibc's defaults, as it trained."""
-    runs = root / "src" / "iwae" / "runs.py"
-    return runs.exists() and "def reuse_freed_memory(" in runs.read_text()
+    (iwae.memory.reuse_freed_memory, first in iwae.runs): its workers then start with that
+    setting, as it trains; an older checkout's with glibc's defaults, as it trained."""
+    sources = (root / "src" / "iwae" / name for name in ("memory.py", "runs.py"))
+    return any(p.exists() and "def reuse_freed_memory(" in p.read_text() for p in sources)
 
 
 def _measure(runner: Runner, arm: dict, base: dict, quick: bool) -> dict[str, float]:

@@ -163,7 +163,7 @@ def default_data_dir() -> str | None:
     return None
 
 
-#: glibc's settings of iwae.runs.reuse_freed_memory (its REUSE_MMAP_THRESHOLD and
+#: glibc's settings of iwae.memory.reuse_freed_memory (its REUSE_MMAP_THRESHOLD and
 #: REUSE_TRIM_THRESHOLD), as environment variables, which glibc reads when a process starts
 REUSE_FREED_MEMORY_ENV = {
     "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
@@ -193,7 +193,7 @@ class Runner:
         # denormals flushed: iwae's default (every iwae command); pythae's default is torch's, off
         spec.setdefault("flush_denormal", worker == "worker_iwae.py")
         # freed memory kept for reuse: iwae's default when training on the CPU
-        # (iwae.runs.reuse_freed_memory); pythae's is glibc's
+        # (iwae.memory.reuse_freed_memory); pythae's is glibc's
         spec.setdefault(
             "reuse_freed_memory", worker == "worker_iwae.py" and self.iwae_malloc == "reuse"
         )

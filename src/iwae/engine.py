@@ -46,6 +46,7 @@ from iwae.cudagraph import GraphedSteps
 from iwae.distributed import barrier
 from iwae.errors import Interrupted, IwaeError, TimeLimitReached, TrainingStopped
 from iwae.latent import LatentVariableModel
+from iwae.memory import reuse_freed_memory
 from iwae.optim import set_lr, train_step
 from iwae.precision import step_context, summary_record
 from iwae.rundir import (
@@ -59,7 +60,7 @@ from iwae.rundir import (
 )
 from iwae.runlock import lead_process, locked
 from iwae.runlog import log_pass, log_stage, pass_record, stage_bar, stage_nll, test_bounds
-from iwae.runs import Run, open_run, reuse_freed_memory
+from iwae.runs import Run, open_run
 
 #: steps between host reads of the non-finite-step count (the count itself stays on the device)
 GUARD_EVERY = 100
@@ -268,7 +269,8 @@ def train_group(group: Group, progress: bool) -> list[dict]:
     weights and the checkpoints due; returns the runs' summaries. SIGINT and SIGTERM are
     deferred meanwhile (:func:`iwae.interrupts.deferred`): training stops at the step
     in progress, checkpointed. A failed write stops it too (:func:`write_failed`). On the
-    CPU, the memory of each step's tensors is kept for the next (:func:`reuse_freed_memory`)."""
+    CPU, the memory of each step's tensors is kept for the next
+    (:func:`iwae.memory.reuse_freed_memory`)."""
     if group.first.train_x.device.type == "cpu":
         reuse_freed_memory()
     try:

@@ -27,6 +27,7 @@ from iwae.bounds import Objective
 from iwae.errors import IwaeError
 from iwae.latent import LatentVariableModel, gaussian_rsample
 from iwae.likelihoods import bits_per_dim
+from iwae.memory import reuse_freed_memory
 from iwae.progress import progress_bar
 
 #: (example, sample) rows alive at once. Each [rows, 784] float32 buffer (12.8 MB) stays
@@ -98,10 +99,13 @@ def log_weight_reductions(
     """Per-example L_k, L_{k_small} (first k_small samples) and mean log-weight, each [N].
 
     Deterministic given ``seed`` (and ``max_rows``; None: :func:`default_max_rows` of the
-    device of ``x``).
+    device of ``x``). On the CPU the memory of each chunk's tensors is kept for the next
+    (:func:`iwae.memory.reuse_freed_memory`).
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    if x.device.type == "cpu":
+        reuse_freed_memory()
     max_rows = max_rows or default_max_rows(x.device)
     generator = torch.Generator(device=x.device).manual_seed(seed)
     k_small = min(k_small, k)
@@ -375,8 +379,12 @@ def evaluate_ais(
       standard error;
     - ``ais_steps``, ``chains``, ``hmc_leapfrog``, ``ais_init``, ``n_test``, ``ais_seconds``;
     - for 8-bit data (logistic-256), ``bits_per_dim``: -log_px_ais / (D ln 2).
+
+    On the CPU the memory of freed tensors is kept for reuse (:mod:`iwae.memory`).
     """
     _check_test_images(model, x)
+    if x.device.type == "cpu":
+        reuse_freed_memory()
     reference = _reference_log_px(model, x, reference, k, seed, max_rows, progress)
     started = time.perf_counter()
     r = forward_ais(

@@ -56,6 +56,7 @@ from iwae.lockstep import (
     settle_group_checkpoint,
     train_lockstep,
 )
+from iwae.memory import reuse_freed_memory
 from iwae.optim import adam, learning_rate, set_lr, train_step
 from iwae.rundir import (
     CONFIG_FILE,
@@ -84,7 +85,6 @@ from iwae.runs import (
     flush_denormals,
     load_run,
     pick_device,
-    reuse_freed_memory,
     run_dataset,
     use_cuda_graphs,
 )
