@@ -216,10 +216,11 @@ def test_native_bf16_reads_the_cpu_flags(monkeypatch):
     [
         (True, {"fp32": 2.0, "bf16": 1.0}, "bf16"),
         (True, {"fp32": 1.0, "bf16": 2.0}, "fp32"),
-        (True, {"fp32": 1.0, "bf16": 0.97}, "fp32"),  # within the margin: not faster enough
+        (True, {"fp32": 1.0, "bf16": 0.85}, "fp32"),  # within the margin: not faster enough
+        (True, {"fp32": 1.0, "bf16": 0.75}, "bf16"),
         (False, None, "fp32"),
     ],
-    ids=["bf16-faster", "bf16-slower", "bf16-marginal", "not-native"],
+    ids=["bf16-faster", "bf16-slower", "bf16-marginal", "bf16-past-the-margin", "not-native"],
 )
 def test_auto_chooses_by_the_measurement_and_records_it(
     tmp_path, monkeypatch, native, times, chosen
