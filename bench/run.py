@@ -171,6 +171,13 @@ REUSE_FREED_MEMORY_ENV = {
 }
 
 
+def worker_rows(result: dict, **extra) -> list[dict]:
+    """A training worker's rows, each with the worker's ``memory`` and ``malloc_env`` and
+    the settings ``extra`` it ran with."""
+    keep = {"memory": result["memory"], "malloc_env": result["malloc_env"], **extra}
+    return [{**x, **keep} for x in result["results"]]
+
+
 class Runner:
     """Runs benchmark workers, one process each. ``iwae_malloc``: "reuse" (iwae's own
     setting when it trains on the CPU, :data:`REUSE_FREED_MEMORY_ENV`) or "glibc" (glibc's
@@ -346,19 +353,14 @@ def main(argv=None) -> int:
                 for j in group
             ]
             r = runner.run(py_iwae, "worker_iwae.py", {**train_spec, "jobs": ours, "label": label})
-            train_ours += [
-                {**x, "memory": r["memory"], "malloc_env": r["malloc_env"]} for x in r["results"]
-            ]
+            train_ours += worker_rows(r)
             if use_pythae:
                 g1 = [j for j in group if j["layers"] == 1]
                 if g1:
                     r = runner.run(
                         py_pythae, "worker_pythae.py", {**train_spec, "jobs": g1, "label": label}
                     )
-                    train_pythae += [
-                        {**x, "memory": r["memory"], "malloc_env": r["malloc_env"]}
-                        for x in r["results"]
-                    ]
+                    train_pythae += worker_rows(r)
 
         # pythae with denormals flushed too, so that the comparison is honest both ways
         train_pythae_ftz, train_pythae_tuned = [], []
@@ -373,10 +375,7 @@ def main(argv=None) -> int:
                     "label": "L1 k=50 B=20 flushed",
                 },
             )
-            train_pythae_ftz = [
-                {**x, "memory": r["memory"], "malloc_env": r["malloc_env"], "flush_denormal": True}
-                for x in r["results"]
-            ]
+            train_pythae_ftz = worker_rows(r, flush_denormal=True)
             # and with freed memory kept for reuse as well, as iwae trains on the CPU
             r = runner.run(
                 py_pythae,
@@ -389,16 +388,7 @@ def main(argv=None) -> int:
                     "label": "L1 k=50 B=20 flushed, freed memory reused",
                 },
             )
-            train_pythae_tuned = [
-                {
-                    **x,
-                    "memory": r["memory"],
-                    "malloc_env": r["malloc_env"],
-                    "flush_denormal": True,
-                    "reuse_freed_memory": True,
-                }
-                for x in r["results"]
-            ]
+            train_pythae_tuned = worker_rows(r, flush_denormal=True, reuse_freed_memory=True)
         ftz = None
         if data_dir is not None:  # needs real MNIST: a model trained for a pass
             ftz = runner.run(

@@ -158,3 +158,17 @@ def test_precision_quality_pairs_seeds_and_images(tmp_path, capsys):
     )
     with pytest.raises(SystemExit, match="not one configuration"):
         pq.main([str(tmp_path)])
+
+
+def test_the_bench_starts_iwae_workers_with_the_librarys_memory_setting():
+    """bench/run.py cannot import iwae (no torch there): its environment variables must
+    hold iwae.memory's thresholds."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import run as bench_run
+
+    from iwae import memory
+
+    assert bench_run.REUSE_FREED_MEMORY_ENV == {
+        "MALLOC_MMAP_THRESHOLD_": str(memory.REUSE_MMAP_THRESHOLD),
+        "MALLOC_TRIM_THRESHOLD_": str(memory.REUSE_TRIM_THRESHOLD),
+    }

@@ -653,9 +653,9 @@ def test_reusing_freed_memory_ends_the_page_faults_of_each_step():
 
 def test_cpu_training_reuses_freed_memory(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(iwae.engine, "reuse_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(iwae.engine, "reuse_freed_memory", lambda device: calls.append(device))
     train(small_config(stages=1), tmp_path / "run", dataset=synthetic(), progress=False)
-    assert calls == [1]
+    assert calls == [torch.device("cpu")]
 
 
 def test_train_step_skips_on_the_device_without_reading_the_host(monkeypatch):

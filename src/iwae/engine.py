@@ -271,8 +271,7 @@ def train_group(group: Group, progress: bool) -> list[dict]:
     in progress, checkpointed. A failed write stops it too (:func:`write_failed`). On the
     CPU, the memory of each step's tensors is kept for the next
     (:func:`iwae.memory.reuse_freed_memory`)."""
-    if group.first.train_x.device.type == "cpu":
-        reuse_freed_memory()
+    reuse_freed_memory(group.first.train_x.device)
     try:
         with interrupts.deferred():
             records = _train_passes(group, progress)

@@ -104,8 +104,7 @@ def log_weight_reductions(
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    if x.device.type == "cpu":
-        reuse_freed_memory()
+    reuse_freed_memory(x.device)
     max_rows = max_rows or default_max_rows(x.device)
     generator = torch.Generator(device=x.device).manual_seed(seed)
     k_small = min(k_small, k)
@@ -383,8 +382,7 @@ def evaluate_ais(
     On the CPU the memory of freed tensors is kept for reuse (:mod:`iwae.memory`).
     """
     _check_test_images(model, x)
-    if x.device.type == "cpu":
-        reuse_freed_memory()
+    reuse_freed_memory(x.device)
     reference = _reference_log_px(model, x, reference, k, seed, max_rows, progress)
     started = time.perf_counter()
     r = forward_ais(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ctypes
 
+import torch
+
 __all__ = ["reuse_freed_memory"]
 
 #: glibc's ``mallopt`` parameters (malloc.h)
@@ -15,11 +17,12 @@ REUSE_MMAP_THRESHOLD = 32 << 20
 REUSE_TRIM_THRESHOLD = 512 << 20
 
 
-def reuse_freed_memory() -> bool:
+def reuse_freed_memory(device=None) -> bool:
     """Keep the memory of freed tensors of up to 32 MiB in this process for the next ones
     (glibc's ``mallopt``: the mmap threshold :data:`REUSE_MMAP_THRESHOLD`, the trim threshold
     :data:`REUSE_TRIM_THRESHOLD`), process-wide; returns whether it was set (False where the
-    C library is not glibc). Training and evaluation on the CPU call it
+    C library is not glibc, or ``device`` is given and is not the CPU, where it does nothing).
+    Training and evaluation call it with their device
     (:func:`iwae.engine.train_group`, :func:`iwae.evaluate.log_weight_reductions`,
     :func:`iwae.evaluate.evaluate_ais`).
 
@@ -29,6 +32,8 @@ def reuse_freed_memory() -> bool:
     there, so every step maps its pages again, and the kernel faults in and zeroes each one:
     about 1,500 page faults a bf16 step at k=50 on 1 thread, none with this set
     (``bench/RESULTS.md``). Nothing computed changes."""
+    if device is not None and torch.device(device).type != "cpu":
+        return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
