@@ -333,6 +333,31 @@ def test_budget_ladder_puts_the_independent_reproduction_beside_the_paper(tmp_pa
     assert "nbip" not in omniglot_ladder
 
 
+def test_budget_ladder_shows_a_stage_evaluation_of_a_run_still_training(tmp_path):
+    """A whole-test-set evaluation of the training run's weights after 40 passes
+    (``stages/40/``, written by ``iwae evaluate`` of an unfinished run) takes the place of its
+    stage-end subset value there, marked ¶; at 13 passes the subset value stays."""
+    _ladder_experiments(tmp_path)
+    run = tmp_path / "table1-mnist-s5" / "runs" / _name("iwae", 5)
+    (run / "stages" / "40").mkdir(parents=True)
+    write_evaluation(
+        run / "stages" / "40",
+        {"nll": 91.75, "log_px": -91.75, "k": 5000, "n_test": MNIST_TEST, "passes": 40},
+        {"log_px": -torch.full((3,), 91.75)},
+        [0, 1, 2],
+    )
+    (run / "stages" / "41").mkdir()  # no evaluation in it: not a budget
+    text = write_report(tmp_path).read_text()
+    ladder = text[text.index("the budget ladder") : text.index("![test NLL against passes")]
+    assert "| 13 passes | 40 passes | 121 passes | paper" in ladder
+    assert "| 1 | 5 | IWAE | 95.50§ | 91.75¶ | — | 85.54 | +6.21 at 40 passes |" in ladder
+    assert (
+        "¶ the weights at the end of that training stage, evaluated as the final evaluations "
+        "are while the run trained on" in ladder
+    )
+    assert "91.75" not in text[text.index("## Burda et al. (2016), Table 1 (MNIST), 121 passes") :]
+
+
 def test_a_first_n_omniglot_evaluation_is_never_beside_the_paper(tmp_path):
     runs = _table1(dataset="omniglot")
     _experiment(tmp_path, "table1", runs)

@@ -510,7 +510,7 @@ def _record_pass(run: Run, p: int, record: dict, metrics) -> None:
         total_seconds=run.state.total_seconds + record["seconds"],
     )
     if run.lead and stage_end:
-        save_weights(run.model, run.out / WEIGHTS_FILE)
+        save_weights(run.model, run.out / WEIGHTS_FILE, passes=p + 1)
         log_stage(run.board, run.model, run.test_x, p + 1, run.config.image_shape)
 
 

@@ -3,7 +3,8 @@
 A run directory (``iwae train --out RUN_DIR``) holds
 
 - ``config.json``       the resolved configuration (``iwae train --config`` takes it back),
-- ``model.safetensors`` the weights, saved at the end of every stage,
+- ``model.safetensors`` the weights, saved at the end of every stage (its metadata
+  ``passes``: the passes they were trained for),
 - ``checkpoint.safetensors`` weights, Adam state, every random-number state and the
   position in the schedule, saved every few minutes and at the end of every stage, with
   a SHA-256 checksum; ``checkpoint.prev.safetensors`` the one before it (``--resume``
@@ -15,7 +16,10 @@ A run directory (``iwae train --out RUN_DIR``) holds
 - ``evaluation.json``   the means of ``iwae evaluate`` and ``evaluation.safetensors`` the
   per-image values behind them,
 - ``ais.json`` / ``ais.safetensors`` (``iwae evaluate --method ais``) and ``bdmc.json`` /
-  ``bdmc.safetensors`` / ``bdmc.png`` (``iwae bdmc``), here or in their ``--out`` directory.
+  ``bdmc.safetensors`` / ``bdmc.png`` (``iwae bdmc``), here or in their ``--out`` directory,
+- ``stages/P/``         the evaluations of a run whose training has not finished: ``iwae
+  evaluate`` of the weights of its latest stage end, after P passes (:func:`stage_dir`),
+  never in the run's own ``evaluation.json``, which marks a finished run's evaluation.
 
 It also checks and writes the result files that commands put outside a run directory
 (``--out``, ``iwae evaluate --per-example``): missing parents are made, an existing result
@@ -50,6 +54,8 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 TENSORBOARD_DIR = "tb"
 EVALUATION_FILE = "evaluation.json"
+#: the evaluations of an unfinished run's stage-end weights, one directory per budget
+STAGES_DIR = "stages"
 EVALUATION_IMAGES_FILE = "evaluation.safetensors"
 #: ``iwae evaluate --method ais``: the means and the per-image values (in RUN_DIR or --out)
 AIS_FILE = "ais.json"
@@ -122,9 +128,41 @@ def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     atomic_write(path, lambda f: f.write(safetensors.torch.save(tensors)))
 
 
-def save_weights(model, path: Path) -> None:
+def save_weights(model, path: Path, passes: int | None = None) -> None:
+    """The weights of ``model`` in ``path``, with the ``passes`` they were trained for in
+    the file's metadata (:func:`weights_passes`)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(Path(path), lambda f: f.write(safetensors.torch.save(state)))
+    metadata = None if passes is None else {"passes": str(int(passes))}
+    atomic_write(Path(path), lambda f: f.write(safetensors.torch.save(state, metadata)))
+
+
+def weights_passes(path: Path) -> int | None:
+    """The passes the weights in ``path`` were trained for, from the file's metadata (None
+    for weights saved without it, before it was recorded)."""
+    try:
+        with safetensors.safe_open(path, framework="pt") as f:
+            passes = (f.metadata() or {}).get("passes")
+    except Exception as e:  # safetensors raises its own error types for bad files
+        raise RunDirError(f"{path} is not a readable safetensors file: {e}") from None
+    return int(passes) if passes is not None and passes.isdigit() else None
+
+
+def stage_dir(run_dir: str | Path, passes: int) -> Path:
+    """Where the evaluations of a run's weights after ``passes`` passes go while its
+    training is unfinished: ``RUN_DIR/stages/PASSES``."""
+    return Path(run_dir) / STAGES_DIR / str(int(passes))
+
+
+def read_stage_evaluations(run_dir: str | Path) -> dict[int, dict]:
+    """The ``evaluation.json`` of each stage evaluation of a run (:func:`stage_dir`), by
+    passes; unreadable ones are left out."""
+    found = {}
+    for d in sorted((Path(run_dir) / STAGES_DIR).glob("*")):
+        if d.name.isdigit():
+            evaluation = read_json(d / EVALUATION_FILE, required=False)
+            if isinstance(evaluation, dict) and "nll" in evaluation:
+                found[int(d.name)] = evaluation
+    return found
 
 
 def read_json(path: str | Path, required: bool = True):

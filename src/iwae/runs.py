@@ -5,6 +5,7 @@ afresh or restored from its checkpoint (:func:`open_run`); and a finished run re
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import shutil
@@ -38,6 +39,7 @@ from iwae.rundir import (
     EVALUATION_FILE,
     EVALUATION_IMAGES_FILE,
     METRICS_FILE,
+    STAGES_DIR,
     SUMMARY_FILE,
     TENSORBOARD_DIR,
     WEIGHTS_FILE,
@@ -45,6 +47,8 @@ from iwae.rundir import (
     prepare_run_dir,
     read_metrics,
     read_safetensors,
+    stage_dir,
+    weights_passes,
     write_json,
     write_metrics,
 )
@@ -125,6 +129,31 @@ def load_run(
         raise RunDirError(f"{path} is missing: the run has not finished its first stage yet")
     load_state(model, read_safetensors(path)[0], path)
     return config, model.to(device)
+
+
+def evaluation_dir(run_dir: str | Path) -> tuple[Path, int | None]:
+    """Where an evaluation of a run's weights (``iwae evaluate``) is written, and after how
+    many passes of training, if it has not finished: a finished run's directory and None,
+    else ``stages/P`` (:func:`iwae.rundir.stage_dir`) and P for the weights of its latest
+    stage end. So a stage evaluation never takes the place of the run's own
+    ``evaluation.json``, which marks a finished and evaluated run (``iwae reproduce`` skips
+    it). P is recorded with the weights (:func:`iwae.rundir.weights_passes`); for weights
+    saved before it was, it is the latest stage end that ``metrics.jsonl`` has passed."""
+    run_dir = Path(run_dir)
+    config = load_config(run_dir)  # first: a directory without it is no run directory
+    if (run_dir / SUMMARY_FILE).exists():
+        return run_dir, None
+    path = run_dir / WEIGHTS_FILE
+    if not path.exists():
+        raise RunDirError(f"{path} is missing: the run has not finished its first stage yet")
+    passes = weights_passes(path)
+    if passes is None:
+        done = max((m.get("pass", 0) for m in read_metrics(run_dir)), default=0)
+        ends = itertools.accumulate(p for _, p, _ in config.schedule())
+        passes = max((end for end in ends if end <= done), default=None)
+        if passes is None:
+            raise RunDirError(f"{run_dir}/{METRICS_FILE} has no stage end: cannot date {path}")
+    return stage_dir(run_dir, passes), passes
 
 
 def run_dataset(
@@ -365,5 +394,6 @@ def _start_run_dir(out: Path, config: TrainConfig) -> None:
         EVALUATION_IMAGES_FILE,
     ):
         (out / stale).unlink(missing_ok=True)
-    shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)
+    for stale_dir in (TENSORBOARD_DIR, STAGES_DIR):
+        shutil.rmtree(out / stale_dir, ignore_errors=True)
     write_json(out / CONFIG_FILE, config.to_dict())

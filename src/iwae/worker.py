@@ -284,11 +284,15 @@ def _worker_setup(run: dict, work: Work) -> tuple[Run, Path]:
 
 
 def _evaluated(run: Run, out: Path, work: Work) -> bool:
-    """Whether the run in ``out`` is evaluated as asked (:func:`_evaluated_as_asked`)."""
+    """Whether the run in ``out`` has finished training (``summary.json``) and is evaluated
+    as asked (:func:`_evaluated_as_asked`): an ``evaluation.json`` in a run still training
+    (written there by ``iwae evaluate`` before it wrote unfinished runs' evaluations to
+    ``stages/``) leaves it to resume."""
     from iwae import data as iwae_data
+    from iwae.rundir import SUMMARY_FILE
 
     done = read_json(out / "evaluation.json", required=False)
-    if not done:
+    if not done or not (out / SUMMARY_FILE).exists():
         return False
     dataset = run.config["dataset"]
     full = iwae_data.TEST_SIZES.get(dataset) or iwae_data.load_dataset(dataset).test.shape[0]

@@ -3,6 +3,7 @@ by AIS), ``iwae bdmc`` (AIS bounds on simulated images) and ``iwae sample``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -46,7 +47,7 @@ from iwae.rundir import (
     write_per_example,
 )
 from iwae.runlock import locked
-from iwae.train import load_run, pick_device, run_dataset
+from iwae.train import evaluation_dir, load_run, pick_device, run_dataset
 from iwae.worker import _cpu_name
 
 #: iwae evaluate --method ais: annealing steps, chains per image, leapfrog steps per HMC transition
@@ -64,7 +65,11 @@ def add_evaluate_parser(sub) -> None:
         "test images are binarized once with a fixed seed for a Bernoulli decoder, used as they "
         "are for every other likelihood. The "
         "result is also written to RUN_DIR/evaluation.json, and the per-image values (L_k, "
-        "IWAE-64, ELBO and each image's index in the test set) to RUN_DIR/evaluation.safetensors.",
+        "IWAE-64, ELBO and each image's index in the test set) to RUN_DIR/evaluation.safetensors. "
+        "A run whose training has not finished (no summary.json; say, a full schedule still "
+        "training) is evaluated at its latest stage end: the weights saved there, after P "
+        "passes, and the results go to RUN_DIR/stages/P/ (AIS's too, unless --out), never to "
+        "RUN_DIR/evaluation.json, which marks a finished run (`iwae reproduce` skips it).",
     )
     add_run_dir(e)
     e.add_argument(
@@ -148,7 +153,9 @@ def _add_ais_options(e) -> None:
         "(default: q)",
     )
     e.add_argument(
-        "--out", help="--method ais: directory for ais.json and ais.safetensors (default: RUN_DIR)"
+        "--out",
+        help="--method ais: directory for ais.json and ais.safetensors (default: RUN_DIR, or "
+        "RUN_DIR/stages/P for a run whose training has not finished)",
     )
 
 
@@ -271,6 +278,7 @@ def _evaluate_iwae(args) -> int:
 
 def _evaluate_iwae_locked(args, per_example: Path | None) -> int:
     device = pick_device(args.device)
+    out, passes = evaluation_dir(args.run_dir)
     config, model = load_run(args.run_dir, device)
     dataset = run_dataset(
         config, args.dataset, args.data_dir, check_hash=not args.ignore_dataset_hash
@@ -279,7 +287,10 @@ def _evaluate_iwae_locked(args, per_example: Path | None) -> int:
     result, per_image = evaluate_images(model, x, k=args.k, seed=args.seed, progress=not args.quiet)
     result.update(iwae_data.test_subset_record(dataset.test.shape[0], args.n_test))
     test_index = iwae_data.test_subset_indices(dataset.test.shape[0], args.n_test)
-    write_evaluation(args.run_dir, result, per_image, test_index)
+    if passes is not None:
+        result["passes"] = passes
+    out.mkdir(parents=True, exist_ok=True)
+    write_evaluation(out, result, per_image, test_index)
     if per_example is not None:
         write_per_example(per_example, per_image, test_index)
     if args.json:
@@ -299,23 +310,39 @@ def _evaluate_iwae_locked(args, per_example: Path | None) -> int:
             print(_bits_line(result["bits_per_dim"], "L_" + str(result["k"]), x.shape[1]))
         if per_example is not None:
             print(f"per-image values ({result['n_test']} images) -> {per_example}")
-    if not (args.run_dir / SUMMARY_FILE).exists():
-        print(
-            f"note: {args.run_dir} has no {SUMMARY_FILE}: its training did not finish",
-            file=sys.stderr,
-        )
+    if passes is not None:
+        _unfinished_note(args.run_dir, passes, out)
     return 0
+
+
+def _unfinished_note(run_dir: Path, passes: int, out: Path) -> None:
+    """Say that an unfinished run's weights of its latest stage end were evaluated, where
+    the result went, and that the run's own evaluation waits for its training to finish."""
+    print(
+        f"note: {run_dir} has no {SUMMARY_FILE}: its training has not finished. Evaluated "
+        f"the weights of its latest stage end, after {passes:,} pass{'es' * (passes != 1)} "
+        f"-> {out}/ (the run's "
+        "own evaluation.json waits for the end of its training)",
+        file=sys.stderr,
+    )
 
 
 def _evaluate_ais(args) -> int:
     """log p(x) by AIS beside L_k on the same test images -> ais.json and ais.safetensors,
-    holding the lock of their directory."""
-    out = _out_dir(args, (AIS_FILE, AIS_IMAGES_FILE))
-    with locked(out):
-        return _evaluate_ais_locked(args, out)
+    holding the lock of their directory (by default the run's evaluation directory,
+    :func:`iwae.runs.evaluation_dir`) and, for a run whose training has not finished, of
+    the run's directory too: its weights stay those of one stage end while they are read."""
+    unfinished = not (args.run_dir / SUMMARY_FILE).exists()
+    with locked(args.run_dir) if unfinished else contextlib.nullcontext():
+        source, passes = evaluation_dir(args.run_dir)
+        out = _out_dir(args, (AIS_FILE, AIS_IMAGES_FILE), default=source)
+        with locked(out):
+            return _evaluate_ais_locked(args, out, source, passes)
 
 
-def _evaluate_ais_locked(args, out: Path) -> int:
+def _evaluate_ais_locked(args, out: Path, source: Path, passes: int | None) -> int:
+    """:func:`_evaluate_ais` with ``out`` held; ``source``: where the run's evaluation of
+    these weights (L_k per image) would be, ``passes``: None for a finished run."""
     device = pick_device(args.device)
     config, model = load_run(args.run_dir, device)
     dataset = run_dataset(
@@ -323,7 +350,7 @@ def _evaluate_ais_locked(args, out: Path) -> int:
     )
     x = torch.from_numpy(iwae_data.test_images(dataset, args.n_test, config.binarizes)).to(device)
     test_index = iwae_data.test_subset_indices(dataset.test.shape[0], args.n_test)
-    stored = read_evaluation_log_px(args.run_dir, test_index)
+    stored = read_evaluation_log_px(source, test_index)
     reference, k = (stored[0].to(device), stored[1]) if stored is not None else (None, args.k)
     result, per_image = evaluate_ais(
         model,
@@ -340,6 +367,8 @@ def _evaluate_ais_locked(args, out: Path) -> int:
     result["iwae_source"] = "evaluation.safetensors" if stored is not None else "computed"
     result.update(iwae_data.test_subset_record(dataset.test.shape[0], args.n_test))
     result.update(_machine())
+    if passes is not None:
+        result["passes"] = passes
     out.mkdir(parents=True, exist_ok=True)
     write_ais(out, result, per_image, test_index)
     if args.json:
@@ -359,6 +388,8 @@ def _evaluate_ais_locked(args, out: Path) -> int:
         )
         if "bits_per_dim" in result:
             print(_bits_line(result["bits_per_dim"], "AIS", x.shape[1]))
+    if passes is not None:
+        _unfinished_note(args.run_dir, passes, out)
     return 0
 
 
@@ -433,10 +464,11 @@ def _sample(args) -> int:
     return 0
 
 
-def _out_dir(args, names: tuple[str, ...]) -> Path:
-    """--out (created when needed), else RUN_DIR; checked before any work is done: result
-    files ``names`` already there are replaced only with --overwrite."""
-    return check_output_dir(Path(args.out) if args.out else args.run_dir, names, args.overwrite)
+def _out_dir(args, names: tuple[str, ...], default: Path | None = None) -> Path:
+    """--out (created when needed), else ``default`` (RUN_DIR); checked before any work is
+    done: result files ``names`` already there are replaced only with --overwrite."""
+    fallback = args.run_dir if default is None else default
+    return check_output_dir(Path(args.out) if args.out else fallback, names, args.overwrite)
 
 
 def _machine() -> dict:

@@ -1,6 +1,7 @@
 """Cells and notes of the report's Markdown tables: numbers formatted and marked with the
 test images they were made on (†: a seeded random subset; ‡: the first N, never put beside
-the papers' numbers; §: a stage-end value), their footnotes, and each section's budget
+the papers' numbers; §: a stage-end value; ¶: a stage-end evaluation of a run still
+training), their footnotes, and each section's budget
 line (passes, seeds, test images, process and GPU time)."""
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ MARKS = {WHOLE: "", RANDOM: "†", FIRST: "‡"}
 
 
 STAGE_END_MARK = "§"
+#: an evaluation of a run's weights at a stage end, made while it trained (the budget ladder)
+STAGE_EVALUATION_MARK = "¶"
 
 
 def fmt(x, digits=2):

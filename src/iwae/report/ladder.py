@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from iwae.experiments import EXPERIMENTS
-from iwae.report.cells import STAGE_END_MARK, fmt, image_notes, value_cell
+from iwae.report.cells import STAGE_END_MARK, STAGE_EVALUATION_MARK, fmt, image_notes, value_cell
 from iwae.report.plots import plot_ladder
 from iwae.report.results import (
     RunResult,
@@ -16,6 +16,7 @@ from iwae.report.results import (
     independent_table1,
     mean_of,
     paper_table1,
+    stage_results,
 )
 
 
@@ -71,9 +72,10 @@ def _ladder_section(dataset: str, runs: list[RunResult], fig_dir: Path) -> list[
 
 def _ladder_budgets(runs: list[RunResult]) -> list[int]:
     """The ladder's columns: every experiment's passes per run, and every stage end (with a
-    logged ``test_nll_subset``) from the smallest of those on."""
+    logged ``test_nll_subset`` or a stage evaluation) from the smallest of those on."""
     finals = {r.passes for r in runs if r.passes}
     ends = {m["pass"] for r in runs for m in r.metrics if "test_nll_subset" in m}
+    ends |= {p for r in runs for p in r.stages}
     return sorted(finals | {p for p in ends if p >= min(finals, default=1)})
 
 
@@ -88,11 +90,16 @@ def _stage_end_values(runs: list[RunResult], budget: int) -> list[float]:
 
 def _ladder_point(runs: list[RunResult], budget: int) -> tuple[str, float | None]:
     """One cell at one budget: the final evaluations of its runs trained for ``budget``
-    passes (:func:`value_cell`), else the mean stage-end ``test_nll_subset`` logged at that
-    pass (marked §); with the value put beside the paper's, or None."""
+    passes (:func:`value_cell`), else the evaluations of their weights after ``budget``
+    passes made while they trained (marked ¶), else the mean stage-end
+    ``test_nll_subset`` logged at that pass (marked §); with the value put beside the
+    paper's, or None."""
     text, value = value_cell(
         [r for r in runs if r.passes == budget and r.evaluation is not None], "nll"
     )
+    staged = [s for r in runs for s in stage_results(r) if s.passes == budget]
+    if value is None and (found := value_cell(staged, "nll"))[1] is not None:
+        return found[0] + STAGE_EVALUATION_MARK, found[1]
     if value is None and (subset := _stage_end_values(runs, budget)):
         return fmt(mean_of(subset)) + STAGE_END_MARK, mean_of(subset)
     return text, value
@@ -125,7 +132,14 @@ def _ladder_notes(runs: list[RunResult], budgets: list[int], second: bool) -> li
         "the mean over seeds where there are several."
     ]
     finals = [r for r in runs if r.evaluation is not None and r.passes in budgets]
-    notes += image_notes(finals)
+    staged = [s for r in runs for s in stage_results(r) if s.passes in budgets]
+    notes += image_notes(finals + staged)
+    if staged:
+        notes.append(
+            f"{STAGE_EVALUATION_MARK} the weights at the end of that training stage, evaluated "
+            "as the final evaluations are while the run trained on (`iwae evaluate` of the "
+            "unfinished run: `stages/PASSES/evaluation.json` in its directory)."
+        )
     stage_ends = {
         (m.get("test_nll_subset_k"), m.get("test_nll_subset_n"))
         for r in runs

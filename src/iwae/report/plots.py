@@ -16,7 +16,7 @@ import torch
 from iwae.data import atomic_write, tile_images
 from iwae.errors import IwaeError
 from iwae.report.cells import units_text
-from iwae.report.results import FIRST, RunResult, images_kind
+from iwae.report.results import FIRST, RunResult, images_kind, stage_results
 from iwae.rundir import WEIGHTS_FILE
 from iwae.runs import load_run
 
@@ -368,8 +368,9 @@ def plot_ladder(
 ) -> None:
     """Test NLL against passes (log scale), one panel per number of stochastic layers:
     colour by k, dashed VAE and solid IWAE; circles the stage-end subset values, squares
-    the final evaluations, stars the paper's values at 3,280 passes, crosses the
-    independent reproduction's (``second``: NLL by (dataset, layers, k, objective)) there."""
+    the final evaluations (open squares: stage ends evaluated while the run trained), stars
+    the paper's values at 3,280 passes, crosses the independent reproduction's
+    (``second``: NLL by (dataset, layers, k, objective)) there."""
     plt = _plt()
     layers = sorted({r.label["layers"] for r in runs})
     fig, axes = plt.subplots(
@@ -419,6 +420,8 @@ def _plot_ladder_run(ax, r: RunResult) -> None:
     final = _final_point(r)
     if final:
         ax.plot([final[0]], [final[1]], marker="s", ms=6, color=colour, ls="none")
+    for stage in filter(None, map(_final_point, stage_results(r))):
+        ax.plot([stage[0]], [stage[1]], marker="s", ms=6, color=colour, mfc="none", ls="none")
 
 
 def _ladder_legend(second: bool = False) -> list:
@@ -433,6 +436,16 @@ def _ladder_legend(second: bool = False) -> list:
             [], [], color="gray", marker="o", ms=4, ls="none", label="stage end, random test subset"
         ),
         Line2D([], [], color="gray", marker="s", ms=6, ls="none", label="final evaluation"),
+        Line2D(
+            [],
+            [],
+            color="gray",
+            marker="s",
+            ms=6,
+            mfc="none",
+            ls="none",
+            label="stage end, evaluated in training",
+        ),
         Line2D(
             [],
             [],

@@ -5,14 +5,14 @@ wall times, and the papers' published numbers (:func:`paper_tables`)."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
 
 from iwae.data import TEST_SIZES
-from iwae.rundir import read_evaluation_images, read_metrics
+from iwae.rundir import read_evaluation_images, read_metrics, read_stage_evaluations, stage_dir
 
 
 def paper_tables() -> dict:
@@ -73,6 +73,8 @@ class RunResult:
     after: RunResult | None = None  # the run it continues
     run_dir: Path | None = None
     passes: int | None = None  # the experiment's passes per run: the budget of its evaluation
+    # evaluations of the weights of stage ends made while the run trained, by passes
+    stages: dict[int, dict] = field(default_factory=dict)
     _images: dict | None = field(default=None, repr=False)
     _images_read: bool = field(default=False, repr=False)
 
@@ -97,6 +99,7 @@ def load_experiment(exp_dir: Path) -> tuple[dict, list[RunResult]]:
                 read_json_or_none(d / "summary.json"),
                 run_dir=d,
                 passes=meta.get("passes_per_run"),
+                stages=read_stage_evaluations(d),
             )
         )
     by_name = {r.name: r for r in results}
@@ -104,6 +107,26 @@ def load_experiment(exp_dir: Path) -> tuple[dict, list[RunResult]]:
         r.after = by_name.get(run.get("after"))
         r.offset = len(r.after.metrics) if r.after else 0
     return meta, results
+
+
+def stage_results(r: RunResult) -> list[RunResult]:
+    """``r``'s stage evaluations (``iwae evaluate`` of the run while it trained:
+    :func:`iwae.runs.evaluation_dir`), each a :class:`RunResult` of its own: the evaluation
+    after ``passes`` passes, with its per-image values in its stage directory."""
+    if r.run_dir is None:
+        return []
+    return [
+        replace(
+            r,
+            evaluation=e,
+            passes=p,
+            run_dir=stage_dir(r.run_dir, p),
+            stages={},
+            _images=None,
+            _images_read=False,
+        )
+        for p, e in sorted(r.stages.items())
+    ]
 
 
 def read_json_or_none(path: Path):
