@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from test_time_limit import _limit_after
 from tiny import exact_log_px, fit_encoder
 
 import iwae
-import iwae.engine
 from iwae.bounds import elbo
 from iwae.bounds import iwae as iwae_bound
 from iwae.cli import main
@@ -284,17 +284,6 @@ def _data_file(tmp_path, likelihood: str) -> str:
     path = tmp_path / "data.npz"
     np.savez(path, train=images[:40], test=images[40:])
     return str(path)
-
-
-def _limit_after(monkeypatch, calls: int) -> None:
-    """The time limit is up from the ``calls``-th check on (one per step and pass end)."""
-    seen = []
-
-    def time_up(group):
-        seen.append(1)
-        return group.stop_at is not None and len(seen) >= calls
-
-    monkeypatch.setattr(iwae.engine, "_time_up", time_up)
 
 
 def _weights(run) -> dict:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-import iwae.engine
 from iwae.cli import main
 from iwae.errors import RunDirError
 from iwae.experiments import Run
@@ -19,6 +18,7 @@ from iwae.worker import Work, _evaluated
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_own_data import grey_npz  # noqa: E402
+from test_time_limit import _limit_after  # noqa: E402
 from test_train import SMALL_MODEL, assert_bitwise_equal, weights  # noqa: E402
 
 
@@ -36,17 +36,6 @@ def _train(capsys, npz, out, stages, *extra) -> int:
     return _cli(capsys, *argv, "--quiet", "--out", out, *extra)[0]
 
 
-def _stop_at_check(monkeypatch, calls: int) -> None:
-    """The time limit is up at the ``calls``-th check (one a step, one at each pass end)."""
-    seen = []
-
-    def time_up(run):
-        seen.append(1)
-        return run.stop_at is not None and len(seen) >= calls
-
-    monkeypatch.setattr(iwae.engine, "_time_up", time_up)
-
-
 def test_an_unfinished_run_is_evaluated_at_its_stage_end_and_then_continues(
     tmp_path, monkeypatch, capsys
 ):
@@ -55,7 +44,7 @@ def test_an_unfinished_run_is_evaluated_at_its_stage_end_and_then_continues(
     assert _train(capsys, npz, one_stage, 1) == 0
     assert weights_passes(one_stage / "model.safetensors") == 1
     with monkeypatch.context() as m:
-        _stop_at_check(m, 8)  # the end of pass 2, in the second stage
+        _limit_after(m, 8)  # the end of pass 2, in the second stage
         assert _train(capsys, npz, run, 2, "--time-limit", 60) == 3
     assert not (run / "summary.json").exists()
     assert weights_passes(run / "model.safetensors") == 1  # the first stage's end
