@@ -233,9 +233,9 @@ def test_auto_chooses_by_the_measurement_and_records_it(
     monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512_bf16"} if native else {"avx2"})
     timed = []
 
-    def step_seconds(model, objective, x, p):
-        timed.append((p, tuple(x.shape)))
-        return times[p]
+    def step_seconds(model, objective, x):
+        timed.append(tuple(x.shape))
+        return dict(times)
 
     monkeypatch.setattr(precision, "step_seconds", step_seconds if native else _no_timing)
     data = synthetic(n=60)
@@ -249,7 +249,7 @@ def test_auto_chooses_by_the_measurement_and_records_it(
         assert (summary["precision"], summary["precision_requested"]) == (chosen, "auto")
         measured = {"native_bf16": native, **({"step_seconds": times} if native else {})}
         assert summary["precision_measured"] == measured
-    assert timed == ([("fp32", (20, 784)), ("bf16", (20, 784))] if native else [])
+    assert timed == ([(20, 784)] if native else [])
 
 
 def test_a_resumed_auto_run_keeps_its_precision(tmp_path, monkeypatch):
@@ -257,7 +257,7 @@ def test_a_resumed_auto_run_keeps_its_precision(tmp_path, monkeypatch):
     now be slower; a config.json without the keys (older runs) loads as fp32."""
     monkeypatch.setattr(precision, "_MEASURED", {})
     monkeypatch.setattr(precision, "cpu_flags", lambda: {"amx_bf16"})
-    monkeypatch.setattr(precision, "step_seconds", lambda m, o, x, p: {"fp32": 2, "bf16": 1}[p])
+    monkeypatch.setattr(precision, "step_seconds", lambda m, o, x: {"fp32": 2, "bf16": 1})
     data = synthetic(n=110)
     out = tmp_path / "r"
     with monkeypatch.context() as m:
@@ -349,3 +349,25 @@ def test_precision_on_train_reproduce_and_fit(tmp_path, monkeypatch, capsys):
     assert first == again and first["precision"] == "fp32"
     with pytest.raises(IwaeError, match="precision"):
         fit(None, "iwae", data, precision="bf16", stage_nll_k=0, progress=False, **kw)
+
+
+def test_the_two_precisions_are_timed_in_turn_on_copies(monkeypatch):
+    """step_seconds times fp32 and bf16 steps alternately (a change of load while timing
+    weighs on both alike), each on a copy of the model, whose own weights stay as they were;
+    the medians are of real, positive step times."""
+    monkeypatch.setattr(precision, "TIMING_SECONDS", 1e9)  # every one of TIMING_STEPS
+    order = []
+
+    def recording_step(model, objective, optimizer, x, generator, params):
+        order.append(model.network_dtype)
+        return train_step(model, objective, optimizer, x, generator, params)
+
+    monkeypatch.setattr(precision, "train_step", recording_step)
+    model = VAE(ModelConfig(x_dim=30, latent=(4,), hidden=((16,),)))
+    before = {n: v.clone() for n, v in model.state_dict().items()}
+    x = torch.bernoulli(torch.full((5, 30), 0.3), generator=torch.Generator().manual_seed(0))
+    times = precision.step_seconds(model, Objective("iwae", k=3), x)
+    steps = precision.TIMING_WARMUP + precision.TIMING_STEPS
+    assert order == [None, torch.bfloat16] * steps
+    assert set(times) == {"fp32", "bf16"} and all(0 < t < 1 for t in times.values())
+    assert all(torch.equal(v, model.state_dict()[n]) for n, v in before.items())

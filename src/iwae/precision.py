@@ -15,7 +15,8 @@ trained with.
 in the precision its ``config.json`` records, never deciding again): bf16 where the
 hardware computes it natively (:func:`native_bf16`: a CPU with AVX512-BF16 or AMX, or a
 CUDA GPU with bf16) and a short timing of both precisions on the run's own model shape
-(:func:`measure`, once per shape in a process) finds bf16 at least 20% faster; else fp32.
+(:func:`measure`, once per shape in a process, the two precisions timed in turn step by
+step) finds bf16 at least 20% faster; else fp32.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ __all__ = ["PRECISIONS", "decide", "measure", "native_bf16", "step_context", "su
 #: 0.96-1.14x, on either side of 1 from one timing to the next, and k=5 training was no
 #: faster with bf16 (bench/RESULTS.md)
 BF16_MARGIN = 0.8
-#: the timing of one precision: steps not timed first, then up to ``TIMING_STEPS`` timed
-#: steps, stopping early after ``TIMING_SECONDS`` (at least 3 timed steps)
+#: the timing of the two precisions: steps of each not timed first, then up to
+#: ``TIMING_STEPS`` timed steps of each in turn, stopping early after ``TIMING_SECONDS`` of
+#: timed steps in all (at least 3 of each)
 TIMING_WARMUP = 3
 TIMING_STEPS = 30
 TIMING_SECONDS = 1.0
@@ -86,26 +88,30 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def step_seconds(
-    model: LatentVariableModel, objective: Objective, x: torch.Tensor, precision: str
-) -> float:
+    model: LatentVariableModel, objective: Objective, x: torch.Tensor
+) -> dict[str, float]:
     """The median seconds of a training step (:func:`iwae.optim.train_step` with an Adam of
-    its own) of a copy of ``model`` on the batch ``x`` [B, D] in ``precision``, after
-    :data:`TIMING_WARMUP` steps not timed (see :data:`TIMING_STEPS`)."""
-    model = copy.deepcopy(model).train()
-    optimizer = adam(model.parameters())
-    generator = torch.Generator(device=x.device).manual_seed(0)
-    params = (model.encoder_parameters(), model.decoder_parameters())
-    times: list[float] = []
-    with step_context(model, precision):
-        for i in range(TIMING_WARMUP + TIMING_STEPS):
-            t0 = time.perf_counter()
-            _, skipped = train_step(model, objective, optimizer, x, generator, params)
-            skipped.item()  # waits for the device
+    its own) of a copy of ``model`` on the batch ``x`` [B, D] in each precision, fp32 and
+    bf16, timed in turn step by step after :data:`TIMING_WARMUP` steps of each not timed
+    (see :data:`TIMING_STEPS`): a change of the machine's load while they are timed (another
+    process starting or ending) weighs on both alike, where timing one precision after the
+    other made a tiny model's bf16 steps, slower on a quiet machine, come out faster."""
+    copies = {p: copy.deepcopy(model).train() for p in ("fp32", "bf16")}
+    optimizers = {p: adam(m.parameters()) for p, m in copies.items()}
+    generators = {p: torch.Generator(device=x.device).manual_seed(0) for p in copies}
+    params = {p: (m.encoder_parameters(), m.decoder_parameters()) for p, m in copies.items()}
+    times: dict[str, list[float]] = {p: [] for p in copies}
+    for i in range(TIMING_WARMUP + TIMING_STEPS):
+        for p, m in copies.items():
+            with step_context(m, p):
+                t0 = time.perf_counter()
+                _, skipped = train_step(m, objective, optimizers[p], x, generators[p], params[p])
+                skipped.item()  # waits for the device
             if i >= TIMING_WARMUP:
-                times.append(time.perf_counter() - t0)
-                if len(times) >= 3 and sum(times) > TIMING_SECONDS:
-                    break
-    return statistics.median(times)
+                times[p].append(time.perf_counter() - t0)
+        if len(times["fp32"]) >= 3 and sum(times["fp32"]) + sum(times["bf16"]) > TIMING_SECONDS:
+            break
+    return {p: statistics.median(t) for p, t in times.items()}
 
 
 def measure(
@@ -130,7 +136,7 @@ def measure(
         x = torch.bernoulli(torch.full((batch_size, x_dim), 0.5), generator=torch.Generator())
         x = x.to(device)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            _MEASURED[key] = {p: step_seconds(model, objective, x, p) for p in ("fp32", "bf16")}
+            _MEASURED[key] = step_seconds(model, objective, x)
     return dict(_MEASURED[key])
 
 
