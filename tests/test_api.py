@@ -94,7 +94,7 @@ import iwae
 from test_api import conv_vae, images
 torch.set_num_threads(1)
 iwae.fit(conv_vae(), "iwae", images(2000, 20), out=sys.argv[1], k=3, schedule=3,
-         checkpoint_minutes=0.002, eval_n=10, stage_nll_k=50, progress=False)
+         checkpoint_minutes=0.002, eval_n=10, stage_nll_k=50, progress=False, precision="fp32")
 """
 
 
@@ -140,6 +140,7 @@ def test_fit_of_a_conv_model_resumes_after_sigkill_bit_for_bit(tmp_path):
             eval_n=10,
             stage_nll_k=50,
             progress=False,
+            precision="fp32",  # compared bit for bit: no timing decides
         )
         run, rng = tmp_path / "killed", random.Random(7)
         for _ in range(2):
@@ -157,6 +158,7 @@ def test_fit_of_a_conv_model_resumes_after_sigkill_bit_for_bit(tmp_path):
             eval_n=10,
             stage_nll_k=50,
             progress=False,
+            precision="fp32",  # compared bit for bit: no timing decides
         )
     finally:
         torch.set_num_threads(threads)

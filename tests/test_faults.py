@@ -64,6 +64,8 @@ def _train_argv(data: Path, out: Path, *more: str) -> list[str]:
         "0",
         "--threads",
         "1",
+        "--precision",
+        "fp32",  # runs compared bit for bit: no timing decides
         "--quiet",
         "--out",
         str(out),

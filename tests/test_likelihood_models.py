@@ -315,7 +315,7 @@ def test_every_likelihood_and_architecture_end_to_end(
         keys["gaussian_scale"] = gaussian_scale
     flags = [f for key, value in keys.items() for f in (f"--{key.replace('_', '-')}", value)]
     base = ["train", "--dataset", data, *flags, "-k", "3", "--epochs", "2", "--eval-n", "10"]
-    base += ["--stage-nll-k", "20", "--quiet"]
+    base += ["--stage-nll-k", "20", "--precision", "fp32", "--quiet"]  # compared bit for bit
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert main([*base, "--out", str(whole)]) == 0
     config = json.loads((whole / "config.json").read_text())
@@ -328,7 +328,7 @@ def test_every_likelihood_and_architecture_end_to_end(
     assert main(["train", "--resume", str(cut), "--quiet"]) == 0
     _assert_same_weights(whole, cut)
 
-    fit_keys = {**keys, "eval_n": 10, "stage_nll_k": 20}
+    fit_keys = {**keys, "eval_n": 10, "stage_nll_k": 20, "precision": "fp32"}
     fitted = tmp_path / "fit"
     with monkeypatch.context() as m:
         _limit_after(m, 2)
