@@ -172,3 +172,28 @@ def test_the_bench_starts_iwae_workers_with_the_librarys_memory_setting():
         "MALLOC_MMAP_THRESHOLD_": str(memory.REUSE_MMAP_THRESHOLD),
         "MALLOC_TRIM_THRESHOLD_": str(memory.REUSE_TRIM_THRESHOLD),
     }
+
+
+def test_profile_step_splits_a_step_by_kind(tmp_path):
+    """bench/profile_step.py on synthetic images: the step's self CPU time by kind, the
+    matrix products' part of it, and the operators called a step."""
+    out = tmp_path / "profile.json"
+    proc = _bench(
+        "profile_step.py",
+        "--k",
+        "3",
+        "--steps",
+        "3",
+        "--data-dir",
+        str(tmp_path / "none"),
+        "--precision",
+        "fp32",
+        "--out",
+        str(out),
+    )
+    r = json.loads(out.read_text())
+    assert r["data"].startswith("synthetic") and r["settings"]["k"] == 3
+    assert set(r["self_ms_per_step"]) == {"matmul", "casts", "adam", "other operators"}
+    assert r["self_ms_per_step"]["matmul"] > 0 and r["operator_calls_per_step"] > 50
+    assert r["ms_per_step"] > 0 and len(r["top_operators"]) == 12
+    assert "not in operators" in proc.stdout
