@@ -101,6 +101,26 @@ def test_weights_saved_before_their_passes_were_recorded_are_dated_from_the_metr
     assert evaluation_dir(run) == (run / "stages" / "4", 4)
 
 
+def test_unreadable_or_missing_weights_of_an_unfinished_run_are_named(tmp_path):
+    """A truncated weights file cannot be dated (a RunDirError naming it, as when loading
+    it), and a run before its first stage end has none to evaluate."""
+    from iwae.model import VAE, ModelConfig
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"stages": 3, "model": SMALL_MODEL}))
+    with pytest.raises(RunDirError, match="has not finished its first stage"):
+        evaluation_dir(run)
+    save_weights(VAE(ModelConfig.from_dict(SMALL_MODEL)), run / "model.safetensors", passes=4)
+    assert evaluation_dir(run) == (run / "stages" / "4", 4)
+    data = (run / "model.safetensors").read_bytes()
+    (run / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(RunDirError, match="model.safetensors is not a readable safetensors"):
+        evaluation_dir(run)
+    (run / "summary.json").write_text("{}")  # finished: its directory, whatever the weights
+    assert evaluation_dir(run) == (run, None)
+
+
 def test_the_runner_resumes_a_run_with_an_evaluation_json_but_no_summary(tmp_path):
     """An ``evaluation.json`` written into a run still training (by ``iwae evaluate`` of an
     older version) never makes ``iwae reproduce`` skip the run: it resumes it."""

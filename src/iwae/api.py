@@ -31,7 +31,7 @@ from iwae.engine import train
 from iwae.errors import IwaeError
 from iwae.evaluate import evaluate_ais, evaluate_images
 from iwae.latent import LatentVariableModel
-from iwae.rundir import CONFIG_FILE, SUMMARY_FILE, read_json
+from iwae.rundir import CONFIG_FILE, SUMMARY_FILE, read_json, training_finished
 from iwae.runs import load_run, run_dataset
 from iwae.user_code import is_code_spec
 
@@ -90,7 +90,7 @@ def fit(
     resume = not overwrite and (out / CONFIG_FILE).exists()
     if resume:
         _check_same_run(out, config)
-        if (out / SUMMARY_FILE).exists():
+        if training_finished(out):
             return read_json(out / SUMMARY_FILE)
     stop_at = None if time_limit is None else time.time() + 60 * time_limit
     return train(

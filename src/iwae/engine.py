@@ -56,6 +56,7 @@ from iwae.rundir import (
     prepare_run_dir,
     read_json,
     save_weights,
+    training_finished,
     write_json,
 )
 from iwae.runlock import lead_process, locked
@@ -211,7 +212,7 @@ def train(
     writes there. Returns the summary that is also written to ``summary.json``.
     """
     out = Path(out)
-    if resume and (out / SUMMARY_FILE).exists():
+    if resume and training_finished(out):
         return read_json(out / SUMMARY_FILE)
     if not resume and lead_process() and not out.is_dir():
         prepare_run_dir(out, overwrite)  # its parents, before the lock makes it

@@ -32,7 +32,7 @@ from iwae.errors import IwaeError
 from iwae.model import VAE
 from iwae.optim import adam, learning_rate, set_lr, step_if_finite
 from iwae.precision import step_context
-from iwae.rundir import SUMMARY_FILE, prepare_run_dir, read_json
+from iwae.rundir import SUMMARY_FILE, prepare_run_dir, read_json, training_finished
 from iwae.runlock import locked
 from iwae.runs import Run, open_run
 
@@ -131,7 +131,7 @@ def train_lockstep(
                 settle_group_checkpoint(out)
                 if fallback:
                     say(recover_checkpoint(out))
-        if resume and all((o / SUMMARY_FILE).exists() for o in outs):
+        if resume and all(training_finished(o) for o in outs):
             return [read_json(o / SUMMARY_FILE) for o in outs]
         runs = [
             open_run(c, o, dataset, overwrite, device, resume, cuda_graphs)

@@ -11,7 +11,13 @@ from pathlib import Path
 from iwae.config import TrainConfig
 from iwae.errors import IwaeError
 from iwae.grids import Run
-from iwae.rundir import CONFIG_FILE, SUMMARY_FILE, WEIGHTS_FILE, read_json, write_json
+from iwae.rundir import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    read_json,
+    training_finished,
+    write_json,
+)
 
 #: configuration keys that do not change what a run computes
 _NOT_COMPARED = ("data_dir", "checkpoint_minutes", "stage_nll_k", "precision_requested")
@@ -57,7 +63,7 @@ def _finished_runs(sources: list[Path]) -> list[tuple[dict, dict, Path]]:
             config = read_json(run_dir / CONFIG_FILE, required=False)
             if not (
                 isinstance(config, dict)
-                and (run_dir / SUMMARY_FILE).exists()
+                and training_finished(run_dir)
                 and (run_dir / WEIGHTS_FILE).exists()
             ):
                 continue

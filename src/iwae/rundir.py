@@ -139,12 +139,14 @@ def save_weights(model, path: Path, passes: int | None = None) -> None:
 def weights_passes(path: Path) -> int | None:
     """The passes the weights in ``path`` were trained for, from the file's metadata (None
     for weights saved without it, before it was recorded)."""
-    try:
-        with safetensors.safe_open(path, framework="pt") as f:
-            passes = (f.metadata() or {}).get("passes")
-    except Exception as e:  # safetensors raises its own error types for bad files
-        raise RunDirError(f"{path} is not a readable safetensors file: {e}") from None
+    passes = read_safetensors(path, metadata_only=True)[1].get("passes")
     return int(passes) if passes is not None and passes.isdigit() else None
+
+
+def training_finished(run_dir: str | Path) -> bool:
+    """Whether a run's training has finished: the last thing it writes, ``summary.json``,
+    is there."""
+    return (Path(run_dir) / SUMMARY_FILE).exists()
 
 
 def stage_dir(run_dir: str | Path, passes: int) -> Path:
@@ -184,13 +186,17 @@ def read_json(path: str | Path, required: bool = True):
         raise RunDirError(f"{path} is not valid JSON ({e})") from None
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_safetensors(
+    path: Path, metadata_only: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and the metadata of a safetensors file (no tensors with
+    ``metadata_only``); a :class:`RunDirError` for a missing or unreadable file."""
     if not path.exists():
         raise RunDirError(f"{path} is missing")
     try:
         with safetensors.safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            tensors = {} if metadata_only else {key: f.get_tensor(key) for key in f.keys()}
     except Exception as e:  # safetensors raises its own error types for bad files
         raise RunDirError(
             f"{path} is not a readable safetensors file (truncated or tampered?): {e}"

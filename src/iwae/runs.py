@@ -48,6 +48,7 @@ from iwae.rundir import (
     read_metrics,
     read_safetensors,
     stage_dir,
+    training_finished,
     weights_passes,
     write_json,
     write_metrics,
@@ -124,11 +125,17 @@ def load_run(
     run_dir = Path(run_dir)
     config = load_config(run_dir)
     model = build_model(config) if model is None else model
+    path = _weights_file(run_dir)
+    load_state(model, read_safetensors(path)[0], path)
+    return config, model.to(device)
+
+
+def _weights_file(run_dir: Path) -> Path:
+    """The run's weights file, which its first stage end writes; a RunDirError before."""
     path = run_dir / WEIGHTS_FILE
     if not path.exists():
         raise RunDirError(f"{path} is missing: the run has not finished its first stage yet")
-    load_state(model, read_safetensors(path)[0], path)
-    return config, model.to(device)
+    return path
 
 
 def evaluation_dir(run_dir: str | Path) -> tuple[Path, int | None]:
@@ -141,11 +148,9 @@ def evaluation_dir(run_dir: str | Path) -> tuple[Path, int | None]:
     saved before it was, it is the latest stage end that ``metrics.jsonl`` has passed."""
     run_dir = Path(run_dir)
     config = load_config(run_dir)  # first: a directory without it is no run directory
-    if (run_dir / SUMMARY_FILE).exists():
+    if training_finished(run_dir):
         return run_dir, None
-    path = run_dir / WEIGHTS_FILE
-    if not path.exists():
-        raise RunDirError(f"{path} is missing: the run has not finished its first stage yet")
+    path = _weights_file(run_dir)
     passes = weights_passes(path)
     if passes is None:
         done = max((m.get("pass", 0) for m in read_metrics(run_dir)), default=0)

@@ -53,7 +53,7 @@ def plan_tasks(
 
     from iwae.checkpoint import resume_position
     from iwae.lockstep import stackable
-    from iwae.rundir import SUMMARY_FILE
+    from iwae.rundir import training_finished
     from iwae.train import TrainConfig, lockstep_key, settle_group_checkpoint
 
     cuda = torch.cuda.is_available()
@@ -67,7 +67,7 @@ def plan_tasks(
         if (
             group_size < 2
             or run.after
-            or (d / SUMMARY_FILE).exists()
+            or training_finished(d)
             or not stackable(config)
             or not (cuda or config.rows_per_step < LOCKSTEP_MAX_ROWS_CPU)
         ):

@@ -80,7 +80,7 @@ def run_one(
 
 def _run_one(run: dict, work: Work) -> dict:
     """:func:`run_one` with the settings ``work``."""
-    from iwae.rundir import SUMMARY_FILE
+    from iwae.rundir import training_finished
     from iwae.train import time_limit_passed
 
     run, out = _worker_setup(run, work)
@@ -89,7 +89,7 @@ def _run_one(run: dict, work: Work) -> dict:
     if time_limit_passed(work.stop_at):  # not started
         return _stopped([run])[0]
     with interrupts.catching(), locked(out):
-        started, trained_before = time.perf_counter(), (out / SUMMARY_FILE).exists()
+        started, trained_before = time.perf_counter(), training_finished(out)
         try:
             _train_one(run, out, work, trained_before)
         except TrainingStopped as stop:
@@ -158,7 +158,7 @@ def run_group(
 
 def _run_group(runs: list[dict], work: Work) -> list[dict]:
     """:func:`run_group` with the settings ``work``."""
-    from iwae.rundir import SUMMARY_FILE
+    from iwae.rundir import training_finished
     from iwae.train import time_limit_passed
 
     if len(runs) == 1:
@@ -171,7 +171,7 @@ def _run_group(runs: list[dict], work: Work) -> list[dict]:
         for out in outs:
             held.enter_context(locked(out))
         started = time.perf_counter()
-        trained_before = all((out / SUMMARY_FILE).exists() for out in outs)
+        trained_before = all(training_finished(out) for out in outs)
         try:
             _train_group(members, work)
         except TrainingStopped as stop:
@@ -289,10 +289,10 @@ def _evaluated(run: Run, out: Path, work: Work) -> bool:
     (written there by ``iwae evaluate`` before it wrote unfinished runs' evaluations to
     ``stages/``) leaves it to resume."""
     from iwae import data as iwae_data
-    from iwae.rundir import SUMMARY_FILE
+    from iwae.rundir import training_finished
 
     done = read_json(out / "evaluation.json", required=False)
-    if not done or not (out / SUMMARY_FILE).exists():
+    if not done or not training_finished(out):
         return False
     dataset = run.config["dataset"]
     full = iwae_data.TEST_SIZES.get(dataset) or iwae_data.load_dataset(dataset).test.shape[0]

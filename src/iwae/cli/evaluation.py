@@ -41,6 +41,7 @@ from iwae.rundir import (
     check_output_file,
     make_parents,
     read_evaluation_log_px,
+    training_finished,
     write_ais,
     write_bdmc,
     write_evaluation,
@@ -332,7 +333,7 @@ def _evaluate_ais(args) -> int:
     holding the lock of their directory (by default the run's evaluation directory,
     :func:`iwae.runs.evaluation_dir`) and, for a run whose training has not finished, of
     the run's directory too: its weights stay those of one stage end while they are read."""
-    unfinished = not (args.run_dir / SUMMARY_FILE).exists()
+    unfinished = not training_finished(args.run_dir)
     with locked(args.run_dir) if unfinished else contextlib.nullcontext():
         source, passes = evaluation_dir(args.run_dir)
         out = _out_dir(args, (AIS_FILE, AIS_IMAGES_FILE), default=source)
