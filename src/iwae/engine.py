@@ -315,11 +315,11 @@ def run_pass(group: Group, p: int, bar) -> list[dict]:
     checkpoints every ``checkpoint_minutes``; returns the runs' metrics records."""
     runs, first, stepper = group.runs, group.first, group.stepper
     stage, lr = first.plan[p]
+    t0 = time.perf_counter() - first.state.seconds  # the pass's clock counts its shuffle too
     stepper.start_pass(lr)
     batches = [pass_batches(r) for r in runs]
     bs = first.config.batch_size
     steps = math.ceil(first.train_x.shape[0] / bs)
-    t0 = time.perf_counter() - first.state.seconds
     totals = PassTotals([r.state for r in runs], first.train_x.device)
     for step in range(first.state.step, steps):
         xbs = [b[step * bs : (step + 1) * bs] for b in batches]
