@@ -2,7 +2,11 @@
 """Speed experiments for iwae's training step and evaluation (prototypes, not the package).
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python bench/prototypes/experiments_speed.py \
-        [train|eval|micro|all] [--rounds 7] [--only V ...] [--out FILE]
+        [train|eval|micro|all] [--rounds 7] [--only V ...] [--out FILE] \
+        [--precision fp32|bf16] [--threads N]
+
+``--precision`` and ``--threads`` apply to the training variants (every one of them, the
+baseline too): the networks under bf16 autocast as iwae's bf16 steps run them, on N threads.
 
 Every variant is compared with the baseline IN THE SAME PROCESS, interleaved in rounds
 (baseline, variant 1, variant 2, ..., then again), and the median time per round is
@@ -59,6 +63,7 @@ from iwae.bounds import Objective
 from iwae.data import binarize_fixed, load_mnist
 from iwae.evaluate import log_weight_reductions
 from iwae.model import VAE, GaussianLayer, ModelConfig, Tanh, bernoulli_log_prob
+from iwae.precision import step_context
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))  # the repository: bench/prototypes/ is two below
@@ -164,7 +169,7 @@ def make_model(layers=1, seed=0, pixel_mean=None, variant=None):
 # -- training ---------------------------------------------------------------------------
 
 
-def make_step(variant, k, batch, train_x, pixel_mean, layers=1):
+def make_step(variant, k, batch, train_x, pixel_mean, layers=1, precision="fp32"):
     model = make_model(layers, 0, pixel_mean, variant)
     adam_kw = (
         {"foreach": True}
@@ -189,7 +194,8 @@ def make_step(variant, k, batch, train_x, pixel_mean, layers=1):
 
     def body(xb):
         optimizer.zero_grad(set_to_none=True)
-        log_w = model.log_weights(xb, objective.samples)
+        with step_context(model, precision):
+            log_w = model.log_weights(xb, objective.samples)
         value = objective.backward(log_w, enc, dec)
         optimizer.step()
         return value
@@ -205,15 +211,17 @@ def make_step(variant, k, batch, train_x, pixel_mean, layers=1):
     return step, state
 
 
-def _settle(n_threads: int):
-    """Back to 1 thread; after a multi-threaded variant wait for the OpenMP workers to
+def _settle(n_threads: int, base: int = 1):
+    """Back to ``base`` threads; after a variant with more, wait for the OpenMP workers to
     stop spinning, which would otherwise slow the next variant down."""
-    torch.set_num_threads(1)
-    if n_threads > 1:
+    torch.set_num_threads(base)
+    if n_threads > base:
         time.sleep(0.5)
 
 
-def bench_variants(makers: dict, n_steps: int, rounds: int, threads: dict) -> dict:
+def bench_variants(
+    makers: dict, n_steps: int, rounds: int, threads: dict, base_threads: int = 1
+) -> dict:
     """makers: name -> () -> step. Warm-up (timed: includes compilation), then ``rounds``
     rounds timing every variant for ``n_steps`` steps, the order rotated each round.
     The speed-up uses the fastest round of each variant (the least disturbed by other
@@ -222,23 +230,23 @@ def bench_variants(makers: dict, n_steps: int, rounds: int, threads: dict) -> di
     ``baseline_repeat``'s own ratio shows the noise level."""
     steps, out = {}, {}
     for name, mk in makers.items():
-        torch.set_num_threads(threads.get(name, 1))
+        torch.set_num_threads(threads.get(name, base_threads))
         t0 = time.perf_counter()
         steps[name] = mk()
         for _ in range(3):
             steps[name]()
         first = time.perf_counter() - t0
-        _settle(threads.get(name, 1))
+        _settle(threads.get(name, base_threads), base_threads)
         out[name] = {"warmup_s": first, "times": []}
     names = list(steps)
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            torch.set_num_threads(threads.get(name, 1))
+            torch.set_num_threads(threads.get(name, base_threads))
             t0 = time.perf_counter()
             for _ in range(n_steps):
                 steps[name]()
             out[name]["times"].append((time.perf_counter() - t0) / n_steps)
-            _settle(threads.get(name, 1))
+            _settle(threads.get(name, base_threads), base_threads)
     pooled = out["baseline"]["times"] + out.get("baseline_repeat", {"times": []})["times"]
     base_min, base_med = min(pooled), statistics.median(pooled)
     for r in out.values():
@@ -270,7 +278,7 @@ TRAIN_VARIANTS = [
 ]
 
 
-def run_train(rounds: int, only=None) -> dict:
+def run_train(rounds: int, only=None, precision: str = "fp32", threads: int = 1) -> dict:
     train_x, _ = load_images()
     pixel_mean = train_x.mean(0)
     results = {}
@@ -286,12 +294,13 @@ def run_train(rounds: int, only=None) -> dict:
                 20,
                 train_x,
                 pixel_mean,
+                precision=precision,
             )[0]
-        r = bench_variants(makers, n_steps, rounds, {"threads2": 2})
+        r = bench_variants(makers, n_steps, rounds, {"threads2": 2}, base_threads=threads)
         results[f"k={k}"] = r
         print(
-            f"\nTRAIN 1 layer, batch 20, k={k}: speed vs baseline, best (median) of {rounds} "
-            f"rounds x {n_steps} steps"
+            f"\nTRAIN 1 layer, batch 20, k={k}, {precision}, {threads} thread(s): speed vs "
+            f"baseline, best (median) of {rounds} rounds x {n_steps} steps"
         )
         for name, x in r.items():
             print(
@@ -493,6 +502,13 @@ def main():
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--only", nargs="*", default=None, help="variants to run (with the baseline)")
     p.add_argument("--eval-images", type=int, default=12)
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="train: the networks' precision (iwae.precision.step_context)",
+    )
+    p.add_argument("--threads", type=int, default=1, help="train: threads of every variant")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -502,7 +518,8 @@ def main():
     )
     res = {"torch": torch.__version__, "load_average_at_start": os.getloadavg()}
     if args.what in ("train", "all"):
-        res["train"] = run_train(args.rounds, args.only)
+        res["train"] = run_train(args.rounds, args.only, args.precision, args.threads)
+        res["train_settings"] = {"precision": args.precision, "threads": args.threads}
     if args.what in ("micro", "all"):
         res["micro"] = run_micro()
     if args.what in ("eval", "all"):
