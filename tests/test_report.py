@@ -232,6 +232,22 @@ def test_claims_without_per_image_values_say_so(tmp_path):
     ) in text
 
 
+def test_a_grid_with_one_k1_objective_fills_both_columns_of_table1(tmp_path):
+    """At k=1 the VAE and the IWAE are one objective: a grid that trained only IWAE k=1 (as
+    `--only k=1` at the paper's budget did) shows its number in both columns, with a note."""
+    _experiment(tmp_path, "table1", _table1(), only={"k": "1"})
+    _run(tmp_path, _name("iwae", 1), nll=86.07)
+    text = write_report(tmp_path).read_text()
+    assert (
+        "| mnist | 1 | 1 | 86.07 | 86.76 | -0.69 | 86.07 | 86.76 | -0.69 | 20 | 19 | 20 | 19 |"
+        in text
+    )
+    assert "k=1: VAE and IWAE are one objective (the one-sample ELBO)" in text
+    assert "active units as VAE" not in text  # the one run against itself: no ordering
+    _paired_experiment(tmp_path / "both")  # both trained: no note
+    assert "where a grid trained one of them" not in write_report(tmp_path / "both").read_text()
+
+
 def _ladder_experiments(root):
     """MNIST 1 layer at 13 passes (one cell evaluated on the first 2,000 images, one on the
     whole set, one on a random subset) and at 121 passes (one run finished, one training)."""

@@ -16,6 +16,7 @@ from iwae.report.results import (
     independent_table1,
     mean_of,
     paper_table1,
+    share_k1,
     stage_results,
 )
 
@@ -40,9 +41,7 @@ def _ladder_section(dataset: str, runs: list[RunResult], fig_dir: Path) -> list[
     cells: dict[tuple, list[RunResult]] = {}
     for r in runs:
         cells.setdefault((r.label["layers"], r.label["k"], r.label["objective"]), []).append(r)
-    for layers in {layers for layers, k, _ in cells if k == 1}:  # one objective at k=1
-        pooled = cells.get((layers, 1, "vae"), []) + cells.get((layers, 1, "iwae"), [])
-        cells[(layers, 1, "vae")] = cells[(layers, 1, "iwae")] = pooled
+    cells = share_k1(cells)
     order = sorted(cells, key=lambda c: (c[0], c[1], c[2] != "vae"))
     sources = sorted(
         {(r.passes or 0, r.run_dir.parent.parent.name) for r in runs if r.run_dir is not None}

@@ -181,6 +181,20 @@ def group_runs(results, keys):
     return groups
 
 
+def share_k1(cells: dict[tuple, list]) -> dict[tuple, list]:
+    """Table 1's cells keyed (..., k, objective), with the k=1 VAE and IWAE cells each
+    holding the runs of both: at k=1 they are one objective (the one-sample ELBO), so a
+    grid that trained one of them fills both rows. Where both were trained their numbers
+    are the same, and so are the cells' means."""
+    out = dict(cells)
+    for key in cells:
+        *rest, k, objective = key
+        if k == 1 and objective in ("vae", "iwae"):
+            vae, iwae = (*rest, 1, "vae"), (*rest, 1, "iwae")
+            out[vae] = out[iwae] = cells.get(vae, []) + cells.get(iwae, [])
+    return out
+
+
 def mean_of(values):
     """The mean of the values that are not None, or None."""
     values = [v for v in values if v is not None]

@@ -29,6 +29,7 @@ from iwae.report.results import (
     paper_table1,
     paper_tables,
     read_json_or_none,
+    share_k1,
     table_rows,
 )
 from iwae.rundir import AIS_FILE, BDMC_FIGURE, BDMC_FILE
@@ -48,7 +49,8 @@ def _claims(results: list[RunResult], heading: str, claims: list[str]) -> list[s
 def _table1_section(meta, results, fig_dir: Path) -> list[str]:
     """Burda et al. Table 1: NLL and active units of each cell beside the paper's, then
     the paper's orderings (:func:`iwae.report.claims.table1_claims`) and the figures."""
-    paper, cells = paper_table1(), group_runs(results, ("dataset", "layers", "k", "objective"))
+    paper, trained = paper_table1(), group_runs(results, ("dataset", "layers", "k", "objective"))
+    cells = share_k1(trained)
 
     def units(key):
         return mean_units(cells.get(key, []))
@@ -72,6 +74,12 @@ def _table1_section(meta, results, fig_dir: Path) -> list[str]:
         if (dataset, layers) in in_grid:
             lines += [_table1_row(paper, (dataset, layers, k), cells, units) for k in (1, 5, 50)]
             claims += table1_claims(dataset, layers, cells, units)
+    if any(cells[key] and key not in trained for key in cells):
+        lines += [
+            "",
+            "k=1: VAE and IWAE are one objective (the one-sample ELBO); where a grid trained "
+            "one of them, both columns show its runs.",
+        ]
     lines += _claims(results, "Orderings of the paper, at this budget:", claims)
     return lines + section_figures(meta, results, fig_dir, "table1")
 
