@@ -95,11 +95,15 @@ def _snapshot(directory: Path) -> dict:
     return {p: p.read_bytes() for p in files}
 
 
-def _wait_for(predicate, proc: subprocess.Popen, seconds: float = 300) -> None:
+def _wait_for(
+    predicate, proc: subprocess.Popen | None, seconds: float = 300, what: object = "timed out"
+) -> None:
+    """Until ``predicate()``, failing (with ``what``) after ``seconds`` or should ``proc``
+    (if any) end first."""
     deadline = time.monotonic() + seconds
     while not predicate():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "timed out"
+        assert proc is None or proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, what
         time.sleep(0.02)
 
 
@@ -518,15 +522,6 @@ def _children(pid: int) -> dict[int, str]:
     return found
 
 
-def _gone_within(pids, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while any(_alive(pid) for pid in pids):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
-
-
 _LOAD = """
 import sys
 from iwae.experiments import reproduce
@@ -570,7 +565,7 @@ def test_a_grid_of_200_runs(tmp_path):
     workers = [pid for pid, cmd in children.items() if "resource_tracker" not in cmd]
     trackers = [pid for pid in children if pid not in workers]
     assert workers and not [pid for pid in workers if _alive(pid)], children
-    assert _gone_within(trackers, 10), children
+    _wait_for(lambda: not any(_alive(pid) for pid in trackers), None, 10, children)
     rss = [(done, kib) for done, kib in samples if kib is not None]
     early = max(kib for done, kib in rss if done <= 50)
     late = max(kib for done, kib in rss if done >= 100)
