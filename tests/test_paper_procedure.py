@@ -22,8 +22,8 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import iwae.data as iwae_data
-import iwae.engine as iwae_engine
 import iwae.evaluate as iwae_evaluate
+import iwae.steppers as iwae_steppers
 import iwae.train as iwae_train
 from iwae.cli import main
 from iwae.data import Dataset
@@ -68,13 +68,13 @@ class OptimizerLog:
 
 
 def capture_steps(monkeypatch, real_steps: int | None = None) -> list[torch.Tensor]:
-    """Record the batch of every training step (``iwae.engine.train_step``'s ``x``).
+    """Record the batch of every training step (``iwae.steppers.train_step``'s ``x``).
 
     With ``real_steps``, only the first ``real_steps`` steps run the real step; later ones
     take an optimizer step with the gradients left from the last real one and return its
     result (whatever its form), so long schedules run fast and the optimizer still sees
     every step."""
-    original, batches, last = iwae_engine.train_step, [], {}
+    original, batches, last = iwae_steppers.train_step, [], {}
 
     def step(model, objective, optimizer, x, *args, **kwargs):
         batches.append(x.detach().clone())
@@ -84,7 +84,7 @@ def capture_steps(monkeypatch, real_steps: int | None = None) -> list[torch.Tens
             optimizer.step()
         return last["result"]
 
-    monkeypatch.setattr(iwae_engine, "train_step", step)
+    monkeypatch.setattr(iwae_steppers, "train_step", step)
     return batches
 
 
@@ -297,6 +297,8 @@ def test_beta1_from_the_command_line_reaches_adam(tmp_path, monkeypatch):
                 "10",
                 "--stage-nll-k",
                 "0",
+                "--precision",  # auto's timing of both precisions takes Adam steps of its own
+                "fp32",
                 "--out",
                 str(tmp_path / "run"),
                 "--quiet",

@@ -17,6 +17,7 @@ import safetensors.torch
 import torch
 
 import iwae.engine
+import iwae.steppers
 from iwae.bounds import Objective
 from iwae.checkpoint import generator_state
 from iwae.cli import main
@@ -348,7 +349,7 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
 
 
 def test_a_non_finite_batch_is_skipped(tmp_path, monkeypatch):
-    original, calls = iwae.engine.train_step, {"n": 0}
+    original, calls = iwae.steppers.train_step, {"n": 0}
 
     def poisoned(model, objective, optimizer, x, *args, **kwargs):
         calls["n"] += 1
@@ -357,7 +358,7 @@ def test_a_non_finite_batch_is_skipped(tmp_path, monkeypatch):
             x[0, 0] = float("nan")
         return original(model, objective, optimizer, x, *args, **kwargs)
 
-    monkeypatch.setattr(iwae.engine, "train_step", poisoned)
+    monkeypatch.setattr(iwae.steppers, "train_step", poisoned)
     train(small_config(stages=1), tmp_path / "run", dataset=synthetic(), progress=False)
     (m,) = read_metrics(tmp_path / "run")
     assert m["skipped_steps"] == 1 and np.isfinite(m["train_bound"])

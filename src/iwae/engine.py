@@ -1,16 +1,16 @@
 """The training loop: one loop over passes and one over the steps of a pass, for a group of
 runs trained side by side (a single run is the group of one).
 
-How the group takes a step is its stepper (:class:`Stepper`): one run's
-:func:`iwae.optim.train_step`, eager (:class:`EagerStep`; torchrun-sharded where the run has
-a shard) or replayed from CUDA graphs (:class:`GraphedStep`), or G runs' models stacked into
-one (:class:`iwae.lockstep.GroupStep`). The loop does the rest once for all of them: the
-pass's data, the running sums and the non-finite guard, the time limit
-(:class:`iwae.errors.TimeLimitReached`) and SIGINT/SIGTERM (:class:`iwae.errors.Interrupted`:
-the step in progress ends, a checkpoint is written there; :mod:`iwae.interrupts`),
-checkpoints (one file for a single run, two phases for a lockstep group:
-:func:`group_checkpoint`), the metrics lines with the test bounds due, the stage-end
-weights, and ``summary.json``. A write that fails (a full disk) stops training with an
+How the group takes a step is its stepper (:class:`iwae.steppers.Stepper`): one run's
+:func:`iwae.optim.train_step`, eager (:class:`iwae.steppers.EagerStep`; torchrun-sharded
+where the run has a shard) or replayed from CUDA graphs (:class:`iwae.steppers.GraphedStep`),
+or G runs' models stacked into one (:class:`iwae.lockstep.GroupStep`). The loop does the
+rest once for all of them: the pass's data, the running sums and the non-finite guard, the
+time limit (:class:`iwae.errors.TimeLimitReached`) and SIGINT/SIGTERM
+(:class:`iwae.errors.Interrupted`: the step in progress ends, a checkpoint is written
+there; :mod:`iwae.interrupts`), checkpoints (one file for a single run, two phases for a
+lockstep group: :func:`group_checkpoint`), the metrics lines with the test bounds due, the
+stage-end weights, and ``summary.json``. A write that fails (a full disk) stops training with an
 :class:`iwae.errors.IwaeError` naming the file and the last good checkpoint
 (:func:`write_failed`). :func:`train` holds the run directory's lock (:mod:`iwae.runlock`).
 """
@@ -25,7 +25,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
@@ -42,13 +41,11 @@ from iwae.checkpoint import (
     save_checkpoint,
 )
 from iwae.config import TrainConfig, resume_config
-from iwae.cudagraph import GraphedSteps
 from iwae.distributed import barrier
 from iwae.errors import Interrupted, IwaeError, TimeLimitReached, TrainingStopped
 from iwae.latent import LatentVariableModel
 from iwae.memory import reuse_freed_memory
-from iwae.optim import set_lr, train_step
-from iwae.precision import step_context, summary_record
+from iwae.precision import summary_record
 from iwae.rundir import (
     METRICS_FILE,
     SUMMARY_FILE,
@@ -62,92 +59,10 @@ from iwae.rundir import (
 from iwae.runlock import lead_process, locked
 from iwae.runlog import log_pass, log_stage, pass_record, stage_bar, stage_nll, test_bounds
 from iwae.runs import Run, open_run
+from iwae.steppers import EagerStep, GraphedStep, Stepper
 
 #: steps between host reads of the non-finite-step count (the count itself stays on the device)
 GUARD_EVERY = 100
-
-
-class Stepper(Protocol):
-    """How a group's runs take a training step."""
-
-    def start_pass(self, lr: float) -> None:
-        """Set the learning rate ``lr`` and put the model(s) in training mode."""
-
-    def __call__(self, batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One step of each run g on its batch ``batches[g]`` [B, D]: (its batch-mean bound,
-        0-dim or [G]; skipped, a 0-dim 0/1 tensor for the whole group)."""
-
-    def to_members(self) -> None:
-        """Bring the runs' own models and optimizers up to date (before they are saved)."""
-
-    @property
-    def graph_failure(self) -> str | None:
-        """Why the CUDA-graph capture failed (the steps then ran eagerly), else None."""
-
-
-class EagerStep:
-    """The step of one run: :func:`iwae.optim.train_step` on its model, with its generator's
-    noise, in the run's precision (:func:`iwae.precision.step_context`); data parallel
-    (:mod:`iwae.distributed`) where the run has a torchrun shard."""
-
-    graph_failure = None
-
-    def __init__(self, run: Run):
-        self.run = run
-        self.params = None
-
-    def start_pass(self, lr: float) -> None:
-        set_lr(self.run.optimizer, lr)
-        self.run.model.train()
-        self.params = self.run.model.encoder_parameters(), self.run.model.decoder_parameters()
-
-    def __call__(self, batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        (xb,) = batches
-        run = self.run
-        with step_context(run.model, run.config.precision):
-            return train_step(
-                run.model, run.objective, run.optimizer, xb, run.generator, self.params, run.shard
-            )
-
-    def to_members(self) -> None:
-        pass
-
-
-class GraphedStep(EagerStep):
-    """The step of :class:`EagerStep` replayed from CUDA graphs, one per batch shape, with
-    the same noise drawn from the same generator (:class:`iwae.cudagraph.GraphedSteps`)."""
-
-    def __init__(self, run: Run):
-        super().__init__(run)
-        device = run.train_x.device
-        self.steps = GraphedSteps(
-            self._body, device, _generator_noise(run.generator), device.type == "cuda"
-        )
-
-    def _body(self, x: torch.Tensor, noise) -> tuple[torch.Tensor, torch.Tensor]:
-        run = self.run
-        with step_context(run.model, run.config.precision):
-            return train_step(
-                run.model, run.objective, run.optimizer, x, params=self.params, noise=noise
-            )
-
-    def __call__(self, batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        (xb,) = batches
-        return self.steps(xb)
-
-    @property
-    def graph_failure(self) -> str | None:
-        return self.steps.failed
-
-
-def _generator_noise(generator: torch.Generator):
-    """The noise a step draws with ``generator`` (as :meth:`iwae.model.GaussianLayer.rsample`
-    does), as a :data:`iwae.model.Noise`."""
-
-    def draw(shape, dtype, device) -> torch.Tensor:
-        return torch.randn(shape, dtype=dtype, device=device, generator=generator)
-
-    return draw
 
 
 @dataclass

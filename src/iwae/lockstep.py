@@ -222,7 +222,7 @@ class LockstepStep:
 
 
 class GroupStep(LockstepStep):
-    """The stepper (:class:`iwae.engine.Stepper`) of a lockstep group of open runs: the
+    """The stepper (:class:`iwae.steppers.Stepper`) of a lockstep group of open runs: the
     stacked step, and the copies to and from the runs' own models and optimizers."""
 
     def __init__(self, runs: list[Run]):

@@ -19,13 +19,14 @@ This module is the public face of training; the parts live by concept:
 - :mod:`iwae.config`       the configuration (:class:`TrainConfig`) and its files
 - :mod:`iwae.optim`        Adam and the training step (:func:`train_step`)
 - :mod:`iwae.runs`         an open run (device, data, model, optimizer), a finished one read back
-- :mod:`iwae.engine`       the one training loop (:func:`train`, :func:`resume`) and its steppers
+- :mod:`iwae.engine`       the one training loop (:func:`train`, :func:`resume`)
+- :mod:`iwae.steppers`     how the loop takes a step: eager, or replayed from CUDA graphs
 - :mod:`iwae.lockstep`     runs trained side by side as one stacked model (:func:`train_lockstep`)
 - :mod:`iwae.distributed`  torchrun: the process group and the sharded backward pass
 - :mod:`iwae.runlog`       metrics lines, TensorBoard and progress bars
 
 The names here are those modules' objects: to replace one that the loop calls (a test's
-``monkeypatch.setattr``), set it in the module that calls it (``iwae.engine.train_step``).
+``monkeypatch.setattr``), set it in the module that calls it (``iwae.steppers.train_step``).
 """
 
 from __future__ import annotations

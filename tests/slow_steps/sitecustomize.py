@@ -1,5 +1,5 @@
 """Test helper: with ``IWAE_TEST_STEP_SECONDS`` set, every training step of a single run
-(:class:`iwae.engine.EagerStep`) sleeps that long first, in every Python process started
+(:class:`iwae.steppers.EagerStep`) sleeps that long first, in every Python process started
 with this directory on ``PYTHONPATH`` (a CLI child, the spawned workers of ``iwae
 reproduce``, Ray's workers). The numbers are unchanged; a signal or a kill then lands
 mid-training."""
@@ -14,10 +14,10 @@ SECONDS = float(os.environ.get("IWAE_TEST_STEP_SECONDS", "0"))
 
 
 class _SlowSteps(importlib.abc.MetaPathFinder):
-    """Patches ``iwae.engine`` right after it is first imported."""
+    """Patches ``iwae.steppers`` right after it is first imported."""
 
     def find_spec(self, name, path, target=None):
-        if name != "iwae.engine":
+        if name != "iwae.steppers":
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)
