@@ -832,3 +832,18 @@ def test_the_budget_line_counts_a_run_s_own_training_clock_where_runner_json_has
     (unfinished / "runner.json").write_text(json.dumps({"train_wall_s": 600.0}))
     (unfinished / "summary.json").write_text(json.dumps({"passes": 121, "train_seconds": 10800.0}))
     assert ", 3.0 CPU-process hours in all" in write_report(tmp_path).read_text()
+
+
+def test_two_directories_of_one_budget_are_told_apart_in_their_headings(tmp_path):
+    """Two Table 1 directories at 121 passes (a grid split by --only) share a title: each
+    heading names its directory; a title that is not repeated stays as it is."""
+    _ladder_experiments(tmp_path)
+    k5 = tmp_path / "table1-mnist-s5-k5"
+    _experiment(k5, "table1", _table1(stages=5), stages=5)
+    _run(k5, _name("iwae", 50), nll=88.0)
+    text = write_report(tmp_path).read_text()
+    title = "## Burda et al. (2016), Table 1 (MNIST), 121 passes"
+    assert f"{title}: `table1-mnist-s5/`\n" in text
+    assert f"{title}: `table1-mnist-s5-k5/`\n" in text
+    assert f"{title}\n" not in text
+    assert "## Burda et al. (2016), Table 1 (MNIST), 13 passes\n" in text

@@ -11,6 +11,7 @@ directories), :mod:`~iwae.report.cells` (table cells and notes), :mod:`~iwae.rep
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 from iwae.data import atomic_write
@@ -103,15 +104,21 @@ def write_report(directory: str | Path) -> Path:
         "directory.",
         "",
     ]
+    sections = []
     for (meta, results), exp_dir in experiments:
-        if meta["experiment"] == "table1" and ladder:  # the ladder, then each table1 directory
-            lines, ladder = lines + ladder, []
         meta["_dir"] = str(exp_dir)
         meta["_several_budgets"] = len(table1_budgets) > 1  # then headings say which
         meta["_figure_prefix"] = exp_dir.name if exp_dir != directory else meta["experiment"]
         where = exp_dir.relative_to(directory) if exp_dir != directory else "."
-        lines += SECTIONS[meta["experiment"]](meta, results, fig_dir)
-        lines += [f"Runs: `{where}/runs/`", ""]
+        section = SECTIONS[meta["experiment"]](meta, results, fig_dir)
+        sections.append((meta["experiment"], where, section + [f"Runs: `{where}/runs/`", ""]))
+    headings = Counter(section[0] for _, _, section in sections)
+    for experiment, where, section in sections:
+        if experiment == "table1" and ladder:  # the ladder, then each table1 directory
+            lines, ladder = lines + ladder, []
+        if headings[section[0]] > 1:  # two directories of one experiment and budget
+            section = [f"{section[0]}: `{where}/`", *section[1:]]
+        lines += section
     lines += ais_section(directory)
     lines += likelihoods_section(directory)
     path = directory / REPORT_FILE
