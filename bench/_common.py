@@ -60,6 +60,32 @@ def time_steps(step, warmup_steps: int, warmup_s: float, repeats: int, min_s: fl
     }
 
 
+def time_course(step, seconds: float, window_s: float) -> dict:
+    """Call ``step()`` (no arguments) for ``seconds`` from the first step on, with no
+    warm-up, and count the steps of each ``window_s``-second window: how a training
+    rate moves as training goes on (a window ends at the first step past its length)."""
+    windows = []
+    start = t0 = time.perf_counter()
+    n = total = 0
+    while True:
+        step()
+        n += 1
+        total += 1
+        now = time.perf_counter()
+        if now - t0 >= window_s:
+            windows.append(
+                {
+                    "end_s": now - start,
+                    "steps_total": total,
+                    "steps": n,
+                    "steps_per_s": n / (now - t0),
+                }
+            )
+            n, t0 = 0, now
+            if now - start >= seconds:
+                return {"windows": windows}
+
+
 # -- FLOP model -------------------------------------------------------------------------
 
 

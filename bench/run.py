@@ -4,6 +4,7 @@ and a correctness check, for iwae and (optionally) pythae, in one run on one mac
     python bench/run.py [--quick] [--no-pythae] [--threads N] [--iwae-threads same|auto]
                         [--device auto|cpu|cuda|cuda:N] [--data-dir D] [--out bench/results.json]
     python bench/run.py --only precision [--quick] [--data-dir D] [--out FILE.json]
+    python bench/run.py --only course [--quick] [--threads N] [--data-dir D] [--out FILE.json]
 
 See bench/README.md for what is measured and how each ratio is defined. This process
 imports no torch: every phase runs in its own worker process (bench/worker_iwae.py with
@@ -90,6 +91,13 @@ TOLERANCE_NATS = 1e-3
 #: the ``precision`` phase (``--only precision``): fp32 against bf16 training steps of IWAE,
 #: Burda et al.'s models, on one thread
 PRECISION = {"layers": [1, 2], "ks": [1, 5, 50], "batch": 20, "threads": 1}
+#: the ``course`` phase (``--only course``): the k=50 training rate over the first
+#: ``seconds`` of training from initialization, per window, on the whole MNIST training set
+COURSE = {"job": {"layers": 1, "k": 50, "batch": 20}, "n_train_pool": 60000}
+COURSE_TIMING = {
+    "full": {"seconds": 120.0, "window_s": 10.0},
+    "quick": {"seconds": 3.0, "window_s": 1.0},
+}
 
 
 def cpu_model() -> str:
@@ -113,6 +121,30 @@ def lscpu_model_name() -> str | None:
     return names[0] if names else None
 
 
+def phase_result(args, started: float, **fields) -> dict:
+    """The JSON of a phase run alone (``--only``): when, by what command, on which CPU,
+    the load average when it ended, ``fields``, and the seconds since ``started``."""
+    return {
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join(["python", *sys.argv]),
+        "cpu_model": cpu_model(),
+        "lscpu_model_name": lscpu_model_name(),
+        "load_average": os.getloadavg(),
+        "quick": args.quick,
+        **fields,
+        "total_seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def write_result(args, result: dict) -> int:
+    """Write ``result`` to ``--out`` (its folder made where missing); exit status 0."""
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out} in {result['total_seconds']} s")
+    return 0
+
+
 def run_precision(args, cfg: dict, data_dir: str | None) -> int:
     """The ``precision`` phase alone (bench/worker_iwae.py): step times of fp32 and bf16
     training steps (:data:`PRECISION`), with the CPU's model name; writes ``--out``."""
@@ -130,17 +162,7 @@ def run_precision(args, cfg: dict, data_dir: str | None) -> int:
             **PRECISION,
         }
         r = runner.run(sys.executable, "worker_iwae.py", spec)
-    result = {
-        "date": datetime.date.today().isoformat(),
-        "command": " ".join(["python", *sys.argv]),
-        "cpu_model": cpu_model(),
-        "lscpu_model_name": lscpu_model_name(),
-        "load_average": os.getloadavg(),
-        "quick": args.quick,
-        "iwae_malloc": args.iwae_malloc,
-        **r,
-        "total_seconds": round(time.perf_counter() - started, 1),
-    }
+    result = phase_result(args, started, iwae_malloc=args.iwae_malloc, **r)
     print(f"fp32 vs bf16 training steps, batch {PRECISION['batch']}, 1 thread, {cpu_model()}")
     print("layers  k   fp32 ms  bf16 ms  bf16 speed-up  auto")
     for row in r["results"]:
@@ -148,11 +170,78 @@ def run_precision(args, cfg: dict, data_dir: str | None) -> int:
             f"{row['layers']:>6} {row['k']:>3} {row['fp32_ms_per_step']:>8.2f} "
             f"{row['bf16_ms_per_step']:>8.2f} {row['bf16_speedup']:>13.2f}x  {row['auto_choice']}"
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out} in {result['total_seconds']} s")
-    return 0
+    return write_result(args, result)
+
+
+def run_course(args, threads: int, data_dir: str | None) -> int:
+    """The ``course`` phase alone: iwae's k=50 training step (its defaults, denormals
+    flushed) and pythae's, with denormals not flushed (torch's default) and flushed, each
+    trained from initialization for the same seconds (:data:`COURSE`); the examples/s of
+    each window and iwae's ratio to each pythae run per window. Writes ``--out``."""
+    if not args.no_pythae and not Path(args.pythae_python).exists():
+        raise SystemExit(
+            f"{args.pythae_python} not found: run `bash bench/setup_pythae.sh` first, or pass "
+            "--no-pythae"
+        )
+    started = time.perf_counter()
+    timing = COURSE_TIMING["quick" if args.quick else "full"]
+    with tempfile.TemporaryDirectory(prefix="iwae-bench-") as tmp:
+        runner = Runner(threads, Path(tmp), iwae_malloc=args.iwae_malloc)
+        spec = {"phase": "course", "data_file": str(Path(tmp) / "data.npz"), **COURSE, **timing}
+        spec.update({"data_dir": data_dir, "n_test": 64})
+        if args.quick:
+            spec["n_train_pool"] = 2000
+        runs = {"iwae": runner.run(sys.executable, "worker_iwae.py", {**spec, "label": "iwae"})}
+        pythae_runs = () if args.no_pythae else (("pythae", False), ("pythae_flushed", True))
+        for name, flush in pythae_runs:
+            label = name.replace("_", ", ")
+            runs[name] = runner.run(
+                args.pythae_python,
+                "worker_pythae.py",
+                {**spec, "label": label, "flush_denormal": flush},
+            )
+    batch = COURSE["job"]["batch"]
+    rows = []
+    for i, w in enumerate(runs["iwae"]["windows"]):
+        row = {"window": i, "end_s": w["end_s"], "examples_seen": w["steps_total"] * batch}
+        for name in ("iwae", "pythae", "pythae_flushed"):
+            windows = runs[name]["windows"] if name in runs else []
+            row[f"{name}_examples_per_s"] = (
+                windows[i]["steps_per_s"] * batch if i < len(windows) else None
+            )
+        for name in ("pythae", "pythae_flushed"):
+            other = row[f"{name}_examples_per_s"]
+            row[f"iwae_vs_{name}"] = row["iwae_examples_per_s"] / other if other else None
+        rows.append(row)
+    result = phase_result(
+        args,
+        started,
+        threads=threads,
+        **COURSE,
+        **timing,
+        precision=runs["iwae"]["precision"],
+        source=runs["iwae"]["source"],
+        windows=rows,
+        runs=runs,
+    )
+    print_course(result)
+    return write_result(args, result)
+
+
+def print_course(r: dict) -> None:
+    job = r["job"]
+    print(
+        f"training rate from initialization, IWAE k={job['k']}, {job['layers']} layer, batch "
+        f"{job['batch']}, {r['threads']} thread(s), {r['cpu_model']} (iwae in {r['precision']})"
+    )
+    print("window end s  iwae images  iwae ex/s  pythae ex/s  flushed ex/s  ratio  ratio flushed")
+    for w in r["windows"]:
+        print(
+            f"{w['end_s']:>12.1f} {w['examples_seen']:>12,} {w['iwae_examples_per_s']:>10.0f} "
+            f"{_fmt(w['pythae_examples_per_s'], '.0f'):>12} "
+            f"{_fmt(w['pythae_flushed_examples_per_s'], '.0f'):>13} "
+            f"{_fmt(w['iwae_vs_pythae']):>6} {_fmt(w['iwae_vs_pythae_flushed']):>14}"
+        )
 
 
 def default_data_dir() -> str | None:
@@ -277,8 +366,10 @@ def main(argv=None) -> int:
     )
     p.add_argument(
         "--only",
-        choices=("precision",),
-        help="run this phase alone: precision = fp32 against bf16 training steps (1 thread)",
+        choices=("precision", "course"),
+        help="run this phase alone: precision = fp32 against bf16 training steps (1 thread); "
+        "course = the k=50 training rate of iwae and pythae (denormals flushed and not) per "
+        "10-s window over the first 2 minutes of training from initialization",
     )
     p.add_argument(
         "--iwae-malloc",
@@ -296,6 +387,8 @@ def main(argv=None) -> int:
     data_dir = args.data_dir or default_data_dir()
     if args.only == "precision":
         return run_precision(args, cfg, data_dir)
+    if args.only == "course":
+        return run_course(args, threads, data_dir)
     use_pythae = not args.no_pythae
     if use_pythae and not Path(args.pythae_python).exists():
         p.error(

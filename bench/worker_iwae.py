@@ -25,7 +25,7 @@ import torch
 from torch import distributions as D
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import time_steps, worker_main  # noqa: E402
+from _common import time_course, time_steps, worker_main  # noqa: E402
 
 import iwae  # noqa: E402
 from iwae import latent as iwae_latent  # noqa: E402
@@ -233,6 +233,23 @@ def phase_train(spec) -> dict:
             }
         )
     return {"results": results}
+
+
+def phase_course(spec) -> dict:
+    """The training rate of the train phase's k=50 step (``spec["job"]``, in the precision
+    iwae train picks by default) over ``spec["seconds"]`` of training from initialization,
+    per window of ``spec["window_s"]`` seconds (_common.time_course), on the pool of
+    ``spec["n_train_pool"]`` images."""
+    if not Path(spec["data_file"]).exists():
+        spec["source"] = prepare_data(spec)
+    train_x, _, pixel_mean = load_data(spec)
+    job = spec["job"]
+    precision, _ = default_precision(job["layers"], job["k"], job["batch"], pixel_mean)
+    step, _ = make_train_step(
+        job["layers"], job["k"], job["batch"], train_x, pixel_mean, precision=precision
+    )
+    course = time_course(step, spec["seconds"], spec["window_s"])
+    return {**job, **course, "precision": precision, "source": spec.get("source")}
 
 
 # -- precision: fp32 against bf16 training steps -----------------------------------------
@@ -707,5 +724,6 @@ if __name__ == "__main__":
             "grid": phase_grid,
             "groups": phase_groups,
             "precision": phase_precision,
+            "course": phase_course,
         }
     )

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import time_steps, worker_main  # noqa: E402
+from _common import time_course, time_steps, worker_main  # noqa: E402
 from pythae.data.datasets import DatasetOutput  # noqa: E402
 from pythae.models import IWAE, IWAEConfig  # noqa: E402
 from pythae.models.base.base_utils import ModelOutput  # noqa: E402
@@ -138,6 +138,19 @@ def phase_train(spec) -> dict:
     return {"results": results}
 
 
+def phase_course(spec) -> dict:
+    """The train phase's step for ``spec["job"]`` over ``spec["seconds"]`` of training from
+    initialization, per window of ``spec["window_s"]`` seconds (_common.time_course), with
+    denormals flushed or not as the spec says (worker_main)."""
+    train_x, _, pixel_mean = load_data(spec)
+    job = spec["job"]
+    model = build(job["k"], pixel_mean)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-4)
+    model.train()
+    step = _train_step(model, optimizer, train_x, job["batch"])
+    return {**job, **time_course(step, spec["seconds"], spec["window_s"])}
+
+
 def phase_eval(spec) -> dict:
     """pythae's VAE.get_nll(data, n_samples=k, batch_size=b): one image at a time, k/b
     batches of b samples, each re-encoding the image. Called as the API is (pythae does
@@ -182,4 +195,6 @@ def phase_eval(spec) -> dict:
 
 
 if __name__ == "__main__":
-    worker_main({"meta": phase_meta, "train": phase_train, "eval": phase_eval})
+    worker_main(
+        {"meta": phase_meta, "train": phase_train, "eval": phase_eval, "course": phase_course}
+    )

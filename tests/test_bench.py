@@ -197,3 +197,40 @@ def test_profile_step_splits_a_step_by_kind(tmp_path):
     assert r["self_ms_per_step"]["matmul"] > 0 and r["operator_calls_per_step"] > 50
     assert r["ms_per_step"] > 0 and len(r["top_operators"]) == 12
     assert "not in operators" in proc.stdout
+
+
+def test_time_course_counts_every_step_in_windows(monkeypatch):
+    """bench/_common.time_course: each window closes at the first step past its length and
+    counts that window's steps; the run ends at the first window end past ``seconds``."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import _common
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(_common.time, "perf_counter", lambda: clock["t"])
+
+    def step():  # 0.3 s a step
+        clock["t"] += 0.3
+
+    r = _common.time_course(step, seconds=2.0, window_s=1.0)
+    # windows close after steps 4 (1.2 s), 8 (2.4 s): 4 steps of 0.3 s each, 1.2 s a window
+    assert [w["steps"] for w in r["windows"]] == [4, 4]
+    assert [w["steps_total"] for w in r["windows"]] == [4, 8]
+    assert [w["end_s"] for w in r["windows"]] == pytest.approx([1.2, 2.4])
+    assert [w["steps_per_s"] for w in r["windows"]] == pytest.approx([4 / 1.2, 4 / 1.2])
+
+
+@pytest.mark.slow
+def test_bench_course_quick_without_pythae(tmp_path):
+    """`bench/run.py --only course --quick --no-pythae`: iwae's k=50 rate per window from
+    initialization, pythae's columns empty."""
+    out = tmp_path / "course.json"
+    proc = _bench("run.py", "--only", "course", "--quick", "--no-pythae", "--out", str(out))
+    r = json.loads(out.read_text())
+    assert r["job"] == {"layers": 1, "k": 50, "batch": 20} and r["precision"] in ("fp32", "bf16")
+    assert len(r["windows"]) == 3 and set(r["runs"]) == {"iwae"}
+    seen = [w["examples_seen"] for w in r["windows"]]
+    assert seen == sorted(seen) and seen[0] > 0
+    for w in r["windows"]:
+        assert w["iwae_examples_per_s"] > 0 and w["end_s"] >= 1.0 * (w["window"] + 1)
+        assert w["pythae_examples_per_s"] is None and w["iwae_vs_pythae"] is None
+    assert "iwae images" in proc.stdout
