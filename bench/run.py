@@ -4,7 +4,8 @@ and a correctness check, for iwae and (optionally) pythae, in one run on one mac
     python bench/run.py [--quick] [--no-pythae] [--threads N] [--iwae-threads same|auto]
                         [--device auto|cpu|cuda|cuda:N] [--data-dir D] [--out bench/results.json]
     python bench/run.py --only precision [--quick] [--data-dir D] [--out FILE.json]
-    python bench/run.py --only course [--quick] [--threads N] [--data-dir D] [--out FILE.json]
+    python bench/run.py --only course [--quick] [--no-pythae] [--threads N] [--data-dir D]
+                        [--out FILE.json]
 
 See bench/README.md for what is measured and how each ratio is defined. This process
 imports no torch: every phase runs in its own worker process (bench/worker_iwae.py with
@@ -178,11 +179,6 @@ def run_course(args, threads: int, data_dir: str | None) -> int:
     flushed) and pythae's, with denormals not flushed (torch's default) and flushed, each
     trained from initialization for the same seconds (:data:`COURSE`); the examples/s of
     each window and iwae's ratio to each pythae run per window. Writes ``--out``."""
-    if not args.no_pythae and not Path(args.pythae_python).exists():
-        raise SystemExit(
-            f"{args.pythae_python} not found: run `bash bench/setup_pythae.sh` first, or pass "
-            "--no-pythae"
-        )
     started = time.perf_counter()
     timing = COURSE_TIMING["quick" if args.quick else "full"]
     with tempfile.TemporaryDirectory(prefix="iwae-bench-") as tmp:
@@ -387,14 +383,14 @@ def main(argv=None) -> int:
     data_dir = args.data_dir or default_data_dir()
     if args.only == "precision":
         return run_precision(args, cfg, data_dir)
-    if args.only == "course":
-        return run_course(args, threads, data_dir)
     use_pythae = not args.no_pythae
     if use_pythae and not Path(args.pythae_python).exists():
         p.error(
             f"{args.pythae_python} not found: run `bash bench/setup_pythae.sh` first, or pass "
             "--no-pythae"
         )
+    if args.only == "course":
+        return run_course(args, threads, data_dir)
     started = time.perf_counter()
     py_iwae, py_pythae = sys.executable, args.pythae_python
 

@@ -201,6 +201,19 @@ def default_precision(layers: int, k: int, batch: int, pixel_mean) -> tuple[str,
     return config.precision, measured
 
 
+def _job_step(job: dict, train_x, pixel_mean):
+    """make_train_step for ``job`` (layers, k, batch) in the precision the job names, else
+    the one ``iwae train`` picks by default (default_precision): the step, its state, the
+    precision and what auto measured (None where the job named it)."""
+    precision, measured = job.get("precision"), None
+    if precision is None:
+        precision, measured = default_precision(job["layers"], job["k"], job["batch"], pixel_mean)
+    step, state = make_train_step(
+        job["layers"], job["k"], job["batch"], train_x, pixel_mean, precision=precision
+    )
+    return step, state, precision, measured
+
+
 def phase_train(spec) -> dict:
     train_x, _, pixel_mean = load_data(spec)
     t = spec["timing"]
@@ -209,14 +222,7 @@ def phase_train(spec) -> dict:
         torch.set_num_threads(
             int(job.get("threads") or spec["threads"])
         )  # --iwae-threads auto: per configuration
-        precision, measured = job.get("precision"), None  # a job may name its own
-        if precision is None:
-            precision, measured = default_precision(
-                job["layers"], job["k"], job["batch"], pixel_mean
-            )
-        step, state = make_train_step(
-            job["layers"], job["k"], job["batch"], train_x, pixel_mean, precision=precision
-        )
+        step, state, precision, measured = _job_step(job, train_x, pixel_mean)
         timing = time_steps(step, t["warmup_steps"], t["warmup_s"], t["repeats"], t["min_s"])
         bound = state["bound_sum"].item()
         if not math.isfinite(bound):
@@ -244,10 +250,7 @@ def phase_course(spec) -> dict:
         spec["source"] = prepare_data(spec)
     train_x, _, pixel_mean = load_data(spec)
     job = spec["job"]
-    precision, _ = default_precision(job["layers"], job["k"], job["batch"], pixel_mean)
-    step, _ = make_train_step(
-        job["layers"], job["k"], job["batch"], train_x, pixel_mean, precision=precision
-    )
+    step, _, precision, _ = _job_step(job, train_x, pixel_mean)
     course = time_course(step, spec["seconds"], spec["window_s"])
     return {**job, **course, "precision": precision, "source": spec.get("source")}
 

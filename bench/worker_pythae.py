@@ -109,6 +109,15 @@ def _train_step(model, optimizer, train_x, batch: int):
     return step
 
 
+def _job_step(job: dict, train_x, pixel_mean):
+    """The training step (_train_step) of a fresh model for ``job`` (its k and batch), with
+    Adam as iwae trains (lr 1e-3, betas (0.9, 0.999), eps 1e-4)."""
+    model = build(job["k"], pixel_mean)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-4)
+    model.train()
+    return _train_step(model, optimizer, train_x, job["batch"])
+
+
 def phase_train(spec) -> dict:
     """pythae's BaseTrainer.train_step, per batch: model(inputs, epoch=, dataset_size=,
     uses_ddp=), then _optimizers_step (zero_grad, loss.backward, optimizer.step), then
@@ -120,11 +129,8 @@ def phase_train(spec) -> dict:
     for job in spec["jobs"]:
         if job["layers"] != 1:
             continue  # pythae's IWAE has one stochastic layer
-        model = build(job["k"], pixel_mean)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-4)
-        model.train()
         batch = job["batch"]
-        step = _train_step(model, optimizer, train_x, batch)
+        step = _job_step(job, train_x, pixel_mean)
         timing = time_steps(step, t["warmup_steps"], t["warmup_s"], t["repeats"], t["min_s"])
         results.append(
             {
@@ -144,10 +150,7 @@ def phase_course(spec) -> dict:
     denormals flushed or not as the spec says (worker_main)."""
     train_x, _, pixel_mean = load_data(spec)
     job = spec["job"]
-    model = build(job["k"], pixel_mean)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-4)
-    model.train()
-    step = _train_step(model, optimizer, train_x, job["batch"])
+    step = _job_step(job, train_x, pixel_mean)
     return {**job, **time_course(step, spec["seconds"], spec["window_s"])}
 
 
