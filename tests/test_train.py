@@ -6,6 +6,7 @@ import os
 import pickle
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -610,46 +611,54 @@ def test_flushing_denormals_leaves_the_printed_results_unchanged(shared_data_dir
 
 
 FAULTS_PER_STEP = """
-import resource, sys, torch
+import ctypes, json, resource, torch
 from iwae.bounds import Objective
 from iwae.model import VAE, ModelConfig
 from iwae.optim import adam, train_step
 from iwae.precision import step_context
 from iwae.train import reuse_freed_memory
 
+# 4-KiB pages whatever the machine's transparent huge pages setting (PR_SET_THP_DISABLE = 41):
+# a huge page faults 512 of them in at once.
+assert ctypes.CDLL(None, use_errno=True).prctl(41, 1, 0, 0, 0) == 0
 torch.set_num_threads(1)
 model, objective = VAE(ModelConfig()).train(), Objective("iwae", k=50)
 optimizer, generator = adam(model.parameters()), torch.Generator().manual_seed(0)
 x = torch.bernoulli(torch.full((20, 784), 0.3), generator=generator)
 
 
-def faults_per_step(steps=20):
+def faults_of_each_step(steps=30):
+    counts = []
     with step_context(model, "bf16"):
         for _ in range(10):
             train_step(model, objective, optimizer, x, generator)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         for _ in range(steps):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             train_step(model, objective, optimizer, x, generator)
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps
+            counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return counts
 
 
-default = faults_per_step()
-print(default, reuse_freed_memory(), faults_per_step())
+default = faults_of_each_step()
+print(json.dumps([default, reuse_freed_memory(), faults_of_each_step()]))
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
 def test_reusing_freed_memory_ends_the_page_faults_of_each_step():
     """With glibc's defaults a k=50 step (bf16, 1 thread) maps and faults in fresh pages for
-    its tensors every step; after reuse_freed_memory() it reuses the freed ones (a fresh
-    process: the setting is process-wide)."""
+    its tensors; after reuse_freed_memory() it reuses the freed ones (a fresh process: the
+    setting is process-wide). Counted per step, in 4-KiB pages."""
     out = subprocess.run(
         [sys.executable, "-c", FAULTS_PER_STEP], capture_output=True, text=True, check=True
-    ).stdout.split()
-    default, applied, reused = float(out[0]), out[1], float(out[2])
-    assert applied == "True"
-    assert default > 200, default  # 1,000-1,500 (an AMD EPYC, torch 2.13)
-    assert reused < default / 5, (default, reused)  # 0-60, the most beside other work
+    ).stdout
+    default, applied, reused = json.loads(out)
+    assert applied is True
+    # The [50, 20, 784] fp32 logits alone are 766 pages; most default steps fault 1,000-1,900
+    # (Intel Xeon with AMX and AMD EPYC, torch 2.13), some none.
+    assert max(default) >= 700, default
+    assert statistics.median(reused) == 0, reused  # 0 or 1 a step; one burst beside other work
+    assert sum(reused) < sum(default) / 3, (default, reused)
 
 
 def test_cpu_training_reuses_freed_memory(monkeypatch, tmp_path):

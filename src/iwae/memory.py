@@ -30,7 +30,7 @@ def reuse_freed_memory(device=None) -> bool:
     batch 20: the [50, 20, 784] logits, their bf16 copy, their gradients). With glibc's
     defaults the heap's top is handed back to the system when more than a few MiB are free
     there, so every step maps its pages again, and the kernel faults in and zeroes each one:
-    about 1,500 page faults a bf16 step at k=50 on 1 thread, none with this set
+    about 1,500 page faults (4-KiB pages) a bf16 step at k=50 on 1 thread, none with this set
     (``bench/RESULTS.md``). Nothing computed changes."""
     if device is not None and torch.device(device).type != "cpu":
         return False
